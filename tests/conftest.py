@@ -1,0 +1,65 @@
+"""Shared test fixtures.
+
+Tests that need the reference files beside the project (golden outputs, the BPE vocabulary,
+pristine photos, the human-rated test set) find them at ``$QUALICLIP_SHARED`` or ``../shared``
+from the repository root. In CI (``CI=true``) a missing folder fails the test; elsewhere it is
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def find_shared() -> Path | None:
+    """Return the shared reference folder, or None when it is not there."""
+    env = os.environ.get("QUALICLIP_SHARED")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared")
+    for path in candidates:
+        if (path / "golden").is_dir():
+            return path
+    return None
+
+
+def require_shared(sub: str = "") -> Path:
+    """Return ``shared/sub``; fail in CI and skip elsewhere when it is missing."""
+    root = find_shared()
+    path = root / sub if root is not None else None
+    if path is None or not path.exists():
+        reason = (
+            f"shared reference folder {sub or ''!s} not found: set QUALICLIP_SHARED or place "
+            f"it at {REPO_ROOT.parent / 'shared'}"
+        )
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return require_shared()
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return require_shared("golden")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vocab_from_shared() -> None:
+    """Point the tokenizer at the shared vocabulary when the package copy is absent."""
+    root = find_shared()
+    vocab = root / "vocab" / "bpe_simple_vocab_16e6.txt.gz" if root else None
+    if "QUALICLIP_VOCAB" not in os.environ and vocab is not None and vocab.is_file():
+        os.environ["QUALICLIP_VOCAB"] = str(vocab)
