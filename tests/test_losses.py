@@ -17,7 +17,12 @@ def _ordered(b: int = 2, levels: int = 5, prompts: int = 3, step: float = 0.1) -
 def test_level_pairs_lists_every_i_less_than_j() -> None:
     i, j = level_pairs(4)
     assert list(zip(i.tolist(), j.tolist(), strict=True)) == [
-        (0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 2),
+        (1, 3),
+        (2, 3),
     ]
 
 
@@ -92,8 +97,12 @@ def test_gradient_flows_to_both_similarities() -> None:
 
 @pytest.mark.parametrize(
     "shape_p, shape_n",
-    [((2, 5, 3, 7), (2, 5, 3, 7)), ((2, 5, 2), (2, 5, 2)), ((2, 5, 2, 7), (2, 4, 2, 7)),
-     ((2, 1, 2, 7), (2, 1, 2, 7))],
+    [
+        ((2, 5, 3, 7), (2, 5, 3, 7)),
+        ((2, 5, 2), (2, 5, 2)),
+        ((2, 5, 2, 7), (2, 4, 2, 7)),
+        ((2, 1, 2, 7), (2, 1, 2, 7)),
+    ],
 )
 def test_bad_shapes_raise(shape_p: tuple[int, ...], shape_n: tuple[int, ...]) -> None:
     with pytest.raises(ValueError):
