@@ -1,0 +1,278 @@
+"""Pristine crop pairs for QualiCLIP training.
+
+QualiCLIP (arXiv 2403.11176, §3) cuts two random overlapping crops from each pristine image; both
+then receive the same synthetic degradation at every level. This module does the part that
+belongs in DataLoader workers: decode, (optionally) upscale, crop, and return ``uint8`` tensors.
+Degradation runs later, batched on the training device (:mod:`qualiclip.train`).
+
+Every sample is a pure function of ``(seed, epoch, index)``: the sampler hands the dataset
+``(index, epoch)`` keys and the crop positions come from a generator seeded by those numbers, so
+a resumed run sees exactly the crops an uninterrupted run would, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+__all__ = [
+    "SMALL_IMAGE_POLICIES",
+    "EpochSampler",
+    "PristineCropPairs",
+    "crop_iou",
+    "find_images",
+    "sample_crop_pair",
+    "split_every_kth",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+#: What to do with an image smaller than the crop: ``"upscale"`` its shorter side to the crop
+#: size (bicubic) or ``"skip"`` it (logged once, when the dataset is built).
+SMALL_IMAGE_POLICIES = ("upscale", "skip")
+
+CropBox = tuple[int, int]  # (top, left) of a square crop
+
+
+def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """List pristine images: a folder (searched recursively), a text file of paths, or paths.
+
+    Args:
+        source: a directory, a ``.txt`` file with one path per line (relative to the file), or a
+            sequence of image paths.
+
+    Returns:
+        Sorted image paths (sorting makes splits and sampling independent of the file system).
+
+    Raises:
+        ValueError: when the source does not exist or holds no image.
+    """
+    if isinstance(source, str | Path):
+        root = Path(source)
+        if root.is_dir():
+            paths = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif root.is_file() and root.suffix.lower() == ".txt":
+            lines = [ln.strip() for ln in root.read_text().splitlines()]
+            paths = [root.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        elif root.is_file():
+            paths = [root]
+        else:
+            raise ValueError(f"pristine image source not found: {root}")
+    else:
+        paths = [Path(p) for p in source]
+    paths = sorted(paths)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {source}")
+    return paths
+
+
+def split_every_kth(paths: Sequence[Path], k: int) -> tuple[list[Path], list[Path]]:
+    """Hold out every k-th image (indices k-1, 2k-1, ...) for validation.
+
+    Args:
+        paths: images in a fixed (sorted) order.
+        k: hold-out period; 0 holds out nothing.
+
+    Returns:
+        ``(train, validation)`` lists.
+    """
+    if k < 0 or k == 1:
+        raise ValueError(f"hold-out period must be 0 or >= 2, got {k}")
+    if k == 0:
+        return list(paths), []
+    val = [p for n, p in enumerate(paths) if n % k == k - 1]
+    train = [p for n, p in enumerate(paths) if n % k != k - 1]
+    return train, val
+
+
+def crop_iou(a: CropBox, b: CropBox, size: int) -> float:
+    """Intersection over union of two ``size`` x ``size`` square crops given by (top, left)."""
+    dy = max(0, size - abs(a[0] - b[0]))
+    dx = max(0, size - abs(a[1] - b[1]))
+    inter = dy * dx
+    return inter / (2 * size * size - inter)
+
+
+def sample_crop_pair(
+    height: int, width: int, size: int, min_overlap: float, rng: np.random.Generator
+) -> tuple[CropBox, CropBox]:
+    """Draw two square crops inside an image whose IoU is at least ``min_overlap``.
+
+    Crop A is uniform over the image. Crop B's offset from A is drawn uniformly among the
+    offsets that keep B inside the image and the IoU above the bound: the largest shift per
+    axis follows from ``IoU = I / (2 s^2 - I)`` with ``I = (s - |dy|)(s - |dx|)``; offsets
+    in that square that still fail the bound (both axes shifted) are redrawn.
+
+    Args:
+        height: image height (>= size).
+        width: image width (>= size).
+        size: crop side.
+        min_overlap: IoU lower bound in [0, 1].
+        rng: NumPy generator (seeded by the caller).
+
+    Returns:
+        ``((top_a, left_a), (top_b, left_b))``.
+    """
+    top_a = int(rng.integers(0, height - size + 1))
+    left_a = int(rng.integers(0, width - size + 1))
+    # With the other axis unshifted, I = s (s - d) and IoU >= t  <=>  d <= s (1 - t) / (1 + t).
+    max_shift = int(math.floor(size * (1.0 - min_overlap) / (1.0 + min_overlap)))
+    lo_y, hi_y = max(0, top_a - max_shift), min(height - size, top_a + max_shift)
+    lo_x, hi_x = max(0, left_a - max_shift), min(width - size, left_a + max_shift)
+    for _ in range(100):
+        b = (int(rng.integers(lo_y, hi_y + 1)), int(rng.integers(lo_x, hi_x + 1)))
+        if crop_iou((top_a, left_a), b, size) >= min_overlap:
+            return (top_a, left_a), b
+    return (top_a, left_a), (top_a, left_a)  # only reachable for min_overlap close to 1
+
+
+def _decode_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) after EXIF rotation, read from the header only."""
+    with Image.open(path) as im:
+        width, height = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+class PristineCropPairs(Dataset):
+    """Two overlapping random crops per pristine image, as ``uint8`` tensors.
+
+    Args:
+        paths: pristine images (see :func:`find_images`).
+        crop_size: side of the square crops in pixels (224 in the paper).
+        min_overlap: lower bound on the IoU of the two crops (ours: 0.5; the paper says only
+            "overlapping").
+        seed: base seed; a sample depends on ``(seed, epoch, index)`` only.
+        small_images: ``"upscale"`` images whose shorter side is below ``crop_size`` (bicubic,
+            aspect kept) or ``"skip"`` them; skipping reads every image header once, here.
+
+    Shape:
+        ``dataset[(index, epoch)]["crops"]``: ``[2, 3, crop_size, crop_size]`` uint8.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        crop_size: int,
+        *,
+        min_overlap: float = 0.5,
+        seed: int = 0,
+        small_images: str = "upscale",
+    ) -> None:
+        if crop_size < 8:
+            raise ValueError(f"crop_size must be >= 8 px, got {crop_size}")
+        if not 0.0 <= min_overlap <= 1.0:
+            raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+        if small_images not in SMALL_IMAGE_POLICIES:
+            raise ValueError(
+                f"small_images must be one of {SMALL_IMAGE_POLICIES}, got {small_images!r}"
+            )
+        self.paths = [Path(p) for p in paths]
+        self.crop_size = crop_size
+        self.min_overlap = min_overlap
+        self.seed = seed
+        self.small_images = small_images
+        if small_images == "skip":
+            self.paths = [p for p in self.paths if self._big_enough(p)]
+        if not self.paths:
+            raise ValueError("no usable pristine image left (all smaller than the crop?)")
+
+    def _big_enough(self, path: Path) -> bool:
+        h, w = _image_size(path)
+        if min(h, w) < self.crop_size:
+            logger.warning(
+                "skipping %s: %dx%d is smaller than the %d px crop", path, w, h, self.crop_size
+            )
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode image ``index``, upscaled so its shorter side is at least the crop size."""
+        im = _decode_rgb(self.paths[index])
+        short = min(im.size)
+        if short < self.crop_size:
+            scale = self.crop_size / short
+            size = (
+                max(self.crop_size, round(im.width * scale)),
+                max(self.crop_size, round(im.height * scale)),
+            )
+            im = im.resize(size, Image.Resampling.BICUBIC)
+        return im
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor | int]:
+        index, epoch = (key, 0) if isinstance(key, int) else key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        arr = np.asarray(self.load(index))
+        h, w = arr.shape[:2]
+        s = self.crop_size
+        (ta, la), (tb, lb) = sample_crop_pair(h, w, s, self.min_overlap, rng)
+        crops = np.stack([arr[ta : ta + s, la : la + s], arr[tb : tb + s, lb : lb + s]])
+        tensor = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).contiguous()
+        return {"crops": tensor, "index": index}
+
+
+class EpochSampler(Sampler):
+    """Shuffled ``(index, epoch)`` keys, split across ranks, resumable mid-epoch.
+
+    Like :class:`torch.utils.data.DistributedSampler` (a permutation seeded by
+    ``seed + epoch``, padded to a multiple of the world size, rank ``r`` taking every
+    ``world_size``-th item from ``r``), but it yields ``(index, epoch)`` so the dataset can seed
+    its crops without shared state, and ``start`` skips the samples a resumed run already saw.
+
+    Args:
+        size: number of images.
+        seed: shuffling seed.
+        epoch: epoch number (changes the permutation).
+        start: number of this rank's samples to skip (``batches_done * batch_size``).
+        rank: this process's rank.
+        world_size: number of processes.
+        drop_last: drop the tail so every rank gets ``size // world_size`` samples.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
+        self.rank, self.world_size = rank, world_size
+        per_rank = size // world_size if drop_last else math.ceil(size / world_size)
+        self.per_rank = per_rank
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        total = self.per_rank * self.world_size
+        order = (order * math.ceil(total / self.size))[:total]  # pad by repeating, like DDP
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self._indices()[self.start :]:
+            yield index, self.epoch
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start)
