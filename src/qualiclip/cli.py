@@ -1,4 +1,4 @@
-"""The ``qualiclip`` command line: ``score``, ``models``, ``degrade``, ``train``, ``eval``, ``serve``.
+"""The ``qualiclip`` command line: score, models, degrade, train, eval and serve.
 
 Each subcommand has an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 function that does the work and returns the exit status: 0 success, 1 when some input failed,
@@ -21,13 +21,87 @@ class UsageError(Exception):
 # --- score -------------------------------------------------------------------------------------
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand that loads a scorer."""
+    p.add_argument(
+        "--model", default="qualiclip",
+        help="weight name (see 'qualiclip models') or checkpoint file (default: qualiclip)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $QUALICLIP_HOME)")
+    p.add_argument(
+        "--pooling", choices=("none", "original", "interpolate"), default="none",
+        help="positional embedding in attention pooling (default: none, as QualiCLIP)",
+    )
+    p.add_argument(
+        "--formula", choices=("official", "pyiqa"), default="official",
+        help="score formula: the authors' (scale 100) or pyiqa's (default: official)",
+    )
+    p.add_argument(
+        "--trust-torchscript", action="store_true",
+        help="allow loading a TorchScript archive given as --model FILE",
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # noqa: ANN201
+    """Build the scorer that the common options describe; a bad name is a usage error."""
+    from qualiclip.model import create_model
+
+    try:
+        return create_model(
+            name or args.model,
+            device=args.device,
+            pooling=args.pooling,
+            formula=args.formula,
+            cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _add_score(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="score images (files, folders, globs, '-' for stdin)")
+    p = sub.add_parser(
+        "score",
+        help="score images (files, folders, globs, '-' for stdin)",
+        description="Score images with QualiCLIP: one row per input, with its score or error. "
+        "Exit status: 0 all scored, 1 some input failed, 2 usage error.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="files, folders, globs, or '-'")
+    _add_model_options(p)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--format", choices=("table", "csv", "json", "jsonl"), default="table")
+    p.add_argument("--output", "-o", default=None, help="write results here (default: stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_run_score)
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    raise UsageError("score: not available yet")
+    from qualiclip import engine
+    from qualiclip.images import iter_image_paths
+    from qualiclip.output import write_results
+
+    if args.batch_size < 1 or args.workers < 1:
+        raise UsageError("--batch-size and --workers must be at least 1")
+    paths = iter_image_paths(args.inputs, stdin=sys.stdin)
+    if not paths:
+        print("qualiclip score: no images found in the given inputs", file=sys.stderr)
+        return EXIT_FAILED
+    model = load_model_from_args(args)
+    results = engine.score_paths(
+        model,
+        paths,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        progress=not args.no_progress,
+    )
+    failed = write_results(results, args.format, args.output, model_name=model.name)
+    if failed:
+        print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -35,11 +109,29 @@ def _run_score(args: argparse.Namespace) -> int:
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the named weights and what is cached")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $QUALICLIP_HOME)")
     p.set_defaults(func=_run_models)
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    raise UsageError("models: not available yet")
+    from qualiclip import pretrained
+    from qualiclip.model import RANDOM_MODELS
+
+    rows = [("name", "cached", "size", "licence", "sha256", "description")]
+    for name, entry in pretrained.PRETRAINED.items():
+        cached = pretrained.is_cached(name, args.cache_dir)
+        size = f"{entry.file.size / 1e6:.1f} MB" if entry.file.size else "?"
+        rows.append(
+            (name, "yes" if cached else "no", size, entry.licence, entry.file.sha256[:12],
+             entry.description)
+        )
+    for name in RANDOM_MODELS:
+        rows.append((name, "-", "-", "-", "-", "random weights, for tests and benchmarks"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1])
+    print(f"cache: {pretrained.cache_dir(args.cache_dir)}")
+    return EXIT_OK
 
 
 # --- degrade -----------------------------------------------------------------------------------

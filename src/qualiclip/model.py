@@ -1,0 +1,307 @@
+"""The QualiCLIP scorer and the model factory.
+
+QualiCLIP (Agnolucci, Galteri, Bertini, arXiv 2403.11176) scores an image by comparing its CLIP
+image feature with the text features of antonym prompt pairs::
+
+    score = mean over pairs p of softmax(s * [cos(f, t_p+), cos(f, t_p-)])[0]
+
+with ``s = 100`` in the authors' release (``formula="official"``). pyiqa's port uses
+``s = exp(logit_scale) / 2`` (``formula="pyiqa"``), which gives different numbers.
+
+The module owns its input contract: RGB in [0, 1] at any size; CLIP normalisation and the prompt
+features are buffers, so ``.to()``, ``.half()`` and ``state_dict()`` carry them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qualiclip.clip import (
+    CLIP,
+    RN50,
+    TINY_RN,
+    CLIPConfig,
+    Pooling,
+    build_clip,
+    build_visual,
+    load_visual,
+)
+from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair, flatten_pairs
+
+Formula = Literal["official", "pyiqa"]
+FORMULAS: tuple[str, ...] = ("official", "pyiqa")
+
+#: Models with random weights, for tests and speed benchmarks (speed does not depend on weights).
+RANDOM_MODELS: dict[str, CLIPConfig] = {"random-tiny": TINY_RN, "random-rn50": RN50}
+
+
+class QualiCLIP(nn.Module):
+    """CLIP image tower + fixed prompt features = a no-reference quality score.
+
+    Args:
+        visual: a CLIP image tower taking CLIP-normalised ``[B, 3, H, W]``.
+        prompt_features: ``[P, 2, D]`` (or ``[2P, D]``, positive first) text features; they are
+            L2-normalised here.
+        logit_scale: the softmax scale ``s`` (100 for the authors' formula).
+        mean, std: input normalisation (CLIP's).
+        name: a label carried into outputs.
+        prompt_pairs: the prompts behind ``prompt_features``, for display.
+        weights_sha256: checksum of the weight file, carried into outputs.
+
+    Shape:
+        ``forward``: ``[B, 3, H, W]`` RGB in [0, 1] -> ``[B]`` scores in [0, 1], higher is better.
+
+    Example:
+        >>> model = create_model("random-tiny")
+        >>> model(torch.rand(2, 3, 64, 80)).shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        prompt_features: torch.Tensor,
+        *,
+        logit_scale: float = 100.0,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        name: str = "custom",
+        prompt_pairs: Sequence[PromptPair] | None = None,
+        weights_sha256: str | None = None,
+    ) -> None:
+        super().__init__()
+        if prompt_features.ndim == 2 and prompt_features.shape[0] % 2 == 0:
+            prompt_features = prompt_features.reshape(-1, 2, prompt_features.shape[-1])
+        if prompt_features.ndim != 3 or prompt_features.shape[1] != 2:
+            raise ValueError(
+                f"prompt_features must be [P, 2, D] or [2P, D], got {tuple(prompt_features.shape)}"
+            )
+        if prompt_pairs is not None and len(prompt_pairs) != prompt_features.shape[0]:
+            raise ValueError(
+                f"{len(prompt_pairs)} prompt pairs for {prompt_features.shape[0]} feature pairs"
+            )
+        self.visual = visual
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("prompt_features", F.normalize(prompt_features.float(), dim=-1))
+        self.logit_scale = float(logit_scale)
+        self.name = name
+        self.prompt_pairs = tuple(prompt_pairs) if prompt_pairs is not None else None
+        self.weights_sha256 = weights_sha256
+        self.min_size: int = int(getattr(visual, "min_size", 32))
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalise RGB in [0, 1]."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected RGB images [B, 3, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point RGB in [0, 1], got {x.dtype}")
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"images must be at least {self.min_size} px on each side, "
+                f"got {tuple(x.shape[-2:])}"
+            )
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features ``[B, D]`` (float32) of RGB ``x`` in [0, 1]."""
+        self._check_input(x)
+        return F.normalize(self.visual(self.normalize(x)).float(), dim=-1)
+
+    def similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities ``[B, P, 2]`` of normalised features to each (positive, negative)."""
+        return torch.einsum("bd,pkd->bpk", features, self.prompt_features.to(features.dtype))
+
+    def scores_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B]``: mean over pairs of the softmax probability of the positive prompt."""
+        logits = self.logit_scale * self.similarities(features)
+        return logits.softmax(dim=-1)[..., 0].mean(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores_from_features(self.image_features(x))
+
+    @torch.inference_mode()
+    def score(self, x: Any) -> float | torch.Tensor:
+        """Score one image or a batch.
+
+        Args:
+            x: a path, bytes, PIL image, NumPy array (``HxWx3`` or ``HxW``; uint8, uint16 or
+                float in [0, 1]), tensor ``[3, H, W]``, or tensor batch ``[B, 3, H, W]``.
+
+        Returns:
+            a float for a single image, a ``[B]`` tensor (on the CPU) for a batch.
+        """
+        from qualiclip import images
+
+        batched = isinstance(x, torch.Tensor) and x.ndim == 4
+        if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
+            batch = images.load_image(x, min_size=self.min_size)[None]
+        else:
+            batch = images.to_batch(x)
+        dtype = next(self.parameters()).dtype
+        scores = self(batch.to(device=self.device, dtype=dtype)).float().cpu()
+        return scores if batched else float(scores[0])
+
+    @classmethod
+    def from_clip(
+        cls,
+        clip: CLIP,
+        prompt_pairs: Sequence[PromptPair] = PROMPT_PAIRS,
+        **kwargs: Any,
+    ) -> QualiCLIP:
+        """Compute the prompt features once with ``clip``'s text tower and keep its image tower."""
+        from qualiclip.tokenizer import tokenize
+
+        tokens = tokenize(flatten_pairs(tuple(prompt_pairs)), clip.context_length)
+        with torch.no_grad():
+            features = clip.encode_text(tokens.to(clip.positional_embedding.device))
+        return cls(clip.visual, features, prompt_pairs=prompt_pairs, **kwargs)
+
+    def official_state_dict(
+        self, text_state: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Weights in the authors' format: ``clip_model.<OpenAI key>`` and ``prompts_features``.
+
+        Args:
+            text_state: OpenAI-keyed text-tower tensors (and ``logit_scale``) to include, so the
+                file is a complete CLIP checkpoint; without them only the image tower is saved.
+        """
+        visual = self.visual.state_dict()
+        out = {f"clip_model.visual.{k}": v.detach().cpu() for k, v in visual.items()}
+        for k, v in (text_state or {}).items():
+            if not k.startswith("visual."):
+                out[f"clip_model.{k}"] = v.detach().cpu()
+        out["prompts_features"] = self.prompt_features.detach().cpu().reshape(-1, self.embed_dim)
+        return out
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.prompt_features.shape[-1])
+
+
+# --- factory ------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; other names are checked."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but CUDA is not available here")
+    return dev
+
+
+def list_models() -> list[str]:
+    """Names :func:`create_model` accepts: released weights, then random-weight models."""
+    from qualiclip.pretrained import PRETRAINED
+
+    return [*PRETRAINED, *RANDOM_MODELS]
+
+
+def _random_model(name: str, pooling: Pooling, seed: int = 0) -> QualiCLIP:
+    config = RANDOM_MODELS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        visual = build_visual(config, pooling)
+        features = torch.randn(len(PROMPT_PAIRS), 2, config.embed_dim)
+    return QualiCLIP(visual, features, name=name, prompt_pairs=PROMPT_PAIRS)
+
+
+def create_model(
+    name_or_path: str | Path = "qualiclip",
+    device: str | torch.device = "cpu",
+    *,
+    pooling: Pooling | None = None,
+    formula: Formula = "official",
+    prompt_pairs: Sequence[PromptPair] | None = None,
+    cache_dir: str | Path | None = None,
+    trust_torchscript: bool = False,
+) -> QualiCLIP:
+    """Build a QualiCLIP scorer from a named weight set or a checkpoint file.
+
+    Args:
+        name_or_path: a name from :func:`list_models` (released weights are downloaded once,
+            checksum-verified and cached) or a checkpoint path: the authors' format
+            (``clip_model.*`` + ``prompts_features``), an OpenAI-keyed state dict, or (with
+            ``trust_torchscript``) an OpenAI TorchScript archive.
+        device: ``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``.
+        pooling: attention-pooling mode; ``None`` means ``"none"``, QualiCLIP's choice.
+        formula: ``"official"`` (scale 100) or ``"pyiqa"`` (``exp(logit_scale) / 2``).
+        prompt_pairs: prompts to compute features for with the checkpoint's text tower, instead
+            of the stored features or the weight entry's prompts.
+        cache_dir: where downloads are kept (default: ``$QUALICLIP_HOME`` or the user cache).
+        trust_torchscript: allow loading a TorchScript archive given by path.
+
+    Returns:
+        the model in eval mode on ``device``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), or an unusable checkpoint.
+    """
+    from qualiclip import pretrained
+
+    if formula not in FORMULAS:
+        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
+    pooling = pooling or "none"
+    name = str(name_or_path)
+    if name in RANDOM_MODELS:
+        model = _random_model(name, pooling)
+        if formula == "pyiqa":
+            model.logit_scale = (1 / 0.07) / 2  # CLIP's initial logit scale, halved
+        return model.to(resolve_device(device)).eval()
+    if name in pretrained.PRETRAINED:
+        entry = pretrained.PRETRAINED[name]
+        path = pretrained.download(entry.file, cache_dir)
+        state, stored = pretrained.load_checkpoint(path, trust_torchscript=True)
+        pairs = tuple(prompt_pairs or entry.prompt_pairs)
+        sha = entry.file.sha256
+        mean, std = entry.mean, entry.std
+        if entry.prompt_pairs != PROMPT_PAIRS and stored is not None and not prompt_pairs:
+            stored = None  # the stored features belong to other prompts
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(
+                f"unknown model {name!r}: not a file, and not one of {', '.join(list_models())}"
+            )
+        state, stored = pretrained.load_checkpoint(path, trust_torchscript=trust_torchscript)
+        pairs = tuple(prompt_pairs or PROMPT_PAIRS)
+        sha, mean, std = pretrained.sha256_file(path), CLIP_MEAN, CLIP_STD
+    scale = 100.0 if formula == "official" else math.exp(float(state["logit_scale"])) / 2
+    common: dict[str, Any] = dict(
+        logit_scale=scale, mean=mean, std=std, name=name, weights_sha256=sha
+    )
+    if stored is not None and prompt_pairs is None and stored.shape[0] == 2 * len(pairs):
+        model = QualiCLIP(load_visual(state, pooling), stored, prompt_pairs=pairs, **common)
+    elif "text_projection" in state:
+        clip = build_clip(state, pooling)
+        model = QualiCLIP.from_clip(clip, pairs, **common)
+        del clip
+    else:
+        raise ValueError(
+            f"{name}: the checkpoint has no text tower and no prompt features for "
+            f"{len(pairs)} prompt pairs; cannot build the scorer"
+        )
+    return model.to(resolve_device(device)).eval()
+
