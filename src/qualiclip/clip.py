@@ -436,12 +436,13 @@ class CLIP(nn.Module):
                     nn.init.zeros_(param)
         width, layers = self.transformer.width, max(self.transformer.layers, 1)
         proj_std = width**-0.5 * (2 * layers) ** -0.5
-        for block in self.transformer.resblocks:
-            assert isinstance(block, ResidualAttentionBlock)
-            nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        for name, param in self.transformer.named_parameters():
+            if name.endswith("attn.in_proj_weight"):
+                nn.init.normal_(param, std=width**-0.5)
+            elif name.endswith(("attn.out_proj.weight", "mlp.c_proj.weight")):
+                nn.init.normal_(param, std=proj_std)
+            elif name.endswith("mlp.c_fc.weight"):
+                nn.init.normal_(param, std=(2 * width) ** -0.5)
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -127,7 +127,7 @@ def score_paths(
         bar.close()
 
 
-def _advance(bar, results: Iterable[ScoreResult]) -> Iterator[ScoreResult]:  # type: ignore[no-untyped-def]
+def _advance(bar: Any, results: Iterable[ScoreResult]) -> Iterator[ScoreResult]:
     for r in results:
         if bar is not None:
             bar.update(1)

@@ -64,6 +64,11 @@ class QualiCLIP(nn.Module):
         torch.Size([2])
     """
 
+    visual: nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+    prompt_features: torch.Tensor
+
     def __init__(
         self,
         visual: nn.Module,
