@@ -23,9 +23,13 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -286,3 +290,247 @@ def compute_metrics(
         logistic_converged=fit.converged,
         flipped=flipped,
     )
+
+
+# --- scorers -----------------------------------------------------------------------------------
+
+
+class ScoreRow(Protocol):
+    """What a scorer yields per image (the engine's ``ScoreResult`` and ``NIQEResult`` both fit)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def score(self) -> float | None: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+class Scorer(Protocol):
+    """The interface the evaluation loop needs from a model: QualiCLIP, CLIP-IQA or NIQE."""
+
+    name: str
+    higher_is_better: bool
+
+    def score_paths(
+        self, paths: Sequence[str | os.PathLike[str]], *, progress: bool = False
+    ) -> Iterator[ScoreRow]: ...
+
+    def score_tensors(self, images: Any) -> FloatArray: ...
+
+
+class ModelScorer:
+    """A :class:`qualiclip.model.QualiCLIP` behind the :class:`Scorer` interface.
+
+    Args:
+        name: the label shown in tables and CSV columns.
+        model: the QualiCLIP module (scores in [0, 1], higher is better).
+        batch_size: images of equal size per forward pass.
+        workers: decoding threads.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+    """
+
+    higher_is_better = True
+
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        *,
+        batch_size: int = 8,
+        workers: int = 2,
+        precision: str = "fp32",
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.batch_size = batch_size
+        self.workers = workers
+        self.precision = precision
+
+    def score_paths(
+        self, paths: Sequence[str | os.PathLike[str]], *, progress: bool = False
+    ) -> Iterator[ScoreRow]:
+        from qualiclip.engine import score_paths
+
+        yield from score_paths(
+            self.model,
+            [str(p) for p in paths],
+            batch_size=self.batch_size,
+            workers=self.workers,
+            precision=self.precision,  # type: ignore[arg-type]
+            progress=progress,
+        )
+
+    def score_tensors(self, images: Any) -> FloatArray:
+        from qualiclip.engine import score_tensors
+
+        return score_tensors(self.model, images, self.precision).numpy().astype(np.float64)
+
+
+def create_scorer(
+    name: str, *, device: str = "cpu", batch_size: int = 8, workers: int = 2
+) -> Scorer:
+    """A scorer by name: ``"niqe"``, or any name or checkpoint ``create_model`` accepts.
+
+    Args:
+        name: ``"niqe"`` or a model name / checkpoint path.
+        device: torch device for CLIP models (NIQE runs on CPU processes).
+        batch_size: batch size for CLIP models.
+        workers: NIQE processes, or decoding threads for CLIP models.
+    """
+    if name.lower() == "niqe":
+        from qualiclip.niqe import NIQEScorer
+
+        return NIQEScorer(workers=workers)
+    from qualiclip.model import create_model
+
+    model = create_model(name, device=device)
+    return ModelScorer(name, model, batch_size=batch_size, workers=workers)
+
+
+# --- evaluation on a human-rated dataset -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One model on one dataset.
+
+    Attributes:
+        name: the model's label.
+        metrics: the correlations, or None when fewer than 3 images were scored.
+        n_used: images scored.
+        n_failed: images that could not be scored (missing, undecodable, too small...).
+        failures: ``(path, error)`` of each failed image.
+        higher_is_better: the model's own score direction.
+    """
+
+    name: str
+    metrics: Metrics | None
+    n_used: int
+    n_failed: int
+    failures: tuple[tuple[str, str], ...]
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Every model on one dataset, plus the per-image table.
+
+    Attributes:
+        dataset: dataset name.
+        items: the ``(path, mos)`` pairs evaluated.
+        models: one :class:`ModelResult` per model, in the order given.
+        scores: per model name, one score (NaN when failed) per item.
+        errors: per model name, one error string (empty when scored) per item.
+    """
+
+    dataset: str
+    items: tuple[tuple[str, float], ...]
+    models: tuple[ModelResult, ...]
+    scores: dict[str, tuple[float, ...]]
+    errors: dict[str, tuple[str, ...]]
+
+    @property
+    def n_failed(self) -> int:
+        """Images that failed for at least one model."""
+        return sum(
+            any(self.errors[m.name][i] for m in self.models) for i in range(len(self.items))
+        )
+
+
+def evaluate_items(
+    items: Sequence[tuple[str, float]],
+    scorers: Sequence[Scorer],
+    *,
+    dataset: str = "custom",
+    mos_higher_is_better: bool = True,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalReport:
+    """Score every image with every model and correlate with the opinion scores.
+
+    Failed images are counted and listed per model; metrics use the images that model scored.
+
+    Args:
+        items: ``(image_path, mos)`` pairs.
+        scorers: the models (see :class:`Scorer`).
+        dataset: name for the report.
+        mos_higher_is_better: False for DMOS labels.
+        bootstrap: bootstrap resamples for the intervals (0: none).
+        seed: bootstrap seed.
+        progress: progress bars on stderr.
+
+    Returns:
+        An :class:`EvalReport`.
+    """
+    names = [s.name for s in scorers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be distinct, got {names}")
+    paths = [str(p) for p, _ in items]
+    mos = np.asarray([m for _, m in items], dtype=np.float64)
+    results, scores, errors = [], {}, {}
+    for scorer in scorers:
+        col = np.full(len(paths), np.nan)
+        err = [""] * len(paths)
+        for i, row in enumerate(scorer.score_paths(paths, progress=progress)):
+            if row.error is None and row.score is not None and math.isfinite(row.score):
+                col[i] = row.score
+            else:
+                err[i] = row.error or "no score"
+        ok = np.isfinite(col)
+        metrics = None
+        if ok.sum() >= 3:
+            metrics = compute_metrics(
+                col[ok],
+                mos[ok],
+                pred_higher_is_better=scorer.higher_is_better,
+                mos_higher_is_better=mos_higher_is_better,
+                bootstrap=bootstrap,
+                seed=seed,
+            )
+        failures = tuple((paths[i], err[i]) for i in range(len(paths)) if err[i])
+        results.append(
+            ModelResult(scorer.name, metrics, int(ok.sum()), len(failures), failures,
+                        scorer.higher_is_better)
+        )
+        scores[scorer.name] = tuple(float(v) for v in col)
+        errors[scorer.name] = tuple(err)
+    return EvalReport(dataset, tuple((p, float(m)) for p, m in zip(paths, mos, strict=True)),
+                      tuple(results), scores, errors)
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else ""
+
+
+def format_table(report: EvalReport) -> str:
+    """The results as an aligned text table, one row per model."""
+    head = ("model", "n", "failed", "SRCC", "95% CI", "PLCC", "95% CI", "PLCC-log", "KRCC")
+    rows = [head]
+    for r in report.models:
+        m = r.metrics
+        if m is None:
+            rows.append((r.name, str(r.n_used), str(r.n_failed), "-", "", "-", "", "-", "-"))
+            continue
+        log = f"{m.plcc_logistic:.3f}" + ("" if m.logistic_converged else "*")
+        rows.append((r.name, str(r.n_used), str(r.n_failed), f"{m.srcc:.3f}", _ci(m.srcc_ci),
+                     f"{m.plcc:.3f}", _ci(m.plcc_ci), log, f"{m.krcc:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
+    """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed)."""
+    names = [m.name for m in report.models]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "mos", *names, "error"])
+        for i, (p, mos) in enumerate(report.items):
+            vals = [report.scores[n][i] for n in names]
+            errs = [f"{n}: {report.errors[n][i]}" for n in names if report.errors[n][i]]
+            writer.writerow([p, repr(mos), *("" if math.isnan(v) else f"{v:.6g}" for v in vals),
+                             "; ".join(errs)])
