@@ -114,3 +114,19 @@ def test_sampler_is_a_partition_and_resumes() -> None:
         list(EpochSampler(10, seed=3, rank=r, world_size=3, drop_last=True)) for r in range(3)
     ]
     assert all(len(r) == 3 for r in dropped)
+
+
+def test_resumable_sampler_continues_across_epochs() -> None:
+    import itertools
+
+    from qualiclip.data import ResumableSampler
+
+    full = list(itertools.islice(ResumableSampler(7, seed=5), 20))
+    assert full[:7] == list(EpochSampler(7, seed=5, epoch=0))
+    assert full[7:14] == list(EpochSampler(7, seed=5, epoch=1))
+    assert list(itertools.islice(ResumableSampler(7, seed=5, start=9), 11)) == full[9:]
+    two = [
+        list(itertools.islice(ResumableSampler(7, seed=5, rank=r, world_size=2), 3))
+        for r in range(2)
+    ]
+    assert not set(two[0]) & set(two[1])

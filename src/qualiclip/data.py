@@ -26,6 +26,7 @@ __all__ = [
     "SMALL_IMAGE_POLICIES",
     "EpochSampler",
     "PristineCropPairs",
+    "ResumableSampler",
     "crop_iou",
     "find_images",
     "sample_crop_pair",
@@ -215,7 +216,7 @@ class PristineCropPairs(Dataset):
             im = im.resize(size, Image.Resampling.BICUBIC)
         return im
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
         index, epoch = (key, 0) if isinstance(key, int) else key
         rng = np.random.default_rng([self.seed, epoch, index])
         arr = np.asarray(self.load(index))
@@ -224,7 +225,7 @@ class PristineCropPairs(Dataset):
         (ta, la), (tb, lb) = sample_crop_pair(h, w, s, self.min_overlap, rng)
         crops = np.stack([arr[ta : ta + s, la : la + s], arr[tb : tb + s, lb : lb + s]])
         tensor = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).contiguous()
-        return {"crops": tensor, "index": index}
+        return {"crops": tensor, "index": torch.tensor(index)}
 
 
 class EpochSampler(Sampler):
@@ -276,3 +277,45 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.start)
+
+
+class ResumableSampler(Sampler):
+    """Endless ``(index, epoch)`` keys, epoch after epoch, starting at any sample position.
+
+    One DataLoader then serves a whole run (workers are not restarted every epoch), and the
+    position is a single number: the samples this rank has consumed. Epoch ``e`` is the
+    permutation of :class:`EpochSampler` for ``e``, so the order does not depend on where a run
+    was resumed.
+
+    Args:
+        size: number of images.
+        seed: shuffling seed.
+        start: samples of this rank already consumed (skipped).
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(
+        self, size: int, *, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.size, self.seed, self.start = size, seed, start
+        self.rank, self.world_size = rank, world_size
+        # Every epoch gives each rank the same number of samples (DDP needs equal step counts).
+        self.per_rank = size // world_size
+        if self.per_rank == 0:
+            raise ValueError(f"{size} images cannot feed {world_size} processes")
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            sampler = EpochSampler(
+                self.size,
+                seed=self.seed,
+                epoch=epoch,
+                start=offset,
+                rank=self.rank,
+                world_size=self.world_size,
+                drop_last=True,
+            )
+            yield from sampler
+            epoch, offset = epoch + 1, 0
