@@ -362,9 +362,14 @@ class ModelScorer:
         )
 
     def score_tensors(self, images: Any) -> FloatArray:
+        """Scores of a batch ``[B, 3, H, W]`` of RGB in [0, 1], ``batch_size`` at a time."""
         from qualiclip.engine import score_tensors
 
-        return score_tensors(self.model, images, self.precision).numpy().astype(np.float64)
+        chunks = [
+            score_tensors(self.model, images[i : i + self.batch_size], self.precision).numpy()
+            for i in range(0, images.shape[0], self.batch_size)
+        ]
+        return np.concatenate(chunks).astype(np.float64)
 
 
 def create_scorer(
@@ -534,3 +539,139 @@ def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
             errs = [f"{n}: {report.errors[n][i]}" for n in names if report.errors[n][i]]
             writer.writerow([p, repr(mos), *("" if math.isnan(v) else f"{v:.6g}" for v in vals),
                              "; ".join(errs)])
+
+
+# --- synthetic benchmark -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticResult:
+    """How well one model ranks the 5 levels of each synthetic distortion.
+
+    Attributes:
+        name: the model's label.
+        per_type: per distortion type, the mean over images of the SRCC between the model's
+            quality (score, negated for lower-is-better models) and the negated level: +1 means
+            quality falls at every step from level 1 to 5. NaN when no image gave a defined value.
+        n_images: images used.
+        failures: ``(path or type, error)`` for images or distortions that could not be scored.
+    """
+
+    name: str
+    per_type: dict[str, float]
+    n_images: int
+    failures: tuple[tuple[str, str], ...]
+
+
+def _center_crop(x: Any, size: int | None) -> Any:
+    if size is None:
+        return x
+    h, w = x.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return x[..., top : top + size, left : left + size]
+
+
+def evaluate_synthetic(
+    paths: Sequence[str | os.PathLike[str]],
+    scorers: Sequence[Scorer],
+    *,
+    crop: int | None = 512,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[SyntheticResult, ...]:
+    """Degrade pristine images with every distortion type at levels 1..5 and rank the scores.
+
+    Each image (centre-cropped to ``crop`` pixels to bound the cost; None keeps it whole) gets
+    the 24 types of :mod:`qualiclip.degradations` at the 5 levels, with one seeded generator per
+    (image, type), so every model sees the same degraded pixels.
+
+    Args:
+        paths: pristine images.
+        scorers: the models.
+        crop: side of the centre crop, or None.
+        seed: base seed of the distortions' random parameters.
+        progress: progress bar on stderr.
+
+    Returns:
+        One :class:`SyntheticResult` per model.
+    """
+    import torch
+
+    from qualiclip.degradations import DISTORTION_TYPES, NUM_LEVELS, apply_distortion
+    from qualiclip.images import load_image
+
+    levels = list(range(1, NUM_LEVELS + 1))
+    per: dict[str, dict[str, list[float]]] = {s.name: {t: [] for t in DISTORTION_TYPES}
+                                              for s in scorers}
+    fails: dict[str, list[tuple[str, str]]] = {s.name: [] for s in scorers}
+    iterator: Any = list(enumerate(paths))
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="synthetic", unit="img")
+    used = 0
+    for k, path in iterator:
+        try:
+            x = _center_crop(load_image(path), crop).unsqueeze(0).expand(NUM_LEVELS, -1, -1, -1)
+        except Exception as exc:  # every unreadable image is reported, never dropped silently
+            for s in scorers:
+                fails[s.name].append((str(path), f"{type(exc).__name__}: {exc}"))
+            continue
+        used += 1
+        batches, kinds = [], []
+        for t_idx, name in enumerate(DISTORTION_TYPES):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 101 + t_idx)
+            try:
+                batches.append(apply_distortion(x.contiguous(), name, levels, gen))
+                kinds.append(name)
+            except Exception as exc:
+                for s in scorers:
+                    fails[s.name].append((f"{path} [{name}]", f"{type(exc).__name__}: {exc}"))
+        if not batches:
+            continue
+        batch = torch.cat(batches)
+        for s in scorers:
+            try:
+                scores = np.asarray(s.score_tensors(batch), dtype=np.float64)
+            except Exception as exc:
+                fails[s.name].append((str(path), f"{type(exc).__name__}: {exc}"))
+                continue
+            quality = scores if s.higher_is_better else -scores
+            for i, name in enumerate(kinds):
+                q = quality[i * NUM_LEVELS : (i + 1) * NUM_LEVELS]
+                if np.isfinite(q).all() and np.ptp(q) > 0:
+                    per[s.name][name].append(srcc(q, -np.asarray(levels, dtype=np.float64)))
+    return tuple(
+        SyntheticResult(
+            s.name,
+            {t: float(np.mean(v)) if v else math.nan for t, v in per[s.name].items()},
+            used,
+            tuple(fails[s.name]),
+        )
+        for s in scorers
+    )
+
+
+def format_synthetic(results: Sequence[SyntheticResult]) -> str:
+    """Per-type table (rows: distortion types grouped; columns: models), with group means."""
+    from qualiclip.degradations import DISTORTION_GROUPS
+
+    names = [r.name for r in results]
+    rows: list[tuple[str, ...]] = [("group", "type", *names)]
+
+    def fmt(v: float) -> str:
+        return "-" if math.isnan(v) else f"{v:+.3f}"
+
+    for group, types in DISTORTION_GROUPS.items():
+        for t in types:
+            rows.append((group, t, *(fmt(r.per_type[t]) for r in results)))
+    every = [t for ts in DISTORTION_GROUPS.values() for t in ts]
+    means = []
+    for r in results:
+        vals = np.asarray([r.per_type[t] for t in every])
+        means.append(float(vals[np.isfinite(vals)].mean()) if np.isfinite(vals).any() else math.nan)
+    rows.append(("all", "mean", *(fmt(v) for v in means)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
