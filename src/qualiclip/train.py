@@ -245,9 +245,9 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
         model=ModelConfig(init="random-tiny", bn="train"),
-        data=DataConfig(val_every_kth=5, crop_size=64, batch_size=8, workers=1, max_distortions=1),
+        data=DataConfig(val_every_kth=5, crop_size=64, batch_size=8, workers=1),
         optim=OptimConfig(lr=2e-3, weight_decay=0.01, precision="fp32"),
-        schedule=ScheduleConfig(max_steps=600, warmup_steps=30),
+        schedule=ScheduleConfig(max_steps=1200, warmup_steps=30),
         log=LogConfig(log_every=10, checkpoint_every=200),
         validation=ValidationConfig(every=100, batch_size=64),
     ),
@@ -393,8 +393,10 @@ def build_model(
     model = QualiCLIP.from_clip(clip, pairs, name="trained")
     text_state = {k: v.detach().clone() for k, v in state.items() if not k.startswith("visual.")}
     del clip, state
-    for p in model.visual.parameters():
-        p.requires_grad_(True)
+    for name, p in model.visual.named_parameters():
+        # QualiCLIP pools without the positional embedding: it gets no gradient, so it is
+        # frozen (DistributedDataParallel also requires every trainable parameter to be used).
+        p.requires_grad_(name != "attnpool.positional_embedding")
     return model.to(device), text_state
 
 
