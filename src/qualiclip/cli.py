@@ -149,13 +149,98 @@ def _run_degrade(args: argparse.Namespace) -> int:
 # --- train -------------------------------------------------------------------------------------
 
 
+#: CLI flag -> (config section, key) for ``qualiclip train``; unset flags leave the config alone.
+_TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
+    "pristine": ("data", "pristine"),
+    "val_dir": ("data", "val_dir"),
+    "crop_size": ("data", "crop_size"),
+    "batch_size": ("data", "batch_size"),
+    "workers": ("data", "workers"),
+    "init": ("model", "init"),
+    "bn": ("model", "bn"),
+    "lr": ("optim", "lr"),
+    "precision": ("optim", "precision"),
+    "max_steps": ("schedule", "max_steps"),
+    "epochs": ("schedule", "epochs"),
+    "out": ("log", "out"),
+    "checkpoint_every": ("log", "checkpoint_every"),
+    "val_every": ("validation", "every"),
+    "rated_csv": ("validation", "rated_csv"),
+    "seed": ("seed",),
+    "device": ("device",),
+}
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="self-supervised QualiCLIP training from pristine images")
+    p = sub.add_parser(
+        "train",
+        help="self-supervised QualiCLIP training from pristine images",
+        description="Fine-tune a CLIP image tower with QualiCLIP's ranking losses. Settings: "
+        "preset, then --config TOML, then flags. Multi-GPU: torchrun --nproc-per-node N "
+        "-m qualiclip.cli train ...",
+    )
+    p.add_argument("--pristine", help="folder or .txt list of pristine images")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, logs, model.pth)")
+    p.add_argument("--preset", help="paper (RN50 from clip-rn50, default) or tiny")
+    p.add_argument("--config", help="TOML file with [model] [data] [optim] [loss] ... tables")
+    p.add_argument("--init", help="start point: clip-rn50, random-tiny, or a checkpoint file")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
+                   help="continue from CKPT (default: the latest ckpt-*.pt in --out)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides epochs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="pristine images per step and process")
+    p.add_argument("--crop-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--val-dir", help="held-out pristine images (default: every k-th image)")
+    p.add_argument("--val-every", type=int, help="steps between validations")
+    p.add_argument("--rated-csv", help="path,score CSV of human-rated images to validate on")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--bn", choices=["frozen", "train"], help="batch-norm statistics")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device", help="auto, cpu, cuda, ...")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    raise UsageError("train: not available yet")
+    from pathlib import Path
+
+    from qualiclip import train
+
+    overrides: dict = {}
+    for flag, keys in _TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            node = overrides
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = value
+    if args.no_progress:
+        overrides.setdefault("log", {})["progress"] = False
+    resume = None
+    try:
+        if args.resume is not None:
+            found = train.checkpoint_paths(args.out)
+            resume = Path(args.resume) if args.resume != "latest" else (found or [None])[-1]
+            if resume is None or not resume.is_file():
+                raise UsageError(f"no checkpoint to resume from ({args.resume}, in {args.out})")
+        if resume is not None and args.config is None and args.preset is None:
+            saved = train.load_training_checkpoint(resume)["config"]
+            cfg = train.config_from_dict(overrides, train.config_from_dict(saved))
+        else:
+            cfg = train.load_config(args.config, preset=args.preset, overrides=overrides)
+        result = train.fit(cfg, resume=resume)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
+    val = result["validation"]
+    if val:
+        first, last = val[0], val[-1]
+        print(f"level-ordering accuracy {first['level_accuracy']:.3f} (step {first['step']}) -> "
+              f"{last['level_accuracy']:.3f} (step {last['step']})", file=sys.stderr)
+    print(result["model_path"])
+    return EXIT_OK
 
 
 # --- eval --------------------------------------------------------------------------------------
