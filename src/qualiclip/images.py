@@ -1,0 +1,507 @@
+"""Turn image files, bytes, PIL images, arrays and tensors into RGB inputs for the model, safely.
+
+The model takes RGB in [0, 1] at full resolution (DESIGN.md §1), so everything here is about getting
+exactly the pixels a viewer sees, or refusing with a message that says why:
+
+* EXIF orientation is applied (phone photos are often stored sideways with an Orientation tag).
+* Palette, greyscale, alpha, CMYK, 1-bit, 16-bit and float images become RGB; 16-bit sources keep
+  their precision (divided by 65535, not quantised to 8 bits first).
+* A pixel limit, checked on the header *before* decoding, guards against decompression bombs (a
+  small file that expands to gigabytes). It is configurable per call or by ``QUALICLIP_MAX_PIXELS``.
+* Truncated and corrupt files raise :class:`ImageDecodeError`; they are never padded with grey.
+* Images whose shorter side is below ``min_size`` are rejected: the network downsamples by 32.
+
+Batch engines call :func:`decode_rgb` (integer pixels, cheap to queue) and convert to float per
+batch with :func:`to_batch`; :func:`load_image` is the one-image convenience built on both.
+
+Example:
+    >>> from qualiclip.images import load_image
+    >>> x = load_image("photo.jpg")  # doctest: +SKIP
+    >>> x.shape, x.dtype  # doctest: +SKIP
+    (torch.Size([3, 768, 1024]), torch.float32)
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "ImageSource",
+    "decode_rgb",
+    "iter_image_paths",
+    "load_image",
+    "max_pixels_from_env",
+    "to_batch",
+]
+
+#: Default decompression-bomb guard: 180 megapixels (a 16k x 11k image). A decoded 8-bit RGB image
+#: of that size takes 540 MB, its float32 tensor 2.2 GB; raise it with ``QUALICLIP_MAX_PIXELS``.
+DEFAULT_MAX_PIXELS = 180_000_000
+
+#: File extensions picked up when walking folders or expanding globs (compared case-insensitively).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+)
+
+#: What :func:`decode_rgb` and :func:`load_image` accept.
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+
+_GLOB_CHARS = frozenset("*?[")
+_WHITE = (255, 255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be turned into an RGB image; the message names it and the reason."""
+
+
+def max_pixels_from_env() -> int:
+    """Return the pixel limit from ``QUALICLIP_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`.
+
+    Read at call time (not import time) so that a limit set after import still applies.
+
+    Raises:
+        ValueError: the variable is set but is not a positive integer.
+    """
+    raw = os.environ.get("QUALICLIP_MAX_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))  # accept "2e8" as well as "200000000"
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"QUALICLIP_MAX_PIXELS must be a positive integer, got {raw!r}")
+    return value
+
+
+def _describe(source: object) -> str:
+    """A short name for error messages: the path, the stream's name, or the kind of object."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return "<PIL image>"
+    name = getattr(source, "name", None)
+    return str(name) if isinstance(name, (str, bytes)) and name else "<stream>"
+
+
+def _open(source: ImageSource, name: str, max_pixels: int) -> tuple[Image.Image, bool]:
+    """Open ``source`` lazily (header only). Returns the image and whether we own (may close) it."""
+    if isinstance(source, Image.Image):
+        return source, False
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fp: Any = io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageDecodeError(f"{name}: no such file")
+        if path.is_dir():
+            raise ImageDecodeError(f"{name}: is a directory, not an image file")
+        fp = path
+    elif hasattr(source, "read"):
+        fp = source
+        # PIL needs to seek back after sniffing the format; pipes and sockets cannot.
+        seekable = getattr(source, "seekable", None)
+        if not (callable(seekable) and seekable()):
+            fp = io.BytesIO(source.read())
+    else:
+        raise TypeError(
+            "image source must be a path, bytes, a binary file object or a PIL image, "
+            f"got {type(source).__name__}"
+        )
+    _raise_pil_limit_to(max_pixels)
+    with warnings.catch_warnings():
+        # Our own limit (checked next, on the header) is the policy; PIL's warning at ~89 MP would
+        # only be noise for the images between its threshold and ours.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(fp), True
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError(f"{name}: cannot identify image file (not an image?)") from exc
+        except Image.DecompressionBombError as exc:
+            raise ImageDecodeError(f"{name}: too large: {exc}") from exc
+        except OSError as exc:
+            raise ImageDecodeError(f"{name}: cannot read file: {exc}") from exc
+
+
+def _raise_pil_limit_to(max_pixels: int) -> None:
+    """Let PIL open images up to ``max_pixels`` (it refuses above 2 x ``MAX_IMAGE_PIXELS``).
+
+    PIL checks its own module-wide limit inside ``Image.open``, before we see the header, so a user
+    who asks for a larger limit than PIL's default needs PIL's raised too. It is only ever raised,
+    never lowered, and only to what the user asked for.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and max_pixels > 2 * current:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
+
+
+def _check_size(im: Image.Image, name: str, max_pixels: int, min_size: int) -> None:
+    """Refuse images that are too large or too small, from the header alone (before decoding)."""
+    width, height = im.size
+    pixels = width * height
+    if pixels > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: too large: {width}x{height} = {pixels} pixels > limit of {max_pixels} pixels "
+            "(possible decompression bomb; raise it with QUALICLIP_MAX_PIXELS or max_pixels=)"
+        )
+    if min(width, height) < min_size:
+        raise ImageDecodeError(
+            f"{name}: too small: {width}x{height} pixels; the shorter side must be at least "
+            f"{min_size} pixels"
+        )
+
+
+def _composite_on_white(im: Image.Image) -> Image.Image:
+    """Flatten an image with alpha onto white.
+
+    Why white: the colour stored under fully transparent pixels is arbitrary (often black, sometimes
+    leftovers of editing), so scoring it would judge pixels nobody sees. Compositing scores what a
+    viewer sees on the usual light page or viewer background, and is deterministic.
+    """
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Decoded PIL image (any mode) -> H x W x 3 array: uint8, or uint16 for 16-bit/float data."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale (PNG, TIFF): keep all 16 bits. Mode "I" is 32-bit signed; for PNG it
+        # holds 0..65535, other sources are clipped to that range.
+        grey = np.asarray(im)
+        grey = np.clip(grey, 0, 65535).astype(np.uint16) if mode == "I" else grey.astype(np.uint16)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        return np.repeat(_float_to_uint16(np.asarray(im, dtype=np.float32))[:, :, None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in im.info
+    )
+    if has_alpha:
+        return np.asarray(_composite_on_white(im))
+    # P, L, 1, CMYK, YCbCr, RGBX, HSV: PIL's own conversions (CMYK naively, without ICC profile).
+    return np.asarray(im.convert("RGB"))
+
+
+def _float_to_uint16(grey: np.ndarray) -> np.ndarray:
+    """Float grey (PIL mode "F") -> uint16: [0, 1] data as such, else PIL's 0..255 convention."""
+    grey = np.nan_to_num(grey, nan=0.0, posinf=0.0, neginf=0.0)
+    scale = 65535.0 if grey.size and float(grey.max()) <= 1.0 else 65535.0 / 255.0
+    return np.rint(np.clip(grey * scale, 0, 65535)).astype(np.uint16)
+
+
+def _apply_exif_orientation(im: Image.Image, owned: bool) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says; never modifies an image the caller owns."""
+    if owned:
+        ImageOps.exif_transpose(im, in_place=True)
+        return im
+    if im.getexif().get(0x0112, 1) in (None, 1):
+        return im  # nothing to do: avoid exif_transpose's full copy
+    out = ImageOps.exif_transpose(im)
+    return im if out is None else out
+
+
+def _classify(exc: Exception) -> str:
+    """Human wording for a decoder exception."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return f"truncated or incomplete image data ({text})"
+    return f"corrupt or unsupported image data ({type(exc).__name__}: {text})"
+
+
+def decode_rgb(
+    source: ImageSource,
+    *,
+    max_pixels: int | None = None,
+    min_size: int = 32,
+) -> np.ndarray:
+    """Decode an image to an RGB array, with every safety check of :func:`load_image`.
+
+    This is the fast path for batch engines: integer pixels are 4x smaller than float32, so workers
+    can queue them cheaply and convert a whole batch at once with :func:`to_batch`.
+
+    Args:
+        source: a path (str or ``os.PathLike``), encoded bytes, a binary file object, or a PIL image
+            (then it is not modified; a lazily opened one is checked before it is decoded).
+        max_pixels: refuse images with more pixels than this, judged from the header before any
+            decoding. ``None`` means ``QUALICLIP_MAX_PIXELS`` or :data:`DEFAULT_MAX_PIXELS`.
+        min_size: refuse images whose shorter side is below this many pixels.
+
+    Returns:
+        A C-contiguous array of shape ``(H, W, 3)``: ``uint8`` for 8-bit and lower sources,
+        ``uint16`` (full scale 65535) for 16-bit and floating-point sources. Alpha is composited
+        onto white, EXIF orientation is applied, animations give their first frame.
+
+    Raises:
+        ImageDecodeError: missing file, not an image, truncated or corrupt data, too large or
+            too small.
+        TypeError: ``source`` is of an unsupported type.
+        ValueError: ``max_pixels`` or ``min_size`` is not positive.
+    """
+    limit = max_pixels_from_env() if max_pixels is None else int(max_pixels)
+    if limit <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if min_size < 1:
+        raise ValueError(f"min_size must be at least 1, got {min_size}")
+    name = _describe(source)
+    im, owned = _open(source, name, limit)
+    try:
+        _check_size(im, name, limit, min_size)  # header only: nothing decoded yet
+        try:
+            im.load()  # LOAD_TRUNCATED_IMAGES stays False: a short file raises here
+            oriented = _apply_exif_orientation(im, owned)
+            arr = _to_rgb_array(oriented)
+        except ImageDecodeError:
+            raise
+        except MemoryError as exc:
+            raise ImageDecodeError(f"{name}: out of memory while decoding") from exc
+        except Exception as exc:  # PIL plugins raise OSError, SyntaxError, struct.error, ...
+            raise ImageDecodeError(f"{name}: {_classify(exc)}") from exc
+    finally:
+        if owned:
+            im.close()
+    return np.ascontiguousarray(arr)
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int | None = None,
+    min_size: int = 32,
+) -> torch.Tensor:
+    """Load one image as the model's input: RGB float32 in [0, 1], full resolution.
+
+    Args:
+        source: a path, encoded bytes, a binary file object, or a PIL image.
+        max_pixels: decompression-bomb limit (see :func:`decode_rgb`).
+        min_size: minimum length of the shorter side in pixels.
+
+    Returns:
+        A contiguous float32 tensor in [0, 1]. 16-bit sources are divided by 65535 (no 8-bit
+        quantisation on the way).
+
+    Shape:
+        ``(3, H, W)``, H and W after EXIF orientation.
+
+    Raises:
+        ImageDecodeError: the input cannot be used; the message names it and says why.
+    """
+    return _array_to_tensor(decode_rgb(source, max_pixels=max_pixels, min_size=min_size))
+
+
+def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8/uint16 array -> (..., 3, H, W) float32 tensor in [0, 1]."""
+    if arr.dtype == np.uint16:
+        # torch has few uint16 kernels; convert through NumPy (exact: 16 bits fit float32's 24).
+        scaled = torch.from_numpy(arr.astype(np.float32) / np.float32(65535.0))
+    else:
+        scaled = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(255.0)
+    return scaled.movedim(-1, -3).contiguous()
+
+
+# --- to_batch ----------------------------------------------------------------------------------
+
+_RANGE_TOLERANCE = 1e-5  # float inputs may overshoot [0, 1] by rounding; more suggests 0..255 data
+
+
+def _check_float_range(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.numel() == 0:
+        raise ValueError(f"{what}: empty input with shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what}: contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise ValueError(
+            f"{what}: float values must be in [0, 1], got range [{lo:.4g}, {hi:.4g}] "
+            "(for 0..255 data pass uint8, or divide by 255)"
+        )
+    return x.clamp(0.0, 1.0)
+
+
+def _numpy_to_batch(x: np.ndarray) -> torch.Tensor:
+    what = f"NumPy array with shape {x.shape} and dtype {x.dtype}"
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[3] != 3:
+        hint = " (it looks like CHW: NumPy inputs are HWC, use x.transpose(1, 2, 0))" if (
+            x.ndim == 4 and x.shape[1] == 3
+        ) else ""
+        raise ValueError(f"{what}: expected H x W, H x W x 3 or B x H x W x 3{hint}")
+    if x.dtype in (np.uint8, np.uint16):
+        return _array_to_tensor(x)
+    if np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return _check_float_range(t, what).movedim(-1, -3).contiguous()
+    raise TypeError(f"{what}: dtype must be uint8, uint16 or floating point in [0, 1]")
+
+
+def _tensor_to_batch(x: torch.Tensor) -> torch.Tensor:
+    what = f"tensor with shape {tuple(x.shape)} and dtype {x.dtype}"
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{what}: expected 3 x H x W or B x 3 x H x W (RGB, channels first)")
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    if not x.is_floating_point():
+        raise TypeError(f"{what}: dtype must be uint8 or floating point in [0, 1]")
+    return _check_float_range(x.to(torch.float32), what)
+
+
+def to_batch(x: object) -> torch.Tensor:
+    """Normalise any supported image input to a float32 batch in [0, 1].
+
+    Accepted inputs:
+
+    * a path (str or ``os.PathLike``) or encoded bytes: decoded with :func:`load_image`;
+    * a PIL image (any mode; converted as :func:`decode_rgb` does, no size limits applied);
+    * a NumPy array ``H x W`` (grey), ``H x W x 1``, ``H x W x 3`` or ``B x H x W x 3``, of dtype
+      uint8 (/255), uint16 (/65535) or float (must already be in [0, 1]);
+    * a torch tensor ``3 x H x W`` or ``B x 3 x H x W``, uint8 (/255) or float in [0, 1]; it stays
+      on its device.
+
+    Args:
+        x: the input.
+
+    Returns:
+        A float32 tensor in [0, 1].
+
+    Shape:
+        ``(B, 3, H, W)``; B = 1 for single images.
+
+    Raises:
+        TypeError: unsupported type or dtype (the message names it).
+        ValueError: unsupported shape, or float values outside [0, 1].
+    """
+    if isinstance(x, torch.Tensor):
+        return _tensor_to_batch(x)
+    if isinstance(x, np.ndarray):
+        return _numpy_to_batch(x)
+    if isinstance(x, Image.Image):
+        return _array_to_tensor(decode_rgb(x, max_pixels=sys.maxsize, min_size=1))[None]
+    if isinstance(x, (str, os.PathLike, bytes, bytearray)):
+        return load_image(x)[None]
+    raise TypeError(
+        "expected a path, bytes, PIL image, NumPy array or torch tensor, "
+        f"got {type(x).__name__}"
+    )
+
+
+# --- input paths -------------------------------------------------------------------------------
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _walk_folder(folder: Path, recursive: bool) -> list[Path]:
+    """Image files under ``folder``, sorted; hidden entries (".*", e.g. macOS "._x.jpg") skipped."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [] if not recursive else [d for d in dirs if not d.startswith(".")]
+        root_path = Path(root)
+        found.extend(
+            root_path / f for f in files if not f.startswith(".") and _is_image_name(Path(f))
+        )
+    return sorted(found)
+
+
+def _expand_glob(pattern: str, recursive: bool) -> list[Path]:
+    """Glob matches: image files, and image files inside matched folders; sorted."""
+    out: list[Path] = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(match)
+        if path.is_dir():
+            out.extend(_walk_folder(path, recursive))
+        elif _is_image_name(path):
+            out.append(path)
+    return out
+
+
+def _expand_one(item: str, recursive: bool) -> Iterator[Path]:
+    path = Path(item)
+    if path.is_dir():
+        yield from _walk_folder(path, recursive)
+    elif path.exists() or not (_GLOB_CHARS & set(item)):
+        # An explicit file is kept whatever its extension (a non-image named on purpose gets an
+        # error row later), and so is a missing one: the scorer reports it rather than us failing.
+        yield path
+    else:
+        matches = _expand_glob(item, recursive)
+        # A pattern that matches nothing is kept as given, so the user sees it reported (as a
+        # shell without nullglob would pass it on).
+        yield from matches if matches else [path]
+
+
+def iter_image_paths(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    stdin: TextIO | None = None,
+    recursive: bool = True,
+) -> list[Path]:
+    """Expand command-line inputs into the list of image paths to score.
+
+    * a file is kept whatever its extension; a path that does not exist is kept too (the scorer
+      reports it as an error row), so nothing here raises for bad inputs;
+    * a folder is walked (recursively unless ``recursive=False``) for files with an extension in
+      :data:`IMAGE_EXTENSIONS`, case-insensitively, in sorted order; hidden files and folders
+      (names starting with ".") are skipped;
+    * a pattern containing ``*``, ``?`` or ``[`` that is not an existing path is expanded as a glob
+      (``**`` matches any depth); matched folders are walked, matched files kept if they have an
+      image extension; a pattern with no match is kept as given;
+    * ``-`` reads one path per line from ``stdin`` (default ``sys.stdin``); blank lines are skipped
+      and each line is taken literally (a folder is walked, no glob expansion).
+
+    Duplicates (the same absolute path) are dropped, keeping the first occurrence.
+
+    Args:
+        inputs: paths, folders, globs and ``-`` as typed on the command line.
+        stdin: where ``-`` reads from.
+        recursive: walk sub-folders.
+
+    Returns:
+        Paths in input order (sorted within each folder or glob).
+    """
+    seen: set[str] = set()
+    out: list[Path] = []
+    for raw in inputs:
+        item = os.fspath(raw)
+        if item == "-":
+            stream = sys.stdin if stdin is None else stdin
+            lines = (line.rstrip("\r\n") for line in stream)
+            paths = [p for line in lines if line.strip() for p in _expand_literal(line, recursive)]
+        else:
+            paths = list(_expand_one(item, recursive))
+        for path in paths:
+            key = os.path.abspath(path)
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+    return out
+
+
+def _expand_literal(item: str, recursive: bool) -> list[Path]:
+    path = Path(item)
+    return _walk_folder(path, recursive) if path.is_dir() else [path]
