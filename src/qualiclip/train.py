@@ -247,7 +247,7 @@ PRESETS: dict[str, TrainConfig] = {
         model=ModelConfig(init="random-tiny", bn="train"),
         data=DataConfig(val_every_kth=5, crop_size=64, batch_size=8, workers=1),
         optim=OptimConfig(lr=2e-3, weight_decay=0.01, precision="fp32"),
-        schedule=ScheduleConfig(max_steps=1200, warmup_steps=30),
+        schedule=ScheduleConfig(max_steps=1500, warmup_steps=30),
         log=LogConfig(log_every=10, checkpoint_every=200),
         validation=ValidationConfig(every=100, batch_size=64),
     ),
