@@ -134,9 +134,15 @@ def _open(source: ImageSource, name: str, max_pixels: int) -> tuple[Image.Image,
         except UnidentifiedImageError as exc:
             raise ImageDecodeError(f"{name}: cannot identify image file (not an image?)") from exc
         except Image.DecompressionBombError as exc:
-            raise ImageDecodeError(f"{name}: too large: {exc}") from exc
+            # PIL's own check ran first (inside Image.open); say which limit is ours.
+            raise ImageDecodeError(
+                f"{name}: too large: {exc} (limit: {max_pixels} pixels; raise it with "
+                "QUALICLIP_MAX_PIXELS or max_pixels=)"
+            ) from exc
         except OSError as exc:
-            raise ImageDecodeError(f"{name}: cannot read file: {exc}") from exc
+            if exc.errno is not None:  # a real I/O error (permissions, disk), not bad data
+                raise ImageDecodeError(f"{name}: cannot read file: {exc.strerror}") from exc
+            raise ImageDecodeError(f"{name}: {_classify(exc)}") from exc
 
 
 def _raise_pil_limit_to(max_pixels: int) -> None:
@@ -278,7 +284,10 @@ def decode_rgb(
     finally:
         if owned:
             im.close()
-    return np.ascontiguousarray(arr)
+    # PIL hands out read-only views of its buffer; callers (and torch.from_numpy) want to own it.
+    if not (arr.flags.writeable and arr.flags.c_contiguous):
+        arr = np.array(arr, order="C", copy=True)
+    return arr
 
 
 def load_image(
