@@ -1,0 +1,731 @@
+"""Named weights, their verified download, and checkpoint readers.
+
+This is the only module of qualiclip that touches the network, and it does so through one private
+function, :func:`_urlopen`. Every file in the table carries its full sha256 and size; a download is
+streamed to a temporary file beside its destination, hashed on the way, and moved into place
+atomically only when both match. Nothing unverified is ever loaded.
+
+Cache folder, first match wins: the ``cache_dir`` argument (``--cache-dir``), ``$QUALICLIP_HOME``,
+``$XDG_CACHE_HOME/qualiclip``, ``~/.cache/qualiclip``. With ``QUALICLIP_OFFLINE=1`` nothing is
+fetched: a missing file raises :class:`OfflineError` whose message says what to download and
+exactly where to put it.
+
+Checkpoint formats read by :func:`load_checkpoint` (DESIGN.md §2):
+
+* the authors' QualiCLIP release: ``clip_model.<OpenAI key>`` tensors + ``prompts_features``;
+* a plain OpenAI-keyed CLIP state dict, possibly under ``"state_dict"``/``"model"`` and with a
+  DDP ``module.`` prefix;
+* OpenAI's TorchScript archive (``RN50.pt``), loaded only when trusted (checksum matched, or the
+  user opts in), because loading TorchScript runs code from the file.
+
+Everything else goes through ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import torch
+
+from qualiclip.prompts import CLIP_IQA_PAIRS, CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair
+
+__all__ = [
+    "BPE_VOCAB",
+    "PRETRAINED",
+    "ChecksumError",
+    "OfflineError",
+    "PretrainedWeights",
+    "RemoteFile",
+    "add_to_cache",
+    "cache_dir",
+    "cached_path",
+    "download",
+    "is_cached",
+    "is_torchscript_archive",
+    "load_checkpoint",
+    "resolve_weights",
+    "sha256_file",
+]
+
+WeightFormat = Literal["official", "torchscript", "state_dict"]
+
+_CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough for a smooth progress bar
+_TIMEOUT_S = 30.0  # per socket operation, not for the whole download
+_OFFLINE_VALUES = frozenset({"1", "true", "yes", "on"})
+# Integer metadata OpenAI's TorchScript archives store among the weights; not parameters.
+_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class ChecksumError(RuntimeError):
+    """A file's size or sha256 differs from the table: it was not used (and a download removed)."""
+
+
+class OfflineError(RuntimeError):
+    """A needed file is not cached and cannot be downloaded (offline mode, or no network)."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A downloadable file, identified by its content.
+
+    Attributes:
+        name: short label for messages (``"QualiCLIP weights"``).
+        urls: mirrors, tried in order; the first whose bytes match the checksum wins.
+        sha256: full lowercase hex digest of the file: the file's identity.
+        size: size in bytes, or None when unknown (then only the digest is checked).
+        filename: name of the file in the cache folder.
+        licence: licence of the file's content.
+        description: one line for listings.
+    """
+
+    name: str
+    urls: tuple[str, ...]
+    sha256: str
+    size: int | None
+    filename: str
+    licence: str
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        digest = self.sha256.lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"{self.name}: sha256 must be 64 hex digits, got {self.sha256!r}")
+        if not self.urls:
+            raise ValueError(f"{self.name}: at least one URL is needed")
+        if Path(self.filename).name != self.filename or self.filename in ("", ".", ".."):
+            raise ValueError(f"{self.name}: filename must be a bare file name: {self.filename!r}")
+        object.__setattr__(self, "sha256", digest)
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """A named set of weights with everything needed to score with it.
+
+    Weights carry their preprocessing (STYLE.md): the score never depends on a caller remembering
+    the right normalisation or prompts.
+
+    Attributes:
+        name: the name :func:`qualiclip.create_model` takes.
+        file: the checkpoint to download.
+        format: how the file is stored (``"official"``: authors' dict; ``"torchscript"``: OpenAI
+            archive; ``"state_dict"``: plain OpenAI-keyed dict).
+        prompt_pairs: ``(positive, negative)`` prompts the score averages over.
+        logit_scale: softmax scale of the authors' formula.
+        mean, std: RGB input normalisation.
+        pooling: attention-pooling mode of the image tower (``"none"``: no positional embedding).
+        description: one line for listings.
+        licence: licence of the weights.
+    """
+
+    name: str
+    file: RemoteFile
+    format: WeightFormat
+    prompt_pairs: tuple[PromptPair, ...] = PROMPT_PAIRS
+    logit_scale: float = 100.0
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    pooling: str = "none"
+    description: str = ""
+    licence: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.licence:
+            object.__setattr__(self, "licence", self.file.licence)
+
+
+_HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
+
+QUALICLIP_FILE = RemoteFile(
+    name="QualiCLIP weights",
+    urls=(
+        f"{_HF}/QualiCLIP.pth",
+        "https://github.com/miccunifi/QualiCLIP/releases/download/weights/qualiclip.pth",
+    ),
+    sha256="5818e085ac4b3d297cdd183fd2b1d8a4ddb2242e5bb7fd24b2cd66d7d132bc7e",
+    size=408_494_502,
+    filename="QualiCLIP.pth",
+    licence="CC BY-NC 4.0",
+    description="QualiCLIP fine-tuned CLIP RN50 (Agnolucci et al., arXiv 2403.11176)",
+)
+
+CLIP_RN50_FILE = RemoteFile(
+    name="OpenAI CLIP RN50",
+    urls=(
+        "https://openaipublic.azureedge.net/clip/models/"
+        "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    ),
+    # Written out in full, never parsed from the URL: the table is the source of truth.
+    sha256="afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    size=None,
+    filename="RN50.pt",
+    licence="MIT",
+    description="OpenAI CLIP ResNet-50 (TorchScript archive, fp16)",
+)
+
+#: CLIP's byte-pair vocabulary; the tokenizer uses the package copy first, then $QUALICLIP_VOCAB.
+BPE_VOCAB = RemoteFile(
+    name="CLIP BPE vocabulary",
+    urls=("https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz",),
+    sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+    size=None,
+    filename="bpe_simple_vocab_16e6.txt.gz",
+    licence="MIT",
+    description="OpenAI CLIP byte-pair-encoding vocabulary",
+)
+
+#: Named weights for :func:`qualiclip.create_model`.
+PRETRAINED: dict[str, PretrainedWeights] = {
+    "qualiclip": PretrainedWeights(
+        name="qualiclip",
+        file=QUALICLIP_FILE,
+        format="official",
+        prompt_pairs=PROMPT_PAIRS,
+        description="QualiCLIP, the authors' release (opinion-unaware, 7 prompt pairs)",
+    ),
+    "clip-rn50": PretrainedWeights(
+        name="clip-rn50",
+        file=CLIP_RN50_FILE,
+        format="torchscript",
+        prompt_pairs=PROMPT_PAIRS,
+        description="OpenAI CLIP RN50 with QualiCLIP's 7 prompt pairs (training start point)",
+    ),
+    "clip-iqa": PretrainedWeights(
+        name="clip-iqa",
+        file=CLIP_RN50_FILE,
+        format="torchscript",
+        prompt_pairs=CLIP_IQA_PAIRS,
+        description="CLIP-IQA baseline: OpenAI CLIP RN50, 'Good photo.'/'Bad photo.' (zero-shot)",
+    ),
+}
+
+
+# --- cache --------------------------------------------------------------------------------------
+
+
+def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """The download cache folder (not created here).
+
+    Args:
+        override: explicit folder (``--cache-dir``); wins over the environment.
+
+    Returns:
+        ``override``, else ``$QUALICLIP_HOME``, else ``$XDG_CACHE_HOME/qualiclip``, else
+        ``~/.cache/qualiclip``.
+    """
+    if override is not None and os.fspath(override) != "":
+        return Path(override).expanduser()
+    home = os.environ.get("QUALICLIP_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "qualiclip"
+
+
+def _resolve_file(file_or_name: RemoteFile | PretrainedWeights | str) -> RemoteFile:
+    if isinstance(file_or_name, RemoteFile):
+        return file_or_name
+    if isinstance(file_or_name, PretrainedWeights):
+        return file_or_name.file
+    if isinstance(file_or_name, str):
+        if file_or_name in PRETRAINED:
+            return PRETRAINED[file_or_name].file
+        for known in _known_files():
+            if file_or_name == known.filename:
+                return known
+        raise ValueError(
+            f"unknown weights {file_or_name!r}; known names: {', '.join(PRETRAINED)} "
+            f"(or a cache file name: {', '.join(f.filename for f in _known_files())})"
+        )
+    raise TypeError(f"expected a RemoteFile, PretrainedWeights or name, got {type(file_or_name)}")
+
+
+def cached_path(
+    name: str | RemoteFile | PretrainedWeights, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Where the file of ``name`` lives (or will live) in the cache; it may not exist yet."""
+    return _cache_root(cache_dir) / _resolve_file(name).filename
+
+
+def is_cached(
+    name: str | RemoteFile | PretrainedWeights, cache_dir: str | os.PathLike[str] | None = None
+) -> bool:
+    """Whether the file of ``name`` is in the cache with the right size (not re-hashed here)."""
+    file = _resolve_file(name)
+    path = cached_path(file, cache_dir)
+    return path.is_file() and (file.size is None or path.stat().st_size == file.size)
+
+
+def _cache_root(override: str | os.PathLike[str] | None) -> Path:
+    # The module-level function is shadowed by the parameter name in public signatures.
+    return cache_dir(override)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Full sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verified(path: Path, file: RemoteFile) -> bool:
+    """Whether ``path`` holds ``file``: size first (free), then the digest.
+
+    Hashing a 400 MB file takes about a second, so a verified digest is remembered in a
+    ``<file>.sha256`` sidecar keyed by size and modification time; any change to the file
+    invalidates it and the file is hashed again.
+    """
+    stat = path.stat()
+    if file.size is not None and stat.st_size != file.size:
+        return False
+    key = {"sha256": file.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(_sidecar(path).read_text()) == key:
+            return True
+    if sha256_file(path) != file.sha256:
+        return False
+    with contextlib.suppress(OSError):  # a read-only cache still works, only slower
+        _sidecar(path).write_text(json.dumps(key))
+    return True
+
+
+def _remove(path: Path) -> None:
+    for p in (path, _sidecar(path)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _offline_text(file: RemoteFile, target: Path, reason: str) -> str:
+    size = f"{file.size} bytes ({file.size / 2**20:.1f} MiB)" if file.size else "unknown"
+    urls = "\n".join(f"    {u}" for u in file.urls)
+    return (
+        f"cannot download {file.filename} ({file.name}): {reason}\n"
+        f"  sha256: {file.sha256}\n"
+        f"  size:   {size}\n"
+        f"  from:\n{urls}\n"
+        f"Download it on a machine with internet access, check its sha256, and place it at:\n"
+        f"    {target}\n"
+        f"(or call qualiclip.pretrained.add_to_cache(PATH, {file.filename!r}) to verify and copy "
+        f"it there; set QUALICLIP_HOME or --cache-dir to use another cache folder)"
+    )
+
+
+def _is_offline() -> bool:
+    return os.environ.get("QUALICLIP_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
+
+
+def _known_files() -> list[RemoteFile]:
+    files = [w.file for w in PRETRAINED.values()] + [BPE_VOCAB]
+    return list(dict.fromkeys(files))  # unique, in table order
+
+
+# --- download -----------------------------------------------------------------------------------
+
+
+def _urlopen(url: str, timeout: float) -> Any:
+    """Open ``url`` for reading: the one network call of qualiclip (tests patch it).
+
+    Returns:
+        a response with ``read(n)`` and ``close()`` (``urllib``'s, following redirects).
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "qualiclip"})
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (https URLs from the table)
+
+
+def _stream_to(response: Any, out: BinaryIO, file: RemoteFile, progress: bool) -> str:
+    """Copy ``response`` into ``out`` while hashing; return the hex digest.
+
+    Raises:
+        ChecksumError: the server sends more bytes than the table's size (stopped right away,
+            so a wrong or endless response cannot fill the disk).
+    """
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    total = file.size
+    if total is None:
+        headers = getattr(response, "headers", None)
+        length = headers.get("Content-Length") if headers is not None else None
+        total = int(length) if length and str(length).isdigit() else None
+    written = 0
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=file.filename,
+        file=sys.stderr, disable=not progress, leave=False,
+    ) as bar:
+        for chunk in iter(lambda: response.read(_CHUNK), b""):
+            written += len(chunk)
+            if file.size is not None and written > file.size:
+                raise ChecksumError(
+                    f"{file.filename}: the server sent more than the expected {file.size} bytes"
+                )
+            digest.update(chunk)
+            out.write(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _fetch_one(url: str, file: RemoteFile, target: Path, progress: bool) -> None:
+    """Download ``url`` to a temporary file beside ``target``, verify, then rename into place.
+
+    Raises:
+        ChecksumError: size or digest mismatch (the temporary file is removed).
+        OSError, urllib.error.URLError, http.client.HTTPException: network or disk failure.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{file.filename}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            response = _urlopen(url, _TIMEOUT_S)
+            try:
+                actual = _stream_to(response, out, file, progress)
+            finally:
+                with contextlib.suppress(Exception):
+                    response.close()
+        size = tmp.stat().st_size
+        if file.size is not None and size != file.size:
+            raise ChecksumError(
+                f"{file.filename} from {url}: expected {file.size} bytes, got {size}"
+            )
+        if actual != file.sha256:
+            raise ChecksumError(
+                f"{file.filename} from {url}: sha256 mismatch: expected {file.sha256}, "
+                f"got {actual}; the download was discarded"
+            )
+        os.replace(tmp, target)  # atomic: readers see the old state or the verified file
+        with contextlib.suppress(OSError):
+            stat = target.stat()
+            key = {"sha256": file.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            _sidecar(target).write_text(json.dumps(key))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # after a failure, or an interrupt: never leave partial files
+
+
+def download(
+    file_or_name: RemoteFile | PretrainedWeights | str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Return the verified local copy of a file, downloading it once if needed.
+
+    Args:
+        file_or_name: a :class:`RemoteFile`, a :class:`PretrainedWeights`, or a name from
+            :data:`PRETRAINED`.
+        cache_dir: cache folder (see :func:`cache_dir` for the default).
+        progress: show a progress bar on stderr while downloading.
+
+    Returns:
+        The path of the cached file; its size and sha256 match the table.
+
+    Raises:
+        OfflineError: not cached, and ``QUALICLIP_OFFLINE=1`` is set or no URL could be reached;
+            the message names the file, its sha256 and size, the URLs and the path to place it at.
+        ChecksumError: every URL that answered sent different bytes than the table says.
+        ValueError: unknown name.
+    """
+    file = _resolve_file(file_or_name)
+    target = _cache_root(cache_dir) / file.filename
+    stale = ""
+    if target.is_file():
+        if _verified(target, file):
+            return target
+        _remove(target)  # a corrupt or partial copy must never be used
+        stale = " (a cached copy with the wrong checksum was removed)"
+    if _is_offline():
+        raise OfflineError(_offline_text(file, target, f"QUALICLIP_OFFLINE is set{stale}"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OfflineError(
+            _offline_text(file, target, f"cannot create the cache folder: {exc}")
+        ) from exc
+    failures: list[str] = []
+    mismatches: list[str] = []
+    for url in file.urls:
+        try:
+            _fetch_one(url, file, target, progress)
+            return target
+        except ChecksumError as exc:
+            mismatches.append(str(exc))
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            failures.append(f"{url}: {reason}")
+    if mismatches:
+        raise ChecksumError("; ".join(mismatches + failures))
+    raise OfflineError(_offline_text(file, target, "no URL could be reached:\n  " + "\n  ".join(
+        failures)))
+
+
+def add_to_cache(
+    path: str | os.PathLike[str],
+    name_or_file: RemoteFile | PretrainedWeights | str,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Verify a copy fetched by hand and put it in the cache, where :func:`download` finds it.
+
+    Args:
+        path: the local file.
+        name_or_file: which table entry it should be: a name from :data:`PRETRAINED`, a cache
+            file name (e.g. ``"RN50.pt"``), or a :class:`RemoteFile`.
+        cache_dir: cache folder (see :func:`cache_dir`).
+
+    Returns:
+        The path in the cache.
+
+    Raises:
+        ChecksumError: the file's size or sha256 differs from the table (nothing is copied).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    file = _resolve_file(name_or_file)
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file")
+    size = source.stat().st_size
+    if file.size is not None and size != file.size:
+        raise ChecksumError(f"{source}: expected {file.size} bytes for {file.filename}, got {size}")
+    actual = sha256_file(source)
+    if actual != file.sha256:
+        raise ChecksumError(
+            f"{source}: sha256 mismatch for {file.filename}: expected {file.sha256}, got {actual}"
+        )
+    target = _cache_root(cache_dir) / file.filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.resolve() == target.resolve():
+        return target
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{file.filename}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp_name)
+        os.replace(tmp_name, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+    if not _verified(target, file):  # re-hash the copy once (this also writes the sidecar)
+        _remove(target)
+        raise ChecksumError(f"{target}: the copy of {source} does not match; removed")
+    return target
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def is_torchscript_archive(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a TorchScript archive, judged from its zip directory (nothing is run).
+
+    ``torch.save`` zips hold ``<root>/data.pkl`` and tensors; TorchScript adds ``<root>/code/`` and
+    ``<root>/constants.pkl``.
+    """
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(
+        n.endswith("/constants.pkl") or n.split("/")[1:2] == ["code"] for n in names if "/" in n
+    )
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError("invalid load key"), EOFError, ...
+        raise ValueError(
+            f"{path}: not a loadable PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, Any]:
+    """Find the state dict inside common training wrappers ({"state_dict": ...}, {"model": ...})."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        inner = next(
+            (obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None
+        )
+        if inner is None or any(isinstance(k, str) and "." in k for k in obj):
+            break  # keys with dots are already parameter names: this is the state dict
+        obj = inner
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise ValueError(f"{path}: not a checkpoint: expected a dict of tensors, got {type(obj)}")
+    return dict(obj)
+
+
+def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    keys = [k for k in state if k not in ("prompts_features", "prompt_features")]
+    if keys and all(k.startswith(prefix) for k in keys):
+        return {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _prompt_features(state: dict[str, Any], path: Path) -> torch.Tensor | None:
+    """Pop prompt features: the authors' ``prompts_features`` [2P, D] or our [P, 2, D] buffer."""
+    feats = state.pop("prompts_features", None)
+    ours = state.pop("prompt_features", None)
+    if feats is None and ours is not None:
+        if not (isinstance(ours, torch.Tensor) and ours.ndim == 3 and ours.shape[1] == 2):
+            raise ValueError(f"{path}: prompt_features must be [P, 2, D], got {_shape(ours)}")
+        feats = ours.reshape(-1, ours.shape[-1])  # (pos_1, neg_1, pos_2, ...) order
+    if feats is None:
+        return None
+    if not (isinstance(feats, torch.Tensor) and feats.ndim == 2 and feats.shape[0] % 2 == 0):
+        raise ValueError(
+            f"{path}: prompts_features must be [2P, D] (positive, negative per pair), "
+            f"got {_shape(feats)}"
+        )
+    return feats.detach().to(torch.float32).contiguous()
+
+
+def _shape(x: object) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _clean_state(
+    raw: dict[str, Any], path: Path
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    state = _strip_prefix(raw, "module.")  # DistributedDataParallel
+    state = _strip_prefix(state, "clip_model.")  # the authors' format
+    state = _strip_prefix(state, "module.")  # a DDP-wrapped authors' model
+    state = _strip_prefix(state, "model.")  # qualiclip training checkpoints: {"model": {"model.*"}}
+    features = _prompt_features(state, path)
+    for key in _METADATA_KEYS:
+        state.pop(key, None)
+    # QualiCLIP.state_dict() carries the normalisation buffers beside the tower: CLIP's values,
+    # which the table already holds.
+    for key in ("mean", "std"):
+        if isinstance(state.get(key), torch.Tensor) and state[key].numel() == 3:
+            state.pop(key)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: not a CLIP state dict: non-tensor entries {bad[:5]}")
+    if not any(k.startswith("visual.") for k in state):
+        sample = ", ".join(list(state)[:5]) or "none"
+        raise ValueError(
+            f"{path}: not a CLIP checkpoint: no 'visual.*' image-tower keys (first keys: {sample})"
+        )
+    out = {
+        k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach())
+        for k, v in state.items()
+    }
+    return out, features
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, trust_torchscript: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Read a CLIP or QualiCLIP checkpoint into OpenAI-keyed float32 tensors.
+
+    Args:
+        path: the authors' QualiCLIP file, an OpenAI-keyed state dict (optionally wrapped under
+            ``"state_dict"``/``"model"`` and/or with DDP's ``module.`` prefix), or an OpenAI
+            TorchScript archive.
+        trust_torchscript: allow ``torch.jit.load`` on a TorchScript archive. Loading TorchScript
+            runs code stored in the file, so it is off unless the file's checksum matched the
+            table (the factory passes True then) or the user opts in for a file they trust.
+
+    Returns:
+        ``(state_dict, prompt_features)``: OpenAI-keyed tensors (floating ones as float32; the
+        metadata keys ``input_resolution``, ``context_length``, ``vocab_size`` dropped), and the
+        stored prompt features ``[2P, D]`` in (positive, negative) order, or None.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a checkpoint, not a CLIP checkpoint, or an untrusted TorchScript archive.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if is_torchscript_archive(path):
+        if not trust_torchscript:
+            raise ValueError(
+                f"{path}: is a TorchScript archive; loading one runs code stored in the file, so "
+                "it is refused by default. Use the named weights (their checksum is verified), "
+                "or pass trust_torchscript=True (CLI: --trust-torchscript) for a file you trust."
+            )
+        try:
+            with warnings.catch_warnings():
+                # torch 2.9+ deprecates TorchScript; OpenAI's released weights are stored so.
+                warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*jit")
+                archive = torch.jit.load(str(path), map_location="cpu")
+            raw: dict[str, Any] = dict(archive.state_dict())
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot load the TorchScript archive: {exc}") from exc
+    else:
+        raw = _unwrap(_torch_load(path), path)
+    return _clean_state(raw, path)
+
+
+def _matching_entry(path: Path) -> RemoteFile | None:
+    """The table file whose size and sha256 ``path`` has, if any (size first: no hashing)."""
+    size = path.stat().st_size
+    candidates = [f for f in _known_files() if f.size in (None, size)]
+    if not candidates:
+        return None
+    digest = sha256_file(path)
+    return next((f for f in candidates if f.sha256 == digest), None)
+
+
+def resolve_weights(
+    name_or_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    trust_torchscript: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, PretrainedWeights | None]:
+    """Load weights by table name (downloading once) or from a checkpoint path.
+
+    Args:
+        name_or_path: a name from :data:`PRETRAINED`, or a checkpoint file.
+        cache_dir: cache folder for named weights.
+        trust_torchscript: allow a TorchScript archive given by path. Not needed for named
+            weights, nor for a local file whose checksum equals a table entry's (e.g. a hand-
+            downloaded ``RN50.pt``): a verified checksum is the trust.
+        progress: progress bar while downloading.
+
+    Returns:
+        ``(state_dict, prompt_features or None, table entry or None)``.
+
+    Raises:
+        ValueError: neither a known name nor an existing file, or an unusable checkpoint.
+        OfflineError, ChecksumError: see :func:`download`.
+    """
+    key = os.fspath(name_or_path)
+    if key in PRETRAINED:
+        entry = PRETRAINED[key]
+        local = download(entry.file, cache_dir, progress=progress)
+        state, features = load_checkpoint(local, trust_torchscript=True)
+        return state, features, entry
+    path = Path(key)
+    if not path.is_file():
+        raise ValueError(
+            f"unknown weights {key!r}: not an existing file, nor one of {', '.join(PRETRAINED)}"
+        )
+    trusted = trust_torchscript or (
+        is_torchscript_archive(path) and _matching_entry(path) is not None
+    )
+    state, features = load_checkpoint(path, trust_torchscript=trusted)
+    return state, features, None
