@@ -111,6 +111,17 @@ def test_16bit_png_keeps_precision(tmp_path: Path) -> None:
     assert torch.unique(x).numel() > 1000
 
 
+def test_32bit_integer_tiff(tmp_path: Path) -> None:
+    values = np.array([[-5, 0, 1000, 65535, 70000]] * 40, dtype=np.int32)
+    values = np.repeat(values, 8, axis=1)
+    path = _save(tmp_path, "i.tif", Image.fromarray(values))
+    with Image.open(path) as im:
+        assert im.mode == "I"
+    got = decode_rgb(path)
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got[0, ::8, 0], [0, 0, 1000, 65535, 65535])  # clipped
+
+
 def test_float_tiff(tmp_path: Path) -> None:
     ramp = np.tile(np.linspace(0, 1, 80, dtype=np.float32), (40, 1))
     path = _save(tmp_path, "f.tif", Image.fromarray(ramp, "F"))

@@ -191,6 +191,21 @@ def test_network_failure_is_offline_error(tmp_path: Path, serve: Callable) -> No
     assert _files(tmp_path) == []
 
 
+def test_connection_lost_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            if self.tell() > 1000:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(min(n or 500, 500))
+
+    file = _remote()
+    monkeypatch.delenv("QUALICLIP_OFFLINE", raising=False)
+    monkeypatch.setattr(pretrained, "_urlopen", lambda url, timeout: Broken(PAYLOAD))
+    with pytest.raises(OfflineError, match="connection reset"):
+        download(file, tmp_path, progress=False)
+    assert _files(tmp_path) == []  # the partial temporary file is gone
+
+
 def test_fallback_to_second_url(tmp_path: Path, serve: Callable) -> None:
     file = _remote(urls=("https://a.example/w.pt", "https://b.example/w.pt"))
     server = serve({file.urls[0]: urllib.error.URLError("down"), file.urls[1]: PAYLOAD})

@@ -316,11 +316,11 @@ def _remove(path: Path) -> None:
             p.unlink()
 
 
-def _offline_text(file: RemoteFile, target: Path, reason: str) -> str:
+def _offline_text(file: RemoteFile, target: Path, reason: str, details: str = "") -> str:
     size = f"{file.size} bytes ({file.size / 2**20:.1f} MiB)" if file.size else "unknown"
     urls = "\n".join(f"    {u}" for u in file.urls)
     return (
-        f"cannot download {file.filename} ({file.name}): {reason}\n"
+        f"cannot download {file.filename} ({file.name}): {reason}\n{details}"
         f"  sha256: {file.sha256}\n"
         f"  size:   {size}\n"
         f"  from:\n{urls}\n"
@@ -474,8 +474,8 @@ def download(
             failures.append(f"{url}: {reason}")
     if mismatches:
         raise ChecksumError("; ".join(mismatches + failures))
-    raise OfflineError(_offline_text(file, target, "no URL could be reached:\n  " + "\n  ".join(
-        failures)))
+    details = "".join(f"  failed: {line}\n" for line in failures)
+    raise OfflineError(_offline_text(file, target, "no URL could be reached", details))
 
 
 def add_to_cache(
