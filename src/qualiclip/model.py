@@ -124,9 +124,15 @@ class QualiCLIP(nn.Module):
             )
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features ``[B, D]`` (float32) of RGB ``x`` in [0, 1]."""
+        """L2-normalised image features ``[B, D]`` of RGB ``x`` in [0, 1].
+
+        Half-precision features (under autocast) are normalised in float32.
+        """
         self._check_input(x)
-        return F.normalize(self.visual(self.normalize(x)).float(), dim=-1)
+        features = self.visual(self.normalize(x))
+        if features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()
+        return F.normalize(features, dim=-1)
 
     def similarities(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarities ``[B, P, 2]`` of normalised features to each (positive, negative)."""

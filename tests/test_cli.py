@@ -1,0 +1,127 @@
+"""The ``qualiclip`` command run as a user runs it: a subprocess on real files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qualiclip.model import create_model
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+    )
+
+
+def photo(seed: int = 0, size: tuple[int, int] = (96, 72)) -> np.ndarray:
+    """A smooth random colour field with texture (a stand-in photo), uint8 HxWx3."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / 9 + c) * np.cos(yy / 7 - c) for c in range(3)], axis=-1)
+    noisy = 127 + 80 * base + rng.normal(0, 12, size=(h, w, 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    """Every kind of input a real folder holds, good and bad."""
+    root = tmp_path_factory.mktemp("mixed")
+    Image.fromarray(photo(1)).save(root / "plain.jpg", quality=92)
+    rgba = np.dstack([photo(2), np.full((72, 96), 180, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(root / "alpha.png")
+    Image.fromarray(photo(3)[..., 0]).save(root / "grey.png")
+    sixteen = photo(4)[..., 1].astype(np.uint16) * 257
+    Image.fromarray(sixteen).save(root / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(photo(5, (120, 64))).save(root / "rotated.jpg", exif=exif.tobytes())
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50)
+    jpeg = io.BytesIO()
+    Image.fromarray(photo(6)).save(jpeg, format="JPEG", quality=95)
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    sub = root / "nested"
+    sub.mkdir()
+    Image.fromarray(photo(7)).save(sub / "deeper.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+GOOD = {"plain.jpg", "alpha.png", "grey.png", "deep16.png", "rotated.jpg", "deeper.png"}
+BAD = {"corrupt.png", "truncated.jpg", "notes.txt"}
+
+
+@pytest.fixture(scope="module")
+def model_file(golden_dir) -> Path:
+    return golden_dir / "qualiclip_tiny_official_format.pth"
+
+
+def test_folder_with_bad_files_every_input_gets_a_row(mixed_folder, model_file):
+    # The text file is named explicitly (folders only yield image extensions).
+    result = run_cli(
+        "score", str(mixed_folder), str(mixed_folder / "notes.txt"),
+        "--model", str(model_file), "--format", "json", "--device", "cpu",
+    )
+    assert result.returncode == 1, result.stderr
+    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert set(rows) == GOOD | BAD
+    for name in GOOD:
+        assert rows[name]["error"] is None, rows[name]
+        assert 0.0 <= rows[name]["score"] <= 1.0
+    for name in BAD:
+        assert rows[name]["score"] is None and rows[name]["error"], rows[name]
+    assert rows["rotated.jpg"]["width"] == 64 and rows["rotated.jpg"]["height"] == 120
+    assert "3 of 9 inputs failed" in result.stderr
+
+
+def test_scores_equal_the_python_api(mixed_folder, model_file):
+    result = run_cli(
+        "score", str(mixed_folder / "plain.jpg"), str(mixed_folder / "deep16.png"),
+        "--model", str(model_file), "--format", "csv", "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    model = create_model(model_file)
+    for row in rows:
+        assert float(row["score"]) == pytest.approx(model.score(row["path"]), abs=1e-5)
+
+
+def test_paths_from_stdin_and_output_file(mixed_folder, model_file, tmp_path):
+    listing = f"{mixed_folder / 'plain.jpg'}\n\n{mixed_folder / 'missing.jpg'}\n"
+    out = tmp_path / "scores.jsonl"
+    result = run_cli(
+        "score", "-", "--model", str(model_file), "--format", "jsonl", "-o", str(out),
+        stdin=listing,
+    )
+    assert result.returncode == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["plain.jpg", "missing.jpg"]
+    assert rows[0]["score"] is not None and rows[1]["error"]
+
+
+def test_usage_errors_exit_2(mixed_folder):
+    assert run_cli("score", str(mixed_folder), "--model", "no-such-model").returncode == 2
+    assert run_cli("score", str(mixed_folder), "--batch-size", "0").returncode == 2
+    assert run_cli("score").returncode == 2
+    assert run_cli("no-such-command").returncode == 2
+
+
+def test_models_lists_the_table(tmp_path):
+    result = run_cli("models", "--cache-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for name in ("qualiclip", "clip-rn50", "clip-iqa"):
+        assert name in result.stdout
+    assert str(tmp_path) in result.stdout

@@ -1,0 +1,145 @@
+"""The QualiCLIP scorer against the authors' reference scores (shared/golden)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qualiclip.model import QualiCLIP, create_model, list_models
+from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
+
+SCORE_ATOL = 1e-5  # the golden README's tolerance for scores
+
+
+def to_unit_rgb(normalised: torch.Tensor) -> torch.Tensor:
+    """Undo CLIP normalisation: the golden inputs are stored normalised, the model takes [0, 1]."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return normalised * std + mean
+
+
+@pytest.fixture(scope="module")
+def io(golden_dir):
+    return torch.load(golden_dir / "clip_tiny_io.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def official(golden_dir):
+    return create_model(golden_dir / "qualiclip_tiny_official_format.pth")
+
+
+def test_official_scores_match_reference(io, official):
+    with torch.no_grad():
+        s224 = official(to_unit_rgb(io["images_224"]))
+        s160 = official(to_unit_rgb(io["images_160x288"]))
+    torch.testing.assert_close(s224, io["qualiclip_official_score_224"], atol=SCORE_ATOL, rtol=0)
+    torch.testing.assert_close(
+        s160, io["qualiclip_official_score_160x288"], atol=SCORE_ATOL, rtol=0
+    )
+
+
+def test_pyiqa_formula_matches_reference(io, golden_dir):
+    model = create_model(golden_dir / "qualiclip_tiny_official_format.pth", formula="pyiqa")
+    with torch.no_grad():
+        scores = model(to_unit_rgb(io["images_224"]))
+    torch.testing.assert_close(scores, io["qualiclip_pyiqa_score_224"], atol=SCORE_ATOL, rtol=0)
+
+
+def test_stored_prompt_features_are_the_reference(io, official):
+    flat = official.prompt_features.reshape(-1, official.embed_dim)
+    torch.testing.assert_close(flat, io["prompts_features"], atol=1e-4, rtol=0)
+    assert official.prompt_pairs == PROMPT_PAIRS
+
+
+def test_three_checkpoint_formats_give_the_same_scores(io, golden_dir, official):
+    plain = create_model(golden_dir / "clip_tiny_rn.pt")  # prompt features from the text tower
+    script = create_model(golden_dir / "clip_tiny_rn_torchscript.pt", trust_torchscript=True)
+    x = to_unit_rgb(io["images_160x288"])
+    with torch.no_grad():
+        expected = io["qualiclip_official_score_160x288"]
+        for model in (official, plain, script):
+            torch.testing.assert_close(model(x), expected, atol=SCORE_ATOL, rtol=0)
+
+
+def test_torchscript_by_path_needs_opt_in(golden_dir):
+    with pytest.raises(ValueError, match="(?i)torchscript"):
+        create_model(golden_dir / "clip_tiny_rn_torchscript.pt")
+
+
+def test_official_state_dict_round_trip(tmp_path, io, official, golden_dir):
+    text_state = torch.load(golden_dir / "clip_tiny_rn.pt", weights_only=True)
+    saved = official.official_state_dict(text_state)
+    reference = torch.load(golden_dir / "qualiclip_tiny_official_format.pth", weights_only=True)
+    assert set(saved) == set(reference)
+    torch.save(saved, tmp_path / "model.pth")
+    reloaded = create_model(tmp_path / "model.pth")
+    x = to_unit_rgb(io["images_224"])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), official(x), atol=0, rtol=0)
+
+
+def test_custom_prompts_use_the_text_tower(golden_dir):
+    model = create_model(
+        golden_dir / "qualiclip_tiny_official_format.pth",
+        prompt_pairs=[("Good photo.", "Bad photo.")],
+    )
+    assert model.prompt_features.shape[:2] == (1, 2)
+
+
+def test_score_accepts_every_input_kind(tmp_path, official):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "x.png")
+    expected = official.score(torch.from_numpy(array).permute(2, 0, 1).float() / 255)
+    assert isinstance(expected, float) and 0.0 <= expected <= 1.0
+    for source in (
+        array,
+        Image.fromarray(array),
+        tmp_path / "x.png",
+        str(tmp_path / "x.png"),
+        (tmp_path / "x.png").read_bytes(),
+    ):
+        assert official.score(source) == pytest.approx(expected, abs=1e-6)
+    batch = torch.from_numpy(np.stack([array, array[::-1]])).permute(0, 3, 1, 2).float() / 255
+    scores = official.score(batch)
+    assert isinstance(scores, torch.Tensor) and scores.shape == (2,)
+    assert float(scores[0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_scores_are_probabilities_and_batch_independent():
+    model = create_model("random-tiny")
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 64, 96)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
+    assert ((together >= 0) & (together <= 1)).all()
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
+
+
+def test_input_validation_names_the_problem():
+    model = create_model("random-tiny")
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match="at least 32 px"):
+        model(torch.rand(1, 3, 16, 64))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="random-tiny"):
+        create_model("no-such-model")
+    with pytest.raises(ValueError, match="prompt_features"):
+        QualiCLIP(torch.nn.Identity(), torch.zeros(3, 3, 8))
+
+
+def test_list_models_names_the_table():
+    names = list_models()
+    assert {"qualiclip", "clip-rn50", "clip-iqa", "random-tiny", "random-rn50"} <= set(names)
+
+
+def test_model_moves_with_its_buffers():
+    model = create_model("random-tiny").double()
+    assert model.prompt_features.dtype == torch.float64 and model.mean.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
