@@ -143,3 +143,54 @@ def test_model_moves_with_its_buffers():
     assert model.prompt_features.dtype == torch.float64 and model.mean.dtype == torch.float64
     with torch.no_grad():
         assert model(torch.rand(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_named_weights_download_once_then_score(monkeypatch, tmp_path, golden_dir, io):
+    """create_model("qualiclip") with the network call patched to serve a known file."""
+    import dataclasses
+    import hashlib
+    import io as stdio
+
+    from qualiclip import pretrained
+
+    blob = (golden_dir / "qualiclip_tiny_official_format.pth").read_bytes()
+    file = dataclasses.replace(
+        pretrained.QUALICLIP_FILE, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob)
+    )
+    entry = dataclasses.replace(pretrained.PRETRAINED["qualiclip"], file=file)
+    monkeypatch.setitem(pretrained.PRETRAINED, "qualiclip", entry)
+    calls: list[str] = []
+
+    def fake_urlopen(url: str, timeout: float) -> stdio.BytesIO:
+        calls.append(url)
+        return stdio.BytesIO(blob)
+
+    monkeypatch.setattr(pretrained, "_urlopen", fake_urlopen)
+    model = create_model("qualiclip", cache_dir=tmp_path)
+    assert calls == [file.urls[0]]
+    assert model.name == "qualiclip" and model.weights_sha256 == file.sha256
+    with torch.no_grad():
+        scores = model(to_unit_rgb(io["images_224"]))
+    torch.testing.assert_close(scores, io["qualiclip_official_score_224"], atol=SCORE_ATOL, rtol=0)
+    create_model("qualiclip", cache_dir=tmp_path)
+    assert len(calls) == 1, "a cached, verified file is not fetched again"
+
+
+def test_clip_iqa_entry_uses_its_single_pair(monkeypatch, tmp_path, golden_dir):
+    """The CLIP-IQA baseline: OpenAI's TorchScript archive (trusted after its checksum matched)."""
+    import dataclasses
+    import hashlib
+    import shutil
+
+    from qualiclip import pretrained
+
+    archive = golden_dir / "clip_tiny_rn_torchscript.pt"
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    file = dataclasses.replace(pretrained.CLIP_RN50_FILE, sha256=digest)
+    entry = dataclasses.replace(pretrained.PRETRAINED["clip-iqa"], file=file)
+    monkeypatch.setitem(pretrained.PRETRAINED, "clip-iqa", entry)
+    shutil.copy(archive, tmp_path / file.filename)
+    monkeypatch.setenv("QUALICLIP_OFFLINE", "1")  # must come from the cache, not the network
+    model = create_model("clip-iqa", cache_dir=tmp_path)
+    assert model.prompt_pairs == (("Good photo.", "Bad photo."),)
+    assert model.prompt_features.shape[:2] == (1, 2)
