@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,26 @@ def test_models_lists_the_table(tmp_path):
     for name in ("qualiclip", "clip-rn50", "clip-iqa"):
         assert name in result.stdout
     assert str(tmp_path) in result.stdout
+
+
+def test_offline_missing_weights_is_a_clean_error(tmp_path):
+    Image.fromarray(photo(8)).save(tmp_path / "a.png")
+    result = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "score", str(tmp_path / "a.png"),
+         "--model", "qualiclip", "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "QUALICLIP_OFFLINE": "1"},
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "5818e085ac4b3d297cdd183fd2b1d8a4ddb2242e5bb7fd24b2cd66d7d132bc7e" in result.stderr
+    assert str(tmp_path / "cache") in result.stderr
+
+
+def test_models_add_verifies_and_caches(tmp_path, golden_dir):
+    bad = tmp_path / "fake.pth"
+    bad.write_bytes(b"not the weights")
+    result = run_cli("models", "--add", "qualiclip", str(bad), "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "c" / "QualiCLIP.pth").exists()
+    assert run_cli("models", "--add", "nope", str(bad)).returncode == 2

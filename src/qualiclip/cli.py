@@ -110,12 +110,23 @@ def _run_score(args: argparse.Namespace) -> int:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the named weights and what is cached")
     p.add_argument("--cache-dir", default=None, help="download cache (default: $QUALICLIP_HOME)")
+    p.add_argument(
+        "--add", nargs=2, metavar=("NAME", "FILE"),
+        help="verify a hand-downloaded FILE against NAME's checksum and copy it into the cache",
+    )
     p.set_defaults(func=_run_models)
 
 
 def _run_models(args: argparse.Namespace) -> int:
     from qualiclip import pretrained
     from qualiclip.model import RANDOM_MODELS
+
+    if args.add:
+        name, path = args.add
+        if name not in pretrained.PRETRAINED:
+            raise UsageError(f"unknown name {name!r}; valid: {', '.join(pretrained.PRETRAINED)}")
+        print(pretrained.add_to_cache(path, name, args.cache_dir))
+        return EXIT_OK
 
     rows = [("name", "cached", "size", "licence", "sha256", "description")]
     for name, entry in pretrained.PRETRAINED.items():
@@ -415,6 +426,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (RuntimeError, FileNotFoundError) as exc:
+        from qualiclip.pretrained import ChecksumError, OfflineError
+
+        if not isinstance(exc, (OfflineError, ChecksumError, FileNotFoundError)):
+            raise
+        # Weights that cannot be had: the message says which file and where to put it.
+        print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
