@@ -14,7 +14,7 @@ and a batch gives exactly what its samples give one by one.
 Where ours differs from ARNIQA's port (all documented at the function):
 - colour conversions use proper RGB order (ARNIQA swaps to BGR before several Lab conversions);
 - ``quantization`` takes its thresholds at equal-population quantiles of the grey histogram
-  (KADID used multi-level Otsu, ARNIQA equal-width bins);
+  (KADID used multi-level Otsu, ARNIQA equal-width bins) and outputs bin midpoints;
 - ``color_shift`` draws its direction uniformly on the full circle (ARNIQA: first quadrant only);
 - ``jpeg2000`` uses up to 8 wavelet resolutions, fewer when the image is too small for 8.
 
@@ -620,11 +620,13 @@ def _d_pixelate(x: Tensor, v: Tensor, p: Params) -> Tensor:
 
 
 def _d_quantization(x: Tensor, v: Tensor, p: Params) -> Tensor:
-    """Quantise to ``n`` levels with thresholds at the grey histogram's n-quantiles.
+    """Quantise every RGB value to ``n`` levels with thresholds from the grey histogram.
 
-    KADID took thresholds from multi-level Otsu on the grey image; equal-population quantiles are
-    our cheaper data-adaptive stand-in. As in KADID, every RGB value is replaced by the index of
-    its bin, and the indices are stretched to [0, 1] per image.
+    The ``n - 1`` thresholds sit at the grey image's equal-population quantiles (KADID used
+    multi-level Otsu, ARNIQA equal-width bins); each value becomes the midpoint of its bin, the
+    outer bins closed by 0 and 1. Our choice: KADID replaced values by their bin index stretched to
+    [0, 1], which equalises the histogram and makes even 20 levels a strong tone change; midpoints
+    keep the tones, so the distortion grows from mild (20 levels) to strong (7).
     """
 
     def one(xs: Tensor, n: float, _: Params) -> Tensor:
@@ -633,10 +635,11 @@ def _d_quantization(x: Tensor, v: Tensor, p: Params) -> Tensor:
         q = torch.arange(1, levels, device=xs.device, dtype=torch.float64) / levels
         idx = torch.round(q * (gray.shape[1] - 1)).long()
         thresholds = gray[:, idx].contiguous()
-        bins = torch.searchsorted(thresholds, xs.flatten(1).contiguous()).to(xs.dtype)
-        lo, hi = bins.min(1, keepdim=True).values, bins.max(1, keepdim=True).values
-        bins = torch.where(hi > lo, (bins - lo) / (hi - lo).clamp(min=1), bins)
-        return bins.view_as(xs)
+        b = xs.shape[0]
+        edges = torch.cat([xs.new_zeros(b, 1), thresholds, xs.new_ones(b, 1)], 1)
+        centres = (edges[:, 1:] + edges[:, :-1]) / 2
+        bins = torch.searchsorted(thresholds, xs.flatten(1).contiguous())
+        return centres.gather(1, bins).view_as(xs)
 
     return _per_value(x, v, p, one)
 
