@@ -1,0 +1,267 @@
+"""The batch engine against a plain reference loop, the fused tower against the model, grouping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch import nn
+
+from qualiclip import engine
+from qualiclip.clip import CLIPConfig, build_visual
+from qualiclip.images import load_image
+from qualiclip.model import QualiCLIP, create_model
+
+ATOL = 1e-5  # the issue's tolerance for engine vs reference scores in fp32
+
+
+def _perturb_batch_norms(model: nn.Module, seed: int = 1) -> None:
+    """Random BN statistics and affine terms, so folding them is really tested (init is 0/1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+@pytest.fixture()
+def tiny() -> QualiCLIP:
+    model = create_model("random-tiny")
+    _perturb_batch_norms(model)
+    # Larger prompt features spread the random model's scores away from a constant.
+    return model.eval()
+
+
+def _reference_loop(model: QualiCLIP, paths: list[Path]) -> list[float | None]:
+    """Per image: decode, convert, normalise, one fp32 forward with full N x N pooling, batch 1."""
+    model.visual.attnpool.full_attention = True
+    out: list[float | None] = []
+    try:
+        for p in paths:
+            try:
+                x = load_image(p, min_size=model.min_size)[None]
+            except ValueError:
+                out.append(None)
+                continue
+            with torch.no_grad():
+                out.append(float(model(x)[0]))
+    finally:
+        model.visual.attnpool.full_attention = False
+    return out
+
+
+def _photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth random RGB image (JPEG-friendly)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+def _write_inputs(folder: Path) -> list[Path]:
+    sizes = [(64, 96), (96, 64), (64, 96), (70, 90), (64, 96), (96, 64), (64, 96), (64, 96)]
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        ext = ".jpg" if i % 2 else ".png"
+        p = folder / f"img{i}{ext}"
+        Image.fromarray(_photo(h, w, i)).save(p)
+        paths.append(p)
+    corrupt = folder / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    small = folder / "small.png"
+    Image.fromarray(_photo(16, 40, 99)).save(small)
+    deep = folder / "deep.png"  # 16-bit greyscale: the engine must keep its 16 bits
+    grey16 = (np.linspace(0, 65535, 64 * 96).reshape(64, 96)).astype(np.uint16)
+    Image.fromarray(grey16).save(deep)
+    missing = folder / "missing.png"
+    # Errors in between valid images of the same size, so groups span them.
+    return [*paths[:3], corrupt, *paths[3:5], small, deep, missing, *paths[5:]]
+
+
+@pytest.mark.parametrize("batch_size,lookahead", [(1, 1), (3, 4), (8, 32)])
+def test_engine_equals_reference_loop(tmp_path, tiny, batch_size, lookahead):
+    paths = _write_inputs(tmp_path)
+    expected = _reference_loop(tiny, paths)
+    results = list(
+        engine.score_paths(tiny, paths, batch_size=batch_size, lookahead=lookahead, workers=2)
+    )
+    assert [r.path for r in results] == [str(p) for p in paths]
+    for r, e in zip(results, expected, strict=True):
+        if e is None:
+            assert r.score is None and r.error, r
+        else:
+            assert r.error is None and r.score is not None, r
+            assert abs(r.score - e) <= ATOL, (r.path, r.score, e)
+    assert sum(r.ok for r in results) == 9
+    assert "corrupt" in (results[3].error or "") or results[3].error
+    assert "too small" in (results[6].error or "")
+    by_name = {Path(r.path).name: r for r in results}
+    assert (by_name["img1.jpg"].width, by_name["img1.jpg"].height) == (64, 96)
+
+
+def test_engine_scores_differ_between_images(tmp_path, tiny):
+    """Guards the equality test against a model whose scores do not depend on the image."""
+    paths = _write_inputs(tmp_path)
+    scores = [r.score for r in engine.score_paths(tiny, paths) if r.ok]
+    assert max(scores) - min(scores) > 1e-4
+
+
+def test_unfused_and_fused_agree_and_accept_generators(tmp_path, tiny):
+    paths = _write_inputs(tmp_path)
+    fused = [r.score for r in engine.score_paths(tiny, (p for p in paths), batch_size=4)]
+    plain = [r.score for r in engine.score_paths(tiny, paths, batch_size=4, fuse=False)]
+    for a, b in zip(fused, plain, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert abs(a - b) <= ATOL
+
+
+@pytest.mark.parametrize("use_mkldnn", [True, False])
+@pytest.mark.parametrize("relu,residual", [(True, False), (False, False), (True, True)])
+def test_fused_conv_equals_conv_then_batch_norm(use_mkldnn, relu, residual):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+    bn = nn.BatchNorm2d(16)
+    _perturb_batch_norms(bn)
+    bn.eval()
+    fused = engine.FusedConv(conv, bn, relu=relu)
+    fused.use_mkldnn = use_mkldnn and fused.use_mkldnn
+    x = torch.randn(2, 8, 21, 30).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(2, 16, 11, 15)
+    with torch.no_grad():
+        expected = bn(conv(x)) + (other if residual else 0)
+        expected = expected.relu() if relu else expected
+        got = fused(x, other.clone() if residual else None)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (65, 97), (128, 96)])
+def test_fused_tower_features_equal_the_model(tiny, size):
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    fused = engine.FusedResNet(tiny.visual)
+    with torch.no_grad():
+        expected = tiny.visual(tiny.normalize(x))
+        got = fused(tiny.normalize(x))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_score_tensors_matches_model_and_leaves_input(tiny):
+    x = torch.rand(3, 3, 64, 80, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    got = engine.score_tensors(tiny, x)
+    with torch.no_grad():
+        expected = tiny(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert torch.equal(x, before)
+
+
+def test_prepared_copy_follows_weight_changes(tiny):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    first = engine.score_tensors(tiny, x)
+    assert engine.prepare(tiny) is engine.prepare(tiny)  # cached while unchanged
+    _perturb_batch_norms(tiny, seed=7)  # in-place, as an optimiser step or load_state_dict
+    with torch.no_grad():
+        expected = tiny(x)
+    got = engine.score_tensors(tiny, x)
+    assert abs(float(got[0]) - float(first[0])) > 1e-6
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_bf16_is_close_to_fp32(tiny):
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    with pytest.warns(RuntimeWarning) if not engine.native_bf16(tiny.device) else _no_warning():
+        bf16 = engine.score_tensors(tiny, x, "bf16")
+    fp32 = engine.score_tensors(tiny, x)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, atol=2e-2, rtol=0)
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_bad_arguments_raise(tiny, tmp_path):
+    with pytest.raises(ValueError, match="fp16"):
+        engine.score_tensors(tiny, torch.rand(1, 3, 64, 64), "fp16")
+    with pytest.raises(ValueError, match="precision"):
+        list(engine.score_paths(tiny, [], precision="int8"))  # type: ignore[arg-type]
+    for kw in ("batch_size", "workers", "lookahead", "max_batch_pixels", "threads"):
+        with pytest.raises(ValueError, match=kw):
+            engine.score_paths(tiny, [], **{kw: 0})
+    tiny.train()
+    with pytest.raises(ValueError, match="eval"):
+        engine.prepare(tiny)
+
+
+def test_threads_setting_is_restored(tmp_path, tiny):
+    before = torch.get_num_threads()
+    paths = _write_inputs(tmp_path)[:2]
+    assert all(r.ok for r in engine.score_paths(tiny, paths, threads=1))
+    assert torch.get_num_threads() == before
+
+
+def test_large_images_go_one_per_batch(tmp_path, tiny, monkeypatch):
+    sizes: list[int] = []
+    real = engine._run_batch
+
+    def spy(runner, items):  # type: ignore[no-untyped-def]
+        sizes.append(len(items))
+        return real(runner, items)
+
+    monkeypatch.setattr(engine, "_run_batch", spy)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"big{i}.png"
+        Image.fromarray(_photo(96, 128, i)).save(p)
+        paths.append(p)
+    rows = list(engine.score_paths(tiny, paths, batch_size=8, max_batch_pixels=96 * 128))
+    assert all(r.ok for r in rows) and sizes == [1, 1, 1]
+
+
+def test_vit_tower_is_scored_unfused(tmp_path):
+    config = CLIPConfig(32, 32, 1, 64, 16, transformer_layers=0)
+    torch.manual_seed(0)
+    model = QualiCLIP(build_visual(config), torch.randn(7, 2, 32)).eval()
+    p = tmp_path / "a.png"
+    Image.fromarray(_photo(32, 32, 1)).save(p)
+    (row,) = engine.score_paths(model, [p])
+    with torch.no_grad():
+        expected = float(model(load_image(p)[None])[0])
+    assert row.score is not None and abs(row.score - expected) <= ATOL
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([(4, 4), (4, 8), (8, 4), (16, 16)]), max_size=40),
+    batch_size=st.integers(1, 5),
+    lookahead=st.integers(1, 8),
+)
+def test_grouper_batches_equal_sizes_within_bounds(sizes, batch_size, lookahead):
+    grouper = engine._Grouper(batch_size, max_batch_pixels=200, lookahead=lookahead,
+                              max_pixels=10**9)
+    seen: list[int] = []
+    batches = []
+    for i, (h, w) in enumerate(sizes):
+        item = engine._Decoded(i, str(i), np.zeros((h, w, 3), np.uint8), None)
+        batches += list(grouper.add(item))
+        assert grouper.count < lookahead
+    batches += list(grouper.drain())
+    for batch in batches:
+        shapes = {b.pixels.shape for b in batch if b.pixels is not None}
+        assert len(shapes) == 1
+        h, w, _ = shapes.pop()
+        assert 1 <= len(batch) <= max(1, min(batch_size, 200 // (h * w)))
+        seen += [b.index for b in batch]
+    assert sorted(seen) == list(range(len(sizes)))
