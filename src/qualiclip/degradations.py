@@ -693,7 +693,7 @@ def _d_linear_contrast_change(x: Tensor, v: Tensor, p: Params) -> Tensor:
     def one(xs: Tensor, amount: float, _: Params) -> Tensor:
         breaks, coef = _contrast_spline(amount)
         breaks, coef = breaks.to(xs), coef.to(xs)
-        i = torch.bucketize(xs, breaks[1:-1], right=True)
+        i = torch.bucketize(xs.contiguous(), breaks[1:-1], right=True)
         t = xs - breaks[i]
         c = coef[:, i]
         return ((c[0] * t + c[1]) * t + c[2]) * t + c[3]
