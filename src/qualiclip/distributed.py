@@ -1,0 +1,390 @@
+"""Batch scoring on a Ray cluster (Ray Data), resumable, with nothing lost on bad input.
+
+The pipeline::
+
+    paths (folders, globs, list files) -> ray.data.from_items
+        -> map_batches(_ActorScorer)   # one model per actor; decode + same-size batches inside
+        -> iter_batches on the driver   # each batch becomes one part file, written atomically
+
+Each actor loads the model once and scores its batches with :func:`qualiclip.engine.score_paths`
+(qualiclip's own image reader in threads, images of equal size in one forward pass), so a
+distributed score equals the local one. A file that cannot be read becomes a row with its error;
+nothing raised by one input stops the job.
+
+Results are a folder of part files (``part-<run>-<n>.parquet`` or ``.csv``) with the columns of
+:data:`COLUMNS`. Parts are written by the driver to a temporary name and renamed, so a run that is
+interrupted keeps every finished part and never leaves half a file. Running again with the same
+output folder first reads the paths already there and scores only the rest, adding new parts.
+Results are small (about 100 bytes per image), so routing them through the driver costs little
+and buys that atomicity.
+
+Ray is an optional extra (``pip install 'qualiclip[ray]'``): importing this module does not need
+it; calling :func:`score_to_folder` without it raises an ``ImportError`` that says so.
+
+Example:
+    >>> from qualiclip.distributed import RayScoreConfig, score_to_folder
+    >>> summary = score_to_folder(["photos/"], "results/", RayScoreConfig(model="qualiclip"))
+    ... # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+RAY_INSTALL_HINT = "Ray Data scoring needs the 'ray' extra: pip install 'qualiclip[ray]'"
+
+OutputFormat = Literal["parquet", "csv"]
+OUTPUT_FORMATS: tuple[str, ...] = ("parquet", "csv")
+
+#: Columns of every part file, in order.
+COLUMNS: tuple[str, ...] = (
+    "path", "score", "error", "width", "height", "model", "weights_sha256",
+)
+
+
+@dataclass(frozen=True)
+class RayScoreConfig:
+    """How to score on Ray.
+
+    Args:
+        model: weight name or checkpoint path (as for :func:`qualiclip.model.create_model`); a
+            path must be readable on every node.
+        device: device inside each actor; ``"auto"`` uses the actor's GPU when it has one.
+        pooling, formula, cache_dir, trust_torchscript: as for ``create_model``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        batch_size: paths per actor call (Ray Data batch) and most images per forward pass.
+        decode_threads: image-decoding threads inside each actor.
+        concurrency: number of scoring actors (each holds one model).
+        num_cpus_per_actor: CPUs reserved per actor (decoding and, on CPUs, the forward pass).
+        num_gpus_per_actor: GPUs per actor; fractions share a GPU between actors.
+        rows_per_part: results per part file (an interruption loses at most this many).
+        output_format: ``"parquet"`` or ``"csv"``.
+        progress: show Ray Data's progress display.
+    """
+
+    model: str = "qualiclip"
+    device: str = "auto"
+    pooling: str | None = None
+    formula: str = "official"
+    cache_dir: str | None = None
+    trust_torchscript: bool = False
+    precision: str = "fp32"
+    batch_size: int = 16
+    decode_threads: int = 2
+    concurrency: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    rows_per_part: int = 1000
+    output_format: OutputFormat = "parquet"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "decode_threads", "concurrency", "rows_per_part"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ValueError("num_cpus_per_actor and num_gpus_per_actor must be >= 0")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(
+                f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}"
+            )
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What one :func:`score_to_folder` call did."""
+
+    inputs: int
+    skipped: int
+    scored: int
+    failed: int
+    parts: tuple[Path, ...] = field(default_factory=tuple)
+    seconds: float = 0.0
+
+
+def require_ray() -> Any:
+    """Import and return the ``ray`` module, or raise an ``ImportError`` naming the extra."""
+    try:
+        import pyarrow  # noqa: F401
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{RAY_INSTALL_HINT} ({exc})") from exc
+    return ray
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Connect to a Ray cluster, or start a local one; no-op when Ray is already initialised.
+
+    Args:
+        address: ``"auto"`` (a cluster started with ``ray start`` on this machine),
+            ``"ray://host:10001"`` or ``"host:6379"``; ``None`` starts a local Ray (unless
+            ``RAY_ADDRESS`` is set, which Ray itself honours).
+        num_cpus: CPUs of a local Ray (default: all).
+
+    Returns:
+        whether this call initialised Ray (the caller may then shut it down).
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    return True
+
+
+# --- results on disk ---------------------------------------------------------------------------
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("path", pa.string()), ("score", pa.float64()), ("error", pa.string()),
+            ("width", pa.int64()), ("height", pa.int64()), ("model", pa.string()),
+            ("weights_sha256", pa.string()),
+        ]
+    )
+
+
+def part_files(output: str | Path, fmt: OutputFormat) -> list[Path]:
+    """Finished part files of format ``fmt`` in ``output``, sorted by name."""
+    folder = Path(output)
+    return sorted(folder.glob(f"part-*.{fmt}")) if folder.is_dir() else []
+
+
+def read_results(output: str | Path, fmt: OutputFormat = "parquet") -> Any:
+    """All finished parts of ``output`` as one ``pyarrow.Table`` with :data:`COLUMNS`."""
+    import pyarrow as pa
+
+    tables = [_read_part(p, fmt, COLUMNS) for p in part_files(output, fmt)]
+    return pa.concat_tables(tables) if tables else _schema().empty_table()
+
+
+def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
+    schema = _schema()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, columns=list(columns), schema=schema)
+    import pyarrow.csv as pcsv
+
+    convert = pcsv.ConvertOptions(
+        column_types={name: schema.field(name).type for name in columns},
+        include_columns=list(columns),
+        strings_can_be_null=True,  # an empty error / checksum field is a null, as written
+    )
+    return pcsv.read_csv(path, convert_options=convert)
+
+
+def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
+    """Write ``table`` to ``folder/name`` atomically: a temporary name, then a rename."""
+    final = folder / name
+    tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, tmp)
+        else:
+            import pyarrow.csv as pcsv
+
+            pcsv.write_csv(table, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def model_identity(config: RayScoreConfig) -> tuple[str, str | None]:
+    """``(name, weights sha256)`` that the actors will report, known without loading weights."""
+    from qualiclip import pretrained
+    from qualiclip.model import RANDOM_MODELS
+
+    name = str(config.model)
+    if name in RANDOM_MODELS:
+        return name, None
+    if name in pretrained.PRETRAINED:
+        return name, pretrained.PRETRAINED[name].file.sha256
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"unknown model {name!r}: not a file, and not a known name")
+    return name, pretrained.sha256_file(path)
+
+
+def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
+    """Paths that already have a row in ``output``.
+
+    Raises:
+        ValueError: ``output`` holds parts of the other format, or rows of another model (mixing
+            two models' scores in one folder would make it meaningless).
+    """
+    other = "csv" if config.output_format == "parquet" else "parquet"
+    if part_files(output, other):  # type: ignore[arg-type]
+        raise ValueError(
+            f"{output} already holds {other} parts; use the same format or another folder"
+        )
+    name, sha = model_identity(config)
+    done: set[str] = set()
+    for part in part_files(output, config.output_format):
+        table = _read_part(part, config.output_format, ("path", "model", "weights_sha256"))
+        rows = table.to_pydict()
+        for old_name, old_sha in set(zip(rows["model"], rows["weights_sha256"], strict=True)):
+            same = old_sha == sha if (old_sha or sha) else old_name == name
+            if not same:
+                raise ValueError(
+                    f"{part} holds scores of model {old_name} (sha256 {old_sha}), not of "
+                    f"{name} (sha256 {sha}); write to another folder"
+                )
+        done.update(rows["path"])
+    return done
+
+
+# --- the actor ---------------------------------------------------------------------------------
+
+
+class _ActorScorer:
+    """Ray Data callable class: loads the model once per actor, scores batches of paths."""
+
+    def __init__(self, config: RayScoreConfig) -> None:
+        from qualiclip.model import create_model
+
+        self.config = config
+        self.model = create_model(
+            config.model,
+            device=config.device,
+            pooling=config.pooling,  # type: ignore[arg-type]
+            formula=config.formula,  # type: ignore[arg-type]
+            cache_dir=config.cache_dir,
+            trust_torchscript=config.trust_torchscript,
+        )
+        self.calls = 0
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        from qualiclip.engine import score_paths
+
+        paths = [str(p) for p in batch.column("path").to_pylist()]
+        self.calls += 1
+        cfg = self.config
+        try:
+            results = list(
+                score_paths(
+                    self.model, paths, batch_size=cfg.batch_size, workers=cfg.decode_threads,
+                    precision=cfg.precision,  # type: ignore[arg-type]
+                )
+            )
+            rows = [(r.path, r.score, r.error, r.width, r.height) for r in results]
+        except Exception as exc:  # noqa: BLE001 - a broken batch becomes error rows, not a dead job
+            message = f"{type(exc).__name__}: {exc}"
+            rows = [(p, None, message, None, None) for p in paths]
+        n = len(paths)
+        columns: list[list[Any]] = [[row[i] for row in rows] for i in range(5)]
+        data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n]
+        return pa.Table.from_arrays(
+            [pa.array(col, type=f.type) for col, f in zip(data, _schema(), strict=True)],
+            schema=_schema(),
+        )
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Input paths as absolute strings (Ray workers run in other folders, or other machines).
+
+    Folders and globs are expanded by :func:`qualiclip.images.iter_image_paths`; a ``.txt`` or
+    ``.lst`` file is read as a list of paths, one per line.
+    """
+    from qualiclip.images import iter_image_paths
+
+    expanded: list[str | os.PathLike[str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.suffix.lower() in (".txt", ".lst") and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            expanded.extend(line.strip() for line in lines if line.strip())
+        else:
+            expanded.append(item)
+    return [os.path.abspath(p) for p in iter_image_paths(expanded)]
+
+
+def score_to_folder(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: str | Path,
+    config: RayScoreConfig | None = None,
+    *,
+    address: str | None = None,
+    on_part: Callable[[Path, int], None] | None = None,
+) -> ScoreSummary:
+    """Score images on Ray and write the results as part files in ``output``; resumable.
+
+    Args:
+        inputs: files, folders, globs, and ``.txt`` list files (one path per line).
+        output: a folder (created if missing). Paths with a row there already are skipped.
+        config: model, actor and output settings (default: :class:`RayScoreConfig`'s).
+        address: Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``); ``None``
+            reuses an initialised Ray or starts a local one.
+        on_part: called with each part file written and the rows in it.
+
+    Returns:
+        counts of this run: inputs, skipped (already in ``output``), scored, failed.
+
+    Raises:
+        ImportError: Ray is not installed (the message names ``qualiclip[ray]``).
+        ValueError: ``output`` holds results of another model or format.
+    """
+    ray = require_ray()
+    config = config or RayScoreConfig()
+    start = time.perf_counter()
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output {folder} exists and is not a folder")
+    paths = expand_inputs(inputs)
+    done = scored_paths(folder, config)
+    todo = [p for p in paths if p not in done]
+    if not todo:
+        return ScoreSummary(len(paths), len(paths), 0, 0, (), time.perf_counter() - start)
+    folder.mkdir(parents=True, exist_ok=True)
+    init_ray(address)
+    ray.data.DataContext.get_current().enable_progress_bars = config.progress
+    blocks = max(1, min(len(todo) // config.batch_size, 4 * config.concurrency, 200))
+    dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
+    dataset = dataset.map_batches(
+        _ActorScorer,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor,
+    )
+    run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    parts: list[Path] = []
+    scored = failed = 0
+    for table in dataset.iter_batches(batch_size=config.rows_per_part, batch_format="pyarrow"):
+        if table.num_rows == 0:
+            continue
+        name = f"part-{run}-{len(parts):05d}.{config.output_format}"
+        part = _write_part(table, folder, name, config.output_format)
+        parts.append(part)
+        scored += table.num_rows
+        failed += table.num_rows - table.column("error").null_count
+        if on_part is not None:
+            on_part(part, table.num_rows)
+    return ScoreSummary(
+        len(paths), len(paths) - len(todo), scored, failed, tuple(parts),
+        time.perf_counter() - start,
+    )
