@@ -72,10 +72,37 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--format", choices=("table", "csv", "json", "jsonl"), default="table")
-    p.add_argument("--output", "-o", default=None, help="write results here (default: stdout)")
+    p.add_argument(
+        "--format", choices=("table", "csv", "json", "jsonl", "parquet"), default=None,
+        help="local: table (default), csv, json, jsonl; --engine ray: parquet (default) or csv",
+    )
+    p.add_argument(
+        "--output", "-o", default=None,
+        help="write results here (default: stdout); with --engine ray a folder of part files",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_ray_options(p)
     p.set_defaults(func=_run_score)
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    """``score --engine ray`` options (Ray Data; needs the 'ray' extra)."""
+    g = p.add_argument_group(
+        "distributed scoring (--engine ray)",
+        "Score on a Ray cluster; --output is a folder of part files, and running again with "
+        "the same folder scores only the paths not in it yet.",
+    )
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default) or ray (needs: pip install 'qualiclip[ray]')")
+    g.add_argument("--ray-address", default=None,
+                   help="cluster to join: auto, ray://HOST:10001, HOST:6379 (default: start a "
+                   "local Ray, or $RAY_ADDRESS)")
+    g.add_argument("--concurrency", type=int, default=1, help="scoring actors (default 1)")
+    g.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="default 1")
+    g.add_argument("--num-gpus-per-actor", type=float, default=0.0,
+                   help="GPUs per actor, fractions share a GPU (default 0: CPU actors)")
+    g.add_argument("--rows-per-part", type=int, default=1000,
+                   help="results per part file (default 1000)")
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -85,6 +112,11 @@ def _run_score(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
+    if args.engine == "ray":
+        return _run_score_ray(args)
+    if args.format == "parquet":
+        raise UsageError("--format parquet needs --engine ray (locally: csv, json, jsonl, table)")
+    args.format = args.format or "table"
     paths = iter_image_paths(args.inputs, stdin=sys.stdin)
     if not paths:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
@@ -102,6 +134,50 @@ def _run_score(args: argparse.Namespace) -> int:
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _ray_output_format(args: argparse.Namespace) -> str:
+    """--format if given (parquet or csv), else the output folder's suffix, else parquet."""
+    if args.format is not None:
+        if args.format not in ("parquet", "csv"):
+            raise UsageError(f"--engine ray writes parquet or csv, not {args.format}")
+        return str(args.format)
+    return "csv" if str(args.output).rstrip("/\\").lower().endswith(".csv") else "parquet"
+
+
+def _run_score_ray(args: argparse.Namespace) -> int:
+    from qualiclip import distributed
+
+    if not args.output:
+        raise UsageError("--engine ray needs --output FOLDER (results are written as part files)")
+    if args.concurrency < 1 or args.rows_per_part < 1:
+        raise UsageError("--concurrency and --rows-per-part must be at least 1")
+    if args.num_cpus_per_actor < 0 or args.num_gpus_per_actor < 0:
+        raise UsageError("--num-cpus-per-actor and --num-gpus-per-actor must be >= 0")
+    try:
+        config = distributed.RayScoreConfig(
+            model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
+            cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+            precision=args.precision, batch_size=args.batch_size, decode_threads=args.workers,
+            concurrency=args.concurrency, num_cpus_per_actor=args.num_cpus_per_actor,
+            num_gpus_per_actor=args.num_gpus_per_actor, rows_per_part=args.rows_per_part,
+            output_format=_ray_output_format(args),  # type: ignore[arg-type]
+            progress=not args.no_progress,
+        )
+        summary = distributed.score_to_folder(
+            args.inputs, args.output, config, address=args.ray_address
+        )
+    except (ImportError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(
+        f"qualiclip score: {summary.inputs} inputs: {summary.scored} scored "
+        f"({summary.failed} failed), {summary.skipped} already in {args.output}; "
+        f"{len(summary.parts)} new part files in {summary.seconds:.1f} s",
+        file=sys.stderr,
+    )
+    if summary.inputs == 0:
+        print("qualiclip score: no images found in the given inputs", file=sys.stderr)
+    return EXIT_FAILED if summary.failed or summary.inputs == 0 else EXIT_OK
 
 
 # --- models ------------------------------------------------------------------------------------

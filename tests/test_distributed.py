@@ -1,0 +1,228 @@
+"""Ray Data scoring: equal to the local engine, a row for every input, resumable without rescoring.
+
+One local Ray (2 CPUs) serves the whole module. Without Ray installed the Ray tests are skipped
+(with the reason) outside CI and fail in CI, which installs the 'ray' extra.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from qualiclip import distributed, engine
+from qualiclip.cli import main
+from qualiclip.model import create_model
+
+ATOL = 1e-5
+
+
+def _require_ray():  # noqa: ANN202
+    try:
+        return distributed.require_ray()
+    except ImportError as exc:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"CI installs the 'ray' extra, but: {exc}", pytrace=False)
+        pytest.skip(f"Ray is not installed: {exc}")
+
+
+@pytest.fixture(scope="module")
+def ray_local():  # noqa: ANN201
+    ray = _require_ray()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random tiny model with random batch-norm statistics, so scores differ by image."""
+    model = create_model("random-tiny")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model.official_state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """30 inputs: 26 images of four sizes (PNG and JPEG) and 4 bad files."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    sizes = [(64, 96), (96, 64), (80, 80), (72, 100)]
+    paths = []
+    for i in range(26):
+        h, w = sizes[i % 4]
+        small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        path = folder / f"img{i:02d}.{'jpg' if i % 3 else 'png'}"
+        image.save(path)
+        paths.append(path)
+    whole = (folder / "img01.jpg").read_bytes()
+    bad = {
+        "truncated.jpg": whole[: len(whole) // 2],
+        "not_an_image.jpg": b"hello, I am text",
+        "empty.png": b"",
+    }
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+        paths.append(folder / name)
+    Image.new("RGB", (20, 50)).save(folder / "too_small.png")
+    paths.append(folder / "too_small.png")
+    return [os.path.abspath(p) for p in paths]
+
+
+def _config(checkpoint: Path, **kwargs: object) -> distributed.RayScoreConfig:
+    base: dict = dict(model=str(checkpoint), device="cpu", batch_size=4, rows_per_part=8,
+                      progress=False)
+    return distributed.RayScoreConfig(**{**base, **kwargs})
+
+
+def _local(checkpoint: Path, paths: list[str]) -> dict[str, engine.ScoreResult]:
+    model = create_model(str(checkpoint))
+    return {r.path: r for r in engine.score_paths(model, paths, batch_size=4)}
+
+
+def test_equals_local_engine_and_every_input_has_a_row(
+    ray_local: object, checkpoint: Path, inputs: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    summary = distributed.score_to_folder(inputs, out, _config(checkpoint))
+    assert (summary.inputs, summary.skipped, summary.scored, summary.failed) == (30, 0, 30, 4)
+    rows = distributed.read_results(out).to_pylist()
+    assert Counter(r["path"] for r in rows) == Counter(inputs)  # each input exactly once
+    local = _local(checkpoint, inputs)
+    sha = create_model(str(checkpoint)).weights_sha256
+    for row in rows:
+        expected = local[row["path"]]
+        assert row["model"] == str(checkpoint) and row["weights_sha256"] == sha
+        if expected.error is not None:
+            assert row["score"] is None and row["error"], row
+            continue
+        assert row["error"] is None, row
+        assert abs(row["score"] - expected.score) <= ATOL, row["path"]
+        assert (row["width"], row["height"]) == (expected.width, expected.height)
+    scores = [r["score"] for r in rows if r["score"] is not None]
+    assert max(scores) - min(scores) > 100 * ATOL  # the comparison can tell images apart
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert "truncated" in errors["truncated.jpg"] and "too small" in errors["too_small.png"]
+    assert not list(out.glob(".*.tmp"))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_scoring_each_image_once(
+    ray_local: object, checkpoint: Path, inputs: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    config = _config(checkpoint, rows_per_part=5)
+
+    def stop_after_first_part(part: Path, rows: int) -> None:
+        raise _Interrupted(part)
+
+    # An interruption after the first part file: that part stays, nothing half-written does.
+    with pytest.raises(_Interrupted):
+        distributed.score_to_folder(inputs, out, config, on_part=stop_after_first_part)
+    first_parts = distributed.part_files(out, "parquet")
+    assert len(first_parts) == 1 and not list(out.glob(".*.tmp"))
+    first_bytes = first_parts[0].read_bytes()
+    first_paths = set(distributed.read_results(out).column("path").to_pylist())
+    assert len(first_paths) == 5
+
+    resumed = distributed.score_to_folder(inputs, out, config)
+    assert (resumed.skipped, resumed.scored) == (5, 25)
+    new_paths = [
+        p for part in resumed.parts
+        for p in distributed._read_part(part, "parquet", ("path",)).column("path").to_pylist()
+    ]
+    assert not first_paths & set(new_paths)  # nothing scored before was computed again
+    assert first_parts[0].read_bytes() == first_bytes  # finished parts are left alone
+    rows = distributed.read_results(out).to_pylist()
+    assert Counter(r["path"] for r in rows) == Counter(inputs)
+
+    again = distributed.score_to_folder(inputs, out, config)
+    assert (again.skipped, again.scored, again.parts) == (30, 0, ())
+
+
+def test_cli_engine_ray_writes_csv_parts(
+    ray_local: object, checkpoint: Path, inputs: list[str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "scores.csv"
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("\n".join(inputs[:10]) + "\n", encoding="utf-8")
+    argv = ["score", "--engine", "ray", "--model", str(checkpoint), "--device", "cpu",
+            "--output", str(out), "--no-progress", "--batch-size", "4", str(list_file)]
+    assert main(argv) == 0  # the first ten inputs are good images
+    assert "10 scored (0 failed)" in capsys.readouterr().err
+    table = distributed.read_results(out, "csv")
+    local = _local(checkpoint, inputs[:10])
+    got = dict(zip(table.column("path").to_pylist(), table.column("score").to_pylist(),
+                   strict=True))
+    assert sorted(got) == sorted(inputs[:10])
+    for path, score in got.items():
+        assert abs(score - local[path].score) <= ATOL
+    # A second run over all inputs adds only the other 20 (4 of which fail: exit status 1).
+    assert main([*argv[:-1], *inputs]) == 1
+    assert "20 scored (4 failed), 10 already in" in capsys.readouterr().err
+    assert distributed.read_results(out, "csv").num_rows == 30
+
+
+def test_refuses_to_mix_models_or_formats(checkpoint: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    _require_ray()
+    row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
+           "model": ["random-tiny"], "weights_sha256": [None]}
+    table = pa.Table.from_pydict(row, schema=distributed._schema())
+    distributed._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
+    tiny = distributed.RayScoreConfig(model="random-tiny")
+    assert distributed.scored_paths(tmp_path, tiny) == {"/x.png"}
+    with pytest.raises(ValueError, match="holds scores of model random-tiny"):
+        distributed.scored_paths(tmp_path, distributed.RayScoreConfig(model=str(checkpoint)))
+    with pytest.raises(ValueError, match="parquet parts"):
+        distributed.scored_paths(
+            tmp_path, distributed.RayScoreConfig(model="random-tiny", output_format="csv")
+        )
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        distributed.RayScoreConfig(concurrency=0)
+    with pytest.raises(ValueError, match="output_format"):
+        distributed.RayScoreConfig(output_format="json")  # type: ignore[arg-type]
+
+
+def test_without_ray_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes 'import ray' fail
+    with pytest.raises(ImportError, match=r"pip install 'qualiclip\[ray\]'"):
+        distributed.require_ray()
+    assert main(["score", "--engine", "ray", "-o", "out", "x.png"]) == 2
+
+
+def test_importing_qualiclip_does_not_import_ray() -> None:
+    code = (
+        "import sys, qualiclip, qualiclip.cli, qualiclip.distributed; "
+        "sys.exit('ray' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
