@@ -1,0 +1,393 @@
+"""Scoring speed and memory: qualiclip's engine against a reference-style loop (issue 6).
+
+Usage:
+    python benchmarks/bench_score.py [--images 8] [--size 1024x768] [--precisions fp32,bf16]
+        [--batch-size 8] [--workers 2] [--device cpu] [--memory-size 4000x3000] [--no-memory]
+
+One run, on the same JPEG files and the same RN50-sized QualiCLIP with random weights (speed does
+not depend on the weights; batch norms get random statistics so none is an identity):
+
+* **reference**: per image, decode with PIL, convert, normalise, one fp32 forward with full N x N
+  attention pooling (``attnpool.full_attention = True``), batch 1, default memory format;
+* **engine**: :func:`qualiclip.engine.score_paths` in each precision.
+
+Each run is a fresh subprocess (so its peak RSS is its own) after one warm-up image. Printed: images
+per second, the ratio to the reference, peak RSS, achieved GFLOP/s (FLOPs counted by
+``torch.utils.flop_counter`` on one image) against a single-precision matmul peak measured in the
+same run (a 4096^2 ``torch.mm`` on the same threads, best of the measurements before and after), and
+the largest score difference of each reduced precision against the engine's fp32.
+
+Then peak memory for one ``--memory-size`` image: the engine against the reference loop, the latter
+under an address-space cap (``--memory-cap-gib``), retried at smaller sizes if it does not survive.
+
+Photos: ``$QUALICLIP_SHARED/data/pristine`` or ``../shared/data/pristine`` (Kodak and LIVE,
+768x512), scaled to cover ``--size`` and centre-cropped; scikit-image's sample photos otherwise.
+Targets (issue 6): engine fp32 >= 1.1x the reference and >= 70% of the matmul peak; engine bf16
+>= 2x the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FP32_SPEEDUP, FP32_PEAK_FRACTION, BF16_SPEEDUP = 1.1, 0.70, 2.0
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def _sources() -> list[np.ndarray]:
+    env = os.environ.get("QUALICLIP_SHARED")
+    roots = [Path(env)] if env else []
+    roots.append(REPO.parent / "shared")
+    for root in roots:
+        folder = root / "data" / "pristine"
+        files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        if files:
+            return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    from skimage import data
+
+    return [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+
+
+def _cover_crop(arr: np.ndarray, width: int, height: int) -> Image.Image:
+    im = Image.fromarray(arr)
+    scale = max(width / im.width, height / im.height)
+    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    im = im.resize(size, Image.Resampling.BICUBIC)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def write_photos(folder: Path, count: int, width: int, height: int) -> list[Path]:
+    """``count`` JPEGs (quality 90) of exactly ``width`` x ``height``."""
+    sources = _sources()
+    paths = []
+    for i in range(count):
+        path = folder / f"photo{i:04d}_{width}x{height}.jpg"
+        _cover_crop(sources[i % len(sources)], width, height).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# --- model, FLOPs, matmul peak -----------------------------------------------------------------
+
+
+def build_model(device: str) -> Any:
+    from qualiclip.model import create_model
+
+    model = create_model("random-rn50", device=device)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def count_gflop(model: Any, width: int, height: int, full_attention: bool) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.visual.attnpool.full_attention = full_attention
+    x = torch.rand(1, 3, height, width, device=model.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.visual.attnpool.full_attention = False
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(device: str, dtype: torch.dtype = torch.float32, n: int = 4096) -> float:
+    """Best of 5 ``n x n`` matmuls, in GFLOP/s (TF32 off on CUDA: single precision proper)."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --- one measured run (in a child process) -----------------------------------------------------
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_reference(model: Any, paths: list[str], device: str) -> list[float]:
+    """The reference pipeline: per image decode, convert, normalise, full-attention forward."""
+    model.visual.attnpool.full_attention = True
+    scores = []
+    for path in paths:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)[None].to(device)
+        with torch.no_grad():
+            scores.append(float(model(x)[0]))  # the model normalises with CLIP's mean/std
+    return scores
+
+
+def run_engine(model: Any, paths: list[str], precision: str, batch: int, workers: int) -> list:
+    from qualiclip.engine import score_paths
+
+    rows = list(score_paths(model, paths, batch_size=batch, workers=workers, precision=precision))
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        raise RuntimeError(f"engine failed on {failed[0].path}: {failed[0].error}")
+    return [r.score for r in rows]
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement described by ``spec``; warm up on the first file, then time all."""
+    if spec.get("cap_gib"):
+        cap = int(spec["cap_gib"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    paths, device = spec["paths"], spec["device"]
+    import warnings
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # the emulated-bf16 notice; printed by us
+
+    model = build_model(device)
+
+    def once(files: list[str]) -> list[float]:
+        if spec["mode"] == "reference":
+            return run_reference(model, files, device)
+        return run_engine(model, files, spec["mode"], spec["batch"], spec["workers"])
+
+    rss_start = _peak_rss_mib()
+    if spec.get("warmup", True):
+        once(paths[:1])
+    peak_before = matmul_peak_gflops(device) if spec.get("peak", True) else None
+    _sync(device)
+    start = time.perf_counter()
+    scores = once(paths)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak_after = matmul_peak_gflops(device) if spec.get("peak", True) else None
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    return {
+        "seconds": seconds,
+        "images_per_s": len(paths) / seconds,
+        "scores": scores,
+        "peak_rss_mib": _peak_rss_mib(),
+        "rss_at_start_mib": rss_start,
+        "peak_gpu_mib": peak_gpu,
+        "matmul_peak": max(peak_before, peak_after) if peak_before and peak_after else None,
+        "load": os.getloadavg()[0],
+    }
+
+
+def spawn(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run :func:`child` in a fresh interpreter; return its result or ``{"error": ...}``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[7:]))
+    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    return {"error": f"exit status {proc.returncode}: {tail}"}
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 1024x768, got {text!r}") from None
+    return w, h
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--images", type=int, default=8, help="photos to score per run")
+    p.add_argument("--size", type=_size, default=(1024, 768), help="WxH of the photos")
+    p.add_argument("--precisions", default="fp32,bf16", help="engine precisions, comma-separated")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="engine decoding threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (all runs)")
+    p.add_argument("--memory-size", type=_size, default=(4000, 3000))
+    p.add_argument("--memory-cap-gib", type=float, default=12.0,
+                   help="address-space cap for the reference's memory run")
+    p.add_argument("--no-memory", action="store_true", help="skip the large-image memory part")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _decode_ms(paths: list[Path]) -> tuple[float, float]:
+    """Milliseconds per image to decode: serially, and with two threads (PIL drops the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qualiclip.images import decode_rgb
+
+    start = time.perf_counter()
+    for p in paths:
+        decode_rgb(p)
+    serial = (time.perf_counter() - start) / len(paths) * 1e3
+    with ThreadPoolExecutor(2) as pool:
+        start = time.perf_counter()
+        list(pool.map(decode_rgb, paths))
+        threaded = (time.perf_counter() - start) / len(paths) * 1e3
+    return serial, threaded
+
+
+def _timing_runs(args: argparse.Namespace, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    common = {"paths": [str(p) for p in paths], "device": args.device,
+              "batch": args.batch_size, "workers": args.workers}
+    runs: dict[str, dict[str, Any]] = {}
+    for mode in ["reference", *args.precisions.split(",")]:
+        print(f"running {mode} on {len(paths)} images ...", flush=True)
+        runs[mode] = spawn({**common, "mode": mode})
+        if "error" in runs[mode]:
+            print(f"  {mode} failed: {runs[mode]['error']}")
+    return runs
+
+
+def _print_speed(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
+                 peak: float, gflop_ref: float, gflop_engine: float) -> list[str]:
+    ref = runs["reference"]
+    fp32 = runs.get("fp32", {})
+    print(f"\n{'run':<10} {'img/s':>8} {'s/img':>7} {'x ref':>6} {'GFLOP/s':>8} {'mm peak':>8} "
+          f"{'% peak':>7} {'load':>5} {'peak RSS':>9}  max |score - engine fp32|")
+    verdicts = []
+    for mode, r in runs.items():
+        if "error" in r:
+            print(f"{mode:<10} failed: {r['error']}")
+            continue
+        gflop = gflop_ref if mode == "reference" else gflop_engine
+        achieved = gflop * r["images_per_s"]
+        ratio = r["images_per_s"] / ref["images_per_s"] if "error" not in ref else float("nan")
+        diff = ""
+        if "scores" in fp32:
+            pairs = zip(r["scores"], fp32["scores"], strict=True)
+            diff = f"{max(abs(a - b) for a, b in pairs):.2e}"
+        local = r["matmul_peak"] or peak
+        print(f"{mode:<10} {r['images_per_s']:8.3f} {1 / r['images_per_s']:7.2f} {ratio:6.2f} "
+              f"{achieved:8.1f} {local:8.1f} {100 * achieved / local:6.1f}% {r['load']:5.2f} "
+              f"{r['peak_rss_mib']:7.0f} MiB  {diff}")
+        if mode == "fp32":
+            verdicts.append(_verdict(f"engine fp32 >= {FP32_SPEEDUP}x reference", ratio,
+                                     FP32_SPEEDUP, f"{ratio:.2f}x"))
+            verdicts.append(_verdict(
+                f"engine fp32 >= {FP32_PEAK_FRACTION:.0%} of the matmul peak measured around it",
+                achieved / local, FP32_PEAK_FRACTION, f"{achieved / local:.1%} of {local:.0f}"))
+            verdicts.append(_verdict(
+                f"engine fp32 >= {FP32_PEAK_FRACTION:.0%} of the best matmul peak of the whole run",
+                achieved / peak, FP32_PEAK_FRACTION, f"{achieved / peak:.1%} of {peak:.0f}"))
+        if mode == "bf16":
+            verdicts.append(_verdict(f"engine bf16 >= {BF16_SPEEDUP}x reference", ratio,
+                                     BF16_SPEEDUP, f"{ratio:.2f}x"))
+    return verdicts
+
+
+def _verdict(what: str, value: float, target: float, shown: str) -> str:
+    return f"{'PASS' if value >= target else 'FAIL'}  {what}: {shown}"
+
+
+def _memory(args: argparse.Namespace, folder: Path) -> None:
+    w, h = args.memory_size
+    print(f"\npeak memory for one {w}x{h} image (fresh process each, peak RSS incl. torch "
+          "runtime; model built before the first figure):")
+    (big,) = write_photos(folder, 1, w, h)
+    base = {"device": args.device, "batch": 1, "workers": 1, "warmup": False, "peak": False}
+    eng = spawn({**base, "mode": "fp32", "paths": [str(big)]})
+    _print_memory(f"engine fp32 {w}x{h}", eng)
+    sizes = [(w, h), (w * 3 // 4, h * 3 // 4), (w // 2, h // 2), (w // 4, h // 4)]
+    for sw, sh in sizes:
+        (path,) = write_photos(folder, 1, sw, sh)
+        ref = spawn({**base, "mode": "reference", "paths": [str(path)],
+                     "cap_gib": args.memory_cap_gib})
+        _print_memory(f"reference {sw}x{sh} (cap {args.memory_cap_gib:g} GiB)", ref)
+        if "error" not in ref:
+            break
+
+
+def _print_memory(label: str, r: dict[str, Any]) -> None:
+    if "error" in r:
+        print(f"  {label:<40} did not survive: {r['error'][:160]}")
+        return
+    gpu = f", GPU peak {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") else ""
+    print(f"  {label:<40} peak RSS {r['peak_rss_mib']:7.0f} MiB ({r['peak_rss_mib'] / 1024:.2f} "
+          f"GiB; {r['rss_at_start_mib']:.0f} MiB with the model loaded){gpu}, {r['seconds']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # reaches the children
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    w, h = args.size
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    from qualiclip.engine import native_bf16
+
+    print(f"native bf16 on {args.device}: {native_bf16(torch.device(args.device))}")
+    with tempfile.TemporaryDirectory(prefix="qualiclip-bench-") as tmp:
+        folder = Path(tmp)
+        paths = write_photos(folder, args.images, w, h)
+        serial, threaded = _decode_ms(paths)
+        print(f"{len(paths)} JPEGs {w}x{h}; decode {serial:.1f} ms/image serially, "
+              f"{threaded:.1f} ms/image with 2 threads")
+        model = build_model("cpu")
+        gflop_ref = count_gflop(model, w, h, full_attention=True)
+        gflop_engine = count_gflop(model, w, h, full_attention=False)
+        del model
+        print(f"FLOPs per image: reference (N x N pooling) {gflop_ref:.1f} GFLOP, engine "
+              f"(first-token pooling) {gflop_engine:.1f} GFLOP")
+        peak_before = matmul_peak_gflops(args.device)
+        runs = _timing_runs(args, paths)
+        peak_after = matmul_peak_gflops(args.device)
+        peak = max([peak_before, peak_after]
+                   + [r["matmul_peak"] for r in runs.values() if r.get("matmul_peak")])
+        bf16_peak = matmul_peak_gflops(args.device, torch.bfloat16)
+        print(f"\nmatmul peak fp32: {peak_before:.1f} GFLOP/s before, {peak_after:.1f} after; "
+              f"best of the run incl. around each timed run {peak:.1f}; bf16 matmul "
+              f"{bf16_peak:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
+        verdicts = _print_speed(args, runs, peak, gflop_ref, gflop_engine)
+        print()
+        for line in verdicts:
+            print(line)
+        if not args.no_memory:
+            _memory(args, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
