@@ -509,12 +509,50 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="HTTP scoring service (needs the 'serve' extra)")
+    p = sub.add_parser(
+        "serve",
+        help="HTTP scoring service (needs the 'serve' extra)",
+        description="Serve POST /score (image bytes, or multipart files), GET /models, "
+        "GET /healthz and the OpenAPI schema (/docs) with FastAPI and uvicorn. The model is "
+        "loaded once; requests are batched. Needs: pip install 'qualiclip[serve]'.",
+    )
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,
+                   help="largest request body in bytes; larger gets 413 (default 32 MiB)")
+    p.add_argument("--max-pixels", type=int, default=36_000_000,
+                   help="largest image, width x height; larger gets 413 (default 36e6)")
+    p.add_argument("--max-files", type=int, default=64, help="files per request (default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long to wait for more images to batch (default 5 ms)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    raise UsageError("serve: not available yet")
+    from qualiclip import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    try:
+        serve.require_serve()
+        config = serve.ServeConfig(
+            max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_files=args.max_files,
+            batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, precision=args.precision,
+        )
+    except (ImportError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    # Loaded here rather than in the app's start-up so a bad name is a one-line usage error.
+    model = load_model_from_args(args)
+    serve.run(model, config, host=args.host, port=args.port, log_level=args.log_level,
+              access_log=not args.no_access_log)
+    return EXIT_OK
 
 
 # --- entry point -------------------------------------------------------------------------------
