@@ -23,6 +23,8 @@ from qualiclip.cli import main
 from qualiclip.model import create_model
 
 ATOL = 1e-5
+# Ray Data's own use of its deprecated settings, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 
 
 def _require_ray():  # noqa: ANN202

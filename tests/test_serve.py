@@ -1,0 +1,360 @@
+"""The HTTP service as a user runs it: a real server process on loopback, spoken to over HTTP.
+
+Scores must equal the local engine's; oversized, non-image and truncated uploads must get 413,
+415 and 400; 200 requests from 8 concurrent clients must all succeed. In-process tests cover the
+micro-batcher and that no request writes a file. Without the 'serve' extra the tests are skipped
+(with the reason) outside CI and fail in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from qualiclip import engine
+from qualiclip.cli import main
+from qualiclip.model import QualiCLIP, create_model
+
+ATOL = 1e-5
+MAX_BYTES = 1_000_000
+MAX_PIXELS = 200_000
+
+
+def _require_serve():  # noqa: ANN202
+    from qualiclip import serve
+
+    try:
+        serve.require_serve()
+        import httpx
+    except ImportError as exc:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"CI installs the 'serve' and 'dev' extras, but: {exc}", pytrace=False)
+        pytest.skip(f"the 'serve' extra (and httpx) is not installed: {exc}")
+    return httpx
+
+
+def _tiny_with_random_bn() -> QualiCLIP:
+    """The random tiny model with random batch-norm statistics, so scores differ by image."""
+    model = create_model("random-tiny")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(_tiny_with_random_bn().official_state_dict(), path)
+    return path
+
+
+def _image(h: int, w: int, seed: int, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((w, h), Image.BILINEAR).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Good images of three sizes (PNG and JPEG), written to files for the local engine."""
+    folder = tmp_path_factory.mktemp("images")
+    sizes = [(64, 96), (96, 64), (80, 80)]
+    out = {}
+    for i in range(9):
+        fmt = "JPEG" if i % 2 else "PNG"
+        name = f"img{i}.{fmt.lower()}"
+        (folder / name).write_bytes(_image(*sizes[i % 3], seed=i, fmt=fmt))
+        out[name] = folder / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint: Path, images: dict[str, Path]) -> dict[str, float]:
+    model = create_model(str(checkpoint))
+    results = engine.score_paths(model, list(images.values()), batch_size=4)
+    return {Path(r.path).name: float(r.score) for r in results if r.score is not None}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``qualiclip serve`` as a real process on loopback; its base URL."""
+    httpx = _require_serve()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "qualiclip.cli", "serve", "--model", str(checkpoint),
+           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+           "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--no-access-log"]
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /healthz in 90 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+def _post_raw(url: str, data: bytes, ctype: str = "image/png"):  # noqa: ANN202
+    import httpx
+
+    return httpx.post(f"{url}/score", content=data, headers={"Content-Type": ctype}, timeout=30)
+
+
+def test_raw_body_scores_equal_local_engine(
+    server: str, images: dict[str, Path], expected: dict[str, float]
+) -> None:
+    for name, path in images.items():
+        ctype = "image/jpeg" if name.endswith(".jpeg") else "image/png"
+        r = _post_raw(server, path.read_bytes(), ctype)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        (row,) = body["results"]
+        assert row["error"] is None
+        assert abs(row["score"] - expected[name]) <= ATOL, name
+        with Image.open(path) as im:
+            assert (row["width"], row["height"]) == im.size
+    spread = max(expected.values()) - min(expected.values())
+    assert spread > 100 * ATOL  # the comparison can tell images apart
+
+
+def test_multipart_many_files_in_order(
+    server: str, images: dict[str, Path], expected: dict[str, float]
+) -> None:
+    import httpx
+
+    names = list(images)[:5]
+    files = [("files", (n, images[n].read_bytes(), "application/octet-stream")) for n in names]
+    files.insert(2, ("files", ("broken.png", images[names[0]].read_bytes()[:300], "image/png")))
+    r = httpx.post(f"{server}/score", files=files, data={"note": "a plain field"}, timeout=30)
+    assert r.status_code == 200, r.text  # some files scored: 200, the bad one has its error
+    rows = r.json()["results"]
+    assert [row["filename"] for row in rows] == [*names[:2], "broken.png", *names[2:]]
+    assert rows[2]["score"] is None and "broken.png" in rows[2]["error"]
+    for row in rows[:2] + rows[3:]:
+        assert abs(row["score"] - expected[row["filename"]]) <= ATOL
+
+
+def test_oversized_uploads_get_413(server: str) -> None:
+    import httpx
+
+    big = os.urandom(MAX_BYTES + 1)
+    r = _post_raw(server, big)
+    assert r.status_code == 413 and "larger than the limit" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while reading
+        for i in range(0, len(big), 64 * 1024):
+            yield big[i : i + 64 * 1024]
+
+    r = httpx.post(f"{server}/score", content=chunks(), headers={"Content-Type": "image/png"},
+                   timeout=30)
+    assert r.status_code == 413, r.text
+    many_pixels = _image(500, 500, seed=1)  # 250,000 pixels > MAX_PIXELS, yet a small file
+    assert len(many_pixels) < MAX_BYTES
+    r = _post_raw(server, many_pixels)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+
+def test_non_images_get_415(server: str, images: dict[str, Path]) -> None:
+    import httpx
+
+    r = _post_raw(server, b"just some text, not an image", "image/jpeg")
+    assert r.status_code == 415 and "not an image" in r.json()["results"][0]["error"]
+    png = next(iter(images.values())).read_bytes()
+    r = _post_raw(server, png, "text/plain")
+    assert r.status_code == 415 and "content type" in r.json()["detail"]
+    r = httpx.post(f"{server}/score", files=[("f", ("a.txt", b"hello", "text/plain"))],
+                   timeout=30)
+    assert r.status_code == 415, r.text
+
+
+def test_truncated_and_too_small_get_400(server: str, images: dict[str, Path]) -> None:
+    jpeg = next(p for n, p in images.items() if n.endswith(".jpeg")).read_bytes()
+    r = _post_raw(server, jpeg[: len(jpeg) // 2], "image/jpeg")
+    assert r.status_code == 400 and "truncated" in r.json()["detail"]
+    r = _post_raw(server, _image(20, 60, seed=3))
+    assert r.status_code == 400 and "too small" in r.json()["detail"]
+    r = _post_raw(server, b"")
+    assert r.status_code == 400
+
+
+def test_models_healthz_and_openapi(server: str, checkpoint: Path) -> None:
+    import httpx
+
+    (info,) = httpx.get(f"{server}/models", timeout=10).json()["models"]
+    assert info["name"] == str(checkpoint)
+    assert info["weights_sha256"] == create_model(str(checkpoint)).weights_sha256
+    assert httpx.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
+    schema = httpx.get(f"{server}/openapi.json", timeout=10).json()
+    body = schema["paths"]["/score"]["post"]["requestBody"]["content"]
+    assert {"image/*", "multipart/form-data"} <= set(body)
+    assert httpx.get(f"{server}/docs", timeout=10).status_code == 200
+
+
+def test_200_requests_from_8_concurrent_clients(
+    server: str, images: dict[str, Path], expected: dict[str, float]
+) -> None:
+    import httpx
+
+    payloads = [(n, p.read_bytes()) for n, p in images.items()]
+    jobs = [payloads[i % len(payloads)] for i in range(200)]
+
+    with httpx.Client(timeout=60) as client:
+
+        def send(job: tuple[str, bytes]) -> tuple[str, int, float | None]:
+            name, data = job
+            r = client.post(f"{server}/score", content=data,
+                            headers={"Content-Type": "application/octet-stream"})
+            return name, r.status_code, r.json()["results"][0]["score"]
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(send, job) for job in jobs]
+            outcomes = [f.result(timeout=120) for f in futures]
+        seconds = time.perf_counter() - start
+    assert [status for _, status, _ in outcomes] == [200] * 200
+    for name, _, score in outcomes:
+        assert score is not None and abs(score - expected[name]) <= ATOL
+    health = httpx.get(f"{server}/healthz", timeout=10).json()
+    print(f"\n200 requests, 8 clients: {seconds:.2f} s, {200 / seconds:.0f} requests/s; "
+          f"{health['images']} images in {health['forwards']} forward passes "
+          f"(largest batch {health['largest_batch']})")
+
+
+# --- in process ----------------------------------------------------------------------------
+
+
+def test_micro_batcher_groups_equal_sizes() -> None:
+    _require_serve()
+    from qualiclip.engine import score_tensors
+    from qualiclip.images import to_batch
+    from qualiclip.serve import MicroBatcher
+
+    model = _tiny_with_random_bn()
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for h, w in [(64, 64), (64, 96), (64, 64), (64, 96), (64, 64), (64, 64)]]
+
+    async def run() -> tuple[list[float], object]:
+        batcher = MicroBatcher(model, batch_size=8, max_wait_s=0.5, precision="fp32")
+        batcher.start()
+        try:
+            scores = await asyncio.gather(*(batcher.score(a) for a in arrays))
+        finally:
+            await batcher.close()
+        return list(scores), batcher.stats
+
+    scores, stats = asyncio.run(run())
+    for a, s in zip(arrays, scores, strict=True):
+        assert abs(s - float(score_tensors(model, to_batch(a))[0])) <= ATOL
+    assert (stats.images, stats.forwards, stats.largest) == (6, 2, 4)  # type: ignore[attr-defined]
+
+
+_WRITES: list[str] = []
+_AUDITING = False
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Record every file opened for writing (including unnamed O_TMPFILE temporary files)."""
+    if not _AUDITING:
+        return
+    if event in ("tempfile.mkstemp", "tempfile.mkdtemp"):
+        _WRITES.append(f"{event} {args}")
+    elif event == "open":
+        path, mode, flags = args
+        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+        if (isinstance(mode, str) and set(mode) & set("wax+")) or (
+            isinstance(flags, int) and flags & write_flags
+        ):
+            _WRITES.append(f"open {path!r} mode={mode} flags={flags}")
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_no_file_written_from_requests(checkpoint: Path) -> None:
+    global _AUDITING
+    _require_serve()
+    from starlette.testclient import TestClient
+
+    from qualiclip.serve import ServeConfig, create_app
+
+    sys.addaudithook(_audit)  # hooks cannot be removed; it records only while _AUDITING
+    rng = np.random.default_rng(0)
+    noise = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (720, 720, 3), dtype=np.uint8)).save(noise, "PNG")
+    big = noise.getvalue()
+    assert len(big) > 1024 * 1024  # above Starlette's 1 MB spooling threshold
+    app = create_app(create_model(str(checkpoint)), ServeConfig(max_bytes=8 * len(big)))
+    with TestClient(app) as client:
+        _WRITES.clear()
+        _AUDITING = True
+        try:
+            files = [("files", (f"n{i}.png", big, "image/png")) for i in range(3)]
+            r = client.post("/score", files=files)
+            raw = client.post("/score", content=big, headers={"Content-Type": "image/png"})
+        finally:
+            _AUDITING = False
+    assert r.status_code == 200 and raw.status_code == 200, r.text
+    assert [row["width"] for row in r.json()["results"]] == [720] * 3
+    assert _WRITES == []
+    # The detector itself works: a spooled temporary file past its threshold is caught.
+    _AUDITING = True
+    try:
+        with tempfile.SpooledTemporaryFile(max_size=10) as spool:
+            spool.write(b"x" * 100)
+    finally:
+        _AUDITING = False
+    assert _WRITES
+
+
+def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qualiclip import serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes 'import uvicorn' fail
+    with pytest.raises(ImportError, match=r"pip install 'qualiclip\[serve\]'"):
+        serve.require_serve()
+    assert main(["serve", "--model", "random-tiny"]) == 2
