@@ -280,8 +280,9 @@ def test_micro_batcher_groups_equal_sizes() -> None:
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
               for h, w in [(64, 64), (64, 96), (64, 64), (64, 96), (64, 64), (64, 64)]]
 
-    async def run() -> tuple[list[float], object]:
-        batcher = MicroBatcher(model, batch_size=8, max_wait_s=0.5, precision="fp32")
+    async def run(max_batch_pixels: int) -> tuple[list[float], object]:
+        batcher = MicroBatcher(model, batch_size=8, max_wait_s=0.5, precision="fp32",
+                               max_batch_pixels=max_batch_pixels)
         batcher.start()
         try:
             scores = await asyncio.gather(*(batcher.score(a) for a in arrays))
@@ -289,10 +290,14 @@ def test_micro_batcher_groups_equal_sizes() -> None:
             await batcher.close()
         return list(scores), batcher.stats
 
-    scores, stats = asyncio.run(run())
+    scores, stats = asyncio.run(run(10**9))
     for a, s in zip(arrays, scores, strict=True):
         assert abs(s - float(score_tensors(model, to_batch(a))[0])) <= ATOL
     assert (stats.images, stats.forwards, stats.largest) == (6, 2, 4)  # type: ignore[attr-defined]
+    # A pixel cap of two 64 x 64 images: 2 + 2 of those, the 64 x 96 ones one by one.
+    capped, stats = asyncio.run(run(2 * 64 * 64))
+    assert np.allclose(capped, scores, atol=ATOL, rtol=0)
+    assert (stats.images, stats.forwards, stats.largest) == (6, 4, 2)  # type: ignore[attr-defined]
 
 
 _WRITES: list[str] = []

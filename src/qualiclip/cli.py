@@ -522,8 +522,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,
                    help="largest request body in bytes; larger gets 413 (default 32 MiB)")
-    p.add_argument("--max-pixels", type=int, default=36_000_000,
-                   help="largest image, width x height; larger gets 413 (default 36e6)")
+    p.add_argument("--max-pixels", type=int, default=24_000_000,
+                   help="largest image, width x height; larger gets 413 (default 24e6)")
     p.add_argument("--max-files", type=int, default=64, help="files per request (default 64)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,

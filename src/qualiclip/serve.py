@@ -75,19 +75,26 @@ class ServeConfig:
         max_pixels: largest image (width x height); more gives 413.
         max_files: most files in one multipart request; more gives 413.
         batch_size: most images in one forward pass.
+        max_batch_pixels: most pixels in one forward pass (a larger image goes alone).
+        max_inflight: most images decoded or being scored at once, over all requests; bounds
+            memory (a small PNG can decode to ``max_pixels`` x 3 bytes).
         max_wait_ms: how long the batcher waits for more images after the first.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
     """
 
     max_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 36_000_000
+    max_pixels: int = 24_000_000
     max_files: int = 64
     batch_size: int = 8
+    max_batch_pixels: int = 8 * 1024 * 768
+    max_inflight: int = 16
     max_wait_ms: float = 5.0
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_files", "batch_size"):
+        names = ("max_bytes", "max_pixels", "max_files", "batch_size", "max_batch_pixels",
+                 "max_inflight")
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -161,8 +168,12 @@ class MicroBatcher:
     dedicated thread (torch parallelises inside each), so the event loop never blocks on them.
     """
 
-    def __init__(self, model: QualiCLIP, *, batch_size: int, max_wait_s: float, precision: str):
+    def __init__(
+        self, model: QualiCLIP, *, batch_size: int, max_wait_s: float, precision: str,
+        max_batch_pixels: int = 8 * 1024 * 768,
+    ) -> None:
         self.model, self.precision = model, precision
+        self.max_batch_pixels = max_batch_pixels
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.stats = BatchStats()
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -224,7 +235,11 @@ class MicroBatcher:
         for i, job in enumerate(jobs):
             groups[(*job.pixels.shape, job.pixels.dtype.str)].append(i)
         outcomes: list[float | BaseException] = [0.0] * len(jobs)
-        for indices in groups.values():
+        chunks: list[list[int]] = []
+        for key, members in groups.items():
+            cap = max(1, min(self.batch_size, self.max_batch_pixels // (key[0] * key[1])))
+            chunks.extend(members[i : i + cap] for i in range(0, len(members), cap))
+        for indices in chunks:
             try:
                 batch = to_batch(np.stack([jobs[i].pixels for i in indices]))
                 scores = score_tensors(self.model, batch, self.precision).tolist()
@@ -366,9 +381,13 @@ def decode_status(exc: Exception) -> int:
 
 
 async def score_upload(
-    upload: Upload, model: QualiCLIP, batcher: MicroBatcher, config: ServeConfig
+    upload: Upload, model: QualiCLIP, batcher: MicroBatcher, config: ServeConfig,
+    gate: asyncio.Semaphore,
 ) -> tuple[dict[str, Any], int]:
-    """``(result row, status)`` for one file; every failure becomes the row's ``error``."""
+    """``(result row, status)`` for one file; every failure becomes the row's ``error``.
+
+    Decoding and scoring happen under ``gate``, which bounds the decoded images held at once.
+    """
     from qualiclip.images import ImageDecodeError, decode_rgb
 
     row: dict[str, Any] = {
@@ -385,19 +404,20 @@ async def score_upload(
     if upload.filename:
         source = io.BytesIO(upload.data)
         source.name = upload.filename  # error messages name the file (still read from memory)
-    try:
-        pixels = await asyncio.to_thread(
-            decode_rgb, source, max_pixels=config.max_pixels, min_size=model.min_size
-        )
-    except ImageDecodeError as exc:
-        row["error"] = str(exc)
-        return row, decode_status(exc)
-    row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
-    try:
-        row["score"] = await batcher.score(pixels)
-    except Exception as exc:  # noqa: BLE001 - a failed forward is this file's error
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        return row, 500
+    async with gate:
+        try:
+            pixels = await asyncio.to_thread(
+                decode_rgb, source, max_pixels=config.max_pixels, min_size=model.min_size
+            )
+        except ImageDecodeError as exc:
+            row["error"] = str(exc)
+            return row, decode_status(exc)
+        row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
+        try:
+            row["score"] = await batcher.score(pixels)
+        except Exception as exc:  # noqa: BLE001 - a failed forward is this file's error
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row, 500
     return row, 200
 
 
@@ -473,10 +493,10 @@ def create_app(
         await asyncio.to_thread(_warm_up, scorer, cfg.precision)
         batcher = MicroBatcher(
             scorer, batch_size=cfg.batch_size, max_wait_s=cfg.max_wait_ms / 1000,
-            precision=cfg.precision,
+            precision=cfg.precision, max_batch_pixels=cfg.max_batch_pixels,
         )
         batcher.start()
-        state.update(model=scorer, batcher=batcher)
+        state.update(model=scorer, batcher=batcher, gate=asyncio.Semaphore(cfg.max_inflight))
         try:
             yield
         finally:
@@ -506,7 +526,7 @@ def create_app(
             return JSONResponse({"detail": exc.message}, exc.status,
                                 headers={"Connection": "close"})
         outcomes = await asyncio.gather(
-            *(score_upload(u, scorer, state["batcher"], cfg) for u in uploads)
+            *(score_upload(u, scorer, state["batcher"], cfg, state["gate"]) for u in uploads)
         )
         body: dict[str, Any] = {
             "model": scorer.name, "weights_sha256": scorer.weights_sha256,
