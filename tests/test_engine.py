@@ -134,7 +134,6 @@ def test_fused_conv_equals_conv_then_batch_norm(use_mkldnn, relu, residual):
     bn.eval()
     fused = engine.FusedConv(conv, bn, relu=relu)
     fused.use_mkldnn = use_mkldnn and fused.use_mkldnn
-    fused.pack()  # oneDNN's blocked weight layout, when oneDNN is used
     x = torch.randn(2, 8, 21, 30).contiguous(memory_format=torch.channels_last)
     other = torch.randn(2, 16, 11, 15)
     with torch.no_grad():

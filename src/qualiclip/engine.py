@@ -158,27 +158,11 @@ class FusedConv(nn.Module):
         self.groups = int(conv.groups)
         self.relu = relu
         self.use_mkldnn = _mkldnn_fusion_available()
-        #: The weight in oneDNN's blocked layout (see :meth:`pack`), or None.
-        self.packed: torch.Tensor | None = None
-
-    def pack(self, spatial: tuple[int, int] = (96, 128)) -> None:
-        """Reorder the weight once into oneDNN's blocked layout (CPU), instead of on every call.
-
-        ``spatial`` is a typical input size for oneDNN to choose the layout; other sizes still
-        work (oneDNN reorders when its choice differs). A no-op off the CPU or without oneDNN.
-        """
-        if not self.use_mkldnn or self.weight.device.type != "cpu":
-            return
-        size = [1, self.weight.shape[1] * self.groups, *spatial]
-        self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
-            self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, size
-        )
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         unary = "relu" if self.relu else "none"
         if self.use_mkldnn and x.device.type == "cpu" and x.dtype != torch.float16:
-            weight = self.weight if self.packed is None else self.packed
-            args = (weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+            args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
             ops = torch.ops.mkldnn
             if residual is None:
                 return ops._convolution_pointwise(x, *args, unary, [], "")
@@ -299,10 +283,9 @@ class InferenceModel:
             self.visual = torch.compile(visual, dynamic=False, options={"freezing": True})
         elif fuse and isinstance(visual, ModifiedResNet):
             dtype = torch.float32 if self.device.type != "cpu" else _compute_dtype(precision)
+            # (Prepacking weights into oneDNN's blocked layout was measured and not kept: no
+            # faster at 1024x768, and it ties the layout to one input size.)
             self.visual = FusedResNet(visual, dtype).to(self.device)
-            for module in self.visual.modules():
-                if isinstance(module, FusedConv):
-                    module.pack()
 
     def __call__(self, x: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
         """Scores ``[B]`` (float32, on the model's device) of RGB ``x`` ``[B, 3, H, W]`` in [0, 1].
