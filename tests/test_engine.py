@@ -200,9 +200,19 @@ def test_bad_arguments_raise(tiny, tmp_path):
     for kw in ("batch_size", "workers", "lookahead", "max_batch_pixels", "threads"):
         with pytest.raises(ValueError, match=kw):
             engine.score_paths(tiny, [], **{kw: 0})
-    tiny.train()
-    with pytest.raises(ValueError, match="eval"):
-        engine.prepare(tiny)
+    tiny.train()  # batch norms on batch statistics cannot be folded: the model runs as it is
+    assert engine.prepare(tiny).visual is tiny.visual
+
+
+def test_any_scorer_module_is_accepted():
+    class MeanScorer(nn.Module):
+        device = torch.device("cpu")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(1, 2, 3))
+
+    x = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(engine.score_tensors(MeanScorer(), x), x.mean(dim=(1, 2, 3)))
 
 
 def test_threads_setting_is_restored(tmp_path, tiny):

@@ -275,13 +275,15 @@ class InferenceModel:
         self.model = model
         self.precision = precision
         self.device = model.device
-        visual = model.visual
+        self.min_size = int(getattr(model, "min_size", 32))
+        visual = getattr(model, "visual", None)
         self.visual: Any = visual
-        if compile:
+        if compile and visual is not None:
             # Inductor does its own batch-norm folding and oneDNN fusions ("freezing"); it
             # compiles once per input size (tens of seconds for RN50 on two cores).
             self.visual = torch.compile(visual, dynamic=False, options={"freezing": True})
-        elif fuse and isinstance(visual, ModifiedResNet):
+        elif fuse and isinstance(visual, ModifiedResNet) and not model.training:
+            # (A model in training mode is run as it is: its batch norms use batch statistics.)
             dtype = torch.float32 if self.device.type != "cpu" else _compute_dtype(precision)
             # (Prepacking weights into oneDNN's blocked layout was measured and not kept: no
             # faster at 1024x768, and it ties the layout to one input size.)
@@ -295,6 +297,9 @@ class InferenceModel:
             owned: the caller gives ``x`` up, so it is normalised in place (saves one copy).
         """
         model = self.model
+        if not isinstance(model, QualiCLIP):  # any scorer module: [B, 3, H, W] -> [B]
+            with torch.inference_mode(), autocast_context(self.device, self.precision):
+                return model(x.contiguous(memory_format=torch.channels_last)).float()
         model._check_input(x)
         if owned:
             x = x.sub_(model.mean.to(x.dtype)).div_(model.std.to(x.dtype))
@@ -321,10 +326,8 @@ def prepare(
     """The :class:`InferenceModel` of ``model``: built once, reused while its weights are unchanged.
 
     Raises:
-        ValueError: unknown precision, fp16 off CUDA, or a model in training mode with ``fuse``.
+        ValueError: unknown precision, or fp16 off CUDA.
     """
-    if model.training and fuse:
-        raise ValueError("the engine scores models in eval mode; call model.eval() first")
     key, state = (precision, fuse, compile), _state_key(model)
     cache = _PREPARED.setdefault(model, {})
     hit = cache.get(key)
@@ -542,7 +545,7 @@ def _score_paths(
     done: dict[int, ScoreResult] = {}
     next_index = 0
     decoded = _decoded_in_order(
-        (str(p) for p in paths), runner.model.min_size, workers, prefetch=max(2, 2 * workers)
+        (str(p) for p in paths), runner.min_size, workers, prefetch=max(2, 2 * workers)
     )
     with _torch_threads(threads):
         for item in decoded:
