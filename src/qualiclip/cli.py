@@ -354,7 +354,10 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         if args.resume is not None:
             found = train.checkpoint_paths(args.out)
-            resume = Path(args.resume) if args.resume != "latest" else (found or [None])[-1]
+            if args.resume != "latest":
+                resume = Path(args.resume)
+            elif found:
+                resume = found[-1]
             if resume is None or not resume.is_file():
                 raise UsageError(f"no checkpoint to resume from ({args.resume}, in {args.out})")
         if resume is not None and args.config is None and args.preset is None:
