@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +65,18 @@ def _vocab_from_shared() -> None:
     vocab = root / "vocab" / "bpe_simple_vocab_16e6.txt.gz" if root else None
     if "QUALICLIP_VOCAB" not in os.environ and vocab is not None and vocab.is_file():
         os.environ["QUALICLIP_VOCAB"] = str(vocab)
+
+
+def perturb_batch_norms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every batch norm random statistics and affine terms (a new model has 0/1), so that
+    scores differ from image to image and BN folding is really exercised. Returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model

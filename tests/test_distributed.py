@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
+from conftest import perturb_batch_norms
 from qualiclip import distributed, engine
 from qualiclip.cli import main
 from qualiclip.model import create_model
@@ -50,15 +50,7 @@ def ray_local():  # noqa: ANN201
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random tiny model with random batch-norm statistics, so scores differ by image."""
     model = create_model("random-tiny")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    perturb_batch_norms(model, seed=1)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save(model.official_state_dict(), path)
     return path

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
+from conftest import perturb_batch_norms
 from qualiclip import engine
 from qualiclip.clip import CLIPConfig, build_visual
 from qualiclip.images import load_image
@@ -22,15 +23,7 @@ ATOL = 1e-5  # the issue's tolerance for engine vs reference scores in fp32
 
 def _perturb_batch_norms(model: nn.Module, seed: int = 1) -> None:
     """Random BN statistics and affine terms, so folding them is really tested (init is 0/1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    perturb_batch_norms(model, seed)
 
 
 @pytest.fixture()

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
+from conftest import perturb_batch_norms
 from qualiclip import engine
 from qualiclip.cli import main
 from qualiclip.model import QualiCLIP, create_model
@@ -51,15 +51,7 @@ def _require_serve():  # noqa: ANN202
 def _tiny_with_random_bn() -> QualiCLIP:
     """The random tiny model with random batch-norm statistics, so scores differ by image."""
     model = create_model("random-tiny")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    perturb_batch_norms(model, seed=1)
     return model.eval()
 
 
