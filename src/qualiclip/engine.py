@@ -544,6 +544,18 @@ def _score_paths(
     grouper = _Grouper(batch_size, max_batch_pixels, lookahead, DEFAULT_LOOKAHEAD_PIXELS)
     done: dict[int, ScoreResult] = {}
     next_index = 0
+
+    def run_and_emit(batches: Iterable[list[_Decoded]]) -> Iterator[ScoreResult]:
+        """Score ``batches``, then yield every result whose turn (input order) has come."""
+        nonlocal next_index
+        for batch in batches:
+            done.update(zip((it.index for it in batch), _run_batch(runner, batch), strict=True))
+        while next_index in done:
+            if bar is not None:
+                bar.update(1)
+            yield done.pop(next_index)
+            next_index += 1
+
     decoded = _decoded_in_order(
         (str(p) for p in paths), runner.min_size, workers, prefetch=max(2, 2 * workers)
     )
@@ -551,23 +563,10 @@ def _score_paths(
         for item in decoded:
             if item.pixels is None:
                 done[item.index] = ScoreResult(item.path, None, item.error)
-                batches: Iterable[list[_Decoded]] = ()
+                yield from run_and_emit(())
             else:
-                batches = grouper.add(item)
-            for batch in batches:
-                done.update(zip((it.index for it in batch), _run_batch(runner, batch), strict=True))
-            while next_index in done:
-                if bar is not None:
-                    bar.update(1)
-                yield done.pop(next_index)
-                next_index += 1
-        for batch in grouper.drain():
-            done.update(zip((it.index for it in batch), _run_batch(runner, batch), strict=True))
-        while next_index in done:
-            if bar is not None:
-                bar.update(1)
-            yield done.pop(next_index)
-            next_index += 1
+                yield from run_and_emit(grouper.add(item))
+        yield from run_and_emit(grouper.drain())
     if bar is not None:
         bar.close()
 
