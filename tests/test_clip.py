@@ -111,3 +111,24 @@ def test_random_constructor_is_pure_and_any_size():
         assert model.encode_image(torch.zeros(2, 3, 64, 96)).shape == (2, 64)
     with pytest.raises(ValueError, match="not an OpenAI-layout"):
         config_from_state_dict({"foo": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    ("pooling", "grid"),
+    [("none", (7, 7)), ("none", (5, 9)), ("original", (7, 7)), ("interpolate", (5, 9))],
+)
+def test_first_token_pooling_forms_agree(pooling, grid):
+    torch.manual_seed(0)
+    pool = AttentionPool2d(7, 64, 4, 32, pooling=pooling)
+    with torch.no_grad():  # non-zero biases, so the cancelling of k_proj's bias is really tested
+        for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            proj.bias.normal_()
+    x = torch.randn(3, 64, *grid) * 2
+    pool.eval()
+    fast = pool(x)  # keys and values never projected
+    pool.train()
+    projected = pool(x)  # keys and values of every token projected, token 0 queries
+    pool.full_attention = True
+    full = pool(x)  # every token queries (the reference form), token 0 kept
+    torch.testing.assert_close(fast, projected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
