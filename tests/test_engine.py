@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +159,24 @@ def test_score_tensors_matches_model_and_leaves_input(tiny):
     assert torch.equal(x, before)
 
 
+def test_model_score_runs_the_engine_in_bounded_chunks(tiny):
+    x = torch.rand(5, 3, 64, 80, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = tiny(x)
+    engine._PREPARED.pop(tiny, None)
+    torch.testing.assert_close(tiny.score(x), expected, atol=ATOL, rtol=0)
+    (runner,) = (entry[1] for entry in engine._PREPARED[tiny].values())
+    assert isinstance(runner.visual, engine.FusedResNet)  # the fast path, not the plain model
+    # Chunks of two images, then one: the same scores as one pass.
+    chunked = engine.score_tensors(tiny, x, max_batch_pixels=2 * 64 * 80 + 1)
+    torch.testing.assert_close(chunked, expected, atol=ATOL, rtol=0)
+    assert engine.score_tensors(tiny, x[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="fp16"):
+        tiny.score(x, precision="fp16")
+    with pytest.raises(ValueError, match="batch"):
+        engine.score_tensors(tiny, x[0])
+
+
 def test_prepared_copy_follows_weight_changes(tiny):
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     first = engine.score_tensors(tiny, x)
@@ -268,3 +289,69 @@ def test_grouper_batches_equal_sizes_within_bounds(sizes, batch_size, lookahead)
         assert 1 <= len(batch) <= max(1, min(batch_size, 200 // (h * w)))
         seen += [b.index for b in batch]
     assert sorted(seen) == list(range(len(sizes)))
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from qualiclip import engine
+applied = engine.reuse_freed_memory()
+def faults_of_one_map():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4)  # a 64 MiB feature map, written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+for _ in range(3):  # (the first maps settle the heap; an aligned block needs some slack)
+    faults_of_one_map()
+with engine._allocator_as_is():  # a very large pass: maps come fresh and go back
+    fresh = faults_of_one_map()
+for _ in range(3):
+    faults_of_one_map()
+print(applied, faults_of_one_map(), fresh)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.parametrize("env_value", ["1", "0"])
+def test_freed_feature_maps_are_reused_unless_opted_out(env_value):
+    env = {**os.environ, engine.REUSE_MEMORY_ENV: env_value}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    applied, faults, fresh = out[0] == "True", int(out[1]), int(out[2])
+    pages = 64 * 2**20 // 4096
+    assert fresh > pages // 2  # a fresh mapping: a fault per page
+    if env_value == "0":
+        assert not applied and faults > pages // 2
+    else:
+        assert applied and faults < pages // 20  # the freed block is reused (again)
+
+
+def test_very_large_passes_score_the_same(tiny, monkeypatch):
+    x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = tiny(x)
+    monkeypatch.setattr(engine, "LARGE_PASS_PIXELS", 1)  # every pass counts as very large
+    torch.testing.assert_close(engine.score_tensors(tiny, x), expected, atol=ATOL, rtol=0)
+
+
+def test_heap_valve_trims_only_past_twice_the_largest_working_set():
+    # Resident size after each pass, above a floor of 100: a working set of 50 with kept blocks
+    # creeping up, then larger images (a working set of 300).
+    passes = [
+        (150, False),  # the first pass: working set 50
+        (160, False), (200, False),  # 100 held: not more than 2 x 50
+        (201, True),  # 101 held: trimmed
+        (150, False),  # measured afresh: still 50
+        (400, True),  # a larger image: 300 held > 100, trimmed
+        (400, False),  # measured afresh: working set 300
+        (700, False),  # 600 held: not more than 2 x 300
+        (701, True),
+    ]
+    readings = iter([100] + [r for r, _ in passes])
+    trims: list[int] = []
+    valve = engine.HeapValve(factor=2.0, resident=lambda: next(readings),
+                             trim=lambda: trims.append(1))
+    for reading, trimmed in passes:
+        before = len(trims)
+        valve.before_pass()  # reads the floor once, before the first pass
+        valve.after_pass()
+        assert (len(trims) > before) == trimmed, reading
+    assert valve.working_set == 300 and valve.trims == 3

@@ -147,17 +147,27 @@ class QualiCLIP(nn.Module):
         return self.scores_from_features(self.image_features(x))
 
     @torch.inference_mode()
-    def score(self, x: Any) -> float | torch.Tensor:
-        """Score one image or a batch.
+    def score(self, x: Any, *, precision: str = "fp32") -> float | torch.Tensor:
+        """Score one image or a batch, through the fast inference engine.
+
+        A model in eval mode runs :mod:`qualiclip.engine`'s fused copy of its tower (built once
+        and reused while the weights are unchanged): the same scores as ``self(x)`` to float
+        rounding, faster. A batch is run in chunks of at most
+        :data:`qualiclip.engine.DEFAULT_MAX_BATCH_PIXELS` pixels, so memory stays bounded.
 
         Args:
             x: a path, bytes, PIL image, NumPy array (``HxWx3`` or ``HxW``; uint8, uint16 or
                 float in [0, 1]), tensor ``[3, H, W]``, or tensor batch ``[B, 3, H, W]``.
+            precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only); see
+                ``docs/precision.md`` for the effect on scores.
 
         Returns:
             a float for a single image, a ``[B]`` tensor (on the CPU) for a batch.
+
+        Raises:
+            ValueError: unknown precision, fp16 off CUDA, or an image that is too small.
         """
-        from qualiclip import images
+        from qualiclip import engine, images
 
         batched = isinstance(x, torch.Tensor) and x.ndim == 4
         if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
@@ -165,7 +175,7 @@ class QualiCLIP(nn.Module):
         else:
             batch = images.to_batch(x)
         dtype = next(self.parameters()).dtype
-        scores = self(batch.to(device=self.device, dtype=dtype)).float().cpu()
+        scores = engine.score_tensors(self, batch.to(dtype=dtype), precision)
         return scores if batched else float(scores[0])
 
     @classmethod
