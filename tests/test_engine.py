@@ -345,13 +345,20 @@ def test_heap_valve_trims_only_past_twice_the_largest_working_set():
         (700, False),  # 600 held: not more than 2 x 300
         (701, True),
     ]
-    readings = iter([100] + [r for r, _ in passes])
+    readings = iter([100] + [r for r, _ in passes] + [1100, 1400, 1401])
     trims: list[int] = []
     valve = engine.HeapValve(factor=2.0, resident=lambda: next(readings),
                              trim=lambda: trims.append(1))
     for reading, trimmed in passes:
         before = len(trims)
-        valve.before_pass()  # reads the floor once, before the first pass
+        valve.before_pass(pixels=10)  # reads the floor once, before the first pass
         valve.after_pass()
         assert (len(trims) > before) == trimmed, reading
     assert valve.working_set == 300 and valve.trims == 3
+    # A pass over more pixels than any before is measured, not judged: 1000 held, working set 1000.
+    valve.before_pass(pixels=40)
+    valve.after_pass()
+    assert valve.working_set == 1000 and valve.trims == 3
+    valve.before_pass(pixels=40)
+    valve.after_pass()  # 1300 held: within 2 x 1000
+    assert valve.trims == 3

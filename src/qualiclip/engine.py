@@ -163,10 +163,10 @@ class HeapValve:
 
     Kept blocks do not always fit later requests (sizes vary, small blocks pin big ones apart), so
     the kept heap can creep upwards over a long run of mixed sizes. After each forward pass the
-    valve reads the resident size: the first pass (and the first after a trim) tells the working
-    set of one pass; once the process holds more than ``factor`` times the largest working set seen
-    above what it held before the first pass, all free memory is returned to the kernel
-    (``malloc_trim``) and the count starts again.
+    valve reads the resident size: the first pass, the first after a trim and any pass over more
+    pixels than all before it tell the working set of one pass; once the process holds more than
+    ``factor`` times the largest working set seen above what it held before the first pass, all
+    free memory is returned to the kernel (``malloc_trim``) and the count starts again.
 
     Args:
         factor: how many working sets may be held.
@@ -185,6 +185,7 @@ class HeapValve:
         self.working_set = 0
         self.trims = 0
         self._fresh = True
+        self._most_pixels = 0
         self._lock = threading.Lock()
 
     def reset(self) -> None:
@@ -192,10 +193,13 @@ class HeapValve:
         with self._lock:
             self._fresh = True
 
-    def before_pass(self) -> None:
+    def before_pass(self, pixels: int = 0) -> None:
+        """Note a pass over ``pixels`` pixels (images x height x width) about to run."""
         with self._lock:
             if self.floor is None:
                 self.floor = self.resident()
+            if pixels > self._most_pixels:  # a larger pass: its working set is measured, not judged
+                self._most_pixels, self._fresh = pixels, True
 
     def after_pass(self) -> None:
         with self._lock:
@@ -434,10 +438,11 @@ class InferenceModel:
         else:
             x = model.normalize(x)
         reuse = self.device.type == "cpu" and reuse_freed_memory()
-        large = reuse and x.shape[0] * x.shape[-2] * x.shape[-1] > LARGE_PASS_PIXELS
+        pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
+        large = reuse and pixels > LARGE_PASS_PIXELS
         valve = _HEAP_VALVE if reuse and not large else None
         if valve is not None:
-            valve.before_pass()
+            valve.before_pass(pixels)
         with (
             _allocator_as_is() if large else contextlib.nullcontext(),
             torch.inference_mode(),
