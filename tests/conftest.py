@@ -67,6 +67,25 @@ def _vocab_from_shared() -> None:
         os.environ["QUALICLIP_VOCAB"] = str(vocab)
 
 
+@pytest.fixture(autouse=True)
+def _vocab_never_downloaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no vocabulary here (no shared folder, no package copy, none cached), a test that needs
+    the tokenizer fails in CI and is skipped elsewhere, instead of trying the network."""
+    from qualiclip import pretrained, tokenizer
+
+    if os.environ.get("QUALICLIP_VOCAB"):
+        return
+    if Path(tokenizer.__file__).with_name(tokenizer.VOCAB_FILENAME).is_file():
+        return
+    if pretrained.is_cached(pretrained.BPE_VOCAB):
+        return
+
+    def vocab_from_shared() -> Path:
+        return require_shared("vocab") / tokenizer.VOCAB_FILENAME
+
+    monkeypatch.setattr(tokenizer, "vocab_path", vocab_from_shared)
+
+
 def perturb_batch_norms(model: nn.Module, seed: int = 1) -> nn.Module:
     """Give every batch norm random statistics and affine terms (a new model has 0/1), so that
     scores differ from image to image and BN folding is really exercised. Returns ``model``."""

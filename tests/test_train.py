@@ -294,7 +294,10 @@ def test_two_process_gloo_run_completes_and_its_checkpoint_loads(
         "cpu",
         "--no-progress",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from qualiclip import tokenizer
+
+    # The workers need the vocabulary too (skipped, or failed in CI, when there is none here).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUALICLIP_VOCAB": str(tokenizer.vocab_path())}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = train.load_training_checkpoint(out / "ckpt-000002.pt")
