@@ -16,6 +16,9 @@ What makes it fast (each measured by ``benchmarks/bench_score.py``):
 * **Decoding in threads** (PIL releases the GIL) ahead of the model, and **images of equal size
   grouped** into one forward pass within a bounded look-ahead window; results are put back in
   input order.
+* **Freed feature maps reused** on Linux (:func:`reuse_freed_memory`): glibc would otherwise map
+  each large map afresh and fault it in page by page in every pass; what is kept is bounded
+  (:class:`HeapValve`).
 * **Bounded memory**: batches are capped by pixels as well as count, the residual sum is written
   into the shortcut's buffer and each intermediate map is freed as soon as it is consumed, so a
   12-megapixel photo scores with RN50 in well under 4 GiB, at full resolution.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -129,7 +133,7 @@ def reuse_freed_memory() -> bool:
     the heap and the next pass reuses them. What the process keeps is bounded by
     :class:`HeapValve`: more than twice the largest working set of one pass, and the heap is
     trimmed. Set ``QUALICLIP_REUSE_MEMORY=0`` to leave the allocator alone (the call then does
-    nothing). Called by :func:`prepare` for CPU models.
+    nothing). Called before the engine's first forward pass on a CPU.
 
     Returns:
         whether the setting is in effect (``False`` off glibc or when opted out).
@@ -140,7 +144,7 @@ def reuse_freed_memory() -> bool:
         opted_out = os.environ.get(REUSE_MEMORY_ENV, "1").strip() in {"0", "false", "no"}
         if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not opted_out:
             try:
-                libc = ctypes.CDLL("libc.so.6")
+                libc = _libc()
                 _reuse_memory = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
                     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
                 )
@@ -154,8 +158,13 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")
+
+
 def _malloc_trim() -> None:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _libc().malloc_trim(0)
 
 
 class HeapValve:
@@ -227,13 +236,12 @@ def _allocator_as_is() -> Iterator[None]:
     if not reuse_freed_memory():  # nothing was changed
         yield
         return
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc_trim(0)
-    libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's default: large blocks mapped afresh
+    _malloc_trim()
+    _libc().mallopt(_M_MMAP_MAX, 65536)  # glibc's default: large blocks mapped afresh
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_MAX, 0)
+        _libc().mallopt(_M_MMAP_MAX, 0)
         _HEAP_VALVE.reset()
 
 
@@ -486,8 +494,6 @@ def prepare(
             RuntimeWarning,
             stacklevel=3,
         )
-    if model.device.type == "cpu":
-        reuse_freed_memory()
     prepared = InferenceModel(model, precision, fuse, compile)
     cache[key] = (_state_key(model), prepared)
     return prepared
