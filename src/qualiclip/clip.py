@@ -211,7 +211,7 @@ class AttentionPool2d(nn.Module):
         q = self.q_proj(queries).view(b, -1, heads, d).transpose(1, 2)
         k = self.k_proj(x).view(b, n, heads, d).transpose(1, 2)
         v = self.v_proj(x).view(b, n, heads, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, d]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, Q, d]
         return self.c_proj(out[:, :, 0].reshape(b, c))
 
     def _first_token_attention(self, x: torch.Tensor) -> torch.Tensor:
