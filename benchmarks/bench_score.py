@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_score.py [--images 8] [--size 1024x768] [--precisions fp32,bf16]
-        [--repeats 2] [--batch-size 8] [--workers 2] [--device cpu] [--memory-size 4000x3000]
+        [--repeats 3] [--batch-size 8] [--workers 2] [--device cpu] [--memory-size 4000x3000]
         [--no-memory]
 
 One run, on the same JPEG files and the same RN50-sized QualiCLIP with random weights (speed does
@@ -249,7 +249,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=8, help="photos to score per run")
     p.add_argument("--size", type=_size, default=(1024, 768), help="WxH of the photos")
     p.add_argument("--precisions", default="fp32,bf16", help="engine precisions, comma-separated")
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=int, default=3,
                    help="timed passes over the photos per run; the fastest counts, as for the peak")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="engine decoding threads")
