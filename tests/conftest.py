@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-Tests that need the reference files beside the project (golden outputs, the BPE vocabulary,
+Tests that need the reference files beside the project (golden outputs,
 pristine photos, the human-rated test set) find them at ``$QUALICLIP_SHARED`` or ``../shared``
 from the repository root. In CI (``CI=true``) a missing folder fails the test; elsewhere it is
 skipped with the reason.
@@ -56,34 +56,6 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return require_shared("golden")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _vocab_from_shared() -> None:
-    """Point the tokenizer at the shared vocabulary when the package copy is absent."""
-    root = find_shared()
-    vocab = root / "vocab" / "bpe_simple_vocab_16e6.txt.gz" if root else None
-    if "QUALICLIP_VOCAB" not in os.environ and vocab is not None and vocab.is_file():
-        os.environ["QUALICLIP_VOCAB"] = str(vocab)
-
-
-@pytest.fixture(autouse=True)
-def _vocab_never_downloaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With no vocabulary here (no shared folder, no package copy, none cached), a test that needs
-    the tokenizer fails in CI and is skipped elsewhere, instead of trying the network."""
-    from qualiclip import pretrained, tokenizer
-
-    if os.environ.get("QUALICLIP_VOCAB"):
-        return
-    if Path(tokenizer.__file__).with_name(tokenizer.VOCAB_FILENAME).is_file():
-        return
-    if pretrained.is_cached(pretrained.BPE_VOCAB):
-        return
-
-    def vocab_from_shared() -> Path:
-        return require_shared("vocab") / tokenizer.VOCAB_FILENAME
-
-    monkeypatch.setattr(tokenizer, "vocab_path", vocab_from_shared)
 
 
 def perturb_batch_norms(model: nn.Module, seed: int = 1) -> nn.Module:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +56,18 @@ def test_prompt_pairs_are_pairs():
     assert all(len(p) == 2 for p in PROMPT_PAIRS)
     with pytest.raises(ValueError):
         flatten_pairs([("Good photo.",)])  # type: ignore[list-item]
+
+
+def test_vocabulary_is_shipped_and_verified() -> None:
+    """The vocabulary is package data (an offline install can tokenize) with the known checksum."""
+    from qualiclip import pretrained, tokenizer
+
+    shipped = Path(tokenizer.__file__).parent / "assets" / tokenizer.VOCAB_FILENAME
+    assert shipped.is_file()
+    assert pretrained.sha256_file(shipped) == pretrained.BPE_VOCAB.sha256
+    env = os.environ.pop("QUALICLIP_VOCAB", None)
+    try:
+        assert tokenizer.vocab_path() == shipped
+    finally:
+        if env is not None:
+            os.environ["QUALICLIP_VOCAB"] = env

@@ -2,8 +2,10 @@
 
 The tokenizer of OpenAI CLIP (byte-level BPE as in GPT-2, lower-cased, 49,152 merges; Radford et
 al. 2021). The vocabulary file ``bpe_simple_vocab_16e6.txt.gz`` (MIT) is looked up in this order:
-the ``QUALICLIP_VOCAB`` environment variable, the package's own copy, then the qualiclip cache,
-where it is downloaded once and checksum-verified (see :mod:`qualiclip.pretrained`).
+the ``QUALICLIP_VOCAB`` environment variable, then the package's own copy
+(``qualiclip/assets/``, shipped in every install; provenance in ``assets/README.md``), and only if
+that was removed the qualiclip cache, where it is downloaded once and checksum-verified (see
+:mod:`qualiclip.pretrained`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def vocab_path() -> Path:
         if not Path(env).is_file():
             raise FileNotFoundError(f"QUALICLIP_VOCAB points to {env}, which is not a file")
         return Path(env)
-    packaged = Path(__file__).with_name(VOCAB_FILENAME)
+    packaged = Path(__file__).parent / "assets" / VOCAB_FILENAME
     if packaged.is_file():
         return packaged
     from qualiclip import pretrained
