@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,53 @@ def test_bf16_is_close_to_fp32(tiny):
     fp32 = engine.score_tensors(tiny, x)
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, fp32, atol=2e-2, rtol=0)
+
+
+def test_bf16_without_onednn_bf16_runs_pytorch_convolutions(tiny, monkeypatch):
+    """On CPUs whose oneDNN has no bf16 kernels (AVX2-only), bf16 takes PyTorch's convolution."""
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    fp32 = engine.score_tensors(tiny, x)
+    monkeypatch.setattr(engine, "onednn_bf16_works", lambda: False)
+    calls: list[torch.dtype] = []
+    conv2d = engine.F.conv2d
+
+    def spy(inp: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(inp.dtype)
+        return conv2d(inp, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.F, "conv2d", spy)
+    engine._PREPARED.pop(tiny, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bf16 = engine.score_tensors(tiny, x, "bf16")
+    runner = engine.prepare(tiny, "bf16")
+    n_convs = sum(isinstance(m, engine.FusedConv) for m in runner.visual.modules())
+    assert n_convs > 0 and calls == [torch.bfloat16] * n_convs  # one pass, every conv in bf16
+    torch.testing.assert_close(bf16, fp32, atol=2e-2, rtol=0)
+
+
+def test_onednn_bf16_probe_agrees_with_running_it():
+    """The probe answers what running the fused bf16 convolution does on this CPU."""
+    engine.onednn_bf16_works.cache_clear()
+    works = engine.onednn_bf16_works()
+    x = torch.rand(1, 4, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.rand(4, 4, 3, 3).to(torch.bfloat16)
+    try:
+        torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 1, "none",
+                                                [], "")
+        ran = True
+    except RuntimeError:
+        ran = False
+    assert works == ran
+
+
+def test_precision_refused_up_front():
+    with pytest.raises(engine.PrecisionError, match="fp16 needs a CUDA device"):
+        engine.check_precision("cpu", "fp16")
+    with pytest.raises(engine.PrecisionError, match="precision must be one of"):
+        engine.check_precision("cpu", "int8")
+    engine.check_precision("cpu", "bf16")  # any CPU runs bf16 (oneDNN or PyTorch's own kernels)
+    engine.check_precision("cpu", "fp32")
 
 
 class _no_warning:

@@ -44,11 +44,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # noqa: ANN201
-    """Build the scorer that the common options describe; a bad name is a usage error."""
+    """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
+    device cannot run, is a usage error."""
     from qualiclip.model import create_model
 
+    from qualiclip.engine import check_precision
+
     try:
-        return create_model(
+        model = create_model(
             name or args.model,
             device=args.device,
             pooling=args.pooling,
@@ -56,8 +59,11 @@ def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # 
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
+        # A precision the device cannot run is refused before any input is read.
+        check_precision(model.device, getattr(args, "precision", "fp32"))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    return model
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
@@ -154,6 +160,13 @@ def _run_score_ray(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency and --rows-per-part must be at least 1")
     if args.num_cpus_per_actor < 0 or args.num_gpus_per_actor < 0:
         raise UsageError("--num-cpus-per-actor and --num-gpus-per-actor must be >= 0")
+    if args.num_gpus_per_actor == 0:
+        from qualiclip.engine import PrecisionError, check_precision
+
+        try:
+            check_precision("cpu", args.precision)
+        except PrecisionError as exc:
+            raise UsageError(f"{exc} (actors without --num-gpus-per-actor run on CPUs)") from None
     try:
         config = distributed.RayScoreConfig(
             model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
@@ -405,6 +418,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples for the 95%% intervals (0: none; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and distortions")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="precision of the QualiCLIP models (fp16: CUDA only; default fp32)")
     p.add_argument("--workers", type=int, default=2,
                    help="NIQE processes / image decoding threads (default 2)")
     p.add_argument("--dmos", action="store_true",
@@ -433,7 +448,8 @@ def _eval_scorers(args: argparse.Namespace) -> list:
         else:
             model = load_model_from_args(args, name)
             scorers.append(
-                ModelScorer(name, model, batch_size=args.batch_size, workers=args.workers)
+                ModelScorer(name, model, batch_size=args.batch_size, workers=args.workers,
+                            precision=args.precision)
             )
     return scorers
 

@@ -83,18 +83,43 @@ class ScoreResult:
 # --- precision ---------------------------------------------------------------------------------
 
 
+class PrecisionError(ValueError):
+    """A precision this device cannot run; the message says what the machine lacks."""
+
+
+def check_precision(device: torch.device | str, precision: str) -> None:
+    """Refuse up front a precision that ``device`` cannot run.
+
+    fp32 runs everywhere. bf16 runs on every CPU (through oneDNN where its bf16 kernels work,
+    else through PyTorch's own convolution: see :func:`onednn_bf16_works`) and on CUDA devices
+    that support it. fp16 is CUDA only: CPUs have no fast fp16 convolution.
+
+    Raises:
+        PrecisionError: the precision is unknown, or ``device`` cannot run it.
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise PrecisionError(
+            f"fp16 needs a CUDA device, and this run is on {device.type}: use fp32, or bf16 "
+            "(runs on any CPU; fast only with AVX512-BF16 or AMX)"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionError(
+            f"bf16 is not supported by {torch.cuda.get_device_name(device)}: use fp16 or fp32"
+        )
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast region for ``precision`` on ``device`` (a no-op for fp32).
 
     Raises:
-        ValueError: unknown precision, or fp16 asked for off CUDA.
+        PrecisionError: unknown precision, or one ``device`` cannot run (:func:`check_precision`).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 needs a CUDA device; use bf16 on CPUs")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -108,6 +133,27 @@ def native_bf16(device: torch.device) -> bool:
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
     return True  # MPS and others: leave it to the backend
+
+
+@functools.cache
+def onednn_bf16_works() -> bool:
+    """Whether oneDNN's fused bf16 convolution runs on this CPU, found by running one once.
+
+    oneDNN's bf16 kernels need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; on other CPUs (AVX2-only
+    ones such as AMD Zen 3) the fused convolution raises, while PyTorch's own convolution still
+    computes in bf16. Probing, rather than reading CPU flags, follows whatever this build of
+    PyTorch and oneDNN accept.
+    """
+    if not _mkldnn_fusion_available():
+        return False
+    x = torch.ones(1, 2, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(2, 2, 1, 1, dtype=torch.bfloat16)
+    try:
+        torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu",
+                                                [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def _compute_dtype(precision: str) -> torch.dtype:
@@ -274,6 +320,10 @@ def _mkldnn_fusion_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(ops, "_convolution_pointwise_")
 
 
+def _onednn_runs(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_works())
+
+
 class FusedConv(nn.Module):
     """A convolution with its batch norm folded in, an optional ReLU and residual sum.
 
@@ -301,7 +351,7 @@ class FusedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         unary = "relu" if self.relu else "none"
-        if self.use_mkldnn and x.device.type == "cpu" and x.dtype != torch.float16:
+        if self.use_mkldnn and x.device.type == "cpu" and _onednn_runs(x.dtype):
             args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
             ops = torch.ops.mkldnn
             if residual is None:
@@ -480,7 +530,7 @@ def prepare(
     """The :class:`InferenceModel` of ``model``: built once, reused while its weights are unchanged.
 
     Raises:
-        ValueError: unknown precision, or fp16 off CUDA.
+        PrecisionError: unknown precision, or one the model's device cannot run.
     """
     key, state = (precision, fuse, compile), _state_key(model)
     cache = _PREPARED.setdefault(model, {})
