@@ -165,6 +165,35 @@ def test_offline_error_text(
         assert needle in text, needle
     assert server.calls == []
     assert isinstance(info.value, RuntimeError)
+    assert "qualiclip models --add w.pt PATH" in text  # a command, not a Python call
+
+
+def test_offline_text_names_the_add_command_for_every_known_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command the offline message suggests is one `models --add` accepts."""
+    from qualiclip import cli, pretrained
+
+    monkeypatch.setenv("QUALICLIP_OFFLINE", "1")
+    for file in (pretrained.QUALICLIP_FILE, pretrained.CLIP_RN50_FILE, pretrained.BPE_VOCAB):
+        with pytest.raises(OfflineError) as info:
+            download(file, tmp_path)
+        (line,) = [ln for ln in str(info.value).splitlines() if "models --add" in ln]
+        name = line.split("--add ")[1].split()[0]
+        wrong = tmp_path / "wrong"
+        wrong.write_bytes(b"not it")
+        # A known name: the file is checked (and refused for its checksum: exit 1, not 2).
+        assert cli.main(["models", "--add", name, str(wrong), "--cache-dir", str(tmp_path)]) == 1
+
+
+def test_an_image_given_as_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    expected = "photo.png: not a PyTorch checkpoint \\(it is a PNG image\\)"
+    with pytest.raises(ValueError, match=expected) as info:
+        load_checkpoint(tmp_path / "photo.png")
+    assert "weights_only" not in str(info.value)
 
 
 def test_offline_with_stale_cache_says_so(
@@ -378,8 +407,9 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(garbage)
     unsafe = tmp_path / "unsafe.pt"
     unsafe.write_bytes(pickle.dumps({"visual.x": os.system}, protocol=2))  # names a callable
-    with pytest.raises(ValueError, match="unsafe.pt"):
+    with pytest.raises(ValueError, match="unsafe.pt: the checkpoint holds Python objects") as info:
         load_checkpoint(unsafe)  # weights_only refuses arbitrary objects
+    assert "weights_only" not in str(info.value)
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: not a CLIP checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

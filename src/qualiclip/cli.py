@@ -46,9 +46,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # noqa: ANN201
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
     device cannot run, is a usage error."""
-    from qualiclip.model import create_model
-
     from qualiclip.engine import check_precision
+    from qualiclip.model import create_model
 
     try:
         model = create_model(
@@ -201,7 +200,9 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="download cache (default: $QUALICLIP_HOME)")
     p.add_argument(
         "--add", nargs=2, metavar=("NAME", "FILE"),
-        help="verify a hand-downloaded FILE against NAME's checksum and copy it into the cache",
+        help="verify a hand-downloaded FILE against NAME's checksum and copy it into the cache "
+        "(NAME: a weight name, or a cache file name such as RN50.pt or "
+        "bpe_simple_vocab_16e6.txt.gz)",
     )
     p.set_defaults(func=_run_models)
 
@@ -212,9 +213,10 @@ def _run_models(args: argparse.Namespace) -> int:
 
     if args.add:
         name, path = args.add
-        if name not in pretrained.PRETRAINED:
-            raise UsageError(f"unknown name {name!r}; valid: {', '.join(pretrained.PRETRAINED)}")
-        print(pretrained.add_to_cache(path, name, args.cache_dir))
+        try:
+            print(pretrained.add_to_cache(path, name, args.cache_dir))
+        except ValueError as exc:  # an unknown name: the message lists the valid ones
+            raise UsageError(str(exc)) from None
         return EXIT_OK
 
     rows = [("name", "cached", "size", "licence", "sha256", "description")]

@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -326,9 +327,15 @@ def _offline_text(file: RemoteFile, target: Path, reason: str, details: str = ""
         f"  from:\n{urls}\n"
         f"Download it on a machine with internet access, check its sha256, and place it at:\n"
         f"    {target}\n"
-        f"(or call qualiclip.pretrained.add_to_cache(PATH, {file.filename!r}) to verify and copy "
-        f"it there; set QUALICLIP_HOME or --cache-dir to use another cache folder)"
+        f"or let qualiclip verify it and copy it there:\n"
+        f"    qualiclip models --add {_add_name(file)} PATH\n"
+        f"(QUALICLIP_HOME or --cache-dir choose another cache folder)"
     )
+
+
+def _add_name(file: RemoteFile) -> str:
+    """The name ``qualiclip models --add`` takes for ``file``: its weight name, else file name."""
+    return next((name for name, w in PRETRAINED.items() if w.file == file), file.filename)
 
 
 def _is_offline() -> bool:
@@ -549,10 +556,34 @@ def is_torchscript_archive(path: str | os.PathLike[str]) -> bool:
     )
 
 
+#: First bytes of files that are often given by mistake where a checkpoint belongs.
+_NOT_CHECKPOINTS: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+    (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip file"), (b"<", "a text/HTML file"),
+    (b"{", "a JSON/text file"),
+)
+
+
 def _torch_load(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True``; a file that is no checkpoint is a ValueError
+    saying what it is instead (never advice to unpickle arbitrary objects)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save zip, or a legacy pickle
+        what = next((w for magic, w in _NOT_CHECKPOINTS if head.startswith(magic)), None)
+        raise ValueError(
+            f"{path}: not a PyTorch checkpoint"
+            + (f" (it is {what})" if what else " (neither a torch.save zip nor a pickle)")
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError("invalid load key"), EOFError, ...
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: the checkpoint holds Python objects besides tensors, which qualiclip does "
+            "not unpickle (unpickling can run code); save a state dict of tensors instead"
+        ) from exc
+    except Exception as exc:  # RuntimeError("invalid load key"), EOFError, zip errors, ...
         raise ValueError(
             f"{path}: not a loadable PyTorch checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"
