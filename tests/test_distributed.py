@@ -100,7 +100,8 @@ def test_equals_local_engine_and_every_input_has_a_row(
 ) -> None:
     out = tmp_path / "results"
     summary = distributed.score_to_folder(inputs, out, _config(checkpoint))
-    assert (summary.inputs, summary.skipped, summary.scored, summary.failed) == (30, 0, 30, 4)
+    assert (summary.inputs, summary.already_done, summary.scored, summary.failed) == (30, 0, 26, 4)
+    assert summary.describe() == "30 inputs: 26 scored, 4 failed, 0 already done"
     rows = distributed.read_results(out).to_pylist()
     assert Counter(r["path"] for r in rows) == Counter(inputs)  # each input exactly once
     local = _local(checkpoint, inputs)
@@ -144,7 +145,7 @@ def test_interrupted_run_resumes_scoring_each_image_once(
     assert len(first_paths) == 5
 
     resumed = distributed.score_to_folder(inputs, out, config)
-    assert (resumed.skipped, resumed.scored) == (5, 25)
+    assert (resumed.already_done, resumed.scored + resumed.failed) == (5, 25)
     new_paths = [
         p for part in resumed.parts
         for p in distributed._read_part(part, "parquet", ("path",)).column("path").to_pylist()
@@ -155,7 +156,8 @@ def test_interrupted_run_resumes_scoring_each_image_once(
     assert Counter(r["path"] for r in rows) == Counter(inputs)
 
     again = distributed.score_to_folder(inputs, out, config)
-    assert (again.skipped, again.scored, again.parts) == (30, 0, ())
+    assert (again.already_done, again.scored, again.failed, again.parts) == (30, 0, 0, ())
+    assert again.failed_earlier == 4 and not again.ok  # the error rows are still there
 
 
 def test_cli_engine_ray_writes_csv_parts(
@@ -168,7 +170,7 @@ def test_cli_engine_ray_writes_csv_parts(
     argv = ["score", "--engine", "ray", "--model", str(checkpoint), "--device", "cpu",
             "--output", str(out), "--no-progress", "--batch-size", "4", str(list_file)]
     assert main(argv) == 0  # the first ten inputs are good images
-    assert "10 scored (0 failed)" in capsys.readouterr().err
+    assert "10 inputs: 10 scored, 0 failed, 0 already done" in capsys.readouterr().err
     table = distributed.read_results(out, "csv")
     local = _local(checkpoint, inputs[:10])
     got = dict(zip(table.column("path").to_pylist(), table.column("score").to_pylist(),
@@ -178,8 +180,46 @@ def test_cli_engine_ray_writes_csv_parts(
         assert abs(score - local[path].score) <= ATOL
     # A second run over all inputs adds only the other 20 (4 of which fail: exit status 1).
     assert main([*argv[:-1], *inputs]) == 1
-    assert "20 scored (4 failed), 10 already in" in capsys.readouterr().err
+    assert "30 inputs: 16 scored, 4 failed, 10 already done" in capsys.readouterr().err
     assert distributed.read_results(out, "csv").num_rows == 30
+    # Nothing left to do, but the output holds error rows for these inputs: still exit 1.
+    assert main([*argv[:-1], *inputs]) == 1
+    err = capsys.readouterr().err
+    assert "30 inputs: 0 scored, 0 failed, 30 already done (4 of them failed)" in err
+    assert main(argv) == 0  # the first ten have scores
+
+
+def test_names_that_are_not_utf8_get_rows(
+    ray_local: object, checkpoint: Path, inputs: list[str], tmp_path: Path
+) -> None:
+    """A file name with bytes that are not UTF-8 is scored and written as \\xNN text."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: undecodable as UTF-8
+    Image.open(inputs[0]).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"))
+    out = tmp_path / "results"
+    summary = distributed.score_to_folder([str(folder)], out, _config(checkpoint))
+    assert (summary.scored, summary.failed) == (1, 0)
+    (row,) = distributed.read_results(out).to_pylist()
+    assert row["path"] == str(folder / "caf\\xe9.png") and row["score"] is not None
+    assert distributed.display_path(str(folder / name)) == row["path"]
+    again = distributed.score_to_folder([str(folder)], out, _config(checkpoint))
+    assert (again.already_done, again.scored) == (1, 0)  # found again under the same text
+
+
+def test_ray_output_is_quiet_unless_verbose(
+    checkpoint: Path, inputs: list[str], tmp_path: Path
+) -> None:
+    """A fresh process: Ray's own start-up and worker lines stay off the terminal by default."""
+    _require_ray()
+    argv = [sys.executable, "-m", "qualiclip.cli", "score", "--engine", "ray", "--model",
+            str(checkpoint), "--device", "cpu", "--no-progress", "-o", str(tmp_path / "o"),
+            *inputs[:3]]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_NUM_CPUS": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines == [ln for ln in lines if ln.startswith("qualiclip score:")], lines
 
 
 def test_refuses_to_mix_models_or_formats(checkpoint: Path, tmp_path: Path) -> None:

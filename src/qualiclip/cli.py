@@ -108,6 +108,8 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
                    help="GPUs per actor, fractions share a GPU (default 0: CPU actors)")
     g.add_argument("--rows-per-part", type=int, default=1000,
                    help="results per part file (default 1000)")
+    g.add_argument("--verbose", action="store_true",
+                   help="show Ray's own log output (default: errors only)")
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -177,19 +179,19 @@ def _run_score_ray(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         summary = distributed.score_to_folder(
-            args.inputs, args.output, config, address=args.ray_address
+            args.inputs, args.output, config, address=args.ray_address, verbose=args.verbose
         )
     except (ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     print(
-        f"qualiclip score: {summary.inputs} inputs: {summary.scored} scored "
-        f"({summary.failed} failed), {summary.skipped} already in {args.output}; "
+        f"qualiclip score: {summary.describe()} in {args.output}; "
         f"{len(summary.parts)} new part files in {summary.seconds:.1f} s",
         file=sys.stderr,
     )
     if summary.inputs == 0:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
-    return EXIT_FAILED if summary.failed or summary.inputs == 0 else EXIT_OK
+    # Exit 1 whenever the output holds an error row for an input, written now or before.
+    return EXIT_OK if summary.ok else EXIT_FAILED
 
 
 # --- models ------------------------------------------------------------------------------------

@@ -29,10 +29,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,14 +105,36 @@ class RayScoreConfig:
 
 @dataclass(frozen=True)
 class ScoreSummary:
-    """What one :func:`score_to_folder` call did."""
+    """What one :func:`score_to_folder` call did, and what the output holds for its inputs.
+
+    Attributes:
+        inputs: paths the inputs expanded to.
+        already_done: of those, paths that had a row in the output before this run (skipped).
+        scored: rows with a score written by this run.
+        failed: rows with an error written by this run.
+        failed_earlier: of the ``already_done`` paths, those whose row is an error.
+    """
 
     inputs: int
-    skipped: int
+    already_done: int
     scored: int
     failed: int
+    failed_earlier: int = 0
     parts: tuple[Path, ...] = field(default_factory=tuple)
     seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Every input has a score in the output (none failed, in this run or before)."""
+        return self.inputs > 0 and not self.failed and not self.failed_earlier
+
+    def describe(self) -> str:
+        """One line: ``N inputs: S scored, M failed, K already done (F of them failed)``."""
+        earlier = f" ({self.failed_earlier} of them failed)" if self.failed_earlier else ""
+        return (
+            f"{self.inputs} inputs: {self.scored} scored, {self.failed} failed, "
+            f"{self.already_done} already done{earlier}"
+        )
 
 
 def require_ray() -> Any:
@@ -121,7 +148,9 @@ def require_ray() -> Any:
     return ray
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+def init_ray(
+    address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False
+) -> bool:
     """Connect to a Ray cluster, or start a local one; no-op when Ray is already initialised.
 
     Args:
@@ -129,6 +158,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
             ``"ray://host:10001"`` or ``"host:6379"``; ``None`` starts a local Ray (unless
             ``RAY_ADDRESS`` is set, which Ray itself honours).
         num_cpus: CPUs of a local Ray (default: all).
+        verbose: keep Ray's own log output (start-up, workers) on the terminal.
 
     Returns:
         whether this call initialised Ray (the caller may then shut it down).
@@ -136,11 +166,29 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
     ray = require_ray()
     if ray.is_initialized():
         return False
+    # Ray's start-up lines, its workers' log lines and Ray Data's plan messages flood a terminal
+    # that only wants the summary; they are shown with verbose=True.
+    quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **{"log_to_driver": True, **quiet})
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
     return True
+
+
+@contextlib.contextmanager
+def _ray_logging(verbose: bool) -> Iterator[None]:
+    """Ray's and Ray Data's Python loggers at ERROR for the call, unless ``verbose``."""
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    before = [lg.level for lg in loggers]
+    if not verbose:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before, strict=True):
+            lg.setLevel(level)
 
 
 # --- results on disk ---------------------------------------------------------------------------
@@ -276,7 +324,7 @@ class _ActorScorer:
 
         from qualiclip.engine import score_paths
 
-        paths = [str(p) for p in batch.column("path").to_pylist()]
+        paths = [os.fsdecode(p) for p in batch.column("fspath").to_pylist()]
         self.calls += 1
         cfg = self.config
         try:
@@ -286,10 +334,10 @@ class _ActorScorer:
                     precision=cfg.precision,  # type: ignore[arg-type]
                 )
             )
-            rows = [(r.path, r.score, r.error, r.width, r.height) for r in results]
+            rows = [(display_path(r.path), r.score, r.error, r.width, r.height) for r in results]
         except Exception as exc:  # noqa: BLE001 - a broken batch becomes error rows, not a dead job
-            message = f"{type(exc).__name__}: {exc}"
-            rows = [(p, None, message, None, None) for p in paths]
+            message = display_path(f"{type(exc).__name__}: {exc}")
+            rows = [(display_path(p), None, message, None, None) for p in paths]
         n = len(paths)
         columns: list[list[Any]] = [[row[i] for row in rows] for i in range(5)]
         data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n]
@@ -299,7 +347,76 @@ class _ActorScorer:
         )
 
 
+#: The prefix of a line logged by Ray's C++ core (``[2026-01-01 12:00:00,000 E 123 123] x.cc:1:``).
+_RAY_CORE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+:\d+: ")
+
+
+@contextlib.contextmanager
+def quiet_ray_core(enabled: bool = True) -> Iterator[None]:
+    """Keep the lines Ray's C++ core writes straight to the process's stderr off the terminal.
+
+    Ray's core worker in this process logs to file descriptor 2 itself (for example a warning
+    about its own actors' constructor arguments, once per actor), below Python's logging. While
+    enabled, descriptor 2 goes through a pipe, and a thread passes on everything except lines
+    with that core's prefix; progress bars (``\\r`` updates) pass at once.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(ln + b"\n" for ln in lines if not _RAY_CORE_LINE.match(ln))
+            if b"\r" in pending:  # a progress bar's update: no newline will come soon
+                cut = pending.rindex(b"\r") + 1
+                out, pending = out + pending[:cut], pending[cut:]
+            if out:
+                os.write(saved, out)
+        if pending and not _RAY_CORE_LINE.match(pending):
+            os.write(saved, pending)
+
+    thread = threading.Thread(target=forward, name="qualiclip-ray-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to the end
+        thread.join(timeout=1)
+        os.close(read_end)
+        os.close(saved)
+
+
+def _bound_scorer(config: RayScoreConfig) -> type[_ActorScorer]:
+    """The actor class with ``config`` bound: the class travels with the task, so Ray keeps no
+    constructor arguments in its object store (which it warns about on every run)."""
+
+    class _BoundScorer(_ActorScorer):
+        def __init__(self) -> None:
+            super().__init__(config)
+
+    return _BoundScorer
+
+
 # --- the job -----------------------------------------------------------------------------------
+
+
+def display_path(path: str) -> str:
+    """``path`` as valid UTF-8 text for the result columns.
+
+    File names are bytes on POSIX; Python carries undecodable bytes as lone surrogates, which
+    Arrow (and Parquet and CSV readers) refuse. Each such byte is written as ``\\xNN`` instead,
+    so every name the OS can hold gets a row, and the same name always gets the same text.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -328,6 +445,7 @@ def score_to_folder(
     *,
     address: str | None = None,
     on_part: Callable[[Path, int], None] | None = None,
+    verbose: bool = False,
 ) -> ScoreSummary:
     """Score images on Ray and write the results as part files in ``output``; resumable.
 
@@ -338,9 +456,11 @@ def score_to_folder(
         address: Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``); ``None``
             reuses an initialised Ray or starts a local one.
         on_part: called with each part file written and the rows in it.
+        verbose: show Ray's own log output (quiet by default: errors only).
 
     Returns:
-        counts of this run: inputs, skipped (already in ``output``), scored, failed.
+        counts of this run (scored, failed) and of what ``output`` held before for the inputs
+        (already done, and how many of those are error rows).
 
     Raises:
         ImportError: Ray is not installed (the message names ``qualiclip[ray]``).
@@ -354,17 +474,43 @@ def score_to_folder(
         raise ValueError(f"output {folder} exists and is not a folder")
     paths = expand_inputs(inputs)
     done = scored_paths(folder, config)
-    todo = [p for p in paths if p not in done]
+    failed_before = _failed_paths(folder, config) if done else set()
+    todo = [p for p in paths if display_path(p) not in done]
+    n_done = len(paths) - len(todo)
+    failed_earlier = sum(display_path(p) in failed_before for p in paths)
     if not todo:
-        return ScoreSummary(len(paths), len(paths), 0, 0, (), time.perf_counter() - start)
+        return ScoreSummary(len(paths), n_done, 0, 0, failed_earlier, (),
+                            time.perf_counter() - start)
     folder.mkdir(parents=True, exist_ok=True)
-    init_ray(address)
+    with _ray_logging(verbose):
+        init_ray(address, verbose=verbose)
+        # Filtered only once Ray runs: processes Ray starts must not inherit the pipe.
+        with quiet_ray_core(not verbose):
+            scored, failed, parts = _run_job(ray, todo, folder, config, on_part)
+    return ScoreSummary(len(paths), n_done, scored, failed, failed_earlier, tuple(parts),
+                        time.perf_counter() - start)
+
+
+def _failed_paths(output: Path, config: RayScoreConfig) -> set[str]:
+    failed: set[str] = set()
+    for part in part_files(output, config.output_format):
+        rows = _read_part(part, config.output_format, ("path", "error")).to_pydict()
+        failed.update(p for p, e in zip(rows["path"], rows["error"], strict=True) if e)
+    return failed
+
+
+def _run_job(
+    ray: Any, todo: list[str], folder: Path, config: RayScoreConfig,
+    on_part: Callable[[Path, int], None] | None,
+) -> tuple[int, int, list[Path]]:
+    """Score ``todo`` on Ray, writing parts into ``folder``; ``(scored, failed, parts)``."""
     ray.data.DataContext.get_current().enable_progress_bars = config.progress
     blocks = max(1, min(len(todo) // config.batch_size, 4 * config.concurrency, 200))
-    dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
+    # The file system's bytes travel to the actors; the text column is for people and tables.
+    items = [{"fspath": os.fsencode(p)} for p in todo]
+    dataset = ray.data.from_items(items, override_num_blocks=blocks)
     dataset = dataset.map_batches(
-        _ActorScorer,
-        fn_constructor_kwargs={"config": config},
+        _bound_scorer(config),
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
@@ -380,11 +526,8 @@ def score_to_folder(
         name = f"part-{run}-{len(parts):05d}.{config.output_format}"
         part = _write_part(table, folder, name, config.output_format)
         parts.append(part)
-        scored += table.num_rows
-        failed += table.num_rows - table.column("error").null_count
+        errors = table.num_rows - table.column("error").null_count
+        scored, failed = scored + table.num_rows - errors, failed + errors
         if on_part is not None:
             on_part(part, table.num_rows)
-    return ScoreSummary(
-        len(paths), len(paths) - len(todo), scored, failed, tuple(parts),
-        time.perf_counter() - start,
-    )
+    return scored, failed, parts
