@@ -12,7 +12,7 @@ not depend on the weights; batch norms get random statistics so none is an ident
   attention pooling (``attnpool.full_attention = True``), batch 1, default memory format;
 * **engine**: :func:`qualiclip.engine.score_paths` in each precision;
 * **fp32 no-reuse** (CPU): the engine in fp32 with ``QUALICLIP_REUSE_MEMORY=0``, to show what
-  reusing freed feature maps gains (``qualiclip.engine.reuse_freed_memory``).
+  reusing freed feature maps gains (``qualiclip.heap.reuse_freed_memory``).
 
 Each run is a fresh subprocess (so its peak RSS is its own) that warms up on one image, then times
 ``--repeats`` passes over all the photos; the fastest pass counts, as the fastest matmul does for
@@ -220,7 +220,7 @@ def spawn(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     env = dict(os.environ)
     if not spec.get("reuse_memory", True):
-        env["QUALICLIP_REUSE_MEMORY"] = "0"  # the C allocator as it is (engine.reuse_freed_memory)
+        env["QUALICLIP_REUSE_MEMORY"] = "0"  # the C allocator as it is (heap.reuse_freed_memory)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                               env=env)

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import perturb_batch_norms
-from qualiclip import engine
+from qualiclip import engine, fused, heap, precision
 from qualiclip.clip import CLIPConfig, build_visual
 from qualiclip.images import load_image
 from qualiclip.model import QualiCLIP, create_model
@@ -129,24 +129,24 @@ def test_fused_conv_equals_conv_then_batch_norm(use_mkldnn, relu, residual):
     bn = nn.BatchNorm2d(16)
     _perturb_batch_norms(bn)
     bn.eval()
-    fused = engine.FusedConv(conv, bn, relu=relu)
-    fused.use_mkldnn = use_mkldnn and fused.use_mkldnn
+    fconv = fused.FusedConv(conv, bn, relu=relu)
+    fconv.use_mkldnn = use_mkldnn and fconv.use_mkldnn
     x = torch.randn(2, 8, 21, 30).contiguous(memory_format=torch.channels_last)
     other = torch.randn(2, 16, 11, 15)
     with torch.no_grad():
         expected = bn(conv(x)) + (other if residual else 0)
         expected = expected.relu() if relu else expected
-        got = fused(x, other.clone() if residual else None)
+        got = fconv(x, other.clone() if residual else None)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (65, 97), (128, 96)])
 def test_fused_tower_features_equal_the_model(tiny, size):
     x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(3))
-    fused = engine.FusedResNet(tiny.visual)
+    tower = fused.FusedResNet(tiny.visual)
     with torch.no_grad():
         expected = tiny.visual(tiny.normalize(x))
-        got = fused(tiny.normalize(x))
+        got = tower(tiny.normalize(x))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -165,15 +165,15 @@ def test_model_score_runs_the_engine_in_bounded_chunks(tiny):
     with torch.no_grad():
         expected = tiny(x)
     engine._PREPARED.pop(tiny, None)
-    torch.testing.assert_close(tiny.score(x), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(engine.score(tiny, x), expected, atol=ATOL, rtol=0)
     (runner,) = (entry[1] for entry in engine._PREPARED[tiny].values())
-    assert isinstance(runner.visual, engine.FusedResNet)  # the fast path, not the plain model
+    assert isinstance(runner.visual, fused.FusedResNet)  # the fast path, not the plain model
     # Chunks of two images, then one: the same scores as one pass.
     chunked = engine.score_tensors(tiny, x, max_batch_pixels=2 * 64 * 80 + 1)
     torch.testing.assert_close(chunked, expected, atol=ATOL, rtol=0)
     assert engine.score_tensors(tiny, x[:0]).shape == (0,)
     with pytest.raises(ValueError, match="fp16"):
-        tiny.score(x, precision="fp16")
+        engine.score(tiny, x, precision="fp16")
     with pytest.raises(ValueError, match="batch"):
         engine.score_tensors(tiny, x[0])
 
@@ -192,7 +192,7 @@ def test_prepared_copy_follows_weight_changes(tiny):
 
 def test_bf16_is_close_to_fp32(tiny):
     x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))
-    with pytest.warns(RuntimeWarning) if not engine.native_bf16(tiny.device) else _no_warning():
+    with pytest.warns(RuntimeWarning) if not precision.native_bf16(tiny.device) else _no_warning():
         bf16 = engine.score_tensors(tiny, x, "bf16")
     fp32 = engine.score_tensors(tiny, x)
     assert bf16.dtype == torch.float32
@@ -203,29 +203,29 @@ def test_bf16_without_onednn_bf16_runs_pytorch_convolutions(tiny, monkeypatch):
     """On CPUs whose oneDNN has no bf16 kernels (AVX2-only), bf16 takes PyTorch's convolution."""
     x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))
     fp32 = engine.score_tensors(tiny, x)
-    monkeypatch.setattr(engine, "onednn_bf16_works", lambda: False)
+    monkeypatch.setattr(fused, "onednn_bf16_works", lambda: False)
     calls: list[torch.dtype] = []
-    conv2d = engine.F.conv2d
+    conv2d = fused.F.conv2d
 
     def spy(inp: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         calls.append(inp.dtype)
         return conv2d(inp, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine.F, "conv2d", spy)
+    monkeypatch.setattr(fused.F, "conv2d", spy)
     engine._PREPARED.pop(tiny, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         bf16 = engine.score_tensors(tiny, x, "bf16")
     runner = engine.prepare(tiny, "bf16")
-    n_convs = sum(isinstance(m, engine.FusedConv) for m in runner.visual.modules())
+    n_convs = sum(isinstance(m, fused.FusedConv) for m in runner.visual.modules())
     assert n_convs > 0 and calls == [torch.bfloat16] * n_convs  # one pass, every conv in bf16
     torch.testing.assert_close(bf16, fp32, atol=2e-2, rtol=0)
 
 
 def test_onednn_bf16_probe_agrees_with_running_it():
     """The probe answers what running the fused bf16 convolution does on this CPU."""
-    engine.onednn_bf16_works.cache_clear()
-    works = engine.onednn_bf16_works()
+    fused.onednn_bf16_works.cache_clear()
+    works = fused.onednn_bf16_works()
     x = torch.rand(1, 4, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     w = torch.rand(4, 4, 3, 3).to(torch.bfloat16)
     try:
@@ -238,12 +238,12 @@ def test_onednn_bf16_probe_agrees_with_running_it():
 
 
 def test_precision_refused_up_front():
-    with pytest.raises(engine.PrecisionError, match="fp16 needs a CUDA device"):
-        engine.check_precision("cpu", "fp16")
-    with pytest.raises(engine.PrecisionError, match="precision must be one of"):
-        engine.check_precision("cpu", "int8")
-    engine.check_precision("cpu", "bf16")  # any CPU runs bf16 (oneDNN or PyTorch's own kernels)
-    engine.check_precision("cpu", "fp32")
+    with pytest.raises(precision.PrecisionError, match="fp16 needs a CUDA device"):
+        precision.check_precision("cpu", "fp16")
+    with pytest.raises(precision.PrecisionError, match="precision must be one of"):
+        precision.check_precision("cpu", "int8")
+    precision.check_precision("cpu", "bf16")  # any CPU runs bf16 (oneDNN or PyTorch's own kernels)
+    precision.check_precision("cpu", "fp32")
 
 
 class _no_warning:
@@ -341,15 +341,15 @@ def test_grouper_batches_equal_sizes_within_bounds(sizes, batch_size, lookahead)
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from qualiclip import engine
-applied = engine.reuse_freed_memory()
+from qualiclip import engine, heap  # as scoring runs: the engine's imports settle the heap first
+applied = heap.reuse_freed_memory()
 def faults_of_one_map():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20 // 4)  # a 64 MiB feature map, written, then freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 for _ in range(3):  # (the first maps settle the heap; an aligned block needs some slack)
     faults_of_one_map()
-with engine._allocator_as_is():  # a very large pass: maps come fresh and go back
+with heap._allocator_as_is():  # a very large pass: maps come fresh and go back
     fresh = faults_of_one_map()
 for _ in range(3):
     faults_of_one_map()
@@ -360,7 +360,7 @@ print(applied, faults_of_one_map(), fresh)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 @pytest.mark.parametrize("env_value", ["1", "0"])
 def test_freed_feature_maps_are_reused_unless_opted_out(env_value):
-    env = {**os.environ, engine.REUSE_MEMORY_ENV: env_value}
+    env = {**os.environ, heap.REUSE_MEMORY_ENV: env_value}
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     applied, faults, fresh = out[0] == "True", int(out[1]), int(out[2])
@@ -376,7 +376,7 @@ def test_very_large_passes_score_the_same(tiny, monkeypatch):
     x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         expected = tiny(x)
-    monkeypatch.setattr(engine, "LARGE_PASS_PIXELS", 1)  # every pass counts as very large
+    monkeypatch.setattr(heap, "LARGE_PASS_PIXELS", 1)  # every pass counts as very large
     torch.testing.assert_close(engine.score_tensors(tiny, x), expected, atol=ATOL, rtol=0)
 
 
@@ -395,7 +395,7 @@ def test_heap_valve_trims_only_past_twice_the_largest_working_set():
     ]
     readings = iter([100] + [r for r, _ in passes] + [1100, 1400, 1401])
     trims: list[int] = []
-    valve = engine.HeapValve(factor=2.0, resident=lambda: next(readings),
+    valve = heap.HeapValve(factor=2.0, resident=lambda: next(readings),
                              trim=lambda: trims.append(1))
     for reading, trimmed in passes:
         before = len(trims)

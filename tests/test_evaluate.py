@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import stats
 
 from qualiclip import evaluate as E
+from qualiclip import metrics as M
 from qualiclip.niqe import NIQEResult
 
 # Fixed arrays with ties in both vectors (ties are where hand-rolled rank code goes wrong).
@@ -23,61 +24,61 @@ MOS = np.array([1.0, 2.0, 2.5, 2.0, 4.1, 3.3, 1.1, 1.5, 4.8, 3.3, 2.9, 2.2])
 
 
 def test_metrics_agree_with_scipy() -> None:
-    assert E.srcc(PRED, MOS) == pytest.approx(stats.spearmanr(PRED, MOS).statistic, abs=1e-12)
-    assert E.plcc(PRED, MOS) == pytest.approx(stats.pearsonr(PRED, MOS).statistic, abs=1e-12)
-    assert E.krcc(PRED, MOS) == pytest.approx(stats.kendalltau(PRED, MOS).statistic, abs=1e-12)
+    assert M.srcc(PRED, MOS) == pytest.approx(stats.spearmanr(PRED, MOS).statistic, abs=1e-12)
+    assert M.plcc(PRED, MOS) == pytest.approx(stats.pearsonr(PRED, MOS).statistic, abs=1e-12)
+    assert M.krcc(PRED, MOS) == pytest.approx(stats.kendalltau(PRED, MOS).statistic, abs=1e-12)
 
 
 def test_metrics_reject_bad_input() -> None:
     with pytest.raises(ValueError, match="length"):
-        E.srcc([1, 2, 3], [1, 2])
+        M.srcc([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="at least 3"):
-        E.plcc([1, 2], [1, 2])
+        M.plcc([1, 2], [1, 2])
     with pytest.raises(ValueError, match="finite"):
-        E.krcc([1, np.nan, 3], [1, 2, 3])
+        M.krcc([1, np.nan, 3], [1, 2, 3])
 
 
 @pytest.mark.parametrize("params", [(4.5, 1.2, 1.0, 0.7), (1.0, 5.0, -2.0, 1.5)])
 def test_logistic_fit_recovers_known_parameters(params: tuple[float, ...]) -> None:
     rng = np.random.default_rng(1)
     x = np.sort(rng.uniform(-6, 6, 400))
-    y = E.logistic4(x, *params) + rng.normal(scale=0.02, size=x.size)
-    fit = E.fit_logistic(x, y)
+    y = M.logistic4(x, *params) + rng.normal(scale=0.02, size=x.size)
+    fit = M.fit_logistic(x, y)
     assert fit.converged
     np.testing.assert_allclose([fit.b1, fit.b2, fit.b3, fit.b4], params, atol=0.05)
-    assert E.plcc_logistic(x, y) * np.sign(params[0] - params[1]) > 0.999
+    assert M.plcc_logistic(x, y) * np.sign(params[0] - params[1]) > 0.999
 
 
 def test_logistic_fallback_when_fit_fails() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=200)
     y = 2 * x + rng.normal(size=200)
-    fit = E.fit_logistic(x, y, maxfev=1)  # an evaluation budget of 1 makes curve_fit give up
+    fit = M.fit_logistic(x, y, maxfev=1)  # an evaluation budget of 1 makes curve_fit give up
     assert not fit.converged
     # The near-linear fallback keeps the raw linear agreement.
-    assert np.corrcoef(fit(x), y)[0, 1] == pytest.approx(E.plcc(x, y), abs=2e-3)
+    assert np.corrcoef(fit(x), y)[0, 1] == pytest.approx(M.plcc(x, y), abs=2e-3)
 
 
 def test_bootstrap_matches_a_plain_loop() -> None:
-    lo, hi = E.bootstrap_ci(PRED, MOS, "srcc", resamples=200, seed=3)
+    lo, hi = M.bootstrap_ci(PRED, MOS, "srcc", resamples=200, seed=3)
     idx = np.random.default_rng(3).integers(0, PRED.size, size=(200, PRED.size))
     loop = [stats.spearmanr(PRED[i], MOS[i]).statistic for i in idx]
     loop = np.asarray(loop)[np.isfinite(loop)]
     np.testing.assert_allclose([lo, hi], np.quantile(loop, [0.025, 0.975]), atol=1e-9)
-    assert E.bootstrap_ci(PRED, MOS, "srcc", resamples=200, seed=3) == (lo, hi)
-    assert lo <= E.srcc(PRED, MOS) <= hi
+    assert M.bootstrap_ci(PRED, MOS, "srcc", resamples=200, seed=3) == (lo, hi)
+    assert lo <= M.srcc(PRED, MOS) <= hi
 
 
 def test_lower_is_better_flips_sign_once() -> None:
-    up = E.compute_metrics(PRED, MOS, bootstrap=0)
-    niqe_like = E.compute_metrics(-PRED, MOS, pred_higher_is_better=False, bootstrap=0)
+    up = M.compute_metrics(PRED, MOS, bootstrap=0)
+    niqe_like = M.compute_metrics(-PRED, MOS, pred_higher_is_better=False, bootstrap=0)
     assert niqe_like.flipped and niqe_like.srcc == pytest.approx(up.srcc)
     assert niqe_like.plcc == pytest.approx(up.plcc)
     # A lower-is-better model on DMOS labels: two flips cancel.
-    both = E.compute_metrics(-PRED, -MOS, pred_higher_is_better=False,
+    both = M.compute_metrics(-PRED, -MOS, pred_higher_is_better=False,
                              mos_higher_is_better=False, bootstrap=0)
     assert not both.flipped and both.krcc == pytest.approx(up.krcc)
-    anti = E.compute_metrics(-PRED, MOS, bootstrap=0)
+    anti = M.compute_metrics(-PRED, MOS, bootstrap=0)
     assert anti.srcc < 0 and anti.plcc_logistic < 0
 
 

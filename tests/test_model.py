@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from qualiclip import engine
 from qualiclip.model import QualiCLIP, create_model, list_models
 from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
 
@@ -92,7 +93,7 @@ def test_score_accepts_every_input_kind(tmp_path, official):
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
     Image.fromarray(array).save(tmp_path / "x.png")
-    expected = official.score(torch.from_numpy(array).permute(2, 0, 1).float() / 255)
+    expected = engine.score(official, torch.from_numpy(array).permute(2, 0, 1).float() / 255)
     assert isinstance(expected, float) and 0.0 <= expected <= 1.0
     for source in (
         array,
@@ -101,9 +102,9 @@ def test_score_accepts_every_input_kind(tmp_path, official):
         str(tmp_path / "x.png"),
         (tmp_path / "x.png").read_bytes(),
     ):
-        assert official.score(source) == pytest.approx(expected, abs=1e-6)
+        assert engine.score(official, source) == pytest.approx(expected, abs=1e-6)
     batch = torch.from_numpy(np.stack([array, array[::-1]])).permute(0, 3, 1, 2).float() / 255
-    scores = official.score(batch)
+    scores = engine.score(official, batch)
     assert isinstance(scores, torch.Tensor) and scores.shape == (2,)
     assert float(scores[0]) == pytest.approx(expected, abs=1e-6)
 

@@ -6,7 +6,7 @@ images, evaluate against human opinion scores, and scale scoring out.
 Example:
     >>> import qualiclip
     >>> model = qualiclip.create_model("qualiclip")      # downloads once, verified, cached
-    >>> model.score("photo.jpg")                          # doctest: +SKIP
+    >>> qualiclip.score(model, "photo.jpg")               # doctest: +SKIP
     0.71
 """
 
@@ -15,12 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["QualiCLIP", "create_model", "list_models", "score_paths", "__version__"]
+__all__ = ["QualiCLIP", "create_model", "list_models", "score", "score_paths", "__version__"]
 
 _LAZY = {
     "QualiCLIP": "qualiclip.model",
     "create_model": "qualiclip.model",
     "list_models": "qualiclip.model",
+    "score": "qualiclip.engine",
     "score_paths": "qualiclip.engine",
 }
 

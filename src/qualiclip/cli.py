@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from qualiclip.precision import PRECISIONS
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -46,8 +48,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # noqa: ANN201
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
     device cannot run, is a usage error."""
-    from qualiclip.engine import check_precision
     from qualiclip.model import create_model
+    from qualiclip.precision import check_precision
 
     try:
         model = create_model(
@@ -76,7 +78,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument(
         "--format", choices=("table", "csv", "json", "jsonl", "parquet"), default=None,
         help="local: table (default), csv, json, jsonl; --engine ray: parquet (default) or csv",
@@ -162,7 +164,7 @@ def _run_score_ray(args: argparse.Namespace) -> int:
     if args.num_cpus_per_actor < 0 or args.num_gpus_per_actor < 0:
         raise UsageError("--num-cpus-per-actor and --num-gpus-per-actor must be >= 0")
     if args.num_gpus_per_actor == 0:
-        from qualiclip.engine import PrecisionError, check_precision
+        from qualiclip.precision import PrecisionError, check_precision
 
         try:
             check_precision("cpu", args.precision)
@@ -422,7 +424,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples for the 95%% intervals (0: none; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and distortions")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="precision of the QualiCLIP models (fp16: CUDA only; default fp32)")
     p.add_argument("--workers", type=int, default=2,
                    help="NIQE processes / image decoding threads (default 2)")
@@ -551,7 +553,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long to wait for more images to batch (default 5 ms)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")

@@ -1,61 +1,60 @@
-"""Fast batch scoring: parallel decoding, same-size batches, a fused inference copy of the tower.
+"""Fast scoring: a model readied for inference, tensors in bounded chunks, files in batches.
 
 Every input gets a :class:`ScoreResult` in input order; an input that cannot be read or scored
 gets its error text instead of a score, and the others are scored regardless.
 
 What makes it fast (each measured by ``benchmarks/bench_score.py``):
 
-* **A fused copy of the ResNet tower** (:class:`FusedResNet`), built once per model: every batch
-  norm is folded into the convolution before it (exact in eval mode up to float rounding), and on
-  CPUs the ReLU and the residual sum run inside oneDNN's convolution as post-ops
-  (``mkldnn._convolution_pointwise``). In the plain model about a third of the time goes to the
-  memory-bound batch-norm, ReLU and add passes over large feature maps; here they cost nothing.
+* **A fused copy of the ResNet tower** (:mod:`qualiclip.fused`), built once per model and
+  precision by :func:`prepare`: batch norms folded into the convolutions, ReLU and residual sums
+  fused into oneDNN's convolutions.
 * **Channels-last** memory throughout (oneDNN's fast layout); decoded ``H x W x 3`` pixels are
   already channels-last, so no transpose is ever made.
 * **O(N) attention pooling** (the first token queries alone; :mod:`qualiclip.clip`).
 * **Decoding in threads** (PIL releases the GIL) ahead of the model, and **images of equal size
   grouped** into one forward pass within a bounded look-ahead window; results are put back in
   input order.
-* **Freed feature maps reused** on Linux (:func:`reuse_freed_memory`): glibc would otherwise map
-  each large map afresh and fault it in page by page in every pass; what is kept is bounded
-  (:class:`HeapValve`).
-* **Bounded memory**: batches are capped by pixels as well as count, the residual sum is written
-  into the shortcut's buffer and each intermediate map is freed as soon as it is consumed, so a
-  12-megapixel photo scores with RN50 in well under 4 GiB, at full resolution.
+* **Freed feature maps reused** on Linux (:mod:`qualiclip.heap`).
+* **Bounded memory**: batches are capped by pixels as well as count, so a 12-megapixel photo
+  scores with RN50 in well under 4 GiB, at full resolution.
 
-Precision: ``fp32`` (default), ``bf16`` (CPU and CUDA; fast only where the hardware has bf16
-arithmetic: AVX512-BF16/AMX CPUs, Ampere+ GPUs; elsewhere oneDNN emulates it, slower than fp32, and
-a warning says so), ``fp16`` (CUDA only). The measured effect on scores is in ``docs/precision.md``.
+Precisions are those of :mod:`qualiclip.precision`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import os
-import platform
-import sys
-import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qualiclip.clip import Bottleneck, ModifiedResNet
+from qualiclip import heap, images
+from qualiclip.clip import ModifiedResNet
+from qualiclip.fused import FusedResNet
 from qualiclip.model import QualiCLIP
+from qualiclip.precision import (
+    PRECISIONS,
+    Precision,
+    autocast_context,
+    check_precision,
+    compute_dtype,
+    native_bf16,
+)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+__all__ = [
+    "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "InferenceModel", "Precision", "ScoreResult",
+    "check_precision", "prepare", "score", "score_paths", "score_tensors",
+]
 
 #: Most pixels in one forward pass (8 KonIQ-size 1024x768 images); larger images go one by one.
 DEFAULT_MAX_BATCH_PIXELS = 8 * 1024 * 768
@@ -78,374 +77,6 @@ class ScoreResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-# --- precision ---------------------------------------------------------------------------------
-
-
-class PrecisionError(ValueError):
-    """A precision this device cannot run; the message says what the machine lacks."""
-
-
-def check_precision(device: torch.device | str, precision: str) -> None:
-    """Refuse up front a precision that ``device`` cannot run.
-
-    fp32 runs everywhere. bf16 runs on every CPU (through oneDNN where its bf16 kernels work,
-    else through PyTorch's own convolution: see :func:`onednn_bf16_works`) and on CUDA devices
-    that support it. fp16 is CUDA only: CPUs have no fast fp16 convolution.
-
-    Raises:
-        PrecisionError: the precision is unknown, or ``device`` cannot run it.
-    """
-    device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise PrecisionError(
-            f"fp16 needs a CUDA device, and this run is on {device.type}: use fp32, or bf16 "
-            "(runs on any CPU; fast only with AVX512-BF16 or AMX)"
-        )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PrecisionError(
-            f"bf16 is not supported by {torch.cuda.get_device_name(device)}: use fp16 or fp32"
-        )
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast region for ``precision`` on ``device`` (a no-op for fp32).
-
-    Raises:
-        PrecisionError: unknown precision, or one ``device`` cannot run (:func:`check_precision`).
-    """
-    check_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` does bf16 arithmetic in hardware (else it is emulated, and slow)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        cpu: Any = torch.cpu
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-    return True  # MPS and others: leave it to the backend
-
-
-@functools.cache
-def onednn_bf16_works() -> bool:
-    """Whether oneDNN's fused bf16 convolution runs on this CPU, found by running one once.
-
-    oneDNN's bf16 kernels need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; on other CPUs (AVX2-only
-    ones such as AMD Zen 3) the fused convolution raises, while PyTorch's own convolution still
-    computes in bf16. Probing, rather than reading CPU flags, follows whatever this build of
-    PyTorch and oneDNN accept.
-    """
-    if not _mkldnn_fusion_available():
-        return False
-    x = torch.ones(1, 2, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    w = torch.ones(2, 2, 1, 1, dtype=torch.bfloat16)
-    try:
-        torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu",
-                                                [], "")
-    except RuntimeError:
-        return False
-    return True
-
-
-def _compute_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-# --- memory reuse ------------------------------------------------------------------------------
-
-#: Environment variable: ``0`` leaves the C library's allocator as it is (see
-#: :func:`reuse_freed_memory`).
-REUSE_MEMORY_ENV = "QUALICLIP_REUSE_MEMORY"
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (<malloc.h>)
-_reuse_memory: bool | None = None
-
-
-def reuse_freed_memory() -> bool:
-    """Have glibc's ``malloc`` keep freed memory for reuse; once per process, Linux only.
-
-    By default glibc serves every block above 32 MiB (every feature map of a large image) with a
-    fresh ``mmap`` and unmaps it when freed, so each forward pass pays again for the kernel to
-    fault in and zero its feature maps: about one page fault per 4 KiB, a tenth or more of the
-    time of an RN50 forward at 1024x768. With ``mmap`` off and no trimming, freed maps go back to
-    the heap and the next pass reuses them. What the process keeps is bounded by
-    :class:`HeapValve`: more than twice the largest working set of one pass, and the heap is
-    trimmed. Set ``QUALICLIP_REUSE_MEMORY=0`` to leave the allocator alone (the call then does
-    nothing). Called before the engine's first forward pass on a CPU.
-
-    Returns:
-        whether the setting is in effect (``False`` off glibc or when opted out).
-    """
-    global _reuse_memory
-    if _reuse_memory is None:
-        _reuse_memory = False
-        opted_out = os.environ.get(REUSE_MEMORY_ENV, "1").strip() in {"0", "false", "no"}
-        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not opted_out:
-            try:
-                libc = _libc()
-                _reuse_memory = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-                )
-            except (OSError, AttributeError):
-                _reuse_memory = False
-    return _reuse_memory
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL("libc.so.6")
-
-
-def _malloc_trim() -> None:
-    _libc().malloc_trim(0)
-
-
-class HeapValve:
-    """Bounds the freed memory kept for reuse: trims the heap when it holds too much.
-
-    Kept blocks do not always fit later requests (sizes vary, small blocks pin big ones apart), so
-    the kept heap can creep upwards over a long run of mixed sizes. After each forward pass the
-    valve reads the resident size: the first pass, the first after a trim and any pass over more
-    pixels than all before it tell the working set of one pass; once the process holds more than
-    ``factor`` times the largest working set seen above what it held before the first pass, all
-    free memory is returned to the kernel (``malloc_trim``) and the count starts again.
-
-    Args:
-        factor: how many working sets may be held.
-        resident: reads the process's resident bytes (replaceable for tests).
-        trim: returns free heap memory to the kernel (replaceable for tests).
-    """
-
-    def __init__(
-        self,
-        factor: float = 2.0,
-        resident: Callable[[], int] = _resident_bytes,
-        trim: Callable[[], None] = _malloc_trim,
-    ) -> None:
-        self.factor, self.resident, self.trim = factor, resident, trim
-        self.floor: int | None = None
-        self.working_set = 0
-        self.trims = 0
-        self._fresh = True
-        self._most_pixels = 0
-        self._lock = threading.Lock()
-
-    def reset(self) -> None:
-        """Measure the working set afresh at the next pass (after the heap was trimmed)."""
-        with self._lock:
-            self._fresh = True
-
-    def before_pass(self, pixels: int = 0) -> None:
-        """Note a pass over ``pixels`` pixels (images x height x width) about to run."""
-        with self._lock:
-            if self.floor is None:
-                self.floor = self.resident()
-            if pixels > self._most_pixels:  # a larger pass: its working set is measured, not judged
-                self._most_pixels, self._fresh = pixels, True
-
-    def after_pass(self) -> None:
-        with self._lock:
-            if self.floor is None:
-                return
-            held = self.resident() - self.floor
-            if self._fresh:
-                self.working_set, self._fresh = max(self.working_set, held), False
-            elif held > self.factor * self.working_set:
-                self.trim()
-                self.trims += 1
-                self._fresh = True
-
-
-_HEAP_VALVE = HeapValve()
-
-#: Passes over more pixels than this (a 12-megapixel photo, say) run with the allocator as it is:
-#: the heap kept for reuse is first returned, and their maps go back to the kernel when freed, so
-#: what was kept never adds to the peak of a very large image.
-LARGE_PASS_PIXELS = DEFAULT_MAX_BATCH_PIXELS
-
-
-@contextlib.contextmanager
-def _allocator_as_is() -> Iterator[None]:
-    if not reuse_freed_memory():  # nothing was changed
-        yield
-        return
-    _malloc_trim()
-    _libc().mallopt(_M_MMAP_MAX, 65536)  # glibc's default: large blocks mapped afresh
-    try:
-        yield
-    finally:
-        _libc().mallopt(_M_MMAP_MAX, 0)
-        _HEAP_VALVE.reset()
-
-
-# --- the fused tower ---------------------------------------------------------------------------
-
-
-def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one convolution equal to ``bn(conv(x))`` in eval mode.
-
-    ``bn(y) = (y - mean) * g / sqrt(var + eps) + b``, so scaling each output channel's kernel by
-    ``g / sqrt(var + eps)`` and adding ``b - mean * g / sqrt(var + eps)`` as a bias gives the same
-    map. Folded in float64, so the only difference is the final rounding to the conv's dtype.
-
-    Returns:
-        ``(weight, bias)`` in ``conv.weight``'s dtype, on its device.
-    """
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("batch norm without running statistics cannot be folded")
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-    bias = bn.bias.double() - bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.double() * scale
-    dtype = conv.weight.dtype
-    return weight.to(dtype).detach(), bias.to(dtype).detach()
-
-
-def _mkldnn_fusion_available() -> bool:
-    ops = torch.ops.mkldnn
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(ops, "_convolution_pointwise_")
-
-
-def _onednn_runs(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_works())
-
-
-class FusedConv(nn.Module):
-    """A convolution with its batch norm folded in, an optional ReLU and residual sum.
-
-    ``forward(x, residual)`` is ``relu(conv(x) + residual)``; on CPUs with oneDNN the sum and the
-    ReLU are post-ops of the convolution and the result is written into ``residual``'s buffer
-    (which the caller gives up), so no extra feature map is allocated.
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> None:
-        super().__init__()
-        weight, bias = fold_batch_norm(conv, bn)
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.stride = [int(s) for s in conv.stride]
-        if isinstance(conv.padding, str):
-            raise ValueError(f"string padding {conv.padding!r} is not supported")
-        self.padding = [int(p) for p in conv.padding]
-        self.dilation = [int(d) for d in conv.dilation]
-        self.groups = int(conv.groups)
-        self.relu = relu
-        self.use_mkldnn = _mkldnn_fusion_available()
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        unary = "relu" if self.relu else "none"
-        if self.use_mkldnn and x.device.type == "cpu" and _onednn_runs(x.dtype):
-            args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
-            ops = torch.ops.mkldnn
-            if residual is None:
-                return ops._convolution_pointwise(x, *args, unary, [], "")
-            # relu(conv(x) + residual), written into residual's buffer (the caller gives it up).
-            residual = residual.contiguous(memory_format=torch.channels_last)
-            return ops._convolution_pointwise_.binary(
-                residual, x, *args, "add", 1.0, unary if self.relu else None, [], ""
-            )
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                     self.groups)
-        if residual is not None:
-            y += residual
-        return y.relu_() if self.relu else y
-
-
-class FusedBottleneck(nn.Module):
-    """:class:`qualiclip.clip.Bottleneck` with folded batch norms (inference only)."""
-
-    def __init__(self, block: Bottleneck) -> None:
-        super().__init__()
-        self.conv1 = FusedConv(block.conv1, block.bn1, relu=True)
-        self.conv2 = FusedConv(block.conv2, block.bn2, relu=True)
-        self.avgpool = block.avgpool
-        self.conv3 = FusedConv(block.conv3, block.bn3, relu=True)
-        self.down_pool: nn.Module | None = None
-        self.down_conv: FusedConv | None = None
-        if block.downsample is not None:
-            pool, conv, bn = block.downsample
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-                raise TypeError("a Bottleneck's shortcut must be (pool, Conv2d, BatchNorm2d)")
-            self.down_pool, self.down_conv = pool, FusedConv(conv, bn, relu=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(self.conv1(x))
-        out = self.avgpool(out)
-        if self.down_conv is not None and self.down_pool is not None:
-            x = self.down_conv(self.down_pool(x))
-        # x (the block input, or the shortcut just computed) is not needed after the sum, so the
-        # sum is written into it.
-        return self.conv3(out, residual=x)
-
-
-class FusedResNet(nn.Module):
-    """An inference copy of a :class:`~qualiclip.clip.ModifiedResNet` trunk, batch norms folded.
-
-    The copy's weights are independent of the source (later training does not reach it); the
-    attention pooling is the source's own module, shared.
-
-    Args:
-        visual: the ResNet image tower, in eval mode.
-        dtype: dtype of the copy's weights (bf16/fp16 for reduced precision).
-
-    Shape:
-        ``trunk``: ``[B, 3, H, W]`` (CLIP-normalised) -> ``[B, 32 * width, H / 32, W / 32]``.
-    """
-
-    def __init__(self, visual: ModifiedResNet, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        if visual.training:
-            raise ValueError("fold batch norms of a model in eval mode (call model.eval())")
-        self.stem = nn.ModuleList(
-            [
-                FusedConv(visual.conv1, visual.bn1, relu=True),
-                FusedConv(visual.conv2, visual.bn2, relu=True),
-                FusedConv(visual.conv3, visual.bn3, relu=True),
-            ]
-        )
-        self.avgpool = visual.avgpool
-        blocks = [
-            block
-            for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
-            for block in layer.children()
-        ]
-        if not all(isinstance(block, Bottleneck) for block in blocks):
-            raise TypeError("FusedResNet expects ModifiedResNet layers made of Bottleneck blocks")
-        self.blocks = nn.ModuleList(FusedBottleneck(b) for b in blocks if isinstance(b, Bottleneck))
-        self.to(dtype=dtype)
-        self.dtype = dtype
-        # The pooling is the source's own module, kept in a tuple so it is not registered (and
-        # not copied or cast along with the folded weights).
-        self._attnpool: tuple[nn.Module] = (visual.attnpool,)
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        for conv in self.stem:
-            x = conv(x)
-        x = self.avgpool(x)
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._attnpool[0](self.trunk(x))
 
 
 # --- the prepared model ------------------------------------------------------------------------
@@ -474,7 +105,7 @@ class InferenceModel:
             self.visual = torch.compile(visual, dynamic=False, options={"freezing": True})
         elif fuse and isinstance(visual, ModifiedResNet) and not model.training:
             # (A model in training mode is run as it is: its batch norms use batch statistics.)
-            dtype = torch.float32 if self.device.type != "cpu" else _compute_dtype(precision)
+            dtype = torch.float32 if self.device.type != "cpu" else compute_dtype(precision)
             # (Prepacking weights into oneDNN's blocked layout was measured and not kept: no
             # faster at 1024x768, and it ties the layout to one input size.)
             self.visual = FusedResNet(visual, dtype).to(self.device)
@@ -490,27 +121,14 @@ class InferenceModel:
         if not isinstance(model, QualiCLIP):  # any scorer module: [B, 3, H, W] -> [B]
             with torch.inference_mode(), autocast_context(self.device, self.precision):
                 return model(x.contiguous(memory_format=torch.channels_last)).float()
-        model._check_input(x)
-        if owned:
-            x = x.sub_(model.mean.to(x.dtype)).div_(model.std.to(x.dtype))
-        else:
-            x = model.normalize(x)
-        reuse = self.device.type == "cpu" and reuse_freed_memory()
+        x = model.normalize_input(x, inplace=owned)
         pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
-        large = reuse and pixels > LARGE_PASS_PIXELS
-        valve = _HEAP_VALVE if reuse and not large else None
-        if valve is not None:
-            valve.before_pass(pixels)
-        with (
-            _allocator_as_is() if large else contextlib.nullcontext(),
-            torch.inference_mode(),
-            autocast_context(self.device, self.precision),
-        ):
-            features = self.visual(x.contiguous(memory_format=torch.channels_last))
-        scores = model.scores_from_features(F.normalize(features.float(), dim=-1))
-        if valve is not None:
-            del x, features  # the pass's maps are all freed: what is held now is kept memory
-            valve.after_pass()
+        with heap.forward_pass(self.device, pixels):
+            with torch.inference_mode(), autocast_context(self.device, self.precision):
+                features = self.visual(x.contiguous(memory_format=torch.channels_last))
+            del x  # the pass's maps are freed before the heap is measured
+            scores = model.scores_from_features(F.normalize(features.float(), dim=-1))
+            del features
         return scores
 
 
@@ -587,6 +205,43 @@ def score_tensors(
             for part in batch.split(chunk)
         ]
     return torch.cat(scores)
+
+
+@torch.inference_mode()
+def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch.Tensor:
+    """Score one image or a batch with the fast path.
+
+    A model in eval mode runs its fused inference copy (:func:`prepare`, built once and reused
+    while the weights are unchanged): the same scores as ``model(x)`` to float rounding, faster.
+    A batch runs in chunks of at most :data:`DEFAULT_MAX_BATCH_PIXELS` pixels.
+
+    Args:
+        model: the scorer.
+        x: a path, bytes, PIL image, NumPy array (``HxWx3`` or ``HxW``; uint8, uint16 or float
+            in [0, 1]), tensor ``[3, H, W]``, or tensor batch ``[B, 3, H, W]``.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only); see
+            ``docs/precision.md`` for the effect on scores.
+
+    Returns:
+        a float for a single image, a ``[B]`` tensor (on the CPU) for a batch.
+
+    Raises:
+        ValueError: unknown precision, one the device cannot run, or an image too small.
+
+    Example:
+        >>> import qualiclip
+        >>> model = qualiclip.create_model("random-tiny")
+        >>> 0.0 <= qualiclip.score(model, torch.rand(3, 64, 80)) <= 1.0
+        True
+    """
+    batched = isinstance(x, torch.Tensor) and x.ndim == 4
+    if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
+        batch = images.load_image(x, min_size=model.min_size)[None]
+    else:
+        batch = images.to_batch(x)
+    dtype = next(model.parameters()).dtype
+    scores = score_tensors(model, batch.to(dtype=dtype), precision)
+    return scores if batched else float(scores[0])
 
 
 # --- scoring files -----------------------------------------------------------------------------
@@ -815,17 +470,3 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def reference_score(model: QualiCLIP, path: str | Path) -> float:
-    """One image scored the plain way: decode, convert, normalise, one fp32 forward, batch 1.
-
-    The engine's results are tested against this, and the benchmark times a loop of it (with the
-    model's ``attnpool.full_attention`` set, as the reference pipeline's N x N pooling).
-    """
-    from qualiclip.images import load_image
-
-    with torch.inference_mode():
-        x = load_image(path, min_size=model.min_size)[None].to(model.device)
-        return float(model(x)[0])
-

@@ -110,7 +110,23 @@ class QualiCLIP(nn.Module):
         """CLIP-normalise RGB in [0, 1]."""
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def normalize_input(self, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """The model's input contract: check RGB ``[B, 3, H, W]`` in [0, 1], then normalise.
+
+        Args:
+            x: float images on the model's device.
+            inplace: normalise ``x`` itself (the caller gives it up; saves one copy).
+
+        Raises:
+            TypeError, ValueError: naming what is wrong with ``x`` (see :meth:`check_input`).
+        """
+        self.check_input(x)
+        if inplace:
+            return x.sub_(self.mean.to(x.dtype)).div_(self.std.to(x.dtype))
+        return self.normalize(x)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``x`` is a float RGB batch the tower takes."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4 or x.shape[1] != 3:
@@ -128,7 +144,7 @@ class QualiCLIP(nn.Module):
 
         Half-precision features (under autocast) are normalised in float32.
         """
-        self._check_input(x)
+        self.check_input(x)
         features = self.visual(self.normalize(x))
         if features.dtype in (torch.float16, torch.bfloat16):
             features = features.float()
@@ -145,38 +161,6 @@ class QualiCLIP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scores_from_features(self.image_features(x))
-
-    @torch.inference_mode()
-    def score(self, x: Any, *, precision: str = "fp32") -> float | torch.Tensor:
-        """Score one image or a batch, through the fast inference engine.
-
-        A model in eval mode runs :mod:`qualiclip.engine`'s fused copy of its tower (built once
-        and reused while the weights are unchanged): the same scores as ``self(x)`` to float
-        rounding, faster. A batch is run in chunks of at most
-        :data:`qualiclip.engine.DEFAULT_MAX_BATCH_PIXELS` pixels, so memory stays bounded.
-
-        Args:
-            x: a path, bytes, PIL image, NumPy array (``HxWx3`` or ``HxW``; uint8, uint16 or
-                float in [0, 1]), tensor ``[3, H, W]``, or tensor batch ``[B, 3, H, W]``.
-            precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only); see
-                ``docs/precision.md`` for the effect on scores.
-
-        Returns:
-            a float for a single image, a ``[B]`` tensor (on the CPU) for a batch.
-
-        Raises:
-            ValueError: unknown precision, fp16 off CUDA, or an image that is too small.
-        """
-        from qualiclip import engine, images
-
-        batched = isinstance(x, torch.Tensor) and x.ndim == 4
-        if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
-            batch = images.load_image(x, min_size=self.min_size)[None]
-        else:
-            batch = images.to_batch(x)
-        dtype = next(self.parameters()).dtype
-        scores = engine.score_tensors(self, batch.to(dtype=dtype), precision)
-        return scores if batched else float(scores[0])
 
     @classmethod
     def from_clip(

@@ -633,8 +633,8 @@ def _read_rated_csv(path: Path, limit: int) -> list[tuple[Path, float]]:
 @torch.no_grad()
 def validate_rated(model: QualiCLIP, csv_path: str | Path, limit: int = 0) -> dict[str, float]:
     """SRCC and PLCC of full-resolution scores against human scores (``path,score`` CSV)."""
-    from qualiclip.evaluate import plcc, srcc
     from qualiclip.images import load_image
+    from qualiclip.metrics import plcc, srcc
 
     model.eval()
     rows = _read_rated_csv(Path(csv_path), limit)

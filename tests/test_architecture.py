@@ -1,0 +1,78 @@
+"""The package's layers: no module imports one above it (docs/architecture.md draws them).
+
+Every module of ``src/qualiclip`` has a layer here; an import, at module level or inside a
+function, may only reach a strictly lower layer. So the import graph has no cycles, the model
+never reaches up into the engine, and the front ends stay on top. A new module must be given
+its layer here (and a line in docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "qualiclip"
+
+LAYERS: dict[str, int] = {
+    # 0 - leaves: import nothing of qualiclip's
+    "prompts": 0, "precision": 0, "heap": 0, "images": 0, "clip": 0, "degradations": 0,
+    "losses": 0, "metrics": 0,
+    # 1 - building blocks on the leaves
+    "pretrained": 1, "fused": 1, "datasets": 1, "data": 1, "niqe": 1, "sheet": 1,
+    "tokenizer": 2,
+    # 3 - the model and its factory
+    "model": 3,
+    # 4 - the engine: files and tensors in, scores out
+    "engine": 4,
+    # 5 - libraries of the front ends
+    "output": 5, "evaluate": 5, "train": 5,
+    # 6 - front ends
+    "serve": 6, "distributed": 6,
+    "cli": 7,
+    "__init__": 8,  # lazy re-exports of the public API
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """qualiclip modules that ``path`` imports, anywhere in the file."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "qualiclip":
+                found.update(a.name for a in node.names if a.name != "__version__")
+            elif node.module.startswith("qualiclip."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("qualiclip."))
+    return found
+
+
+def _modules() -> list[str]:
+    return sorted(p.stem for p in PACKAGE.glob("*.py"))
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = [m for m in _modules() if m not in LAYERS]
+    assert not missing, f"give these modules a layer in tests/test_architecture.py: {missing}"
+    stale = [m for m in LAYERS if m not in _modules()]
+    assert not stale, f"layers of modules that no longer exist: {stale}"
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_imports_only_reach_lower_layers(module: str) -> None:
+    wrong = sorted(
+        f"{module} (layer {LAYERS.get(module)}) imports {dep} (layer {LAYERS.get(dep)})"
+        for dep in _imports(PACKAGE / f"{module}.py")
+        if dep in LAYERS and module in LAYERS and LAYERS[dep] >= LAYERS[module]
+    )
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
+    """The checker itself: a lazy import inside a function is found."""
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from qualiclip.engine import score\n    import qualiclip.cli\n")
+    assert _imports(source) == {"engine", "cli"}
