@@ -33,6 +33,7 @@ from qualiclip.model import QualiCLIP, create_model
 ATOL = 1e-5
 MAX_BYTES = 1_000_000
 MAX_PIXELS = 200_000
+REQUEST_TIMEOUT = 3.0
 
 
 def _require_serve():  # noqa: ANN202
@@ -98,14 +99,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, server_log: Path) -> Iterator[str]:
     """``qualiclip serve`` as a real process on loopback; its base URL."""
     httpx = _require_serve()
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = server_log
     cmd = [sys.executable, "-m", "qualiclip.cli", "serve", "--model", str(checkpoint),
            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--no-access-log"]
+           "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--no-access-log",
+           "--request-timeout", str(REQUEST_TIMEOUT)]
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -189,7 +196,9 @@ def test_oversized_uploads_get_413(server: str) -> None:
     many_pixels = _image(500, 500, seed=1)  # 250,000 pixels > MAX_PIXELS, yet a small file
     assert len(many_pixels) < MAX_BYTES
     r = _post_raw(server, many_pixels)
-    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 413 and "too large" in detail
+    assert "--max-pixels" in detail and "500x500" in detail and "QUALICLIP_" not in detail
 
 
 def test_non_images_get_415(server: str, images: dict[str, Path]) -> None:
@@ -213,6 +222,138 @@ def test_truncated_and_too_small_get_400(server: str, images: dict[str, Path]) -
     assert r.status_code == 400 and "too small" in r.json()["detail"]
     r = _post_raw(server, b"")
     assert r.status_code == 400
+
+
+# Headers that Pillow's plugins reject with ValueError (not their usual OSError).
+BAD_IHDR = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR\x00\x00\x00\x00"
+BAD_PPM = b"P6\n4x 48\n255\n"
+
+
+def test_malformed_headers_are_one_files_error(
+    server: str, images: dict[str, Path], expected: dict[str, float]
+) -> None:
+    import httpx
+
+    good = list(images)[:2]
+    files = [
+        ("files", (good[0], images[good[0]].read_bytes(), "image/png")),
+        ("files", ("ihdr.png", BAD_IHDR, "image/png")),
+        ("files", ("header.ppm", BAD_PPM, "image/x-portable-pixmap")),
+        ("files", (good[1], images[good[1]].read_bytes(), "image/jpeg")),
+    ]
+    r = httpx.post(f"{server}/score", files=files, timeout=30)
+    assert r.status_code == 200, r.text  # as for any bad file among good ones
+    rows = r.json()["results"]
+    assert [row["filename"] for row in rows] == [good[0], "ihdr.png", "header.ppm", good[1]]
+    for row in (rows[0], rows[3]):
+        assert abs(row["score"] - expected[row["filename"]]) <= ATOL
+    assert rows[1]["score"] is None and rows[1]["error"].startswith("ihdr.png: ")
+    assert "IHDR" in rows[1]["error"]
+    assert rows[2]["score"] is None and rows[2]["error"].startswith("header.ppm: ")
+    for data in (BAD_IHDR, BAD_PPM):  # alone: the file's own status
+        r = _post_raw(server, data, "application/octet-stream")
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == r.json()["results"][0]["error"]
+
+
+def _multipart(parts: list[tuple[bytes, bytes]], close: bool = True) -> tuple[bytes, str]:
+    """A multipart/form-data body built by hand: ``(Content-Disposition value, data)`` parts."""
+    boundary = "qualiclipBoundary7MA4YWxk"
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Disposition: " + disposition
+        + b"\r\nContent-Type: image/png\r\n\r\n" + data + b"\r\n"
+        for disposition, data in parts
+    )
+    if close:
+        body += b"--" + boundary.encode() + b"--\r\n"
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_non_ascii_filenames_come_back_intact(server: str, images: dict[str, Path]) -> None:
+    png = images["img0.png"].read_bytes()
+    parts = [
+        ('form-data; name="files"; filename="日本.png"'.encode(), png),  # RFC 7578: raw UTF-8
+        ('form-data; name="files"; filename="café.jpg"'.encode(), png),
+        # RFC 5987: the extended form wins over the ASCII fallback
+        (b"form-data; name=\"files\"; filename=\"euro.jpg\"; filename*=UTF-8''%E2%82%ACuro.jpg",
+         png),
+        (b"form-data; name=\"files\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC%20b.png", png),
+    ]
+    body, ctype = _multipart(parts)
+    r = _post_raw(server, body, ctype)
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    assert [row["filename"] for row in rows] == ["日本.png", "café.jpg", "€uro.jpg", "日本 b.png"]
+    assert all(row["score"] is not None for row in rows)
+
+
+def test_multipart_without_closing_boundary_says_so(
+    server: str, images: dict[str, Path]
+) -> None:
+    png = images["img0.png"].read_bytes()
+    body, ctype = _multipart([(b'form-data; name="files"; filename="a.png"', png)], close=False)
+    r = _post_raw(server, body, ctype)
+    assert r.status_code == 400
+    assert "closing boundary" in r.json()["detail"]
+    body, ctype = _multipart([(b'form-data; name="files"; filename="a.png"', png)])
+    assert _post_raw(server, body, ctype).status_code == 200  # the same body, closed
+
+
+def _wait_closed(sock: socket.socket, limit: float, trickle: bytes | None = None) -> float:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` every 0.5 s meanwhile), or
+    ``inf`` when it is still open after ``limit`` seconds."""
+    start = time.monotonic()
+    sock.settimeout(0.5)
+    while time.monotonic() - start < limit:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            pass
+        except OSError:  # reset by the server
+            return time.monotonic() - start
+        if trickle is not None:
+            try:
+                sock.sendall(trickle)
+            except OSError:
+                return time.monotonic() - start
+    return float("inf")
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def test_slow_clients_are_disconnected(server: str, server_log: Path) -> None:
+    # Headers trickled a line every half second: never complete, never idle.
+    with _connect(server) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: localhost\r\n")
+        waited = _wait_closed(sock, REQUEST_TIMEOUT + 10, trickle=b"X-Slow: 1\r\n")
+    assert REQUEST_TIMEOUT - 0.5 <= waited <= REQUEST_TIMEOUT + 5, waited
+    # A body that stops after a few bytes.
+    with _connect(server) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10)
+        waited = _wait_closed(sock, REQUEST_TIMEOUT + 10)
+    assert REQUEST_TIMEOUT - 0.5 <= waited <= REQUEST_TIMEOUT + 5, waited
+    assert "request headers not received within" in server_log.read_text()
+
+
+def test_client_hanging_up_mid_body_is_one_info_line(server: str, server_log: Path) -> None:
+    with _connect(server) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 250)
+        time.sleep(0.3)
+    mine: list[str] = []
+    deadline = time.monotonic() + 10
+    while not mine and time.monotonic() < deadline:
+        time.sleep(0.2)
+        mine = [line for line in server_log.read_text().splitlines() if f":{port} " in line]
+    assert len(mine) == 1 and mine[0].startswith("INFO:") and "disconnected" in mine[0], mine
+    text = server_log.read_text()
+    assert "Traceback" not in text and "ClientDisconnect" not in text and "ERROR" not in text
 
 
 def test_models_healthz_and_openapi(server: str, checkpoint: Path) -> None:
