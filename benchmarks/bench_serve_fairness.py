@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_serve_fairness.py [--model random-tiny] [--big-images 8]
-        [--big-size 6000x4000] [--small-size 224x224] [--small-every 0.25] [--max-small 200]
+        [--big-size 6000x4000] [--small-size 224x224] [--small-every 0.5] [--max-small 400]
         [--timeout 300] [-- SERVER OPTIONS...]
 
 Starts ``qualiclip serve`` as its own process on 127.0.0.1 (a free port, loopback only), with
@@ -80,8 +80,8 @@ def main() -> int:
     parser.add_argument("--big-images", type=int, default=8)
     parser.add_argument("--big-size", type=_size, default=(6000, 4000))
     parser.add_argument("--small-size", type=_size, default=(224, 224))
-    parser.add_argument("--small-every", type=float, default=0.25)
-    parser.add_argument("--max-small", type=int, default=200)
+    parser.add_argument("--small-every", type=float, default=0.5)
+    parser.add_argument("--max-small", type=int, default=400)
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
 

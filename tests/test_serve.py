@@ -9,6 +9,7 @@ micro-batcher and that no request writes a file. Without the 'serve' extra the t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -431,6 +432,161 @@ def test_micro_batcher_groups_equal_sizes() -> None:
     capped, stats = asyncio.run(run(2 * 64 * 64))
     assert np.allclose(capped, scores, atol=ATOL, rtol=0)
     assert (stats.images, stats.forwards, stats.largest) == (6, 4, 2)  # type: ignore[attr-defined]
+
+
+def test_round_robin_lanes_do_not_queue_behind_one_request() -> None:
+    _require_serve()
+    from qualiclip.serve import MicroBatcher
+
+    model = _tiny_with_random_bn()
+    rng = np.random.default_rng(0)
+    large = [rng.integers(0, 256, (384, 384, 3), dtype=np.uint8) for _ in range(5)]
+    small = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    done: list[str] = []
+
+    async def one(batcher: MicroBatcher, name: str, pixels: np.ndarray, owner: str) -> None:
+        await batcher.score(pixels, owner)
+        done.append(name)
+
+    async def run() -> None:
+        batcher = MicroBatcher(model, batch_size=8, max_wait_s=0.01, precision="fp32",
+                               max_batch_pixels=2 * 64 * 64)
+        assert batcher.is_large(384 * 384) and not batcher.is_large(64 * 64)
+        batcher.start()
+        try:
+            jobs = [one(batcher, f"A{i}", large[i], "A") for i in range(4)]
+            jobs += [one(batcher, "B0", large[4], "B"), one(batcher, "C0", small, "C")]
+            await asyncio.gather(*jobs)
+        finally:
+            await batcher.close()
+
+    asyncio.run(run())
+    assert sorted(done) == ["A0", "A1", "A2", "A3", "B0", "C0"]
+    # B's one image is taken in turn with A's (not after all of them); C's small one does not
+    # wait for the large lane at all.
+    assert done.index("B0") < done.index("A3") and done.index("C0") < done.index("A3"), done
+
+
+def test_pixel_budget_waits_in_order_and_cancels_cleanly() -> None:
+    from qualiclip.serve import PixelBudget
+
+    async def run() -> list[str]:
+        budget, order = PixelBudget(10), []
+
+        async def take(name: str, n: int, hold_s: float) -> None:
+            async with budget.hold(n):
+                order.append(name)
+                await asyncio.sleep(hold_s)
+
+        first = asyncio.create_task(take("a6", 6, 0.05))
+        await asyncio.sleep(0)
+        blocked = asyncio.create_task(take("b6", 6, 0))  # waits for a6
+        small = asyncio.create_task(take("c1", 1, 0))  # fits now, but must not jump the queue
+        cancelled = asyncio.create_task(take("d9", 9, 0))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(first, blocked, small)
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelled
+        assert budget.free == 10
+        with pytest.raises(ValueError, match="never fit"):
+            await take("e11", 11, 0)
+        return order
+
+    assert asyncio.run(run()) == ["a6", "b6", "c1"]
+
+
+def _app_client(checkpoint: Path, config: object):  # noqa: ANN202
+    _require_serve()
+    from starlette.testclient import TestClient
+
+    from qualiclip.serve import create_app
+
+    return TestClient(create_app(create_model(str(checkpoint)), config))  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_pixel_budgets_bound_decoding(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from qualiclip import images as images_module
+    from qualiclip.serve import ServeConfig
+
+    real, lock = images_module.decode_rgb, threading.Lock()
+    active, most = [0], [0]
+
+    def slow_decode(*args: object, **kwargs: object) -> np.ndarray:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.1)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(images_module, "decode_rgb", slow_decode)
+    files = [("files", (f"{i}.png", _image(80, 80, seed=i), "image/png")) for i in range(4)]
+    configs = {  # one image of max_pixels at a time: per request, then over the service
+        "request": ServeConfig(max_pixels=6400),
+        "service": ServeConfig(max_pixels=6400, max_request_pixels_in_flight=4 * 6400,
+                               max_pixels_in_flight=6400),
+        "neither": ServeConfig(max_pixels=6400, max_request_pixels_in_flight=4 * 6400),
+    }
+    for name, config in configs.items():
+        most[0] = 0
+        with _app_client(checkpoint, config) as client:
+            r = client.post("/score", files=files)
+        assert r.status_code == 200 and all(row["score"] for row in r.json()["results"]), r.text
+        assert most[0] == (1 if name != "neither" else 2), (name, most[0])  # 2: twice max_pixels
+    with pytest.raises(ValueError, match="at least max_pixels"):
+        ServeConfig(max_pixels=6400, max_pixels_in_flight=6399)
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_any_decoder_exception_is_that_files_error(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import struct
+
+    from qualiclip import images as images_module
+    from qualiclip.serve import ServeConfig
+
+    raised: dict[str, Exception] = {
+        "value.png": ValueError("Truncated IHDR chunk"), "ni.dds": NotImplementedError("format"),
+        "attr.tif": AttributeError("'NoneType' has no attribute 'x'"),
+        "syntax.xbm": SyntaxError("not an XBM file"), "struct.sgi": struct.error("unpack"),
+        "os.jpg": OSError("broken data stream"), "eof.gif": EOFError(),
+        "index.im": IndexError("list index out of range"), "type.eps": TypeError("bad operand"),
+        "zero.spi": ZeroDivisionError("division by zero"), "key.jp2": KeyError("tile"),
+    }
+    real = images_module.decode_rgb
+
+    def failing_decode(source: object, **kwargs: object) -> np.ndarray:
+        exc = raised.get(getattr(source, "name", ""))
+        if exc is not None:
+            raise exc
+        return real(source, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images_module, "decode_rgb", failing_decode)
+    good = _image(64, 64, seed=5)
+    names = ["good.png", *raised, "good2.png"]
+    files = [("files", (n, good, "image/png")) for n in names]
+    with _app_client(checkpoint, ServeConfig()) as client:
+        r = client.post("/score", files=files)
+        assert r.status_code == 200, r.text
+        rows = r.json()["results"]
+        assert [row["filename"] for row in rows] == names
+        assert rows[0]["score"] is not None and rows[-1]["score"] is not None
+        for row, (name, exc) in zip(rows[1:-1], raised.items(), strict=True):
+            assert row["score"] is None and row["error"].startswith(f"{name}: "), row
+            assert type(exc).__name__ in row["error"], row
+        eof = rows[names.index("eof.gif")]["error"]
+        assert "truncated" in eof
+        for name in raised:  # alone: a 400, never a 500
+            r = client.post("/score", files=[("files", (name, good, "image/png"))])
+            assert r.status_code == 400, (name, r.text)
 
 
 _WRITES: list[str] = []
