@@ -1,9 +1,11 @@
 """The HTTP service as a user runs it: a real server process on loopback, spoken to over HTTP.
 
 Scores must equal the local engine's; oversized, non-image and truncated uploads must get 413,
-415 and 400; 200 requests from 8 concurrent clients must all succeed. In-process tests cover the
-micro-batcher and that no request writes a file. Without the 'serve' extra the tests are skipped
-(with the reason) outside CI and fail in CI.
+415 and 400, and whatever the decoder raises for one file is that file's error; non-ASCII file
+names come back intact; slow clients are cut off at the request deadline, and one hanging up is
+one INFO line; 200 requests from 8 concurrent clients must all succeed. In-process tests cover
+the micro-batcher's lanes and turns, the pixel budgets and that no request writes a file.
+Without the 'serve' extra the tests are skipped (with the reason) outside CI and fail in CI.
 """
 
 from __future__ import annotations
@@ -643,6 +645,16 @@ def test_no_file_written_from_requests(checkpoint: Path) -> None:
     finally:
         _AUDITING = False
     assert _WRITES
+
+
+def test_serve_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    _require_serve()
+    base = ["serve", "--model", "random-tiny", "--max-pixels", "1000"]
+    assert main([*base, "--max-pixels-in-flight", "999"]) == 2
+    assert "at least max_pixels" in capsys.readouterr().err
+    assert main([*base, "--max-request-pixels-in-flight", "10"]) == 2
+    assert main([*base, "--request-timeout", "0"]) == 2
+    assert "--request-timeout must be positive" in capsys.readouterr().err
 
 
 def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

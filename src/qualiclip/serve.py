@@ -896,10 +896,13 @@ def timed_protocol(request_timeout: float) -> type:
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            if self._deadline is None and self.conn.their_state is h11.IDLE:
-                self._arm()  # the first bytes of the next request on a kept-alive connection
             super().data_received(data)
-            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                # Part of a request is here: its clock runs from now (on a kept-alive
+                # connection) or from the connection, whichever started it.
+                if self._deadline is None:
+                    self._arm()
+            else:
                 self._disarm()  # received in full (or the connection is over)
 
         def connection_lost(self, exc: Exception | None) -> None:
