@@ -1,14 +1,17 @@
 """The HTTP service as a user runs it: a real server process on loopback, spoken to over HTTP.
 
 Scores must equal the local engine's; oversized, non-image and truncated uploads must get 413,
-415 and 400; 200 requests from 8 concurrent clients must all succeed. In-process tests cover the
-micro-batcher and that no request writes a file. Without the 'serve' extra the tests are skipped
-(with the reason) outside CI and fail in CI.
+415 and 400, and whatever the decoder raises for one file is that file's error; non-ASCII file
+names come back intact; slow clients are cut off at the request deadline, and one hanging up is
+one INFO line; 200 requests from 8 concurrent clients must all succeed. In-process tests cover
+the micro-batcher's lanes and turns, the pixel budgets and that no request writes a file.
+Without the 'serve' extra the tests are skipped (with the reason) outside CI and fail in CI.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -33,6 +36,7 @@ from qualiclip.model import QualiCLIP, create_model
 ATOL = 1e-5
 MAX_BYTES = 1_000_000
 MAX_PIXELS = 200_000
+REQUEST_TIMEOUT = 3.0
 
 
 def _require_serve():  # noqa: ANN202
@@ -98,14 +102,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, server_log: Path) -> Iterator[str]:
     """``qualiclip serve`` as a real process on loopback; its base URL."""
     httpx = _require_serve()
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = server_log
     cmd = [sys.executable, "-m", "qualiclip.cli", "serve", "--model", str(checkpoint),
            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--no-access-log"]
+           "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--no-access-log",
+           "--request-timeout", str(REQUEST_TIMEOUT)]
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -189,7 +199,9 @@ def test_oversized_uploads_get_413(server: str) -> None:
     many_pixels = _image(500, 500, seed=1)  # 250,000 pixels > MAX_PIXELS, yet a small file
     assert len(many_pixels) < MAX_BYTES
     r = _post_raw(server, many_pixels)
-    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 413 and "too large" in detail
+    assert "--max-pixels" in detail and "500x500" in detail and "QUALICLIP_" not in detail
 
 
 def test_non_images_get_415(server: str, images: dict[str, Path]) -> None:
@@ -213,6 +225,138 @@ def test_truncated_and_too_small_get_400(server: str, images: dict[str, Path]) -
     assert r.status_code == 400 and "too small" in r.json()["detail"]
     r = _post_raw(server, b"")
     assert r.status_code == 400
+
+
+# Headers that Pillow's plugins reject with ValueError (not their usual OSError).
+BAD_IHDR = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR\x00\x00\x00\x00"
+BAD_PPM = b"P6\n4x 48\n255\n"
+
+
+def test_malformed_headers_are_one_files_error(
+    server: str, images: dict[str, Path], expected: dict[str, float]
+) -> None:
+    import httpx
+
+    good = list(images)[:2]
+    files = [
+        ("files", (good[0], images[good[0]].read_bytes(), "image/png")),
+        ("files", ("ihdr.png", BAD_IHDR, "image/png")),
+        ("files", ("header.ppm", BAD_PPM, "image/x-portable-pixmap")),
+        ("files", (good[1], images[good[1]].read_bytes(), "image/jpeg")),
+    ]
+    r = httpx.post(f"{server}/score", files=files, timeout=30)
+    assert r.status_code == 200, r.text  # as for any bad file among good ones
+    rows = r.json()["results"]
+    assert [row["filename"] for row in rows] == [good[0], "ihdr.png", "header.ppm", good[1]]
+    for row in (rows[0], rows[3]):
+        assert abs(row["score"] - expected[row["filename"]]) <= ATOL
+    assert rows[1]["score"] is None and rows[1]["error"].startswith("ihdr.png: ")
+    assert "IHDR" in rows[1]["error"]
+    assert rows[2]["score"] is None and rows[2]["error"].startswith("header.ppm: ")
+    for data in (BAD_IHDR, BAD_PPM):  # alone: the file's own status
+        r = _post_raw(server, data, "application/octet-stream")
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == r.json()["results"][0]["error"]
+
+
+def _multipart(parts: list[tuple[bytes, bytes]], close: bool = True) -> tuple[bytes, str]:
+    """A multipart/form-data body built by hand: ``(Content-Disposition value, data)`` parts."""
+    boundary = "qualiclipBoundary7MA4YWxk"
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Disposition: " + disposition
+        + b"\r\nContent-Type: image/png\r\n\r\n" + data + b"\r\n"
+        for disposition, data in parts
+    )
+    if close:
+        body += b"--" + boundary.encode() + b"--\r\n"
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_non_ascii_filenames_come_back_intact(server: str, images: dict[str, Path]) -> None:
+    png = images["img0.png"].read_bytes()
+    parts = [
+        ('form-data; name="files"; filename="日本.png"'.encode(), png),  # RFC 7578: raw UTF-8
+        ('form-data; name="files"; filename="café.jpg"'.encode(), png),
+        # RFC 5987: the extended form wins over the ASCII fallback
+        (b"form-data; name=\"files\"; filename=\"euro.jpg\"; filename*=UTF-8''%E2%82%ACuro.jpg",
+         png),
+        (b"form-data; name=\"files\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC%20b.png", png),
+    ]
+    body, ctype = _multipart(parts)
+    r = _post_raw(server, body, ctype)
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    assert [row["filename"] for row in rows] == ["日本.png", "café.jpg", "€uro.jpg", "日本 b.png"]
+    assert all(row["score"] is not None for row in rows)
+
+
+def test_multipart_without_closing_boundary_says_so(
+    server: str, images: dict[str, Path]
+) -> None:
+    png = images["img0.png"].read_bytes()
+    body, ctype = _multipart([(b'form-data; name="files"; filename="a.png"', png)], close=False)
+    r = _post_raw(server, body, ctype)
+    assert r.status_code == 400
+    assert "closing boundary" in r.json()["detail"]
+    body, ctype = _multipart([(b'form-data; name="files"; filename="a.png"', png)])
+    assert _post_raw(server, body, ctype).status_code == 200  # the same body, closed
+
+
+def _wait_closed(sock: socket.socket, limit: float, trickle: bytes | None = None) -> float:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` every 0.5 s meanwhile), or
+    ``inf`` when it is still open after ``limit`` seconds."""
+    start = time.monotonic()
+    sock.settimeout(0.5)
+    while time.monotonic() - start < limit:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            pass
+        except OSError:  # reset by the server
+            return time.monotonic() - start
+        if trickle is not None:
+            try:
+                sock.sendall(trickle)
+            except OSError:
+                return time.monotonic() - start
+    return float("inf")
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def test_slow_clients_are_disconnected(server: str, server_log: Path) -> None:
+    # Headers trickled a line every half second: never complete, never idle.
+    with _connect(server) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: localhost\r\n")
+        waited = _wait_closed(sock, REQUEST_TIMEOUT + 10, trickle=b"X-Slow: 1\r\n")
+    assert REQUEST_TIMEOUT - 0.5 <= waited <= REQUEST_TIMEOUT + 5, waited
+    # A body that stops after a few bytes.
+    with _connect(server) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10)
+        waited = _wait_closed(sock, REQUEST_TIMEOUT + 10)
+    assert REQUEST_TIMEOUT - 0.5 <= waited <= REQUEST_TIMEOUT + 5, waited
+    assert "request headers not received within" in server_log.read_text()
+
+
+def test_client_hanging_up_mid_body_is_one_info_line(server: str, server_log: Path) -> None:
+    with _connect(server) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 250)
+        time.sleep(0.3)
+    mine: list[str] = []
+    deadline = time.monotonic() + 10
+    while not mine and time.monotonic() < deadline:
+        time.sleep(0.2)
+        mine = [line for line in server_log.read_text().splitlines() if f":{port} " in line]
+    assert len(mine) == 1 and mine[0].startswith("INFO:") and "disconnected" in mine[0], mine
+    text = server_log.read_text()
+    assert "Traceback" not in text and "ClientDisconnect" not in text and "ERROR" not in text
 
 
 def test_models_healthz_and_openapi(server: str, checkpoint: Path) -> None:
@@ -292,6 +436,161 @@ def test_micro_batcher_groups_equal_sizes() -> None:
     assert (stats.images, stats.forwards, stats.largest) == (6, 4, 2)  # type: ignore[attr-defined]
 
 
+def test_round_robin_lanes_do_not_queue_behind_one_request() -> None:
+    _require_serve()
+    from qualiclip.serve import MicroBatcher
+
+    model = _tiny_with_random_bn()
+    rng = np.random.default_rng(0)
+    large = [rng.integers(0, 256, (384, 384, 3), dtype=np.uint8) for _ in range(5)]
+    small = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    done: list[str] = []
+
+    async def one(batcher: MicroBatcher, name: str, pixels: np.ndarray, owner: str) -> None:
+        await batcher.score(pixels, owner)
+        done.append(name)
+
+    async def run() -> None:
+        batcher = MicroBatcher(model, batch_size=8, max_wait_s=0.01, precision="fp32",
+                               max_batch_pixels=2 * 64 * 64)
+        assert batcher.is_large(384 * 384) and not batcher.is_large(64 * 64)
+        batcher.start()
+        try:
+            jobs = [one(batcher, f"A{i}", large[i], "A") for i in range(4)]
+            jobs += [one(batcher, "B0", large[4], "B"), one(batcher, "C0", small, "C")]
+            await asyncio.gather(*jobs)
+        finally:
+            await batcher.close()
+
+    asyncio.run(run())
+    assert sorted(done) == ["A0", "A1", "A2", "A3", "B0", "C0"]
+    # B's one image is taken in turn with A's (not after all of them); C's small one does not
+    # wait for the large lane at all.
+    assert done.index("B0") < done.index("A3") and done.index("C0") < done.index("A3"), done
+
+
+def test_pixel_budget_waits_in_order_and_cancels_cleanly() -> None:
+    from qualiclip.serve import PixelBudget
+
+    async def run() -> list[str]:
+        budget, order = PixelBudget(10), []
+
+        async def take(name: str, n: int, hold_s: float) -> None:
+            async with budget.hold(n):
+                order.append(name)
+                await asyncio.sleep(hold_s)
+
+        first = asyncio.create_task(take("a6", 6, 0.05))
+        await asyncio.sleep(0)
+        blocked = asyncio.create_task(take("b6", 6, 0))  # waits for a6
+        small = asyncio.create_task(take("c1", 1, 0))  # fits now, but must not jump the queue
+        cancelled = asyncio.create_task(take("d9", 9, 0))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(first, blocked, small)
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelled
+        assert budget.free == 10
+        with pytest.raises(ValueError, match="never fit"):
+            await take("e11", 11, 0)
+        return order
+
+    assert asyncio.run(run()) == ["a6", "b6", "c1"]
+
+
+def _app_client(checkpoint: Path, config: object):  # noqa: ANN202
+    _require_serve()
+    from starlette.testclient import TestClient
+
+    from qualiclip.serve import create_app
+
+    return TestClient(create_app(create_model(str(checkpoint)), config))  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_pixel_budgets_bound_decoding(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from qualiclip import images as images_module
+    from qualiclip.serve import ServeConfig
+
+    real, lock = images_module.decode_rgb, threading.Lock()
+    active, most = [0], [0]
+
+    def slow_decode(*args: object, **kwargs: object) -> np.ndarray:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.1)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(images_module, "decode_rgb", slow_decode)
+    files = [("files", (f"{i}.png", _image(80, 80, seed=i), "image/png")) for i in range(4)]
+    configs = {  # one image of max_pixels at a time: per request, then over the service
+        "request": ServeConfig(max_pixels=6400),
+        "service": ServeConfig(max_pixels=6400, max_request_pixels_in_flight=4 * 6400,
+                               max_pixels_in_flight=6400),
+        "neither": ServeConfig(max_pixels=6400, max_request_pixels_in_flight=4 * 6400),
+    }
+    for name, config in configs.items():
+        most[0] = 0
+        with _app_client(checkpoint, config) as client:
+            r = client.post("/score", files=files)
+        assert r.status_code == 200 and all(row["score"] for row in r.json()["results"]), r.text
+        assert most[0] == (1 if name != "neither" else 2), (name, most[0])  # 2: twice max_pixels
+    with pytest.raises(ValueError, match="at least max_pixels"):
+        ServeConfig(max_pixels=6400, max_pixels_in_flight=6399)
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_any_decoder_exception_is_that_files_error(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import struct
+
+    from qualiclip import images as images_module
+    from qualiclip.serve import ServeConfig
+
+    raised: dict[str, Exception] = {
+        "value.png": ValueError("Truncated IHDR chunk"), "ni.dds": NotImplementedError("format"),
+        "attr.tif": AttributeError("'NoneType' has no attribute 'x'"),
+        "syntax.xbm": SyntaxError("not an XBM file"), "struct.sgi": struct.error("unpack"),
+        "os.jpg": OSError("broken data stream"), "eof.gif": EOFError(),
+        "index.im": IndexError("list index out of range"), "type.eps": TypeError("bad operand"),
+        "zero.spi": ZeroDivisionError("division by zero"), "key.jp2": KeyError("tile"),
+    }
+    real = images_module.decode_rgb
+
+    def failing_decode(source: object, **kwargs: object) -> np.ndarray:
+        exc = raised.get(getattr(source, "name", ""))
+        if exc is not None:
+            raise exc
+        return real(source, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images_module, "decode_rgb", failing_decode)
+    good = _image(64, 64, seed=5)
+    names = ["good.png", *raised, "good2.png"]
+    files = [("files", (n, good, "image/png")) for n in names]
+    with _app_client(checkpoint, ServeConfig()) as client:
+        r = client.post("/score", files=files)
+        assert r.status_code == 200, r.text
+        rows = r.json()["results"]
+        assert [row["filename"] for row in rows] == names
+        assert rows[0]["score"] is not None and rows[-1]["score"] is not None
+        for row, (name, exc) in zip(rows[1:-1], raised.items(), strict=True):
+            assert row["score"] is None and row["error"].startswith(f"{name}: "), row
+            assert type(exc).__name__ in row["error"], row
+        eof = rows[names.index("eof.gif")]["error"]
+        assert "truncated" in eof
+        for name in raised:  # alone: a 400, never a 500
+            r = client.post("/score", files=[("files", (name, good, "image/png"))])
+            assert r.status_code == 400, (name, r.text)
+
+
 _WRITES: list[str] = []
 _AUDITING = False
 
@@ -346,6 +645,16 @@ def test_no_file_written_from_requests(checkpoint: Path) -> None:
     finally:
         _AUDITING = False
     assert _WRITES
+
+
+def test_serve_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    _require_serve()
+    base = ["serve", "--model", "random-tiny", "--max-pixels", "1000"]
+    assert main([*base, "--max-pixels-in-flight", "999"]) == 2
+    assert "at least max_pixels" in capsys.readouterr().err
+    assert main([*base, "--max-request-pixels-in-flight", "10"]) == 2
+    assert main([*base, "--request-timeout", "0"]) == 2
+    assert "--request-timeout must be positive" in capsys.readouterr().err
 
 
 def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

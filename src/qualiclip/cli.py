@@ -550,6 +550,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=24_000_000,
                    help="largest image, width x height; larger gets 413 (default 24e6)")
     p.add_argument("--max-files", type=int, default=64, help="files per request (default 64)")
+    p.add_argument("--max-pixels-in-flight", type=int, default=None,
+                   help="most decoded pixels held at once over all requests; more images wait "
+                   "(default: twice --max-pixels)")
+    p.add_argument("--max-request-pixels-in-flight", type=int, default=None,
+                   help="the same, per request, so one request cannot take the whole budget "
+                   "(default: --max-pixels, one maximal image at a time)")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds for a request's headers and body to arrive in full; a slower "
+                   "client is disconnected (default 60)")
+    p.add_argument("--keep-alive-timeout", type=int, default=5,
+                   help="seconds an idle kept-alive connection stays open (default 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long to wait for more images to batch (default 5 ms)")
@@ -570,13 +581,21 @@ def _run_serve(args: argparse.Namespace) -> int:
         config = serve.ServeConfig(
             max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_files=args.max_files,
             batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, precision=args.precision,
+            max_pixels_in_flight=args.max_pixels_in_flight,
+            max_request_pixels_in_flight=args.max_request_pixels_in_flight,
         )
+        if not args.request_timeout > 0:
+            raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+        if args.keep_alive_timeout < 1:
+            raise ValueError(f"--keep-alive-timeout must be at least 1, got "
+                             f"{args.keep_alive_timeout}")
     except (ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     # Loaded here rather than in the app's start-up so a bad name is a one-line usage error.
     model = load_model_from_args(args)
     serve.run(model, config, host=args.host, port=args.port, log_level=args.log_level,
-              access_log=not args.no_access_log)
+              access_log=not args.no_access_log, request_timeout=args.request_timeout,
+              keep_alive_timeout=args.keep_alive_timeout)
     return EXIT_OK
 
 

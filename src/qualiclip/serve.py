@@ -1,11 +1,12 @@
-"""An HTTP scoring service: FastAPI app factory, micro-batching, and a uvicorn runner.
+"""An HTTP scoring service: FastAPI app factory, fair micro-batching, and a uvicorn runner.
 
 Endpoints:
 
 * ``POST /score``: the image bytes as the body (``Content-Type: image/*`` or
   ``application/octet-stream``), or ``multipart/form-data`` with one or many files. The answer is
   ``{"model", "weights_sha256", "results": [{"filename", "score", "error", "width", "height"}]}``,
-  one result per file, in order.
+  one result per file, in order. File names may be any Unicode: raw UTF-8 in ``filename="..."``
+  (RFC 7578) or the ``filename*=UTF-8''...`` form (RFC 5987/6266, preferred when both are sent).
 * ``GET /models``: the model being served. ``GET /healthz``: liveness, with batching counters.
 * ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI.
 
@@ -15,23 +16,41 @@ Status codes. A request-level problem answers with ``{"detail": "..."}``:
   chunked body cannot slip past), or more than ``max_files`` files;
 * 415: a content type that is neither an image type, ``application/octet-stream`` nor
   ``multipart/form-data``;
-* 400: empty body, malformed multipart body, or no file in it.
+* 400: empty body, malformed multipart body, one that ends before its closing boundary, or no
+  file in it.
 
 Each file is then judged on its own: 415 when its content is not an image at all (no decoder
 recognises it) or its part declares a non-image type, 413 when it has more pixels than
 ``max_pixels`` (read from the header, before decoding), 400 when it is an image but truncated or
-corrupt, or smaller than the model's minimum side. The response is 200 when at least one file was
-scored, the failed ones carrying their ``error``; when every file failed it has the first failure's
-status, with the same body plus ``detail``. So a single bad image gets its 400/413/415, and a
-batch upload never loses the good images' scores to one bad file.
+corrupt (whatever the decoder raises for it), or smaller than the model's minimum side. The
+response is 200 when at least one file was scored, the failed ones carrying their ``error``; when
+every file failed it has the first failure's status, with the same body plus ``detail``. So a
+single bad image gets its 400/413/415, and a batch upload never loses the good images' scores to
+one bad file.
 
 Nothing from a request touches the disk: bodies are read by us in chunks (bounded by
 ``max_bytes``) and multipart bodies are parsed in memory with python-multipart's streaming parser.
 (Starlette's own form parser spools files larger than 1 MB to temporary files.)
 
-Batching: requests are decoded in threads, then queued; a micro-batcher takes what arrives within
-``max_wait_ms`` (up to ``batch_size`` images), groups images of equal size, and runs each group's
-forward pass in one worker thread, so the event loop stays free for other requests.
+Fairness and memory. A small PNG can decode to ``max_pixels`` x 3 bytes, so what is bounded is
+decoded pixels: an image is decoded only once its pixel count (read from its header) fits both
+its request's budget (``max_request_pixels_in_flight``, default ``max_pixels``: a request holds
+one maximal image at a time) and the service's (``max_pixels_in_flight``, default twice
+``max_pixels``), and holds them until it is scored. Decoding runs in threads. Scoring has two
+lanes, each a single thread, which take work from the waiting requests in turn (round-robin), not
+first come first served:
+
+* the batch lane: images small enough to share a forward pass (at most half of
+  ``max_batch_pixels``) are gathered for up to ``max_wait_ms`` (up to ``batch_size`` images and
+  ``max_batch_pixels`` pixels) and images of equal size share one forward pass;
+* the large lane: larger images, one per forward pass, never batched with others.
+
+So a request of small images is answered while a request of huge ones is in progress, instead of
+queueing behind all of it (on a CPU the two lanes share its cores).
+
+Slow clients: :func:`run` closes a connection whose request (headers and body) has not arrived in
+full within ``request_timeout`` seconds of its first byte (or of the connection, when nothing
+comes); a client that hangs up mid-body is logged as one INFO line.
 
 FastAPI, uvicorn and python-multipart are the optional 'serve' extra:
 ``pip install 'qualiclip[serve]'``.
@@ -41,8 +60,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
+import email.utils
 import io
-from collections import defaultdict
+import logging
+import warnings
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +88,9 @@ SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qua
 #: Content types accepted as a raw image body (besides every ``image/*``).
 RAW_TYPES: frozenset[str] = frozenset({"application/octet-stream"})
 
+# uvicorn's own logger for server events: its handler and format are set up by uvicorn.run.
+_log = logging.getLogger("uvicorn.error")
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -75,11 +101,15 @@ class ServeConfig:
         max_pixels: largest image (width x height); more gives 413.
         max_files: most files in one multipart request; more gives 413.
         batch_size: most images in one forward pass.
-        max_batch_pixels: most pixels in one forward pass (a larger image goes alone).
-        max_inflight: most images decoded or being scored at once, over all requests; bounds
-            memory (a small PNG can decode to ``max_pixels`` x 3 bytes).
+        max_batch_pixels: most pixels in one forward pass; an image over half of it is never
+            batched (it runs alone, in the large-image lane).
+        max_inflight: most images decoded or being scored at once, over all requests.
         max_wait_ms: how long the batcher waits for more images after the first.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        max_pixels_in_flight: most decoded pixels held at once over all requests (decoding and
+            waiting to be scored); ``None``: twice ``max_pixels``. At least ``max_pixels``.
+        max_request_pixels_in_flight: the same, per request; ``None``: ``max_pixels`` (one
+            maximal image at a time). At least ``max_pixels``.
     """
 
     max_bytes: int = 32 * 1024 * 1024
@@ -90,6 +120,8 @@ class ServeConfig:
     max_inflight: int = 16
     max_wait_ms: float = 5.0
     precision: str = "fp32"
+    max_pixels_in_flight: int | None = None
+    max_request_pixels_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         names = ("max_bytes", "max_pixels", "max_files", "batch_size", "max_batch_pixels",
@@ -101,6 +133,23 @@ class ServeConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("max_pixels_in_flight", "max_request_pixels_in_flight"):
+            value = getattr(self, name)
+            if value is not None and value < self.max_pixels:
+                raise ValueError(
+                    f"{name} ({value}) must be at least max_pixels ({self.max_pixels}): "
+                    "one image of the largest allowed size must fit"
+                )
+
+    @property
+    def pixels_in_flight(self) -> int:
+        """The service's budget of decoded pixels (resolved default)."""
+        return self.max_pixels_in_flight or 2 * self.max_pixels
+
+    @property
+    def request_pixels_in_flight(self) -> int:
+        """One request's budget of decoded pixels (resolved default)."""
+        return self.max_request_pixels_in_flight or self.max_pixels
 
 
 class RequestError(Exception):
@@ -142,13 +191,107 @@ def _multipart_module() -> Any:
         return importlib.import_module("multipart.multipart")
 
 
+# --- budgets -----------------------------------------------------------------------------------
+
+
+class PixelBudget:
+    """An asyncio semaphore counted in pixels: ``async with budget.hold(n):``.
+
+    Waiters are served first come, first served, so a large image is never starved by a stream
+    of small ones; a request of ``n`` more than the capacity is refused (``ValueError``) rather
+    than left waiting for ever.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = self.free = capacity
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        await self._acquire(n)
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    async def _acquire(self, n: int) -> None:
+        if n > self.capacity:
+            raise ValueError(f"{n} pixels can never fit a budget of {self.capacity}")
+        if not self._waiters and n <= self.free:
+            self.free -= n
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release(n)  # granted just as the waiter was cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((n, future))
+                self._wake()  # a cancelled head may have been blocking smaller waiters
+            raise
+
+    def _release(self, n: int) -> None:
+        self.free += n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            n, future = self._waiters.popleft()
+            if not future.done():
+                self.free -= n
+                future.set_result(None)
+
+
 # --- micro-batching ----------------------------------------------------------------------------
 
 
 @dataclass
 class _Job:
-    pixels: np.ndarray
+    pixels: np.ndarray | None  # dropped once scored, so a large image is not kept alive
     future: asyncio.Future[float]
+
+    @property
+    def size(self) -> int:
+        return 0 if self.pixels is None else int(self.pixels.shape[0] * self.pixels.shape[1])
+
+
+class _RoundRobin:
+    """Jobs queued per owner (request), handed out one owner at a time, in turn."""
+
+    def __init__(self) -> None:
+        self._queues: dict[object, deque[_Job]] = {}  # insertion order = whose turn is next
+        self._added = asyncio.Event()
+        self.count = self.pixels = 0
+
+    def put(self, owner: object, job: _Job) -> None:
+        self._queues.setdefault(owner, deque()).append(job)
+        self.count += 1
+        self.pixels += job.size
+        self._added.set()
+
+    def peek(self) -> _Job:
+        return self._queues[next(iter(self._queues))][0]
+
+    def pop(self) -> _Job:
+        owner = next(iter(self._queues))
+        queue = self._queues.pop(owner)
+        job = queue.popleft()
+        if queue:
+            self._queues[owner] = queue  # to the back of the line
+        self.count -= 1
+        self.pixels -= job.size
+        return job
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until a job is added (or ``timeout`` seconds)."""
+        self._added.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._added.wait(), timeout)
 
 
 @dataclass
@@ -162,10 +305,14 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Collects images for up to ``max_wait_s`` (or ``batch_size`` images) and scores them together.
+    """Scores images in two lanes, taking work from the waiting requests in turn.
 
-    Images of equal size and dtype share one forward pass; forward passes run one at a time in a
-    dedicated thread (torch parallelises inside each), so the event loop never blocks on them.
+    Images of at most half ``max_batch_pixels`` go to the batch lane: collected for up to
+    ``max_wait_s`` (or ``batch_size`` images, or ``max_batch_pixels`` pixels), one from each
+    request in turn, and those of equal size and dtype share a forward pass. Larger images go to
+    the large lane, one per forward pass, again one request after another. Each lane runs its
+    forward passes one at a time in its own thread (torch parallelises inside each), so the
+    event loop never blocks on them and small images never wait for a large one's pass.
     """
 
     def __init__(
@@ -176,83 +323,125 @@ class MicroBatcher:
         self.max_batch_pixels = max_batch_pixels
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.stats = BatchStats()
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qualiclip-forward")
-        self._task: asyncio.Task[None] | None = None
+        self._small, self._large = _RoundRobin(), _RoundRobin()
+        self._threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qualiclip-{lane}")
+            for lane in ("batch", "large")
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._serve_forever())
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._serve_forever(self._small, self._take_batch, self._threads[0])),
+            loop.create_task(self._serve_forever(self._large, self._take_one, self._threads[1])),
+        ]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._thread.shutdown(wait=True)
+                await task
+        for thread in self._threads:
+            thread.shutdown(wait=True)
 
-    async def score(self, pixels: np.ndarray) -> float:
-        """The score of one decoded ``H x W x 3`` uint8/uint16 image."""
+    def is_large(self, pixels: int) -> bool:
+        """Whether an image of ``pixels`` pixels runs alone (the large lane)."""
+        return 2 * pixels > self.max_batch_pixels
+
+    async def score(self, pixels: np.ndarray, owner: object = None) -> float:
+        """The score of one decoded ``H x W x 3`` uint8/uint16 image.
+
+        Args:
+            pixels: the image.
+            owner: whose turn it is taken in (one key per request); ``None`` shares one queue.
+        """
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(pixels, future))
+        job = _Job(pixels, future)
+        lane = self._large if self.is_large(job.size) else self._small
+        lane.put(owner, job)
         return await future
 
-    async def _collect(self) -> list[_Job]:
+    async def _take_one(self, lane: _RoundRobin) -> list[_Job]:
+        while not lane.count:
+            await lane.wait()
+        return [lane.pop()]
+
+    async def _take_batch(self, lane: _RoundRobin) -> list[_Job]:
         loop = asyncio.get_running_loop()
-        jobs = [await self._queue.get()]
+        while not lane.count:
+            await lane.wait()
         deadline = loop.time() + self.max_wait_s
-        while len(jobs) < self.batch_size:
+        while lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
             timeout = deadline - loop.time()
             if timeout <= 0:
                 break
-            try:
-                jobs.append(await asyncio.wait_for(self._queue.get(), timeout))
-            except asyncio.TimeoutError:
+            await lane.wait(timeout)
+        jobs = [lane.pop()]
+        total = jobs[0].size
+        while lane.count and len(jobs) < self.batch_size:
+            if total + lane.peek().size > self.max_batch_pixels:
                 break
+            jobs.append(lane.pop())
+            total += jobs[-1].size
         return jobs
 
-    async def _serve_forever(self) -> None:
+    async def _serve_forever(
+        self, lane: _RoundRobin, take: Callable[[_RoundRobin], Any], thread: ThreadPoolExecutor
+    ) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._collect()
+            jobs: list[_Job] = await take(lane)
             jobs = [job for job in jobs if not job.future.done()]  # skip abandoned requests
             if not jobs:
                 continue
-            outcomes = await loop.run_in_executor(self._thread, self._forward, jobs)
+            outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
+            for n in passes:
+                self.stats.forwards += 1
+                self.stats.images += n
+                self.stats.largest = max(self.stats.largest, n)
+                self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
             for job, outcome in zip(jobs, outcomes, strict=True):
+                job.pixels = None
                 if job.future.done():
                     continue
                 if isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(outcome)
+            del jobs, outcomes
 
-    def _forward(self, jobs: list[_Job]) -> list[float | BaseException]:
-        """Score ``jobs`` grouped by size (runs in the forward thread)."""
+    def _forward(self, jobs: list[_Job]) -> tuple[list[float | BaseException], list[int]]:
+        """Score ``jobs`` grouped by size (runs in a lane's thread); also the pass sizes."""
         from qualiclip.engine import score_tensors
         from qualiclip.images import to_batch
 
+        arrays = [job.pixels for job in jobs]
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, job in enumerate(jobs):
-            groups[(*job.pixels.shape, job.pixels.dtype.str)].append(i)
+        for i, arr in enumerate(arrays):
+            assert arr is not None  # set to None only after this pass
+            groups[(*arr.shape, arr.dtype.str)].append(i)
         outcomes: list[float | BaseException] = [0.0] * len(jobs)
         chunks: list[list[int]] = []
         for key, members in groups.items():
             cap = max(1, min(self.batch_size, self.max_batch_pixels // (key[0] * key[1])))
             chunks.extend(members[i : i + cap] for i in range(0, len(members), cap))
+        passes = []
         for indices in chunks:
             try:
-                batch = to_batch(np.stack([jobs[i].pixels for i in indices]))
-                scores = score_tensors(self.model, batch, self.precision).tolist()
+                # One image: a view with a batch axis, not a stacked copy (it may be 24 MP).
+                stacked = (arrays[indices[0]][None] if len(indices) == 1  # type: ignore[index]
+                           else np.stack([arrays[i] for i in indices]))  # type: ignore[misc]
+                scores = score_tensors(self.model, to_batch(stacked), self.precision).tolist()
+                del stacked
                 for i, s in zip(indices, scores, strict=True):
                     outcomes[i] = float(s)
             except Exception as exc:  # noqa: BLE001 - reported to each request of the group
                 for i in indices:
                     outcomes[i] = exc
-            self.stats.forwards += 1
-            self.stats.images += len(indices)
-            self.stats.largest = max(self.stats.largest, len(indices))
-            self.stats.sizes[len(indices)] = self.stats.sizes.get(len(indices), 0) + 1
-        return outcomes
+            passes.append(len(indices))
+        return outcomes, passes
 
 
 # --- reading requests --------------------------------------------------------------------------
@@ -279,13 +468,43 @@ async def _stream_body(request: Request, max_bytes: int, sink: Callable[[bytes],
     return total
 
 
+def part_filename(disposition: bytes) -> str | None:
+    """The file name of a multipart part's raw ``Content-Disposition`` header, or ``None``.
+
+    RFC 7578 sends names as raw UTF-8 in ``filename="..."``; RFC 5987/2231's
+    ``filename*=charset'lang'percent-encoded`` form, when present, wins (RFC 6266, 4.3). A plain
+    name that is not valid UTF-8 is read as Latin-1 (never refused, never with replacement
+    characters). The parameter syntax (quoting, escapes, continuations) is the standard
+    library's ``email`` parser's.
+    """
+    msg = email.message.Message()
+    msg["content-disposition"] = disposition.decode("latin-1")  # lossless: bytes as code points
+    plain: str | None = None
+    for key, value in (msg.get_params(header="content-disposition") or [])[1:]:
+        if key.lower() != "filename":
+            continue
+        if isinstance(value, tuple):
+            return email.utils.collapse_rfc2231_value(value, errors="replace",
+                                                      fallback_charset="utf-8")
+        if plain is None:
+            plain = value
+    if plain is None:
+        return None
+    raw = plain.encode("latin-1", errors="replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return plain
+
+
 class _MultipartCollector:
     """python-multipart callbacks that keep file parts in memory (never on disk)."""
 
     def __init__(self, max_files: int) -> None:
         self.max_files = max_files
         self.uploads: list[Upload] = []
-        self._headers: dict[str, str] = {}
+        self.complete = False  # the closing boundary was seen
+        self._headers: dict[str, bytes] = {}
         self._field = self._value = b""
         self._data: list[bytes] = []
 
@@ -294,6 +513,7 @@ class _MultipartCollector:
             "on_part_begin": self._part_begin, "on_part_data": self._part_data,
             "on_part_end": self._part_end, "on_header_field": self._header_field,
             "on_header_value": self._header_value, "on_header_end": self._header_end,
+            "on_end": self._end,
         }
 
     def _part_begin(self) -> None:
@@ -306,25 +526,27 @@ class _MultipartCollector:
         self._value += bytes(data[start:end])
 
     def _header_end(self) -> None:
-        name = self._field.decode("latin-1").lower()
-        self._headers[name] = self._value.decode("utf-8", errors="replace")
+        # Values stay bytes: file names are decoded by part_filename, which knows their rules.
+        self._headers[self._field.decode("latin-1").lower()] = self._value
         self._field = self._value = b""
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self._data.append(bytes(data[start:end]))
 
     def _part_end(self) -> None:
-        mp = _multipart_module()
-        _, options = mp.parse_options_header(self._headers.get("content-disposition", ""))
-        raw_name = options.get(b"filename")
-        content_type = self._headers.get("content-type")
-        if raw_name is None and content_type is None:
+        disposition = self._headers.get("content-disposition", b"")
+        filename = part_filename(disposition) if disposition else None
+        raw_type = self._headers.get("content-type")
+        content_type = raw_type.decode("latin-1").strip() if raw_type is not None else None
+        if filename is None and content_type is None:
             return  # a plain form field, not a file
         if len(self.uploads) >= self.max_files:
             raise RequestError(413, f"more than {self.max_files} files in one request")
-        filename = raw_name.decode("utf-8", errors="replace") if raw_name is not None else None
         self.uploads.append(Upload(filename, content_type, b"".join(self._data)))
         self._data = []
+
+    def _end(self) -> None:
+        self.complete = True
 
 
 async def read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
@@ -332,7 +554,10 @@ async def read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
 
     Raises:
         RequestError: 413 (too large, too many files), 415 (content type), 400 (malformed).
+        starlette.requests.ClientDisconnect: the client went away before the body was read.
     """
+    from starlette.requests import ClientDisconnect
+
     mp = _multipart_module()
     media, params = mp.parse_options_header(request.headers.get("content-type", ""))
     media = media.decode("latin-1").lower()
@@ -345,10 +570,15 @@ async def read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
         try:
             await _stream_body(request, config.max_bytes, parser.write)
             parser.finalize()
-        except RequestError:
+        except (RequestError, ClientDisconnect):
             raise
         except Exception as exc:  # python-multipart's parse errors
             raise RequestError(400, f"malformed multipart body: {exc}") from exc
+        if not collector.complete:
+            raise RequestError(
+                400, "malformed multipart body: it ends before its closing boundary "
+                f"('--{boundary.decode('latin-1')}--'); was the upload cut short?"
+            )
         if not collector.uploads:
             raise RequestError(400, "no file in the multipart body (send files with a filename)")
         return collector.uploads
@@ -368,31 +598,79 @@ async def read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
 
 
 def decode_status(exc: Exception) -> int:
-    """HTTP status for an image that failed to decode: 415 not an image, 413 too many pixels,
-    400 truncated, corrupt or too small."""
+    """HTTP status for an image that failed to decode, whatever was raised: 415 not an image,
+    413 too many pixels (or too large to decode in memory), 400 truncated, corrupt or too small."""
     from PIL import Image, UnidentifiedImageError
 
-    cause = exc.__cause__
+    from qualiclip.images import ImageDecodeError
+
+    cause = exc.__cause__ if isinstance(exc, ImageDecodeError) else exc
     if isinstance(cause, UnidentifiedImageError):
         return 415
-    if isinstance(cause, Image.DecompressionBombError) or ": too large" in str(exc):
+    if isinstance(cause, (Image.DecompressionBombError, MemoryError)) or ": too large" in str(exc):
         return 413
     return 400
 
 
+def _failure_message(name: str, exc: Exception) -> str:
+    """What is wrong with one file, for any exception its decoding raised."""
+    from qualiclip.images import ImageDecodeError
+
+    if isinstance(exc, ImageDecodeError):
+        return str(exc)
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return f"{name}: out of memory while decoding"
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return f"{name}: truncated or incomplete image data ({type(exc).__name__}: {text})"
+    return f"{name}: corrupt or unsupported image data ({type(exc).__name__}: {text})"
+
+
+def header_pixels(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an encoded image's header (nothing decoded), or ``None`` when
+    the header cannot be read (decoding will then say why)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                return int(width), int(height)
+    except Exception:  # noqa: BLE001 - any failure is reported by the decoder itself
+        return None
+
+
+@dataclass
+class _Budgets:
+    """What one file's decoding waits for: its request's pixels, an image slot, the service's
+    pixels (in that order, so a request waiting for its own budget holds nothing shared)."""
+
+    request: PixelBudget
+    slots: asyncio.Semaphore
+    service: PixelBudget
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        async with self.request.hold(pixels), self.slots, self.service.hold(pixels):
+            yield
+
+
 async def score_upload(
     upload: Upload, model: QualiCLIP, batcher: MicroBatcher, config: ServeConfig,
-    gate: asyncio.Semaphore,
+    budgets: _Budgets, owner: object = None,
 ) -> tuple[dict[str, Any], int]:
     """``(result row, status)`` for one file; every failure becomes the row's ``error``.
 
-    Decoding and scoring happen under ``gate``, which bounds the decoded images held at once.
+    Decoding and scoring happen while ``budgets`` hold the image's pixels (from its header);
+    whatever the decoder raises for this file is this file's 400/413/415.
     """
-    from qualiclip.images import ImageDecodeError, decode_rgb
+    from qualiclip.images import decode_rgb
 
     row: dict[str, Any] = {
         "filename": upload.filename, "score": None, "error": None, "width": None, "height": None
     }
+    name = upload.filename or f"<{len(upload.data)} bytes>"
     ctype = (upload.content_type or "").split(";")[0].strip().lower()
     if ctype and not (ctype.startswith("image/") or ctype in RAW_TYPES):
         row["error"] = f"content type {ctype!r} is not an image type"
@@ -400,24 +678,40 @@ async def score_upload(
     if not upload.data:
         row["error"] = "empty file"
         return row, 400
+    size = await asyncio.to_thread(header_pixels, upload.data)
+    if size is not None and size[0] * size[1] > config.max_pixels:
+        width, height = size
+        row["error"] = (
+            f"{name}: too large: {width}x{height} = {width * height} pixels, more than the "
+            f"limit of {config.max_pixels} pixels (the server's --max-pixels)"
+        )
+        return row, 413
+    # An unreadable header is budgeted as the largest image allowed (the decoder will refuse it).
+    needed = size[0] * size[1] if size is not None else config.max_pixels
     source: Any = upload.data
     if upload.filename:
         source = io.BytesIO(upload.data)
         source.name = upload.filename  # error messages name the file (still read from memory)
-    async with gate:
+    async with budgets.hold(needed):
         try:
             pixels = await asyncio.to_thread(
                 decode_rgb, source, max_pixels=config.max_pixels, min_size=model.min_size
             )
-        except ImageDecodeError as exc:
-            row["error"] = str(exc)
-            return row, decode_status(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is this file's
+            status = decode_status(exc)
+            row["error"] = _failure_message(name, exc)
+            if status == 413 and ": too large" in row["error"]:  # name the server's option
+                row["error"] = (f"{name}: too large (limit: {config.max_pixels} pixels, the "
+                                "server's --max-pixels)")
+            return row, status
         row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
         try:
-            row["score"] = await batcher.score(pixels)
+            row["score"] = await batcher.score(pixels, owner)
         except Exception as exc:  # noqa: BLE001 - a failed forward is this file's error
             row["error"] = f"{type(exc).__name__}: {exc}"
             return row, 500
+        finally:
+            del pixels  # before the budget is released
     return row, 200
 
 
@@ -496,7 +790,8 @@ def create_app(
             precision=cfg.precision, max_batch_pixels=cfg.max_batch_pixels,
         )
         batcher.start()
-        state.update(model=scorer, batcher=batcher, gate=asyncio.Semaphore(cfg.max_inflight))
+        state.update(model=scorer, batcher=batcher, slots=asyncio.Semaphore(cfg.max_inflight),
+                     pixels=PixelBudget(cfg.pixels_in_flight))
         try:
             yield
         finally:
@@ -518,6 +813,8 @@ def create_app(
         summary="Score one image (raw body) or many (multipart/form-data)",
     )
     async def score(request: Request) -> JSONResponse:
+        from starlette.requests import ClientDisconnect
+
         scorer: QualiCLIP = state["model"]
         try:
             uploads = await read_uploads(request, cfg)
@@ -525,8 +822,18 @@ def create_app(
             # The body may be partly unread: the connection cannot be reused.
             return JSONResponse({"detail": exc.message}, exc.status,
                                 headers={"Connection": "close"})
+        except ClientDisconnect:
+            # An ordinary event on a network service: one line, not an error with a traceback.
+            client = request.client
+            where = f"{client.host}:{client.port}" if client else "a client"
+            _log.info("%s - POST /score: client disconnected before its request body was "
+                      "complete", where)
+            return JSONResponse({"detail": "client disconnected"}, 400)
+        budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["slots"],
+                           state["pixels"])
+        owner = object()  # this request's turn in the batcher's round-robin
         outcomes = await asyncio.gather(
-            *(score_upload(u, scorer, state["batcher"], cfg, state["gate"]) for u in uploads)
+            *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner) for u in uploads)
         )
         body: dict[str, Any] = {
             "model": scorer.name, "weights_sha256": scorer.weights_sha256,
@@ -566,6 +873,64 @@ def _warm_up(model: QualiCLIP, precision: str) -> None:
     score_tensors(model, torch.rand(1, 3, side, side), precision)
 
 
+def timed_protocol(request_timeout: float) -> type:
+    """uvicorn's h11 HTTP protocol with a deadline on receiving each request in full.
+
+    uvicorn times out idle keep-alive connections, but not a client that trickles its headers or
+    body a byte at a time (or stops): each would hold a connection, and a request's buffers, for
+    ever. Here a request (headers and body) must arrive within ``request_timeout`` seconds of its
+    first byte, or of the connection when nothing comes; else the connection is closed, with one
+    INFO line. The response and the scoring time are not limited.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if request_timeout <= 0:
+        raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+
+    class TimedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                # Part of a request is here: its clock runs from now (on a kept-alive
+                # connection) or from the connection, whichever started it.
+                if self._deadline is None:
+                    self._arm()
+            else:
+                self._disarm()  # received in full (or the connection is over)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(request_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            where = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            part = "body" if self.conn.their_state is h11.SEND_BODY else "headers"
+            _log.info("%s - request %s not received within %g s: connection closed", where, part,
+                      request_timeout)
+            self.transport.close()
+
+    return TimedH11Protocol
+
+
 def run(
     model: QualiCLIP | Callable[[], QualiCLIP],
     config: ServeConfig | None = None,
@@ -574,12 +939,24 @@ def run(
     port: int = 8000,
     log_level: str = "info",
     access_log: bool = True,
+    request_timeout: float = 60.0,
+    keep_alive_timeout: int = 5,
 ) -> None:
-    """Serve ``model`` with uvicorn until interrupted (Ctrl-C or SIGTERM shut down cleanly)."""
+    """Serve ``model`` with uvicorn until interrupted (Ctrl-C or SIGTERM shut down cleanly).
+
+    Args:
+        model, config: as for :func:`create_app`.
+        host, port: where to listen.
+        log_level, access_log: uvicorn's logging.
+        request_timeout: seconds for a request (headers and body) to arrive in full; a slower
+            client is disconnected (see :func:`timed_protocol`).
+        keep_alive_timeout: seconds an idle kept-alive connection stays open (uvicorn's).
+    """
     require_serve()
     import uvicorn
 
     uvicorn.run(
         create_app(model, config), host=host, port=port, log_level=log_level,
-        access_log=access_log,
+        access_log=access_log, http=timed_protocol(request_timeout),
+        timeout_keep_alive=keep_alive_timeout,
     )
