@@ -74,5 +74,6 @@ def test_imports_only_reach_lower_layers(module: str) -> None:
 def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     """The checker itself: a lazy import inside a function is found."""
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    from qualiclip.engine import score\n    import qualiclip.cli\n")
+    source.write_text("def f():\n    from qualiclip.engine import score\n"
+                      "    import qualiclip.cli\n")
     assert _imports(source) == {"engine", "cli"}
