@@ -299,11 +299,11 @@ def test_unknown_name() -> None:
 def test_table_entries() -> None:
     q = PRETRAINED["qualiclip"]
     assert q.file.sha256 == "5818e085ac4b3d297cdd183fd2b1d8a4ddb2242e5bb7fd24b2cd66d7d132bc7e"
-    assert q.file.size == 408_494_502 and q.format == "official" and q.licence == "CC BY-NC 4.0"
+    assert q.file.size == 408_494_502 and q.licence == "CC BY-NC 4.0"
     assert q.file.urls[0].startswith("https://huggingface.co/") and "github.com" in q.file.urls[1]
     assert q.prompt_pairs == PROMPT_PAIRS and len(q.prompt_pairs) == 7 and q.logit_scale == 100
     rn50, iqa = PRETRAINED["clip-rn50"], PRETRAINED["clip-iqa"]
-    assert rn50.file is iqa.file and rn50.format == "torchscript" and rn50.licence == "MIT"
+    assert rn50.file is iqa.file and rn50.licence == "MIT"
     # The table's literal digest agrees with the content address OpenAI publishes in the URL.
     assert f"/{rn50.file.sha256}/" in rn50.file.urls[0]
     assert rn50.prompt_pairs == PROMPT_PAIRS
@@ -430,17 +430,17 @@ def test_resolve_weights_by_name_and_path(
     entry = dataclasses.replace(PRETRAINED["clip-rn50"], name="tiny-rn", file=file)
     monkeypatch.setitem(PRETRAINED, "tiny-rn", entry)
     serve({file.urls[0]: data})
-    state, features, got = resolve_weights("tiny-rn", tmp_path, progress=False)
-    assert got is entry and features is None
-    _assert_same(state, reference)
+    got = resolve_weights("tiny-rn", tmp_path, progress=False)
+    assert got.entry is entry and got.prompt_features is None and got.sha256 == file.sha256
+    _assert_same(got.state, reference)
     # The same archive given by path is trusted because its checksum is in the table...
-    state, _, got = resolve_weights(script)
-    assert got is None
-    _assert_same(state, reference)
+    got = resolve_weights(script)
+    assert got.entry is None and got.sha256 == file.sha256
+    _assert_same(got.state, reference)
     # ...and refused when it is not.
     monkeypatch.delitem(PRETRAINED, "tiny-rn")
     with pytest.raises(ValueError, match="trust_torchscript"):
         resolve_weights(script)
-    assert resolve_weights(script, trust_torchscript=True)[0].keys() == reference.keys()
+    assert resolve_weights(script, trust_torchscript=True).state.keys() == reference.keys()
     with pytest.raises(ValueError, match="not an existing file"):
         resolve_weights(tmp_path / "nothing.pt")

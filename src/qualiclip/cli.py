@@ -213,7 +213,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _run_models(args: argparse.Namespace) -> int:
     from qualiclip import pretrained
-    from qualiclip.model import RANDOM_MODELS
 
     if args.add:
         name, path = args.add
@@ -231,7 +230,7 @@ def _run_models(args: argparse.Namespace) -> int:
             (name, "yes" if cached else "no", size, entry.licence, entry.file.sha256[:12],
              entry.description)
         )
-    for name in RANDOM_MODELS:
+    for name in pretrained.RANDOM_MODELS:
         rows.append((name, "-", "-", "-", "-", "random weights, for tests and benchmarks"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

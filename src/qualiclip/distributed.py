@@ -257,22 +257,6 @@ def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
     return final
 
 
-def model_identity(config: RayScoreConfig) -> tuple[str, str | None]:
-    """``(name, weights sha256)`` that the actors will report, known without loading weights."""
-    from qualiclip import pretrained
-    from qualiclip.model import RANDOM_MODELS
-
-    name = str(config.model)
-    if name in RANDOM_MODELS:
-        return name, None
-    if name in pretrained.PRETRAINED:
-        return name, pretrained.PRETRAINED[name].file.sha256
-    path = Path(name)
-    if not path.is_file():
-        raise ValueError(f"unknown model {name!r}: not a file, and not a known name")
-    return name, pretrained.sha256_file(path)
-
-
 def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
     """Paths that already have a row in ``output``.
 
@@ -285,7 +269,9 @@ def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
         raise ValueError(
             f"{output} already holds {other} parts; use the same format or another folder"
         )
-    name, sha = model_identity(config)
+    from qualiclip.pretrained import weights_identity
+
+    name, sha = weights_identity(config.model)
     done: set[str] = set()
     for part in part_files(output, config.output_format):
         table = _read_part(part, config.output_format, ("path", "model", "weights_sha256"))

@@ -25,12 +25,8 @@ from torch import nn
 
 from qualiclip.clip import (
     CLIP,
-    RN50,
-    TINY_RN,
-    CLIPConfig,
     Pooling,
     build_clip,
-    build_visual,
     load_visual,
 )
 from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair, flatten_pairs
@@ -38,8 +34,6 @@ from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair, fla
 Formula = Literal["official", "pyiqa"]
 FORMULAS: tuple[str, ...] = ("official", "pyiqa")
 
-#: Models with random weights, for tests and speed benchmarks (speed does not depend on weights).
-RANDOM_MODELS: dict[str, CLIPConfig] = {"random-tiny": TINY_RN, "random-rn50": RN50}
 
 
 class QualiCLIP(nn.Module):
@@ -219,18 +213,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def list_models() -> list[str]:
     """Names :func:`create_model` accepts: released weights, then random-weight models."""
-    from qualiclip.pretrained import PRETRAINED
+    from qualiclip.pretrained import PRETRAINED, RANDOM_MODELS
 
     return [*PRETRAINED, *RANDOM_MODELS]
-
-
-def _random_model(name: str, pooling: Pooling, seed: int = 0) -> QualiCLIP:
-    config = RANDOM_MODELS[name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        visual = build_visual(config, pooling)
-        features = torch.randn(len(PROMPT_PAIRS), 2, config.embed_dim)
-    return QualiCLIP(visual, features, name=name, prompt_pairs=PROMPT_PAIRS)
 
 
 def create_model(
@@ -245,14 +230,19 @@ def create_model(
 ) -> QualiCLIP:
     """Build a QualiCLIP scorer from a named weight set or a checkpoint file.
 
+    Weights come from :func:`qualiclip.pretrained.resolve_weights`; named weights carry their
+    prompts, normalisation, pooling and logit scale in the table.
+
     Args:
         name_or_path: a name from :func:`list_models` (released weights are downloaded once,
             checksum-verified and cached) or a checkpoint path: the authors' format
-            (``clip_model.*`` + ``prompts_features``), an OpenAI-keyed state dict, or (with
-            ``trust_torchscript``) an OpenAI TorchScript archive.
+            (``clip_model.*`` + ``prompts_features``), an OpenAI-keyed state dict, qualiclip's
+            training export, or (with ``trust_torchscript``) an OpenAI TorchScript archive.
         device: ``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``.
-        pooling: attention-pooling mode; ``None`` means ``"none"``, QualiCLIP's choice.
-        formula: ``"official"`` (scale 100) or ``"pyiqa"`` (``exp(logit_scale) / 2``).
+        pooling: attention-pooling mode; ``None`` means the weights' own (``"none"``, as
+            QualiCLIP, for every file and table entry).
+        formula: ``"official"`` (the weights' logit scale, 100) or ``"pyiqa"``
+            (``exp(logit_scale) / 2``).
         prompt_pairs: prompts to compute features for with the checkpoint's text tower, instead
             of the stored features or the weight entry's prompts.
         cache_dir: where downloads are kept (default: ``$QUALICLIP_HOME`` or the user cache).
@@ -268,45 +258,32 @@ def create_model(
 
     if formula not in FORMULAS:
         raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
-    pooling = pooling or "none"
-    name = str(name_or_path)
-    if name in RANDOM_MODELS:
-        model = _random_model(name, pooling)
-        if formula == "pyiqa":
-            model.logit_scale = (1 / 0.07) / 2  # CLIP's initial logit scale, halved
-        return model.to(resolve_device(device)).eval()
-    if name in pretrained.PRETRAINED:
-        entry = pretrained.PRETRAINED[name]
-        path = pretrained.download(entry.file, cache_dir)
-        state, stored = pretrained.load_checkpoint(path, trust_torchscript=True)
-        pairs = tuple(prompt_pairs or entry.prompt_pairs)
-        sha = entry.file.sha256
-        mean, std = entry.mean, entry.std
-        if entry.prompt_pairs != PROMPT_PAIRS and stored is not None and not prompt_pairs:
-            stored = None  # the stored features belong to other prompts
-    else:
-        path = Path(name)
-        if not path.is_file():
-            raise ValueError(
-                f"unknown model {name!r}: not a file, and not one of {', '.join(list_models())}"
-            )
-        state, stored = pretrained.load_checkpoint(path, trust_torchscript=trust_torchscript)
-        pairs = tuple(prompt_pairs or PROMPT_PAIRS)
-        sha, mean, std = pretrained.sha256_file(path), CLIP_MEAN, CLIP_STD
-    scale = 100.0 if formula == "official" else math.exp(float(state["logit_scale"])) / 2
+    weights = pretrained.resolve_weights(
+        name_or_path, cache_dir, trust_torchscript=trust_torchscript
+    )
+    entry, state, stored = weights.entry, weights.state, weights.prompt_features
+    mode: Pooling = pooling or (entry.pooling if entry is not None else "none")
+    pairs = tuple(prompt_pairs or (entry.prompt_pairs if entry is not None else PROMPT_PAIRS))
+    if entry is not None and entry.prompt_pairs != PROMPT_PAIRS and not prompt_pairs:
+        stored = None  # a file's stored features belong to QualiCLIP's prompts, not the entry's
+    official_scale = entry.logit_scale if entry is not None else 100.0
+    scale = official_scale if formula == "official" else math.exp(float(state["logit_scale"])) / 2
     common: dict[str, Any] = dict(
-        logit_scale=scale, mean=mean, std=std, name=name, weights_sha256=sha
+        logit_scale=scale,
+        mean=entry.mean if entry is not None else CLIP_MEAN,
+        std=entry.std if entry is not None else CLIP_STD,
+        name=weights.name,
+        weights_sha256=weights.sha256,
     )
     if stored is not None and prompt_pairs is None and stored.shape[0] == 2 * len(pairs):
-        model = QualiCLIP(load_visual(state, pooling), stored, prompt_pairs=pairs, **common)
+        model = QualiCLIP(load_visual(state, mode), stored, prompt_pairs=pairs, **common)
     elif "text_projection" in state:
-        clip = build_clip(state, pooling)
+        clip = build_clip(state, mode)
         model = QualiCLIP.from_clip(clip, pairs, **common)
         del clip
     else:
         raise ValueError(
-            f"{name}: the checkpoint has no text tower and no prompt features for "
+            f"{weights.name}: the checkpoint has no text tower and no prompt features for "
             f"{len(pairs)} prompt pairs; cannot build the scorer"
         )
     return model.to(resolve_device(device)).eval()
-

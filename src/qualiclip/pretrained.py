@@ -24,6 +24,7 @@ Everything else goes through ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -39,10 +40,11 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import torch
 
+from qualiclip.clip import CLIP, RN50, TINY_RN, CLIPConfig, Pooling
 from qualiclip.prompts import CLIP_IQA_PAIRS, CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair
 
 __all__ = [
@@ -51,7 +53,9 @@ __all__ = [
     "ChecksumError",
     "OfflineError",
     "PretrainedWeights",
+    "RANDOM_MODELS",
     "RemoteFile",
+    "Weights",
     "add_to_cache",
     "cache_dir",
     "cached_path",
@@ -61,9 +65,8 @@ __all__ = [
     "load_checkpoint",
     "resolve_weights",
     "sha256_file",
+    "weights_identity",
 ]
-
-WeightFormat = Literal["official", "torchscript", "state_dict"]
 
 _CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough for a smooth progress bar
 _TIMEOUT_S = 30.0  # per socket operation, not for the whole download
@@ -122,9 +125,7 @@ class PretrainedWeights:
 
     Attributes:
         name: the name :func:`qualiclip.create_model` takes.
-        file: the checkpoint to download.
-        format: how the file is stored (``"official"``: authors' dict; ``"torchscript"``: OpenAI
-            archive; ``"state_dict"``: plain OpenAI-keyed dict).
+        file: the checkpoint to download (any format :func:`load_checkpoint` reads).
         prompt_pairs: ``(positive, negative)`` prompts the score averages over.
         logit_scale: softmax scale of the authors' formula.
         mean, std: RGB input normalisation.
@@ -135,12 +136,11 @@ class PretrainedWeights:
 
     name: str
     file: RemoteFile
-    format: WeightFormat
     prompt_pairs: tuple[PromptPair, ...] = PROMPT_PAIRS
     logit_scale: float = 100.0
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
-    pooling: str = "none"
+    pooling: Pooling = "none"
     description: str = ""
     licence: str = field(default="")
 
@@ -189,26 +189,31 @@ BPE_VOCAB = RemoteFile(
     description="OpenAI CLIP byte-pair-encoding vocabulary",
 )
 
+#: Random-weight models: CLIP shapes initialised from a seed, for tests and speed benchmarks
+#: (speed does not depend on weights), and as training start points.
+RANDOM_MODELS: dict[str, CLIPConfig] = {
+    "random-tiny": TINY_RN,
+    "random-micro": dataclasses.replace(TINY_RN, vision_width=8, embed_dim=32),
+    "random-rn50": RN50,
+}
+
 #: Named weights for :func:`qualiclip.create_model`.
 PRETRAINED: dict[str, PretrainedWeights] = {
     "qualiclip": PretrainedWeights(
         name="qualiclip",
         file=QUALICLIP_FILE,
-        format="official",
         prompt_pairs=PROMPT_PAIRS,
         description="QualiCLIP, the authors' release (opinion-unaware, 7 prompt pairs)",
     ),
     "clip-rn50": PretrainedWeights(
         name="clip-rn50",
         file=CLIP_RN50_FILE,
-        format="torchscript",
         prompt_pairs=PROMPT_PAIRS,
         description="OpenAI CLIP RN50 with QualiCLIP's 7 prompt pairs (training start point)",
     ),
     "clip-iqa": PretrainedWeights(
         name="clip-iqa",
         file=CLIP_RN50_FILE,
-        format="torchscript",
         prompt_pairs=CLIP_IQA_PAIRS,
         description="CLIP-IQA baseline: OpenAI CLIP RN50, 'Good photo.'/'Bad photo.' (zero-shot)",
     ),
@@ -720,43 +725,98 @@ def _matching_entry(path: Path) -> RemoteFile | None:
     return next((f for f in candidates if f.sha256 == digest), None)
 
 
+@dataclass(frozen=True)
+class Weights:
+    """Weights found from a name or a path: the one answer every front end uses.
+
+    Attributes:
+        name: what was asked for (a table name, a random model's name, or the path).
+        state: OpenAI-keyed float32 tensors (a random model's hold the text tower too).
+        prompt_features: stored prompt features ``[2P, D]`` (positive first), or None.
+        sha256: the weight file's checksum (None for random models).
+        entry: the table entry of named weights (their prompts, normalisation, pooling, scale).
+    """
+
+    name: str
+    state: dict[str, torch.Tensor]
+    prompt_features: torch.Tensor | None
+    sha256: str | None
+    entry: PretrainedWeights | None = None
+
+
+def weights_identity(
+    name_or_path: str | os.PathLike[str],
+) -> tuple[str, str | None]:
+    """``(name, sha256)`` of what :func:`resolve_weights` would load, without loading it.
+
+    Raises:
+        ValueError: neither a known name nor an existing file.
+    """
+    key = os.fspath(name_or_path)
+    if key in RANDOM_MODELS:
+        return key, None
+    if key in PRETRAINED:
+        return key, PRETRAINED[key].file.sha256
+    path = Path(key)
+    if not path.is_file():
+        raise ValueError(f"unknown weights {key!r}: not an existing file, nor one of "
+                         f"{', '.join([*PRETRAINED, *RANDOM_MODELS])}")
+    return key, sha256_file(path)
+
+
+def _random_weights(name: str, seed: int) -> Weights:
+    config = RANDOM_MODELS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = CLIP(config).state_dict()
+        # Random prompt features (not the random text tower's, which are nearly parallel):
+        # scores then differ from image to image, which tests and benchmarks rely on.
+        features = torch.randn(2 * len(PROMPT_PAIRS), config.embed_dim)
+    return Weights(name, {k: v.detach() for k, v in state.items()}, features, None)
+
+
 def resolve_weights(
     name_or_path: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     trust_torchscript: bool = False,
     progress: bool = True,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, PretrainedWeights | None]:
-    """Load weights by table name (downloading once) or from a checkpoint path.
+    seed: int = 0,
+) -> Weights:
+    """Load weights by table name (downloading once), random model name, or checkpoint path.
+
+    The one place that turns a name into tensors: scoring, training, Ray actors and the service
+    all come through here, with one TorchScript rule: a TorchScript archive runs code when
+    loaded, so it is loaded only when its checksum is in the table (named weights, or a
+    hand-downloaded copy such as ``RN50.pt``) or the caller trusts it explicitly.
 
     Args:
-        name_or_path: a name from :data:`PRETRAINED`, or a checkpoint file.
+        name_or_path: a name from :data:`PRETRAINED` or :data:`RANDOM_MODELS`, or a file.
         cache_dir: cache folder for named weights.
-        trust_torchscript: allow a TorchScript archive given by path. Not needed for named
-            weights, nor for a local file whose checksum equals a table entry's (e.g. a hand-
-            downloaded ``RN50.pt``): a verified checksum is the trust.
+        trust_torchscript: allow a TorchScript archive given by path whose checksum is unknown.
         progress: progress bar while downloading.
-
-    Returns:
-        ``(state_dict, prompt_features or None, table entry or None)``.
+        seed: the seed of a random model's weights.
 
     Raises:
         ValueError: neither a known name nor an existing file, or an unusable checkpoint.
         OfflineError, ChecksumError: see :func:`download`.
     """
     key = os.fspath(name_or_path)
+    if key in RANDOM_MODELS:
+        return _random_weights(key, seed)
     if key in PRETRAINED:
         entry = PRETRAINED[key]
         local = download(entry.file, cache_dir, progress=progress)
         state, features = load_checkpoint(local, trust_torchscript=True)
-        return state, features, entry
+        return Weights(key, state, features, entry.file.sha256, entry)
     path = Path(key)
     if not path.is_file():
         raise ValueError(
-            f"unknown weights {key!r}: not an existing file, nor one of {', '.join(PRETRAINED)}"
+            f"unknown weights {key!r}: not an existing file, nor one of "
+            f"{', '.join([*PRETRAINED, *RANDOM_MODELS])}"
         )
     trusted = trust_torchscript or (
         is_torchscript_archive(path) and _matching_entry(path) is not None
     )
     state, features = load_checkpoint(path, trust_torchscript=trusted)
-    return state, features, None
+    return Weights(key, state, features, sha256_file(path))
