@@ -17,6 +17,10 @@ batch-norm statistics when fine-tuning (``bn="frozen"``: CLIP RN50's statistics 
 huge batch, and the small per-step batches here would only add noise to them; the affine terms
 still train); the IoU bound between the two crops.
 
+Bad data does not stop a run: every file is checked before step 0 and unusable ones are named
+and left out (or, with ``data.strict``, refused before anything is written); an output folder
+holding another run is refused unless resumed or overwritten.
+
 Runs are exactly resumable: a checkpoint holds the model, optimizer, scheduler, every RNG state
 (torch, NumPy, Python, the degradation generator; one set per rank) and the number of samples
 each rank consumed. Crops depend on ``(seed, epoch, index)`` only, so a resumed run continues
@@ -669,9 +673,15 @@ def build_level_validation(
     )
     g = torch.Generator().manual_seed(val.seed)
     seqs = []
+    failed: set[str] = set()
     for index in range(len(ds)):
         for crop in range(val.crops_per_image):
-            pair = ds[(index, crop)]["crops"]  # "epoch" = crop number: independent positions
+            sample = ds[(index, crop)]  # "epoch" = crop number: independent positions
+            for line in filter(None, sample["skipped"].split("\n")):
+                if line not in failed:
+                    failed.add(line)
+                    logger.warning("unusable held-out image %s (replaced by the next one)", line)
+            pair = sample["crops"]
             for _ in range(val.compositions_per_crop):
                 x = degrade_batch(
                     pair[None], g, levels=data.levels, max_distortions=data.max_distortions
