@@ -506,3 +506,15 @@ def test_cli_train_exit_statuses_and_one_line_failures(
     )
     code, _, err = run("--overwrite", "--verbose", pristine_dir=pristine)
     assert code == 1 and "Traceback" in err
+
+
+def test_a_dataloader_worker_failure_reads_as_the_worker_s_own_line() -> None:
+    from qualiclip.cli import _one_line
+
+    wrapped = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nRuntimeError: disk went away\n'
+    )
+    assert _one_line(wrapped) == "RuntimeError: disk went away"
+    assert _one_line(ValueError("no usable image\nsecond line")) == "no usable image"
+    assert _one_line(KeyError("model")) == "KeyError: 'model'"

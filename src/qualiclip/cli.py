@@ -396,10 +396,11 @@ def _train_setup(args: argparse.Namespace):  # noqa: ANN202
 def _one_line(exc: BaseException) -> str:
     """A failure in one line: a DataLoader worker's error ends with the original message."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    text = (lines[-1] if "Original Traceback" in str(exc) else lines[0]) if lines else ""
-    if isinstance(exc, ValueError | OSError) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if "Original Traceback" in str(exc) and lines:
+        return lines[-1]  # "TypeName: message", as the worker raised it
+    if isinstance(exc, ValueError | OSError) and lines:
+        return lines[0]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _run_train(args: argparse.Namespace) -> int:
