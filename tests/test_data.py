@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ from qualiclip.data import (
     crop_iou,
     find_images,
     sample_crop_pair,
+    scan_images,
     split_every_kth,
 )
+from qualiclip.images import ImageDecodeError
 
 
 @pytest.fixture()
@@ -130,3 +133,69 @@ def test_resumable_sampler_continues_across_epochs() -> None:
         for r in range(2)
     ]
     assert not set(two[0]) & set(two[1])
+
+
+# --- unusable files ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def mixed(tmp_path: Path) -> Path:
+    """Three good images and four unusable files of the kinds found in real photo folders."""
+    rng = np.random.default_rng(3)
+    for n in range(3):
+        arr = rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"good{n}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "notes.jpg").write_text("a text file with an image's name")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((12, 200, 3), np.uint8)).save(tmp_path / "sliver.png")
+    return tmp_path
+
+
+def test_scan_names_every_unusable_file(mixed: Path) -> None:
+    paths = find_images(mixed)
+    full = scan_images(paths, crop_size=64, mode="decode", threads=2)
+    assert [p.name for p in full.usable] == ["good0.png", "good1.png", "good2.png"]
+    reasons = {p.name: why for p, why in full.bad}
+    assert set(reasons) == {"truncated.jpg", "notes.jpg", "empty.png", "sliver.png"}
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "not an image" in reasons["notes.jpg"]
+    assert "too small" in reasons["sliver.png"]
+    assert str(mixed) not in reasons["notes.jpg"]  # the caller names the file
+    # A header scan is fast but lets truncated data through (the dataset handles it later).
+    quick = scan_images(paths, crop_size=64, mode="header")
+    assert {p.name for p, _ in quick.bad} == {"notes.jpg", "empty.png", "sliver.png"}
+    assert "truncated.jpg" in {p.name for p in quick.usable}
+    # Smaller than the crop under the "skip" policy: left out, but not bad data.
+    skip = scan_images(paths, crop_size=90, small_images="skip")
+    assert [p.name for p in skip.small] == ["good0.png", "good1.png", "good2.png"]
+    with pytest.raises(ValueError, match="scan mode"):
+        scan_images(paths, crop_size=64, mode="guess")
+
+
+def test_a_file_that_fails_in_the_dataset_is_replaced_deterministically(mixed: Path) -> None:
+    paths = [mixed / "good0.png", mixed / "truncated.jpg", mixed / "notes.jpg", mixed / "good1.png"]
+    ds = PristineCropPairs(paths, 32, seed=4)
+    good = ds[(0, 0)]
+    assert good["skipped"] == "" and int(good["index"]) == 0
+    sample = ds[(1, 5)]
+    assert int(sample["index"]) == 3  # the next image that decodes
+    failed = sample["skipped"].splitlines()
+    assert [line.split(": ")[0] for line in failed] == [str(paths[1]), str(paths[2])]
+    assert "truncated" in failed[0]
+    again = PristineCropPairs(paths, 32, seed=4)[(1, 5)]  # fresh process state, same sample
+    assert torch.equal(again["crops"], sample["crops"]) and again["skipped"] == sample["skipped"]
+    assert not torch.equal(sample["crops"], ds[(3, 5)]["crops"])  # the key still sets the crops
+    # A policy that reads headers does not trip over a file that is not an image.
+    assert len(PristineCropPairs(paths, 32, small_images="skip")) == 4
+    with pytest.raises(ImageDecodeError, match="none of the 2 pristine images"):
+        PristineCropPairs(paths[1:3], 32)[(0, 0)]
+
+
+def test_16_bit_pristine_images_keep_their_brightness(tmp_path: Path) -> None:
+    grey = np.full((48, 48), 32896, dtype=np.uint16)  # 128.5 / 255 of full scale
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    crops = PristineCropPairs([tmp_path / "deep.png"], 32)[(0, 0)]["crops"]
+    assert crops.dtype == torch.uint8 and bool((crops == 128).all())

@@ -304,3 +304,217 @@ def test_two_process_gloo_run_completes_and_its_checkpoint_loads(
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 2
     model = train.model_from_checkpoint(out / "ckpt-000002.pt")
     assert model(torch.rand(1, 3, 64, 64)).shape == (1,)
+
+
+# --- bad data, run folders, failures ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_bad(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic photos plus a truncated JPEG and a text file named ``.jpg``."""
+    folder = tmp_path_factory.mktemp("with_bad")
+    for path in pristine.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    Image.open(pristine / "p0.png").save(folder / "trunc.jpg", quality=90)
+    full = (folder / "trunc.jpg").read_bytes()
+    (folder / "trunc.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "notes.jpg").write_text("not a photo")
+    return folder
+
+
+def _with(cfg: train.TrainConfig, **data: object) -> train.TrainConfig:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
+
+
+def _quick(pristine: Path, out: Path, **schedule: int) -> train.TrainConfig:
+    """No held-out images: these tests are about files and folders, not about learning."""
+    return _with(_cfg(pristine, out, **schedule), val_every_kth=0)
+
+
+def test_fit_skips_unusable_files_and_names_them(
+    with_bad: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        result = train.fit(_quick(with_bad, out, max_steps=1))
+    names = [Path(n).name for n, _ in result["skipped"]]
+    assert names == ["notes.jpg", "trunc.jpg"]
+    assert "notes.jpg" in caplog.text and "trunc.jpg" in caplog.text
+    assert result["images"] == 8 and (out / "model.pth").is_file()
+    event = next(r for r in train.iter_history(out) if r.get("event") == "images")
+    assert sorted(Path(u["path"]).name for u in event["unusable"]) == names
+    # With a header-only scan the truncated file reaches the workers: skipped there, by name.
+    caplog.clear()
+    quick = tmp_path / "quick"
+    with caplog.at_level("WARNING"):
+        result = train.fit(_with(_quick(with_bad, quick, max_steps=5), scan="header"))
+    assert [Path(n).name for n, _ in result["skipped"]] == ["notes.jpg", "trunc.jpg"]
+    assert caplog.text.count("trunc.jpg") == 1  # logged once, however often it is drawn
+    skipped = [r for r in train.iter_history(quick) if r.get("event") == "skipped"]
+    assert [Path(r["path"]).name for r in skipped] == ["trunc.jpg"]
+    assert "truncated" in skipped[0]["reason"]
+
+
+def test_strict_refuses_before_anything_is_written(with_bad: Path, tmp_path: Path) -> None:
+    out = tmp_path / "strict"
+    with pytest.raises(ValueError, match=r"2 of 10 pristine images are unusable.*notes.*trunc"):
+        train.fit(_with(_cfg(with_bad, out), strict=True))
+    assert not out.exists()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "failed"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+
+    def broken(*args: object, **kwargs: object) -> dict[str, float]:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train, "train_step", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.fit(_quick(pristine, out))
+    assert [p.name for p in out.iterdir()] == ["notes.md"]  # config.json etc. removed, not mine
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        train.fit(_quick(pristine, fresh))
+    assert not fresh.exists()
+
+
+def test_out_holding_a_run_is_refused_unless_resume_or_overwrite(
+    pristine: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    train.fit(_quick(pristine, out, max_steps=2))
+    (out / "notes.md").write_text("not the trainer's")
+    with pytest.raises(ValueError, match="holds another training run.*--resume.*--overwrite"):
+        train.fit(_quick(pristine, out, max_steps=1))
+    assert (out / "ckpt-000002.pt").is_file()  # the refused run touched nothing
+    with pytest.raises(ValueError, match="exclude each other"):
+        train.fit(_quick(pristine, out), resume=out / "ckpt-000002.pt", overwrite=True)
+    train.fit(_quick(pristine, out, max_steps=1), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ckpt-000001.pt",
+        "config.json",
+        "history.jsonl",
+        "model.pth",
+        "notes.md",
+    ]
+    assert max(r["step"] for r in train.iter_history(out)) == 1
+    assert train.clear_run(out) and [p.name for p in out.iterdir()] == ["notes.md"]
+
+
+def test_resume_names_each_differing_setting_and_allows_length_and_cadence() -> None:
+    base = train.PRESETS["tiny"]
+    saved = dataclasses.asdict(base)
+    cadence = train.config_from_dict(
+        {
+            "schedule": {"max_steps": 3000, "epochs": 2},
+            "log": {"log_every": 1, "checkpoint_every": 5, "keep_checkpoints": 0, "out": "x"},
+            "validation": {"every": 7, "batch_size": 3},
+            "data": {"workers": 0, "scan": "header", "strict": True},
+            "device": "cpu",
+        },
+        base,
+    )
+    train.check_resumable(saved, cadence)
+    changed = train.config_from_dict(
+        {"loss": {"margin_rank": 0.7}, "validation": {"seed": 9}, "data": {"crop_size": 96}},
+        base,
+    )
+    with pytest.raises(ValueError, match="ckpt-9") as err:
+        train.check_resumable(saved, changed, "from ckpt-9")
+    message = str(err.value)
+    for key in ("data.crop_size (64 -> 96)", "loss.margin_rank", "validation.seed (1234 -> 9)"):
+        assert key in message
+    assert "schedule" not in message.split(";")[0]
+    # A checkpoint written before a setting existed resumes with that setting's default.
+    older = json.loads(json.dumps(saved))
+    del older["data"]["scan"], older["data"]["strict"]
+    train.check_resumable(older, base)
+
+
+def test_toml_is_read_with_tomli_on_python_3_10(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import types
+
+    parser = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    calls: list[str] = []
+
+    def load(fh: object) -> dict:
+        calls.append("tomli")
+        return parser.load(fh)
+
+    monkeypatch.setitem(sys.modules, "tomli", types.SimpleNamespace(load=load))
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on 3.10: no such module
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "tiny"\n[optim]\nlr = 0.5\n')
+    assert train.load_config(toml).optim.lr == 0.5
+    assert calls == ["tomli"]
+
+
+def test_cli_train_exit_statuses_and_one_line_failures(
+    with_bad: Path, pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'preset = "tiny"\n[data]\nworkers = 0\nbatch_size = 2\ncrop_size = 64\nval_every_kth = 0\n'
+        "[validation]\nevery = 0\ncrops_per_image = 1\ncompositions_per_crop = 1\n"
+    )
+    out = tmp_path / "cli"
+
+    def run(*extra: str, pristine_dir: Path = with_bad) -> tuple[int, str, str]:
+        argv = ["train", "--config", str(cfg), "--pristine", str(pristine_dir), "--out", str(out)]
+        code = main([*argv, "--max-steps", "1", "--no-progress", *extra])
+        got = capsys.readouterr()
+        return code, got.out, got.err
+
+    code, _, err = run("--strict")
+    assert code == 1 and not out.exists()
+    assert [ln for ln in err.splitlines() if "error" in ln] == [
+        f"qualiclip train: error: 2 of 10 pristine images are unusable (data.strict): "
+        f"{with_bad / 'notes.jpg'}, {with_bad / 'trunc.jpg'}"
+    ]
+    code, stdout, err = run()
+    assert code == 1  # trained, but not on every file: the status says so
+    assert stdout.strip() == str(out / "model.pth")
+    assert err.splitlines()[-1].startswith("trained 1 steps on 8 images; skipped 2 unusable")
+    assert "notes.jpg" in err and "trunc.jpg" in err
+    code, _, err = run()
+    assert code == 2 and "holds another training run" in err and "Traceback" not in err
+    code, _, err = run("--resume", "--lr", "0.5")
+    assert code == 2 and "optim.lr (0.002 -> 0.5)" in err
+    code, _, err = run("--resume", "--overwrite")
+    assert code == 2 and "exclude each other" in err
+    code, _, err = run("--overwrite", pristine_dir=pristine)
+    assert code == 0 and "skipped" not in err
+
+    def broken(*args: object, **kwargs: object) -> dict[str, float]:
+        raise RuntimeError("CUDA error: an illegal memory access\nmore details here")
+
+    monkeypatch.setattr(train, "train_step", broken)
+    code, _, err = run("--overwrite", pristine_dir=pristine)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "qualiclip train: error: RuntimeError: CUDA error: an illegal memory access "
+        "(--verbose for details)"
+    )
+    code, _, err = run("--overwrite", "--verbose", pristine_dir=pristine)
+    assert code == 1 and "Traceback" in err
+
+
+def test_a_dataloader_worker_failure_reads_as_the_worker_s_own_line() -> None:
+    from qualiclip.cli import _one_line
+
+    wrapped = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nRuntimeError: disk went away\n'
+    )
+    assert _one_line(wrapped) == "RuntimeError: disk went away"
+    assert _one_line(ValueError("no usable image\nsecond line")) == "no usable image"
+    assert _one_line(KeyError("model")) == "KeyError: 'model'"

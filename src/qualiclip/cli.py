@@ -325,8 +325,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="self-supervised QualiCLIP training from pristine images",
         description="Fine-tune a CLIP image tower with QualiCLIP's ranking losses. Settings: "
-        "preset, then --config TOML, then flags. Multi-GPU: torchrun --nproc-per-node N "
-        "-m qualiclip.cli train ...",
+        "preset, then --config TOML, then flags. Every pristine file is checked before step 0; "
+        "unusable ones (unreadable, truncated, not an image, under 32 px) are named and "
+        "skipped, or refused with --strict. Exit status: 0 trained on every image, 1 a "
+        "failure, or trained with unusable files skipped, 2 a usage error. Multi-GPU: "
+        "torchrun --nproc-per-node N -m qualiclip.cli train ...",
     )
     p.add_argument("--pristine", help="folder or .txt list of pristine images")
     p.add_argument("--out", required=True, help="output folder (checkpoints, logs, model.pth)")
@@ -334,7 +337,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML file with [model] [data] [optim] [loss] ... tables")
     p.add_argument("--init", help="start point: clip-rn50, random-tiny, or a checkpoint file")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
-                   help="continue from CKPT (default: the latest ckpt-*.pt in --out)")
+                   help="continue from CKPT (default: the latest ckpt-*.pt in --out); only "
+                   "length, intervals, device and workers may differ from the checkpoint's run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run --out holds (its checkpoints, model.pth, history, "
+                   "config.json and validation.json; other files stay)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to start when any pristine file is unusable (default: skip it)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides epochs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="pristine images per step and process")
@@ -350,14 +359,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="log progress details; on a failure, print the traceback")
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from qualiclip import train
-
+def _train_overrides(args: argparse.Namespace) -> dict:
     overrides: dict = {}
     for flag, keys in _TRAIN_FLAGS.items():
         value = getattr(args, flag)
@@ -368,6 +375,18 @@ def _run_train(args: argparse.Namespace) -> int:
             node[keys[-1]] = value
     if args.no_progress:
         overrides.setdefault("log", {})["progress"] = False
+    if args.strict:
+        overrides.setdefault("data", {})["strict"] = True
+    return overrides
+
+
+def _train_setup(args: argparse.Namespace):  # noqa: ANN202
+    """Configuration, checkpoint and output folder, all checked: any problem is a usage error."""
+    from pathlib import Path
+
+    from qualiclip import train
+
+    overrides = _train_overrides(args)
     resume = None
     try:
         if args.resume is not None:
@@ -378,21 +397,65 @@ def _run_train(args: argparse.Namespace) -> int:
                 resume = found[-1]
             if resume is None or not resume.is_file():
                 raise UsageError(f"no checkpoint to resume from ({args.resume}, in {args.out})")
-        if resume is not None and args.config is None and args.preset is None:
-            saved = train.load_training_checkpoint(resume)["config"]
+        saved = train.load_training_checkpoint(resume)["config"] if resume else None
+        if saved is not None and args.config is None and args.preset is None:
             cfg = train.config_from_dict(overrides, train.config_from_dict(saved))
         else:
             cfg = train.load_config(args.config, preset=args.preset, overrides=overrides)
-        result = train.fit(cfg, resume=resume)
+        train.check_config(cfg)
+        train.check_out(cfg.log.out, resume=resume, overwrite=args.overwrite)
+        if saved is not None:
+            train.check_resumable(saved, cfg, f"from {resume}")
     except (ValueError, TypeError, OSError) as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(str(exc)) from None
+    return cfg, resume
+
+
+def _one_line(exc: BaseException) -> str:
+    """A failure in one line: a DataLoader worker's error ends with the original message."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if "Original Traceback" in str(exc) and lines:
+        return lines[-1]  # "TypeName: message", as the worker raised it
+    if isinstance(exc, ValueError | OSError) and lines:
+        return lines[0]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from qualiclip import train
+
+    cfg, resume = _train_setup(args)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = train.fit(cfg, resume=resume, overwrite=args.overwrite)
+    except Exception as exc:  # inside the run: a failure (1), not a usage error
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        # A ValueError of ours says all there is; others may need their traceback.
+        hint = "" if args.verbose or isinstance(exc, ValueError) else " (--verbose for details)"
+        print(f"qualiclip train: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILED
     val = result["validation"]
     if val:
         first, last = val[0], val[-1]
         print(f"level-ordering accuracy {first['level_accuracy']:.3f} (step {first['step']}) -> "
               f"{last['level_accuracy']:.3f} (step {last['step']})", file=sys.stderr)
+    skipped = result["skipped"]
+    summary = f"trained {result['step']} steps on {result['images']} images"
+    if result["small"]:
+        summary += f"; {len(result['small'])} smaller than the crop left out"
+    if skipped:
+        names = ", ".join(name for name, _ in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        summary += f"; skipped {len(skipped)} unusable pristine files: {names}{more}"
+    print(summary, file=sys.stderr)
     print(result["model_path"])
-    return EXIT_OK
+    return EXIT_FAILED if skipped else EXIT_OK
 
 
 # --- eval --------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ batch-norm statistics when fine-tuning (``bn="frozen"``: CLIP RN50's statistics 
 huge batch, and the small per-step batches here would only add noise to them; the affine terms
 still train); the IoU bound between the two crops.
 
+Bad data does not stop a run: every file is checked before step 0 and unusable ones are named
+and left out (or, with ``data.strict``, refused before anything is written); an output folder
+holding another run is refused unless resumed or overwritten.
+
 Runs are exactly resumable: a checkpoint holds the model, optimizer, scheduler, every RNG state
 (torch, NumPy, Python, the degradation generator; one set per rank) and the number of samples
 each rank consumed. Crops depend on ``(seed, epoch, index)`` only, so a resumed run continues
@@ -36,6 +40,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -50,7 +55,16 @@ from torch.utils.data import DataLoader
 
 from qualiclip import degradations
 from qualiclip.clip import CLIP, RN50, TINY_RN, CLIPConfig, build_clip
-from qualiclip.data import PristineCropPairs, ResumableSampler, find_images, split_every_kth
+from qualiclip.data import (
+    MIN_SIDE,
+    SCAN_MODES,
+    SMALL_IMAGE_POLICIES,
+    PristineCropPairs,
+    ResumableSampler,
+    find_images,
+    scan_images,
+    split_every_kth,
+)
 from qualiclip.losses import LossConfig, qualiclip_losses
 from qualiclip.model import QualiCLIP
 from qualiclip.prompts import PROMPT_PAIRS, PromptPair
@@ -65,9 +79,16 @@ __all__ = [
     "SimilarityModel",
     "TrainConfig",
     "ValidationConfig",
+    "RESUME_MAY_CHANGE",
+    "RUN_FILES",
     "build_model",
+    "check_config",
+    "check_out",
+    "check_resumable",
+    "clear_run",
     "config_from_dict",
     "degrade_batch",
+    "existing_run_files",
     "fit",
     "load_config",
     "load_training_checkpoint",
@@ -125,6 +146,11 @@ class DataConfig:
         batch_size: pristine images per step and rank (each gives 2 x L crops).
         workers: DataLoader worker processes (decode and crop).
         small_images: ``"upscale"`` or ``"skip"`` images smaller than the crop.
+        scan: how files are checked before step 0: ``"decode"`` (every file decoded once,
+            finds truncated data) or ``"header"`` (fast, for very large sets); see
+            :data:`qualiclip.data.SCAN_MODES`.
+        strict: refuse to start when any pristine or held-out file is unusable (the error
+            lists them); otherwise such files are skipped, named in a warning and counted.
     """
 
     pristine: str = ""
@@ -137,6 +163,8 @@ class DataConfig:
     batch_size: int = 16
     workers: int = 4
     small_images: str = "upscale"
+    scan: str = "decode"
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,7 +346,10 @@ def load_config(
         preset: a key of :data:`PRESETS` (default ``"paper"``).
         overrides: nested dict applied last (the CLI flags).
     """
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # tomllib is 3.11+; tomli is the same parser, a dependency on 3.10
+        import tomli as tomllib
 
     table: dict[str, Any] = {}
     if path is not None:
@@ -330,6 +361,82 @@ def load_config(
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     cfg = config_from_dict(table, PRESETS[name])
     return config_from_dict(overrides or {}, cfg)
+
+
+def _config_problems(cfg: TrainConfig) -> Iterator[str]:
+    m, d, o, sc, lg, v = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.log, cfg.validation
+    if m.bn not in ("frozen", "train"):
+        yield f"model.bn must be 'frozen' or 'train', got {m.bn!r}"
+    if m.init not in RANDOM_INITS and not Path(m.init).is_file():
+        from qualiclip.pretrained import PRETRAINED
+
+        if m.init not in PRETRAINED:
+            valid = ", ".join([*PRETRAINED, *RANDOM_INITS])
+            yield f"model.init {m.init!r} is not a file nor one of {valid}"
+    if not d.pristine:
+        yield "data.pristine is empty: give a folder or list of pristine images (--pristine)"
+    for key, where in (("data.pristine", d.pristine), ("data.val_dir", d.val_dir)):
+        if where and not Path(where).exists():
+            yield f"{key}: {where} does not exist"
+    if v.rated_csv and not Path(v.rated_csv).is_file():
+        yield f"validation.rated_csv: {v.rated_csv} is not a file"
+    if d.val_every_kth < 0 or d.val_every_kth == 1:
+        yield f"data.val_every_kth must be 0 or >= 2, got {d.val_every_kth}"
+    if d.crop_size < max(8, MIN_SIDE):
+        yield f"data.crop_size must be >= {max(8, MIN_SIDE)} px, got {d.crop_size}"
+    if not 0.0 <= d.min_overlap <= 1.0:
+        yield f"data.min_overlap must be in [0, 1], got {d.min_overlap}"
+    top = degradations.NUM_LEVELS
+    if not d.levels or list(d.levels) != sorted(set(d.levels)) or not set(d.levels) <= set(
+        range(1, top + 1)
+    ):
+        yield f"data.levels must be increasing levels in 1..{top}, got {list(d.levels)}"
+    groups = len(degradations.DISTORTION_GROUPS)
+    if not 1 <= d.max_distortions <= groups:
+        yield f"data.max_distortions must be in 1..{groups}, got {d.max_distortions}"
+    for key, value, low in (
+        ("data.batch_size", d.batch_size, 1),
+        ("data.workers", d.workers, 0),
+        ("schedule.max_steps", sc.max_steps, 0),
+        ("schedule.warmup_steps", sc.warmup_steps, 0),
+        ("log.log_every", lg.log_every, 1),
+        ("log.checkpoint_every", lg.checkpoint_every, 0),
+        ("log.keep_checkpoints", lg.keep_checkpoints, 0),
+        ("validation.every", v.every, 0),
+        ("validation.batch_size", v.batch_size, 1),
+    ):
+        if value < low:
+            yield f"{key} must be >= {low}, got {value}"
+    if sc.max_steps == 0 and sc.epochs < 1:
+        yield f"schedule.epochs must be >= 1 when schedule.max_steps is 0, got {sc.epochs}"
+    if d.small_images not in SMALL_IMAGE_POLICIES:
+        yield f"data.small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}"
+    if d.scan not in SCAN_MODES:
+        yield f"data.scan must be one of {', '.join(SCAN_MODES)}, got {d.scan!r}"
+    if o.precision not in ("auto", "fp32", "bf16"):
+        yield f"optim.precision must be auto, fp32 or bf16, got {o.precision!r}"
+    if not o.lr > 0:
+        yield f"optim.lr must be > 0, got {o.lr}"
+    from qualiclip.model import resolve_device
+
+    try:
+        resolve_device(cfg.device)
+    except (ValueError, RuntimeError) as exc:
+        yield f"device: {exc}"
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a configuration that cannot run, before anything is loaded or written.
+
+    Checks values (choices, ranges, levels), that the named folders and files exist and that
+    the device is there; the images themselves are checked later, by the data scan.
+
+    Raises:
+        ValueError: every problem found, one per clause.
+    """
+    problems = list(_config_problems(cfg))
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -566,9 +673,15 @@ def build_level_validation(
     )
     g = torch.Generator().manual_seed(val.seed)
     seqs = []
+    failed: set[str] = set()
     for index in range(len(ds)):
         for crop in range(val.crops_per_image):
-            pair = ds[(index, crop)]["crops"]  # "epoch" = crop number: independent positions
+            sample = ds[(index, crop)]  # "epoch" = crop number: independent positions
+            for line in filter(None, sample["skipped"].split("\n")):
+                if line not in failed:
+                    failed.add(line)
+                    logger.warning("unusable held-out image %s (replaced by the next one)", line)
+            pair = sample["crops"]
             for _ in range(val.compositions_per_crop):
                 x = degrade_batch(
                     pair[None], g, levels=data.levels, max_distortions=data.max_distortions
@@ -747,13 +860,78 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def _paths(data: DataConfig) -> tuple[list[Path], list[Path]]:
+@dataclass
+class _Images:
+    """The run's images after the scan, and what was left out (by name, with the reason)."""
+
+    train: list[Path]
+    val: list[Path]
+    bad: list[tuple[str, str]]
+    small: list[str]
+
+
+def _names(items: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _scan_data(data: DataConfig, info: _Dist) -> _Images:
+    """Find, check and split the pristine images; rank 0 scans, every rank gets its verdict.
+
+    Raises:
+        ValueError: no image at all, no usable image left, or ``data.strict`` and some file
+            unusable (the message lists them).
+    """
     if not data.pristine:
         raise ValueError("data.pristine is empty: give a folder or list of pristine images")
-    paths = find_images(data.pristine)
+    found = find_images(data.pristine)
+    val_found = find_images(data.val_dir) if data.val_dir else []
+    verdict: list[Any] = [None]
+    if info.main:
+        start = time.perf_counter()
+        scan = scan_images(
+            [*found, *val_found],
+            crop_size=data.crop_size,
+            small_images=data.small_images,
+            mode=data.scan,
+            threads=max(1, data.workers),
+        )
+        logger.info(
+            "checked %d images (%s) in %.1f s",
+            len(found) + len(val_found),
+            data.scan,
+            time.perf_counter() - start,
+        )
+        verdict[0] = (
+            [str(p) for p in scan.usable],
+            [(str(p), why) for p, why in scan.bad],
+            [str(p) for p in scan.small],
+        )
+    if info.world_size > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    usable_names, bad, small = verdict[0]
+    usable = set(usable_names)
+    if info.main:
+        for name, why in bad:
+            logger.warning("unusable pristine image %s: %s", name, why)
+        for name in small:
+            logger.warning("skipping %s: smaller than the %d px crop", name, data.crop_size)
+    if bad and data.strict:
+        raise ValueError(
+            f"{len(bad)} of {len(found) + len(val_found)} pristine images are unusable "
+            f"(data.strict): {_names([n for n, _ in bad])}"
+        )
+    keep = [p for p in found if str(p) in usable]
     if data.val_dir:
-        return paths, find_images(data.val_dir)
-    return split_every_kth(paths, data.val_every_kth)
+        train, val = keep, [p for p in val_found if str(p) in usable]
+    else:
+        train, val = split_every_kth(keep, data.val_every_kth)
+    if len(train) // info.world_size < 1:
+        raise ValueError(
+            f"no usable training image left in {data.pristine} "
+            f"({len(found)} found, {len(bad)} unusable, {len(small)} smaller than the crop)"
+        )
+    return _Images(train, val, bad, small)
 
 
 def _total_steps(cfg: TrainConfig, n_train: int, world_size: int) -> int:
@@ -762,8 +940,27 @@ def _total_steps(cfg: TrainConfig, n_train: int, world_size: int) -> int:
     return max(1, cfg.schedule.epochs * (n_train // world_size) // cfg.data.batch_size)
 
 
-#: Settings that may change between a checkpoint and its resumed run.
-_RESUME_FREE = {"device", "log", "validation", "schedule.max_steps", "data.workers"}
+#: Settings a resumed run may change: its length, how often it logs, checkpoints and
+#: validates, and where and how it runs. Changing the length reshapes the rest of the cosine
+#: decay; everything else (model, data, losses, optimizer, validation set, seed) must match, or
+#: the resumed run would not continue the same experiment.
+RESUME_MAY_CHANGE: frozenset[str] = frozenset(
+    {
+        "schedule.max_steps",
+        "schedule.epochs",
+        "log.out",
+        "log.log_every",
+        "log.checkpoint_every",
+        "log.keep_checkpoints",
+        "log.progress",
+        "validation.every",
+        "validation.batch_size",
+        "device",
+        "data.workers",
+        "data.scan",
+        "data.strict",
+    }
+)
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -777,12 +974,78 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_resumable(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
-    old, new = _flat(saved), _flat(asdict(cfg))
-    free = tuple(_RESUME_FREE)
-    diff = [k for k in new if old.get(k) != new[k] and not k.startswith(free) and k not in free]
+def check_resumable(saved: Mapping[str, Any], cfg: TrainConfig, source: str = "") -> None:
+    """Refuse to continue a run whose configuration differs beyond :data:`RESUME_MAY_CHANGE`.
+
+    Args:
+        saved: the configuration stored in a checkpoint (keys it lacks take their defaults).
+        cfg: the configuration of the run about to continue it.
+        source: the checkpoint's name, for the message.
+
+    Raises:
+        ValueError: naming each differing key with its saved and new value.
+    """
+    old = _flat(asdict(config_from_dict(saved)))
+    new = _flat(asdict(cfg))
+    diff = [k for k in sorted(new) if old.get(k) != new[k] and k not in RESUME_MAY_CHANGE]
     if diff:
-        raise ValueError(f"cannot resume: the configuration differs in {', '.join(sorted(diff))}")
+        changes = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in diff)
+        where = f" {source}" if source else ""
+        raise ValueError(
+            f"cannot resume{where}: the configuration differs in {changes}; "
+            "only the length, logging/checkpoint/validation intervals, device, workers and "
+            "output folder may change"
+        )
+
+
+#: Files the trainer writes in ``log.out`` (checkpoints are ``ckpt-NNNNNN.pt``).
+RUN_FILES = ("config.json", "history.jsonl", "validation.json", "model.pth")
+
+
+def existing_run_files(out: str | Path) -> list[Path]:
+    """Files of a training run already in ``out`` (none for a new or unrelated folder)."""
+    folder = Path(out)
+    if not folder.is_dir():
+        return []
+    named = [folder / n for n in RUN_FILES if (folder / n).exists()]
+    ckpts = checkpoint_paths(folder)
+    temps = [
+        p
+        for p in folder.glob("*.tmp")
+        if p.name[: -len(".tmp")] in RUN_FILES or re.fullmatch(r"ckpt-\d+\.pt\.tmp", p.name)
+    ]
+    return [*named, *ckpts, *sorted(temps)]
+
+
+def clear_run(out: str | Path) -> list[Path]:
+    """Delete the training-run files of ``out`` (and nothing else); returns what was deleted."""
+    gone = existing_run_files(out)
+    for path in gone:
+        path.unlink()
+    return gone
+
+
+def check_out(
+    out: str | Path, *, resume: str | Path | None = None, overwrite: bool = False
+) -> None:
+    """Refuse an output folder that would mix two runs.
+
+    A folder holding a run's files (:func:`existing_run_files`) is accepted only to resume
+    (:func:`fit` then also checks its ``config.json`` against the run) or to overwrite.
+
+    Raises:
+        ValueError: the folder holds another run, or both ``resume`` and ``overwrite``.
+    """
+    out = Path(out)
+    if resume is not None and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if resume is None and not overwrite:
+        held = existing_run_files(out)
+        if held:
+            raise ValueError(
+                f"{out} holds another training run ({_names([p.name for p in held], 4)}): "
+                "continue it with --resume, or replace it with --overwrite"
+            )
 
 
 class _Writer:
@@ -858,7 +1121,7 @@ class _Run:
         }
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
-        _check_resumable(ckpt["config"], self.cfg)
+        check_resumable(ckpt["config"], self.cfg)
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -896,15 +1159,15 @@ def _validate(run: _Run, seqs: Tensor | None, writer: _Writer) -> dict[str, Any]
     return record
 
 
-def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], list[Path], list[Path], int]:
+def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], _Images, int]:
     info, device = _setup(cfg)
     seed = cfg.seed + info.rank
     torch.manual_seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seeds libraries that use the global generator)
     random.seed(seed)
+    images = _scan_data(cfg.data, info)  # before the model: bad data is refused without a download
     model, text_state = build_model(cfg.model, device)
-    train_paths, val_paths = _paths(cfg.data)
-    total = _total_steps(cfg, len(train_paths), info.world_size)
+    total = _total_steps(cfg, len(images.train), info.world_size)
     optimizer = make_optimizer(model, cfg.optim)
     s = cfg.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -912,41 +1175,111 @@ def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], list[Path], lis
     )
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + info.rank)
     run = _Run(cfg, info, device, model, SimilarityModel(model), optimizer, scheduler, generator)
-    return run, text_state, train_paths, val_paths, total
+    return run, text_state, images, total
 
 
-def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Train QualiCLIP as configured; write checkpoints, logs and ``model.pth`` to ``cfg.log.out``.
+
+    Nothing is written before the configuration, the images (see :class:`DataConfig` ``scan``
+    and ``strict``), the model and the checkpoint to resume have all been checked; a run that
+    fails before its first checkpoint removes the files it wrote.
 
     Args:
         cfg: the run's configuration.
         resume: a training checkpoint to continue from (its configuration must match ``cfg``
-            except for logging, validation, device, workers and ``schedule.max_steps``).
+            except for :data:`RESUME_MAY_CHANGE`).
+        overwrite: replace the run that ``cfg.log.out`` holds (its files only, see
+            :func:`clear_run`); without it (or ``resume``) such a folder is refused.
 
     Returns:
-        ``{"step", "last", "validation", "model_path"}``: the final step, the last logged
-        training record, the validation history, the exported model file.
-    """
-    from tqdm import tqdm
+        ``{"step", "last", "validation", "model_path", "images", "skipped", "small"}``: the
+        final step, the last logged training record, the validation history, the exported model
+        file, the number of training images, ``(path, reason)`` of every unusable file left out
+        (found by the scan or while training), and the images skipped as smaller than the crop.
 
-    run, text_state, train_paths, val_paths, total = _prepare(cfg)
+    Raises:
+        ValueError: a bad configuration, a folder holding another run, a checkpoint that does
+            not match, no usable image, or (``data.strict``) any unusable image.
+    """
+    check_config(cfg)
     out = Path(cfg.log.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is not None:
-        run.restore(load_training_checkpoint(resume))
+    check_out(out, resume=resume, overwrite=overwrite)
+    ckpt = load_training_checkpoint(resume) if resume is not None else None
+    if ckpt is not None:
+        check_resumable(ckpt["config"], cfg, f"from {resume}")
+        if (out / "config.json").is_file():  # a checkpoint from elsewhere, into a run's folder
+            held = json.loads((out / "config.json").read_text())
+            check_resumable(held, cfg, f"into {out}, whose config.json is another run's")
+    run, text_state, images, total = _prepare(cfg)
+    if ckpt is not None:
+        run.restore(ckpt)
     if run.info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [run.device.index] if run.device.type == "cuda" else None
         run.net = DistributedDataParallel(run.net, device_ids=ids)
+    loader = _loader(cfg, images.train, run)
+    seqs = (
+        build_level_validation(images.val, cfg.data, cfg.validation)
+        if (run.info.main and images.val)
+        else None
+    )
+    created = not out.exists()
     if run.info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            gone = clear_run(out)
+            if gone:
+                logger.warning("overwrite: removed %d files of the run in %s", len(gone), out)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     writer = _Writer(out, run.info.main, run.step)
-    loader = _loader(cfg, train_paths, run)
-    seqs = (
-        build_level_validation(val_paths, cfg.data, cfg.validation)
-        if (run.info.main and val_paths)
-        else None
+    try:
+        result = _train(run, cfg, writer, loader, seqs, total, images, text_state)
+    except BaseException:
+        if run.info.main and resume is None and not checkpoint_paths(out):
+            # Nothing to resume from: the files would only pass for a run that never was.
+            clear_run(out)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    return result
+
+
+def _runtime_skips(batch: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(path, reason)`` of files a worker could not decode for this batch."""
+    found = []
+    for text in batch.get("skipped", []):
+        for line in filter(None, str(text).split("\n")):
+            name, _, why = line.partition(": ")
+            found.append((name, why))
+    return found
+
+
+def _train(
+    run: _Run,
+    cfg: TrainConfig,
+    writer: _Writer,
+    loader: DataLoader,
+    seqs: Tensor | None,
+    total: int,
+    images: _Images,
+    text_state: dict[str, Tensor],
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    out = Path(cfg.log.out)
+    writer.log(
+        {
+            "event": "images",
+            "step": run.step,
+            "train": len(images.train),
+            "val": len(images.val),
+            "unusable": [{"path": n, "reason": r} for n, r in images.bad],
+            "smaller_than_crop": images.small,
+        }
     )
     if run.step == 0:
         _validate(run, seqs, writer)
@@ -961,11 +1294,18 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]
     )
     batches = iter(loader)
     last: dict[str, Any] = {}
+    skipped: dict[str, str] = {}  # found while training, on this rank
     start = time.perf_counter()
     while run.step < total:
+        batch = next(batches)
+        for name, why in _runtime_skips(batch):
+            if name not in skipped:
+                skipped[name] = why
+                logger.warning("unusable pristine image %s: %s (skipped)", name, why)
+                writer.log({"event": "skipped", "step": run.step, "path": name, "reason": why})
         logs = train_step(
             run.net,
-            next(batches),
+            batch,
             run.optimizer,
             scheduler=run.scheduler,
             generator=run.generator,
@@ -979,7 +1319,7 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]
         run.samples += cfg.data.batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        epoch = run.samples / max(1, len(train_paths) // run.info.world_size)
+        epoch = run.samples / max(1, len(images.train) // run.info.world_size)
         last = {
             "step": run.step,
             "epoch": round(epoch, 4),
@@ -1001,12 +1341,21 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]
     if run.info.main:
         _atomic_save(run.model.official_state_dict(text_state), model_path)
     if run.info.world_size > 1:
+        gathered: list[Any] = [None] * run.info.world_size
+        dist.all_gather_object(gathered, skipped)
+        for part in gathered:
+            skipped.update({k: v for k, v in part.items() if k not in skipped})
         dist.barrier()
+    bad = dict(images.bad)
+    bad.update({k: v for k, v in skipped.items() if k not in bad})
     return {
         "step": run.step,
         "last": last,
         "validation": writer.validation,
         "model_path": str(model_path),
+        "images": len({str(p) for p in images.train} - set(skipped)),
+        "skipped": sorted(bad.items()),
+        "small": images.small,
     }
 
 
