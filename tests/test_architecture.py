@@ -20,18 +20,18 @@ LAYERS: dict[str, int] = {
     "prompts": 0, "precision": 0, "heap": 0, "images": 0, "clip": 0, "degradations": 0,
     "losses": 0, "metrics": 0,
     # 1 - building blocks on the leaves
-    "pretrained": 1, "fused": 1, "datasets": 1, "data": 1, "niqe": 1, "sheet": 1,
+    "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "sheet": 1,
     "tokenizer": 2,
     # 3 - the model and its factory
     "model": 3,
     # 4 - the engine: files and tensors in, scores out
     "engine": 4,
     # 5 - libraries of the front ends
-    "output": 5, "evaluate": 5, "train": 5,
-    # 6 - front ends
-    "serve": 6, "distributed": 6,
-    "cli": 7,
-    "__init__": 8,  # lazy re-exports of the public API
+    "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "train": 7,
+    # 8 - front ends
+    "serve": 8, "distributed": 8,
+    "cli": 9,
+    "__init__": 10,  # lazy re-exports of the public API
 }
 
 

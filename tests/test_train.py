@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qualiclip import train
+from qualiclip import checkpoints, train, train_config
 from qualiclip.cli import main
 from qualiclip.losses import LossConfig
 
@@ -34,8 +34,8 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _cfg(pristine: Path, out: Path, **schedule: int) -> train.TrainConfig:
-    return train.load_config(
+def _cfg(pristine: Path, out: Path, **schedule: int) -> train_config.TrainConfig:
+    return train_config.load_config(
         preset="tiny",
         overrides={
             "data": {
@@ -65,7 +65,7 @@ def _cfg(pristine: Path, out: Path, **schedule: int) -> train.TrainConfig:
 def test_toml_overrides_preset_and_unknown_key_is_named(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('preset = "tiny"\n[optim]\nlr = 1\n[data]\nlevels = [1, 3, 5]\n')
-    cfg = train.load_config(good, overrides={"schedule": {"max_steps": 7}})
+    cfg = train_config.load_config(good, overrides={"schedule": {"max_steps": 7}})
     assert cfg.model.init == "random-tiny"  # from the preset
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.data.levels == (1, 3, 5)
@@ -73,21 +73,21 @@ def test_toml_overrides_preset_and_unknown_key_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nlearning_rate = 1e-5\n")
     with pytest.raises(ValueError, match=r"optim\.learning_rate.*valid keys here: .*lr"):
-        train.load_config(bad)
+        train_config.load_config(bad)
     top = tmp_path / "top.toml"
     top.write_text("epoch = 3\n")
     with pytest.raises(ValueError, match="'epoch'.*schedule"):
-        train.load_config(top)
+        train_config.load_config(top)
     with pytest.raises(TypeError, match="data.crop_size"):
-        train.config_from_dict({"data": {"crop_size": "big"}})
+        train_config.config_from_dict({"data": {"crop_size": "big"}})
     with pytest.raises(ValueError, match="unknown preset"):
-        train.load_config(preset="huge")
+        train_config.load_config(preset="huge")
 
 
 def test_config_round_trips_through_a_plain_dict() -> None:
-    cfg = train.PRESETS["tiny"]
+    cfg = train_config.PRESETS["tiny"]
     plain = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    assert train.config_from_dict(plain) == cfg
+    assert train_config.config_from_dict(plain) == cfg
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
@@ -101,10 +101,10 @@ def test_lr_schedule_warms_up_then_decays() -> None:
 
 
 def _step_setup(bn: str) -> tuple[train.SimilarityModel, torch.optim.Optimizer, dict]:
-    cfg = train.ModelConfig(init="random-tiny", bn=bn)
+    cfg = train_config.ModelConfig(init="random-tiny", bn=bn)
     model, text_state = train.build_model(cfg)
     net = train.SimilarityModel(model)
-    opt = train.make_optimizer(model, train.OptimConfig(lr=1e-3))
+    opt = train.make_optimizer(model, train_config.OptimConfig(lr=1e-3))
     batch = {
         "crops": torch.randint(
             0, 256, (2, 2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
@@ -169,7 +169,7 @@ def test_degrade_batch_shapes_and_mildest_level_is_closest() -> None:
 def _losses(out: Path) -> dict[int, tuple[float, ...]]:
     return {
         r["step"]: (r["loss"], r["cons"], r["pos"], r["neg"], r["grad_norm"])
-        for r in train.iter_history(out)
+        for r in checkpoints.iter_history(out)
         if "loss" in r
     }
 
@@ -178,7 +178,8 @@ def test_resume_gives_bit_identical_losses(pristine: Path, tmp_path: Path) -> No
     full = tmp_path / "full"
     result = train.fit(_cfg(pristine, full))
     assert result["step"] == 4
-    assert [p.name for p in train.checkpoint_paths(full)] == ["ckpt-000002.pt", "ckpt-000004.pt"]
+    kept = [p.name for p in checkpoints.checkpoint_paths(full)]
+    assert kept == ["ckpt-000002.pt", "ckpt-000004.pt"]
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -222,7 +223,7 @@ def test_exported_model_is_in_the_authors_format(pristine: Path, tmp_path: Path)
         {k[len("clip_model.") :]: v for k, v in sd.items() if k.startswith("clip_model.visual.")}
     )
     exported = QualiCLIP(visual, pf).eval()
-    rebuilt = train.model_from_checkpoint(out / "ckpt-000002.pt")
+    rebuilt = checkpoints.model_from_checkpoint(out / "ckpt-000002.pt")
     x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(exported(x), rebuilt(x))
     json.loads((out / "config.json").read_text())
@@ -254,7 +255,7 @@ def test_cli_train_runs_and_reports_usage_errors(
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out / "model.pth")
     assert main([*argv[:-3], "--max-steps", "3", "--resume", "--no-progress"]) == 0
-    assert max(r["step"] for r in train.iter_history(out)) == 3
+    assert max(r["step"] for r in checkpoints.iter_history(out)) == 3
     cfg.write_text("[data]\ncrop = 64\n")
     assert main(argv) == 2
     assert "data.crop" in capsys.readouterr().err
@@ -300,9 +301,9 @@ def test_two_process_gloo_run_completes_and_its_checkpoint_loads(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QUALICLIP_VOCAB": str(tokenizer.vocab_path())}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = train.load_training_checkpoint(out / "ckpt-000002.pt")
+    ckpt = checkpoints.load_training_checkpoint(out / "ckpt-000002.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 2
-    model = train.model_from_checkpoint(out / "ckpt-000002.pt")
+    model = checkpoints.model_from_checkpoint(out / "ckpt-000002.pt")
     assert model(torch.rand(1, 3, 64, 64)).shape == (1,)
 
 
@@ -322,11 +323,11 @@ def with_bad(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _with(cfg: train.TrainConfig, **data: object) -> train.TrainConfig:
+def _with(cfg: train_config.TrainConfig, **data: object) -> train_config.TrainConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
 
 
-def _quick(pristine: Path, out: Path, **schedule: int) -> train.TrainConfig:
+def _quick(pristine: Path, out: Path, **schedule: int) -> train_config.TrainConfig:
     """No held-out images: these tests are about files and folders, not about learning."""
     return _with(_cfg(pristine, out, **schedule), val_every_kth=0)
 
@@ -341,7 +342,7 @@ def test_fit_skips_unusable_files_and_names_them(
     assert names == ["notes.jpg", "trunc.jpg"]
     assert "notes.jpg" in caplog.text and "trunc.jpg" in caplog.text
     assert result["images"] == 8 and (out / "model.pth").is_file()
-    event = next(r for r in train.iter_history(out) if r.get("event") == "images")
+    event = next(r for r in checkpoints.iter_history(out) if r.get("event") == "images")
     assert sorted(Path(u["path"]).name for u in event["unusable"]) == names
     # With a header-only scan the truncated file reaches the workers: skipped there, by name.
     caplog.clear()
@@ -350,7 +351,7 @@ def test_fit_skips_unusable_files_and_names_them(
         result = train.fit(_with(_quick(with_bad, quick, max_steps=5), scan="header"))
     assert [Path(n).name for n, _ in result["skipped"]] == ["notes.jpg", "trunc.jpg"]
     assert caplog.text.count("trunc.jpg") == 1  # logged once, however often it is drawn
-    skipped = [r for r in train.iter_history(quick) if r.get("event") == "skipped"]
+    skipped = [r for r in checkpoints.iter_history(quick) if r.get("event") == "skipped"]
     assert [Path(r["path"]).name for r in skipped] == ["trunc.jpg"]
     assert "truncated" in skipped[0]["reason"]
 
@@ -401,14 +402,14 @@ def test_out_holding_a_run_is_refused_unless_resume_or_overwrite(
         "model.pth",
         "notes.md",
     ]
-    assert max(r["step"] for r in train.iter_history(out)) == 1
-    assert train.clear_run(out) and [p.name for p in out.iterdir()] == ["notes.md"]
+    assert max(r["step"] for r in checkpoints.iter_history(out)) == 1
+    assert checkpoints.clear_run(out) and [p.name for p in out.iterdir()] == ["notes.md"]
 
 
 def test_resume_names_each_differing_setting_and_allows_length_and_cadence() -> None:
-    base = train.PRESETS["tiny"]
+    base = train_config.PRESETS["tiny"]
     saved = dataclasses.asdict(base)
-    cadence = train.config_from_dict(
+    cadence = train_config.config_from_dict(
         {
             "schedule": {"max_steps": 3000, "epochs": 2},
             "log": {"log_every": 1, "checkpoint_every": 5, "keep_checkpoints": 0, "out": "x"},
@@ -418,13 +419,13 @@ def test_resume_names_each_differing_setting_and_allows_length_and_cadence() -> 
         },
         base,
     )
-    train.check_resumable(saved, cadence)
-    changed = train.config_from_dict(
+    train_config.check_resumable(saved, cadence)
+    changed = train_config.config_from_dict(
         {"loss": {"margin_rank": 0.7}, "validation": {"seed": 9}, "data": {"crop_size": 96}},
         base,
     )
     with pytest.raises(ValueError, match="ckpt-9") as err:
-        train.check_resumable(saved, changed, "from ckpt-9")
+        train_config.check_resumable(saved, changed, "from ckpt-9")
     message = str(err.value)
     for key in ("data.crop_size (64 -> 96)", "loss.margin_rank", "validation.seed (1234 -> 9)"):
         assert key in message
@@ -432,7 +433,7 @@ def test_resume_names_each_differing_setting_and_allows_length_and_cadence() -> 
     # A checkpoint written before a setting existed resumes with that setting's default.
     older = json.loads(json.dumps(saved))
     del older["data"]["scan"], older["data"]["strict"]
-    train.check_resumable(older, base)
+    train_config.check_resumable(older, base)
 
 
 def test_toml_is_read_with_tomli_on_python_3_10(
@@ -453,7 +454,7 @@ def test_toml_is_read_with_tomli_on_python_3_10(
     monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
     toml = tmp_path / "c.toml"
     toml.write_text('preset = "tiny"\n[optim]\nlr = 0.5\n')
-    assert train.load_config(toml).optim.lr == 0.5
+    assert train_config.load_config(toml).optim.lr == 0.5
     assert calls == ["tomli"]
 
 

@@ -382,33 +382,15 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 def _train_setup(args: argparse.Namespace):  # noqa: ANN202
     """Configuration, checkpoint and output folder, all checked: any problem is a usage error."""
-    from pathlib import Path
-
     from qualiclip import train
 
-    overrides = _train_overrides(args)
-    resume = None
     try:
-        if args.resume is not None:
-            found = train.checkpoint_paths(args.out)
-            if args.resume != "latest":
-                resume = Path(args.resume)
-            elif found:
-                resume = found[-1]
-            if resume is None or not resume.is_file():
-                raise UsageError(f"no checkpoint to resume from ({args.resume}, in {args.out})")
-        saved = train.load_training_checkpoint(resume)["config"] if resume else None
-        if saved is not None and args.config is None and args.preset is None:
-            cfg = train.config_from_dict(overrides, train.config_from_dict(saved))
-        else:
-            cfg = train.load_config(args.config, preset=args.preset, overrides=overrides)
-        train.check_config(cfg)
-        train.check_out(cfg.log.out, resume=resume, overwrite=args.overwrite)
-        if saved is not None:
-            train.check_resumable(saved, cfg, f"from {resume}")
+        return train.plan_run(
+            config=args.config, preset=args.preset, overrides=_train_overrides(args),
+            out=args.out, resume=args.resume, overwrite=args.overwrite,
+        )
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    return cfg, resume
 
 
 def _one_line(exc: BaseException) -> str:

@@ -53,7 +53,7 @@ from qualiclip.precision import (
 
 __all__ = [
     "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "InferenceModel", "Precision", "ScoreResult",
-    "check_precision", "prepare", "score", "score_paths", "score_tensors",
+    "check_precision", "prepare", "score", "score_arrays", "score_paths", "score_tensors",
 ]
 
 #: Most pixels in one forward pass (8 KonIQ-size 1024x768 images); larger images go one by one.
@@ -342,18 +342,61 @@ class _Grouper:
         return batch
 
 
-def _run_batch(runner: InferenceModel, items: list[_Decoded]) -> list[ScoreResult]:
-    arrays = [it.pixels for it in items if it.pixels is not None]
-    h, w = arrays[0].shape[:2]
+def _score_group(runner: InferenceModel, arrays: list[np.ndarray]) -> list[float | Exception]:
+    """Scores of equal-size decoded images in one pass, or each one's exception.
+
+    A pass that fails for several images (out of memory, say) is retried one image at a time
+    before anyone's failure is reported.
+    """
     try:
         with torch.inference_mode():
             scores = runner(_to_float_batch(arrays, runner.device), owned=True).cpu().tolist()
-    except Exception as exc:  # noqa: BLE001 - a failed batch is reported per input
-        if len(items) > 1 and isinstance(exc, (MemoryError, RuntimeError)):
-            # Perhaps only the batch was too large: retry one by one before giving up.
-            return [r for it in items for r in _run_batch(runner, [it])]
-        return [ScoreResult(it.path, None, f"{type(exc).__name__}: {exc}", w, h) for it in items]
-    return [ScoreResult(it.path, float(s), None, w, h) for it, s in zip(items, scores, strict=True)]
+    except Exception as exc:  # noqa: BLE001 - a failed pass is reported per image
+        if len(arrays) > 1 and isinstance(exc, (MemoryError, RuntimeError)):
+            return [r for arr in arrays for r in _score_group(runner, [arr])]
+        return [exc] * len(arrays)
+    return [float(s) for s in scores]
+
+
+def _run_batch(runner: InferenceModel, items: list[_Decoded]) -> list[ScoreResult]:
+    arrays = [it.pixels for it in items if it.pixels is not None]
+    h, w = arrays[0].shape[:2]
+    return [
+        ScoreResult(it.path, None, f"{type(out).__name__}: {out}", w, h)
+        if isinstance(out, Exception) else ScoreResult(it.path, out, None, w, h)
+        for it, out in zip(items, _score_group(runner, arrays), strict=True)
+    ]
+
+
+def score_arrays(
+    model: QualiCLIP,
+    arrays: list[np.ndarray],
+    *,
+    precision: str = "fp32",
+    batch_size: int = 8,
+    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+) -> tuple[list[float | Exception], list[int]]:
+    """Score decoded ``H x W x 3`` images (uint8 or uint16), equal sizes sharing passes.
+
+    The grouping is :func:`score_paths`'s (at most ``batch_size`` images and
+    ``max_batch_pixels`` pixels a pass; a larger image goes alone), for images already in
+    memory: the HTTP service uses it.
+
+    Returns:
+        ``(outcomes, passes)``: each image's score or exception, in input order, and the number
+        of images in each forward pass.
+    """
+    runner = prepare(model, precision)
+    everything = sum(a.shape[0] * a.shape[1] for a in arrays) + 1  # no look-ahead bound here
+    grouper = _Grouper(batch_size, max_batch_pixels, len(arrays) + 1, everything)
+    items = [_Decoded(i, "", arr, None) for i, arr in enumerate(arrays)]
+    batches = [b for it in items for b in grouper.add(it)] + list(grouper.drain())
+    outcomes: list[float | Exception] = [0.0] * len(arrays)
+    for batch in batches:
+        scored = _score_group(runner, [it.pixels for it in batch if it.pixels is not None])
+        for it, out in zip(batch, scored, strict=True):
+            outcomes[it.index] = out
+    return outcomes, [len(b) for b in batches]
 
 
 def score_paths(

@@ -10,7 +10,7 @@ Cache folder, first match wins: the ``cache_dir`` argument (``--cache-dir``), ``
 fetched: a missing file raises :class:`OfflineError` whose message says what to download and
 exactly where to put it.
 
-Checkpoint formats read by :func:`load_checkpoint` (DESIGN.md §2):
+Checkpoint formats read by :func:`load_checkpoint` (docs/method.md §2):
 
 * the authors' QualiCLIP release: ``clip_model.<OpenAI key>`` tensors + ``prompts_features``;
 * a plain OpenAI-keyed CLIP state dict, possibly under ``"state_dict"``/``"model"`` and with a

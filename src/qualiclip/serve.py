@@ -65,7 +65,7 @@ import email.utils
 import io
 import logging
 import warnings
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +79,9 @@ try:
     from fastapi.responses import JSONResponse
 except ImportError:  # the 'serve' extra is missing: create_app() and run() say so
     FastAPI = Request = JSONResponse = None  # type: ignore[assignment,misc]
+
+from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS
+from qualiclip.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from qualiclip.model import QualiCLIP
@@ -116,7 +119,7 @@ class ServeConfig:
     max_pixels: int = 24_000_000
     max_files: int = 64
     batch_size: int = 8
-    max_batch_pixels: int = 8 * 1024 * 768
+    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS
     max_inflight: int = 16
     max_wait_ms: float = 5.0
     precision: str = "fp32"
@@ -131,8 +134,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("max_pixels_in_flight", "max_request_pixels_in_flight"):
             value = getattr(self, name)
             if value is not None and value < self.max_pixels:
@@ -317,7 +320,7 @@ class MicroBatcher:
 
     def __init__(
         self, model: QualiCLIP, *, batch_size: int, max_wait_s: float, precision: str,
-        max_batch_pixels: int = 8 * 1024 * 768,
+        max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
     ) -> None:
         self.model, self.precision = model, precision
         self.max_batch_pixels = max_batch_pixels
@@ -412,36 +415,13 @@ class MicroBatcher:
                     job.future.set_result(outcome)
             del jobs, outcomes
 
-    def _forward(self, jobs: list[_Job]) -> tuple[list[float | BaseException], list[int]]:
-        """Score ``jobs`` grouped by size (runs in a lane's thread); also the pass sizes."""
-        from qualiclip.engine import score_tensors
-        from qualiclip.images import to_batch
+    def _forward(self, jobs: list[_Job]) -> tuple[list[float | Exception], list[int]]:
+        """Score ``jobs`` (runs in a lane's thread): the engine's grouping of equal sizes."""
+        from qualiclip.engine import score_arrays
 
-        arrays = [job.pixels for job in jobs]
-        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, arr in enumerate(arrays):
-            assert arr is not None  # set to None only after this pass
-            groups[(*arr.shape, arr.dtype.str)].append(i)
-        outcomes: list[float | BaseException] = [0.0] * len(jobs)
-        chunks: list[list[int]] = []
-        for key, members in groups.items():
-            cap = max(1, min(self.batch_size, self.max_batch_pixels // (key[0] * key[1])))
-            chunks.extend(members[i : i + cap] for i in range(0, len(members), cap))
-        passes = []
-        for indices in chunks:
-            try:
-                # One image: a view with a batch axis, not a stacked copy (it may be 24 MP).
-                stacked = (arrays[indices[0]][None] if len(indices) == 1  # type: ignore[index]
-                           else np.stack([arrays[i] for i in indices]))  # type: ignore[misc]
-                scores = score_tensors(self.model, to_batch(stacked), self.precision).tolist()
-                del stacked
-                for i, s in zip(indices, scores, strict=True):
-                    outcomes[i] = float(s)
-            except Exception as exc:  # noqa: BLE001 - reported to each request of the group
-                for i in indices:
-                    outcomes[i] = exc
-            passes.append(len(indices))
-        return outcomes, passes
+        arrays = [job.pixels for job in jobs if job.pixels is not None]
+        return score_arrays(self.model, arrays, precision=self.precision,
+                            batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels)
 
 
 # --- reading requests --------------------------------------------------------------------------

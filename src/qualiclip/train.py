@@ -1,9 +1,11 @@
-"""Self-supervised QualiCLIP training: configuration, ``train_step``, ``fit``, checkpoints.
+"""Self-supervised QualiCLIP training: the model to train, ``train_step``, validation, ``fit``.
 
 The authors of QualiCLIP (Agnolucci et al., arXiv 2403.11176) released no training code; this is
-our implementation of the method as the paper describes it (see ../DESIGN.md §1):
+our implementation of the method as the paper describes it (``docs/method.md`` §1 and §4). The
+configuration lives in :mod:`qualiclip.train_config`, checkpoints and run folders in
+:mod:`qualiclip.checkpoints`:
 
-1. per pristine image, two overlapping crops (:class:`qualiclip.data.PristineCropPairs`);
+1. per pristine image, two overlapping crops (:class:`qualiclip.crops.PristineCropPairs`);
 2. one random composition of distortions per sample, applied at levels 1..L to both crops, in
    batches on the training device (:func:`qualiclip.degradations.distort_pairs`);
 3. cosine similarities of every degraded crop to every (positive, negative) prompt, the image
@@ -33,17 +35,14 @@ rank reads its share of every epoch, rank 0 logs, validates and writes checkpoin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
-import re
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +53,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from qualiclip import degradations
-from qualiclip.clip import CLIP, RN50, TINY_RN, CLIPConfig, build_clip
-from qualiclip.data import (
-    MIN_SIDE,
-    SCAN_MODES,
-    SMALL_IMAGE_POLICIES,
+from qualiclip.checkpoints import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    check_out,
+    checkpoint_paths,
+    clear_run,
+    load_training_checkpoint,
+    names,
+    rng_state,
+    set_rng_state,
+)
+from qualiclip.clip import build_clip
+from qualiclip.crops import (
     PristineCropPairs,
     ResumableSampler,
     find_images,
@@ -67,377 +74,35 @@ from qualiclip.data import (
 )
 from qualiclip.losses import LossConfig, qualiclip_losses
 from qualiclip.model import QualiCLIP
-from qualiclip.prompts import PROMPT_PAIRS, PromptPair
+from qualiclip.prompts import PromptPair
+from qualiclip.train_config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    ValidationConfig,
+    check_config,
+    check_resumable,
+    config_from_dict,
+    load_config,
+)
 
 __all__ = [
-    "PRESETS",
-    "DataConfig",
-    "LogConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "ScheduleConfig",
     "SimilarityModel",
-    "TrainConfig",
-    "ValidationConfig",
-    "RESUME_MAY_CHANGE",
-    "RUN_FILES",
+    "build_level_validation",
     "build_model",
-    "check_config",
-    "check_out",
-    "check_resumable",
-    "clear_run",
-    "config_from_dict",
     "degrade_batch",
-    "existing_run_files",
     "fit",
-    "load_config",
-    "load_training_checkpoint",
     "lr_factor",
-    "model_from_checkpoint",
+    "make_optimizer",
+    "plan_run",
+    "set_train_mode",
     "train_step",
     "validate_levels",
+    "validate_rated",
 ]
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "qualiclip-train-1"
-#: Random-initialised CLIP shapes accepted as ``init`` (the text tower is random too).
-RANDOM_INITS: dict[str, CLIPConfig] = {
-    "random-tiny": TINY_RN,
-    "random-micro": dataclasses.replace(TINY_RN, vision_width=8, embed_dim=32),
-    "random-rn50": RN50,
-}
-
-# --- configuration -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Start point and trainable parts.
-
-    Attributes:
-        init: a name from :data:`qualiclip.pretrained.PRETRAINED` (``"clip-rn50"``), a key of
-            :data:`RANDOM_INITS`, or a checkpoint file (OpenAI-keyed or the authors' format).
-        bn: ``"frozen"`` keeps batch-norm statistics fixed (eval mode) while the rest trains;
-            ``"train"`` updates them (needed from random initialisation).
-        prompt_pairs: the (positive, negative) prompts trained and stored with the model.
-        init_seed: seed of a random initialisation.
-    """
-
-    init: str = "clip-rn50"
-    bn: str = "frozen"
-    prompt_pairs: tuple[tuple[str, str], ...] = PROMPT_PAIRS
-    init_seed: int = 0
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Pristine images, crops and degradations.
-
-    Attributes:
-        pristine: folder, ``.txt`` list, or image file of pristine images.
-        val_dir: held-out pristine images; empty means every ``val_every_kth`` image of
-            ``pristine`` is held out (sorted order).
-        val_every_kth: hold-out period when ``val_dir`` is empty (0: no validation images).
-        crop_size: side of the square crops (224 in the paper).
-        min_overlap: IoU lower bound between the two crops of a pair.
-        levels: degradation levels used (1 mildest .. 5 strongest), increasing.
-        max_distortions: most distortion types in one composition (ARNIQA's 4).
-        batch_size: pristine images per step and rank (each gives 2 x L crops).
-        workers: DataLoader worker processes (decode and crop).
-        small_images: ``"upscale"`` or ``"skip"`` images smaller than the crop.
-        scan: how files are checked before step 0: ``"decode"`` (every file decoded once,
-            finds truncated data) or ``"header"`` (fast, for very large sets); see
-            :data:`qualiclip.data.SCAN_MODES`.
-        strict: refuse to start when any pristine or held-out file is unusable (the error
-            lists them); otherwise such files are skipped, named in a warning and counted.
-    """
-
-    pristine: str = ""
-    val_dir: str = ""
-    val_every_kth: int = 10
-    crop_size: int = 224
-    min_overlap: float = 0.5
-    levels: tuple[int, ...] = (1, 2, 3, 4, 5)
-    max_distortions: int = 4
-    batch_size: int = 16
-    workers: int = 4
-    small_images: str = "upscale"
-    scan: str = "decode"
-    strict: bool = False
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW and numerics.
-
-    Attributes:
-        lr: peak learning rate.
-        weight_decay: AdamW decay on weight matrices and convolutions (not on biases, norms,
-            embeddings of size < 2 dims).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        grad_clip: maximum global gradient norm (0 disables clipping).
-        precision: ``"auto"`` (bf16 autocast on CUDA when supported, else fp32), ``"fp32"``,
-            or ``"bf16"`` (autocast on any device, CPU included).
-    """
-
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    precision: str = "auto"
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """Length and learning-rate schedule: linear warm-up, then cosine decay.
-
-    Attributes:
-        epochs: passes over the training images (used when ``max_steps`` is 0).
-        max_steps: optimizer steps; overrides ``epochs`` when > 0.
-        warmup_steps: linear warm-up from 0 to ``lr``.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-    """
-
-    epochs: int = 10
-    max_steps: int = 0
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.01
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    """Outputs and their frequency.
-
-    Attributes:
-        out: output folder.
-        log_every: steps between JSON-lines records in ``history.jsonl``.
-        checkpoint_every: steps between checkpoints (0: only the final one).
-        keep_checkpoints: how many recent checkpoints to keep (0 keeps all).
-        progress: show a progress bar (rank 0).
-    """
-
-    out: str = "qualiclip-run"
-    log_every: int = 10
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class ValidationConfig:
-    """Held-out checks.
-
-    Attributes:
-        every: steps between validations (0: only before and after training).
-        crops_per_image: fixed crop pairs per held-out image.
-        compositions_per_crop: fixed compositions per crop pair.
-        batch_size: images per forward pass.
-        seed: seed of the fixed crops and compositions.
-        rated_csv: optional ``path,score`` CSV of human-rated images (SRCC/PLCC of scores).
-        rated_limit: use at most this many rated images (0: all).
-    """
-
-    every: int = 500
-    crops_per_image: int = 4
-    compositions_per_crop: int = 2
-    batch_size: int = 32
-    seed: int = 1234
-    rated_csv: str = ""
-    rated_limit: int = 0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on; stored in every checkpoint as a plain dict."""
-
-    seed: int = 0
-    device: str = "auto"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-
-
-#: ``paper``: the paper's setting as far as it is known (RN50 from OpenAI's weights, 224 px
-#: crops, L = 5, seven prompt pairs); batch size, learning rate, schedule and margins are ours.
-#: ``tiny``: a small CLIP-shaped ResNet from random initialisation, for CPU runs and tests; it
-#: lifts held-out level-ordering accuracy from about 0.5 to above 0.85 in under 20 minutes on
-#: 2 CPU cores with the 53 images of ../shared/data/pristine.
-PRESETS: dict[str, TrainConfig] = {
-    "paper": TrainConfig(),
-    "tiny": TrainConfig(
-        model=ModelConfig(init="random-tiny", bn="train"),
-        data=DataConfig(val_every_kth=5, crop_size=64, batch_size=8, workers=1),
-        optim=OptimConfig(lr=2e-3, weight_decay=0.01, precision="fp32"),
-        schedule=ScheduleConfig(max_steps=1500, warmup_steps=30),
-        log=LogConfig(log_every=10, checkpoint_every=200),
-        validation=ValidationConfig(every=100, batch_size=64),
-    ),
-}
-
-
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    """Check a TOML/JSON/CLI value against the type of the field's default."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, list | tuple):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
-        inner = default[0] if default else None
-        return tuple(
-            _coerce(v, inner, f"{where}[{n}]") if inner is not None else v
-            for n, v in enumerate(value)
-        )
-    if not isinstance(value, type(default)) or isinstance(value, bool):
-        raise TypeError(f"{where}: expected {type(default).__name__}, got {value!r}")
-    return value
-
-
-def _replace(obj: Any, updates: Mapping[str, Any], where: str) -> Any:
-    if not isinstance(updates, Mapping):
-        raise TypeError(f"{where or 'config'}: expected a table, got {updates!r}")
-    valid = {f.name for f in fields(obj)}
-    changes: dict[str, Any] = {}
-    for key, value in updates.items():
-        name = f"{where}.{key}" if where else key
-        if key not in valid:
-            raise ValueError(
-                f"unknown configuration key {name!r}; valid keys here: {', '.join(sorted(valid))}"
-            )
-        current = getattr(obj, key)
-        if is_dataclass(current):
-            changes[key] = _replace(current, value, name)
-        else:
-            changes[key] = _coerce(value, current, name)
-    return dataclasses.replace(obj, **changes)
-
-
-def config_from_dict(updates: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """Apply nested ``updates`` (from TOML, JSON or a checkpoint) to ``base``.
-
-    Raises:
-        ValueError: an unknown key; the message names it and lists the valid keys.
-        TypeError: a value of the wrong type.
-    """
-    return _replace(base or TrainConfig(), updates, "")
-
-
-def load_config(
-    path: str | Path | None = None,
-    *,
-    preset: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> TrainConfig:
-    """Preset, then TOML file, then overrides (later wins).
-
-    Args:
-        path: a TOML file whose tables mirror :class:`TrainConfig` (``[optim] lr = 1e-5``);
-            a top-level ``preset = "tiny"`` key picks the base when ``preset`` is None.
-        preset: a key of :data:`PRESETS` (default ``"paper"``).
-        overrides: nested dict applied last (the CLI flags).
-    """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # tomllib is 3.11+; tomli is the same parser, a dependency on 3.10
-        import tomli as tomllib
-
-    table: dict[str, Any] = {}
-    if path is not None:
-        with open(path, "rb") as fh:
-            table = tomllib.load(fh)
-    name = preset or table.pop("preset", None) or "paper"
-    table.pop("preset", None)
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    cfg = config_from_dict(table, PRESETS[name])
-    return config_from_dict(overrides or {}, cfg)
-
-
-def _config_problems(cfg: TrainConfig) -> Iterator[str]:
-    m, d, o, sc, lg, v = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.log, cfg.validation
-    if m.bn not in ("frozen", "train"):
-        yield f"model.bn must be 'frozen' or 'train', got {m.bn!r}"
-    if m.init not in RANDOM_INITS and not Path(m.init).is_file():
-        from qualiclip.pretrained import PRETRAINED
-
-        if m.init not in PRETRAINED:
-            valid = ", ".join([*PRETRAINED, *RANDOM_INITS])
-            yield f"model.init {m.init!r} is not a file nor one of {valid}"
-    if not d.pristine:
-        yield "data.pristine is empty: give a folder or list of pristine images (--pristine)"
-    for key, where in (("data.pristine", d.pristine), ("data.val_dir", d.val_dir)):
-        if where and not Path(where).exists():
-            yield f"{key}: {where} does not exist"
-    if v.rated_csv and not Path(v.rated_csv).is_file():
-        yield f"validation.rated_csv: {v.rated_csv} is not a file"
-    if d.val_every_kth < 0 or d.val_every_kth == 1:
-        yield f"data.val_every_kth must be 0 or >= 2, got {d.val_every_kth}"
-    if d.crop_size < max(8, MIN_SIDE):
-        yield f"data.crop_size must be >= {max(8, MIN_SIDE)} px, got {d.crop_size}"
-    if not 0.0 <= d.min_overlap <= 1.0:
-        yield f"data.min_overlap must be in [0, 1], got {d.min_overlap}"
-    top = degradations.NUM_LEVELS
-    if not d.levels or list(d.levels) != sorted(set(d.levels)) or not set(d.levels) <= set(
-        range(1, top + 1)
-    ):
-        yield f"data.levels must be increasing levels in 1..{top}, got {list(d.levels)}"
-    groups = len(degradations.DISTORTION_GROUPS)
-    if not 1 <= d.max_distortions <= groups:
-        yield f"data.max_distortions must be in 1..{groups}, got {d.max_distortions}"
-    for key, value, low in (
-        ("data.batch_size", d.batch_size, 1),
-        ("data.workers", d.workers, 0),
-        ("schedule.max_steps", sc.max_steps, 0),
-        ("schedule.warmup_steps", sc.warmup_steps, 0),
-        ("log.log_every", lg.log_every, 1),
-        ("log.checkpoint_every", lg.checkpoint_every, 0),
-        ("log.keep_checkpoints", lg.keep_checkpoints, 0),
-        ("validation.every", v.every, 0),
-        ("validation.batch_size", v.batch_size, 1),
-    ):
-        if value < low:
-            yield f"{key} must be >= {low}, got {value}"
-    if sc.max_steps == 0 and sc.epochs < 1:
-        yield f"schedule.epochs must be >= 1 when schedule.max_steps is 0, got {sc.epochs}"
-    if d.small_images not in SMALL_IMAGE_POLICIES:
-        yield f"data.small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}"
-    if d.scan not in SCAN_MODES:
-        yield f"data.scan must be one of {', '.join(SCAN_MODES)}, got {d.scan!r}"
-    if o.precision not in ("auto", "fp32", "bf16"):
-        yield f"optim.precision must be auto, fp32 or bf16, got {o.precision!r}"
-    if not o.lr > 0:
-        yield f"optim.lr must be > 0, got {o.lr}"
-    from qualiclip.model import resolve_device
-
-    try:
-        resolve_device(cfg.device)
-    except (ValueError, RuntimeError) as exc:
-        yield f"device: {exc}"
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Refuse a configuration that cannot run, before anything is loaded or written.
-
-    Checks values (choices, ranges, levels), that the named folders and files exist and that
-    the device is there; the images themselves are checked later, by the data scan.
-
-    Raises:
-        ValueError: every problem found, one per clause.
-    """
-    problems = list(_config_problems(cfg))
-    if problems:
-        raise ValueError("; ".join(problems))
-
 
 # --- model -------------------------------------------------------------------------------------
 
@@ -461,21 +126,10 @@ class SimilarityModel(nn.Module):
 
 
 def _init_state(init: str, seed: int) -> dict[str, Tensor]:
-    """OpenAI-keyed CLIP tensors of the start point (random, named, or a file)."""
-    if init in RANDOM_INITS:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return CLIP(RANDOM_INITS[init]).state_dict()
-    from qualiclip import pretrained
+    """OpenAI-keyed CLIP tensors of the start point: a random model, named weights, or a file."""
+    from qualiclip.pretrained import resolve_weights
 
-    path = Path(init)
-    if not path.is_file():
-        if init not in pretrained.PRETRAINED:
-            valid = [*pretrained.PRETRAINED, *RANDOM_INITS]
-            raise ValueError(f"unknown init {init!r}: not a file nor one of {', '.join(valid)}")
-        path = pretrained.download(pretrained.PRETRAINED[init].file)
-    state, _ = pretrained.load_checkpoint(path, trust_torchscript=not Path(init).is_file())
-    return state
+    return resolve_weights(init, seed=seed).state
 
 
 def build_model(
@@ -514,21 +168,6 @@ def set_train_mode(model: nn.Module, bn: str) -> None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-
-
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> QualiCLIP:
-    """Rebuild the scorer from a training checkpoint alone (``ckpt-*.pt``)."""
-    from qualiclip.clip import load_visual
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt["model"]
-    visual_sd = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.visual.")}
-    cfg = config_from_dict(ckpt["config"])
-    pairs = tuple((p, n) for p, n in cfg.model.prompt_pairs)
-    model = QualiCLIP(
-        load_visual(visual_sd), state["model.prompt_features"], prompt_pairs=pairs, name=str(path)
-    )
-    return model.to(device).eval()
 
 
 # --- one step ----------------------------------------------------------------------------------
@@ -756,67 +395,6 @@ def validate_rated(model: QualiCLIP, csv_path: str | Path, limit: int = 0) -> di
     return {"rated_srcc": srcc(pred, mos), "rated_plcc": plcc(pred, mos), "rated_n": len(rows)}
 
 
-# --- checkpoints and RNG -----------------------------------------------------------------------
-
-
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every random state a step may touch, in types ``torch.load(weights_only=True)`` reads."""
-    # NumPy's global generator: our code draws from it nowhere, but user hooks and libraries may.
-    key, arr, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "key": key,
-            "state": torch.from_numpy(np.asarray(arr).astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "python": random.getstate(),
-        "degrade": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    ns = state["numpy"]
-    legacy = (ns["key"], ns["state"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"])
-    np.random.set_state((*legacy, ns["cached"]))  # noqa: NPY002
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    generator.set_state(state["degrade"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def checkpoint_paths(out: str | Path) -> list[Path]:
-    """Checkpoints in ``out``, oldest first."""
-    found = [
-        (int(m.group(1)), p)
-        for p in Path(out).glob("ckpt-*.pt")
-        if (m := re.fullmatch(r"ckpt-(\d+)\.pt", p.name))
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint safely (``weights_only=True``) and check its format."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a qualiclip training checkpoint ({CHECKPOINT_FORMAT})")
-    return ckpt
-
-
 # --- distributed -------------------------------------------------------------------------------
 
 
@@ -870,11 +448,6 @@ class _Images:
     small: list[str]
 
 
-def _names(items: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def _scan_data(data: DataConfig, info: _Dist) -> _Images:
     """Find, check and split the pristine images; rank 0 scans, every rank gets its verdict.
 
@@ -919,7 +492,7 @@ def _scan_data(data: DataConfig, info: _Dist) -> _Images:
     if bad and data.strict:
         raise ValueError(
             f"{len(bad)} of {len(found) + len(val_found)} pristine images are unusable "
-            f"(data.strict): {_names([n for n, _ in bad])}"
+            f"(data.strict): {names([n for n, _ in bad])}"
         )
     keep = [p for p in found if str(p) in usable]
     if data.val_dir:
@@ -938,114 +511,6 @@ def _total_steps(cfg: TrainConfig, n_train: int, world_size: int) -> int:
     if cfg.schedule.max_steps > 0:
         return cfg.schedule.max_steps
     return max(1, cfg.schedule.epochs * (n_train // world_size) // cfg.data.batch_size)
-
-
-#: Settings a resumed run may change: its length, how often it logs, checkpoints and
-#: validates, and where and how it runs. Changing the length reshapes the rest of the cosine
-#: decay; everything else (model, data, losses, optimizer, validation set, seed) must match, or
-#: the resumed run would not continue the same experiment.
-RESUME_MAY_CHANGE: frozenset[str] = frozenset(
-    {
-        "schedule.max_steps",
-        "schedule.epochs",
-        "log.out",
-        "log.log_every",
-        "log.checkpoint_every",
-        "log.keep_checkpoints",
-        "log.progress",
-        "validation.every",
-        "validation.batch_size",
-        "device",
-        "data.workers",
-        "data.scan",
-        "data.strict",
-    }
-)
-
-
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = json.loads(json.dumps(v))  # tuples and lists compare equal
-    return out
-
-
-def check_resumable(saved: Mapping[str, Any], cfg: TrainConfig, source: str = "") -> None:
-    """Refuse to continue a run whose configuration differs beyond :data:`RESUME_MAY_CHANGE`.
-
-    Args:
-        saved: the configuration stored in a checkpoint (keys it lacks take their defaults).
-        cfg: the configuration of the run about to continue it.
-        source: the checkpoint's name, for the message.
-
-    Raises:
-        ValueError: naming each differing key with its saved and new value.
-    """
-    old = _flat(asdict(config_from_dict(saved)))
-    new = _flat(asdict(cfg))
-    diff = [k for k in sorted(new) if old.get(k) != new[k] and k not in RESUME_MAY_CHANGE]
-    if diff:
-        changes = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in diff)
-        where = f" {source}" if source else ""
-        raise ValueError(
-            f"cannot resume{where}: the configuration differs in {changes}; "
-            "only the length, logging/checkpoint/validation intervals, device, workers and "
-            "output folder may change"
-        )
-
-
-#: Files the trainer writes in ``log.out`` (checkpoints are ``ckpt-NNNNNN.pt``).
-RUN_FILES = ("config.json", "history.jsonl", "validation.json", "model.pth")
-
-
-def existing_run_files(out: str | Path) -> list[Path]:
-    """Files of a training run already in ``out`` (none for a new or unrelated folder)."""
-    folder = Path(out)
-    if not folder.is_dir():
-        return []
-    named = [folder / n for n in RUN_FILES if (folder / n).exists()]
-    ckpts = checkpoint_paths(folder)
-    temps = [
-        p
-        for p in folder.glob("*.tmp")
-        if p.name[: -len(".tmp")] in RUN_FILES or re.fullmatch(r"ckpt-\d+\.pt\.tmp", p.name)
-    ]
-    return [*named, *ckpts, *sorted(temps)]
-
-
-def clear_run(out: str | Path) -> list[Path]:
-    """Delete the training-run files of ``out`` (and nothing else); returns what was deleted."""
-    gone = existing_run_files(out)
-    for path in gone:
-        path.unlink()
-    return gone
-
-
-def check_out(
-    out: str | Path, *, resume: str | Path | None = None, overwrite: bool = False
-) -> None:
-    """Refuse an output folder that would mix two runs.
-
-    A folder holding a run's files (:func:`existing_run_files`) is accepted only to resume
-    (:func:`fit` then also checks its ``config.json`` against the run) or to overwrite.
-
-    Raises:
-        ValueError: the folder holds another run, or both ``resume`` and ``overwrite``.
-    """
-    out = Path(out)
-    if resume is not None and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    if resume is None and not overwrite:
-        held = existing_run_files(out)
-        if held:
-            raise ValueError(
-                f"{out} holds another training run ({_names([p.name for p in held], 4)}): "
-                "continue it with --resume, or replace it with --overwrite"
-            )
 
 
 class _Writer:
@@ -1139,7 +604,7 @@ class _Run:
 def _save(run: _Run, out: Path) -> None:
     state = run.checkpoint()  # every rank takes part in the gather
     if run.info.main:
-        _atomic_save(state, out / f"ckpt-{run.step:06d}.pt")
+        atomic_save(state, out / f"ckpt-{run.step:06d}.pt")
         keep = run.cfg.log.keep_checkpoints
         if keep > 0:
             for old in checkpoint_paths(out)[:-keep]:
@@ -1176,6 +641,59 @@ def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], _Images, int]:
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + info.rank)
     run = _Run(cfg, info, device, model, SimilarityModel(model), optimizer, scheduler, generator)
     return run, text_state, images, total
+
+
+def plan_run(
+    *,
+    config: str | Path | None = None,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[TrainConfig, Path | None]:
+    """The configuration and the checkpoint of a run, checked before anything runs.
+
+    Which configuration wins: resuming without ``config`` or ``preset`` continues the
+    checkpoint's own configuration (with ``overrides`` on top); otherwise the file or preset,
+    then ``overrides``. The result must pass :func:`check_config`, the output folder
+    :func:`check_out`, and a resumed run :func:`check_resumable`.
+
+    Args:
+        config: a TOML file.
+        preset: a name from :data:`PRESETS`.
+        overrides: nested ``{section: {key: value}}`` settings on top.
+        out: the run folder (where ``"latest"`` is looked for; ``log.out`` in ``overrides``
+            sets the run's folder).
+        resume: ``None``, ``"latest"`` (the newest ``ckpt-*.pt`` in ``out``) or a checkpoint.
+        overwrite: replace the run the folder holds.
+
+    Returns:
+        ``(config, checkpoint to resume from or None)``.
+
+    Raises:
+        ValueError: any of the checks above, or no checkpoint to resume from.
+    """
+    overrides = dict(overrides or {})
+    checkpoint: Path | None = None
+    if resume is not None:
+        found = checkpoint_paths(out) if out is not None else []
+        if str(resume) != "latest":
+            checkpoint = Path(resume)
+        elif found:
+            checkpoint = found[-1]
+        if checkpoint is None or not checkpoint.is_file():
+            raise ValueError(f"no checkpoint to resume from ({resume}, in {out})")
+    saved = load_training_checkpoint(checkpoint)["config"] if checkpoint else None
+    if saved is not None and config is None and preset is None:
+        cfg = config_from_dict(overrides, config_from_dict(saved))
+    else:
+        cfg = load_config(config, preset=preset, overrides=overrides)
+    check_config(cfg)
+    check_out(cfg.log.out, resume=checkpoint, overwrite=overwrite)
+    if saved is not None:
+        check_resumable(saved, cfg, f"from {checkpoint}")
+    return cfg, checkpoint
 
 
 def fit(
@@ -1339,7 +857,7 @@ def _train(
         _save(run, out)
     model_path = out / "model.pth"
     if run.info.main:
-        _atomic_save(run.model.official_state_dict(text_state), model_path)
+        atomic_save(run.model.official_state_dict(text_state), model_path)
     if run.info.world_size > 1:
         gathered: list[Any] = [None] * run.info.world_size
         dist.all_gather_object(gathered, skipped)
@@ -1386,9 +904,3 @@ def _loader(cfg: TrainConfig, paths: Sequence[Path], run: _Run) -> DataLoader:
     )
 
 
-def iter_history(out: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of ``history.jsonl`` in ``out``."""
-    with open(Path(out) / "history.jsonl") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)

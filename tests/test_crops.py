@@ -1,4 +1,4 @@
-"""Tests for qualiclip.data: crop geometry, determinism, small images, sampler splits."""
+"""Tests for qualiclip.crops: crop geometry, determinism, small images, sampler splits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qualiclip.data import (
+from qualiclip.crops import (
     EpochSampler,
     PristineCropPairs,
     crop_iou,
@@ -122,7 +122,7 @@ def test_sampler_is_a_partition_and_resumes() -> None:
 def test_resumable_sampler_continues_across_epochs() -> None:
     import itertools
 
-    from qualiclip.data import ResumableSampler
+    from qualiclip.crops import ResumableSampler
 
     full = list(itertools.islice(ResumableSampler(7, seed=5), 20))
     assert full[:7] == list(EpochSampler(7, seed=5, epoch=0))
