@@ -251,6 +251,96 @@ def test_cuda_keeps_device(name: str, photos: torch.Tensor) -> None:
     assert y.device == x.device and y.shape == x.shape and 0 <= y.min() <= y.max() <= 1
 
 
+# --- where randomness comes from: the seed alone, not the device --------------------------------
+
+_TORCH_RANDOM = ("rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "normal",
+                 "bernoulli", "multinomial", "randperm", "poisson")
+_TENSOR_RANDOM = ("uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_",
+                  "cauchy_", "log_normal_")
+
+
+def _fake_draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    n = int(np.prod(shape)) if shape else 1
+    return torch.linspace(0.01, 0.99, n, dtype=dtype or torch.float32).reshape(shape)
+
+
+def test_draw_is_the_only_source_of_randomness(photos: torch.Tensor,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the helper replaced by a fixed field and torch's own samplers disabled, every output is
+    # fully determined: no draw can bypass the helper (and its CPU generator).
+    monkeypatch.setattr(D, "_draw", _fake_draw)
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a random draw bypassed degradations._draw")
+
+    for fn in _TORCH_RANDOM:
+        monkeypatch.setattr(torch, fn, forbidden)
+    for fn in _TENSOR_RANDOM:
+        monkeypatch.setattr(torch.Tensor, fn, forbidden)
+    levels = [1, 3, 5, 2]
+    for name in DISTORTION_TYPES:
+        a = apply_distortion(photos, name, levels, torch.Generator().manual_seed(1))
+        b = apply_distortion(photos, name, levels, torch.Generator().manual_seed(2))
+        c = apply_distortion(photos, name, levels)  # torch's global generator
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    comps = [sample_composition(g1, 7) for _ in range(4)]
+    assert comps == [sample_composition(g2, 7) for _ in range(4)]
+    ya = distort_pairs(photos, photos.flip(-1), comps, g1)
+    yb = distort_pairs(photos, photos.flip(-1), comps, g2)
+    assert all(torch.equal(u, v) for u, v in zip(ya, yb, strict=True))
+
+
+@pytest.mark.parametrize("name", [*D._NOISE_SEEDED, "color_shift", "color_block"])
+def test_draws_are_made_on_the_cpu_for_images_elsewhere(name: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Images on the meta device stand in for a GPU: a field drawn on the images' device, or with
+    # a generator of that device, shows up here as a draw off the CPU.
+    calls: list[tuple[str, torch.device, torch.device | None]] = []
+    for fn in ("rand", "randn"):
+        orig = getattr(torch, fn)
+
+        def record(*args: object, _orig=orig, _fn=fn, **kwargs: object) -> torch.Tensor:
+            gen = kwargs.get("generator")
+            assert isinstance(gen, torch.Generator | None)
+            calls.append((_fn, torch.device(kwargs.get("device") or "cpu"),
+                          None if gen is None else gen.device))
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(torch, fn, record)
+    x = torch.empty(3, 3, 40, 40, device="meta")
+    y = apply_distortion(x, name, [1, 3, 5], torch.Generator().manual_seed(0))
+    assert y.device == x.device and y.shape == x.shape
+    assert calls, "no draw recorded"
+    assert all(dev.type == "cpu" and gdev == torch.device("cpu") for _, dev, gdev in calls), calls
+    n_params = 2 if name == "color_block" else 1  # positions and colours
+    n_fields = 3 if name in D._NOISE_SEEDED else 0  # one noise field per sample
+    assert len(calls) == n_params + n_fields
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", DISTORTION_TYPES)
+def test_cuda_matches_cpu_for_the_same_seed(name: str, photos: torch.Tensor) -> None:
+    levels = [1, 3, 5, 2]
+    y_cpu = apply_distortion(photos, name, levels, torch.Generator().manual_seed(4))
+    y_gpu = apply_distortion(photos.cuda(), name, levels, torch.Generator().manual_seed(4))
+    # Same parameters and fields; only float rounding of the arithmetic differs between devices.
+    assert (y_gpu.cpu() - y_cpu).abs().max() <= 1e-3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generator_seeds_a_cpu_generator(photos: torch.Tensor) -> None:
+    comp = Composition(("white_noise", "jitter", "color_block"))
+    g = torch.Generator(device="cuda").manual_seed(9)
+    state = g.get_state()
+    a = distort_pairs(photos, photos, comp, g)
+    assert not torch.equal(g.get_state(), state)  # the generator advanced
+    g.set_state(state)
+    b = distort_pairs(photos.cuda(), photos.cuda(), comp, g)  # images' device does not matter
+    assert all((u - v.cpu()).abs().max() <= 1e-3 for u, v in zip(a, b, strict=True))
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "qualiclip.cli", "degrade", *args],
                           capture_output=True, text=True, timeout=120)

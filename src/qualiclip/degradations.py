@@ -9,7 +9,9 @@ Randomness is split from application. :func:`sample_params` draws every random q
 needs (a motion angle, a shift direction, patch positions, per-sample noise seeds) from a
 ``torch.Generator``; :func:`apply_distortion` is deterministic given those parameters. The two
 crops of a training pair can thus receive exactly the same distortion (see :func:`distort_pairs`),
-and a batch gives exactly what its samples give one by one.
+and a batch gives exactly what its samples give one by one. Every random number, parameters and
+noise fields alike, is drawn on the CPU with a CPU generator and then moved to the images' device,
+so a seed gives the same distortions on a CPU and on a GPU (up to float rounding in the arithmetic).
 
 Where ours differs from ARNIQA's port (all documented at the function):
 - colour conversions use proper RGB order (ARNIQA swaps to BGR before several Lab conversions);
@@ -158,9 +160,37 @@ def as_levels(levels: LevelsLike, batch_size: int) -> Tensor:
 # --- random parameters -------------------------------------------------------------------------
 
 
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """The CPU generator every draw of a call is made with.
+
+    CPU and CUDA generators seeded alike give different streams, so drawing on the images'
+    device would tie the distortions to the device. A CPU generator (or ``None``, torch's global
+    CPU generator) is used as is. A generator of another device is used for one draw only: a
+    63-bit seed for a fresh CPU generator that then makes every draw of the call, so the result
+    stays a deterministic function of that generator's state (checkpointing its state still gives
+    exact resume) but, unlike a CPU generator, not of its seed alone across device types.
+    """
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device)
+    return torch.Generator().manual_seed(int(seed.item()))
+
+
+def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None,
+          dtype: torch.dtype | None = None) -> Tensor:
+    """Every random number of this module comes from here, drawn on the CPU.
+
+    ``kind`` is ``"uniform"`` ([0, 1)) or ``"normal"``; ``generator`` must be a CPU generator or
+    ``None`` (see :func:`_cpu_generator`). Drawing on the CPU and moving the result to the images'
+    device makes a seed mean the same numbers on every device; the fields are at most a few
+    values per pixel, cheap next to the distortions that use them.
+    """
+    fn = torch.randn if kind == "normal" else torch.rand
+    return fn(shape, generator=generator, dtype=dtype, device="cpu")
+
+
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else None
-    return torch.rand(shape, generator=generator, device=device).cpu()
+    return _draw("uniform", shape, generator)
 
 
 def sample_params(name: str, batch_size: int, generator: torch.Generator | None = None) -> Params:
@@ -172,12 +202,15 @@ def sample_params(name: str, batch_size: int, generator: torch.Generator | None 
     Args:
         name: distortion type.
         batch_size: number of samples.
-        generator: source of randomness (CPU or CUDA); ``None`` uses torch's global generator.
+        generator: source of randomness; ``None`` uses torch's global generator. Draws are made
+            on the CPU, so a CPU generator's seed gives the same parameters and noise fields for
+            images on any device; a CUDA generator only seeds a CPU one (:func:`_cpu_generator`).
 
     Returns:
         A dict of CPU tensors, first dimension ``batch_size`` (empty for deterministic types).
     """
     _check_name(name)
+    generator = _cpu_generator(generator)
     b = batch_size
     if name in _NOISE_SEEDED:
         seeds = (_rand((b,), generator) * 2.0**52).long()
@@ -197,13 +230,14 @@ def sample_params(name: str, batch_size: int, generator: torch.Generator | None 
 
 def _seeded_noise(seeds: Tensor, shape: tuple[int, ...], device: torch.device, kind: str,
                   dtype: torch.dtype) -> Tensor:
-    """One independent noise tensor per sample, each from its own seed (batch == looped)."""
-    out = []
-    for s in seeds.tolist():
-        g = torch.Generator(device=device).manual_seed(int(s))
-        fn = torch.randn if kind == "normal" else torch.rand
-        out.append(fn(shape, generator=g, device=device, dtype=dtype))
-    return torch.stack(out) if out else torch.empty((0, *shape), device=device, dtype=dtype)
+    """One independent noise tensor per sample, each from its own seed (batch == looped).
+
+    Drawn on the CPU whatever ``device`` is (see :func:`_draw`), then moved there.
+    """
+    out = [_draw(kind, shape, torch.Generator().manual_seed(int(s)), dtype)
+           for s in seeds.tolist()]
+    noise = torch.stack(out) if out else torch.empty((0, *shape), dtype=dtype)
+    return noise.to(device)
 
 
 # --- colour spaces -----------------------------------------------------------------------------
@@ -788,6 +822,7 @@ def sample_composition(generator: torch.Generator | None = None,
     n_groups = len(DISTORTION_GROUPS)
     if not 1 <= max_distortions <= n_groups:
         raise ValueError(f"max_distortions must be in 1..{n_groups}, got {max_distortions}")
+    generator = _cpu_generator(generator)
     u = _rand((1 + n_groups * 2,), generator)
     k = 1 + min(int(u[0] * max_distortions), max_distortions - 1)
     order = torch.argsort(u[1 : 1 + n_groups])[:k].tolist()
@@ -803,6 +838,7 @@ def sample_composition(generator: torch.Generator | None = None,
 def sample_composition_params(composition: Composition, batch_size: int,
                               generator: torch.Generator | None = None) -> list[Params]:
     """Random parameters for every type of a composition, in order (see :func:`sample_params`)."""
+    generator = _cpu_generator(generator)
     return [sample_params(t, batch_size, generator) for t in composition.types]
 
 
@@ -872,6 +908,7 @@ def distort_pairs(crops_a: Tensor, crops_b: Tensor,
         raise ValueError(f"crop shapes differ: {tuple(crops_a.shape)} vs {tuple(crops_b.shape)}")
     b, n_lv = crops_a.shape[0], len(levels)
     as_levels(list(levels), n_lv)
+    generator = _cpu_generator(generator)
     if not isinstance(composition, Composition):
         return _distort_pairs_grouped(crops_a, crops_b, list(composition), generator,
                                       levels, share_noise)
