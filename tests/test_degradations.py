@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -249,6 +252,64 @@ def test_cuda_keeps_device(name: str, photos: torch.Tensor) -> None:
     x = photos.cuda()
     y = apply_distortion(x, name, [1, 3, 5, 2], torch.Generator().manual_seed(0))
     assert y.device == x.device and y.shape == x.shape and 0 <= y.min() <= y.max() <= 1
+
+
+# --- JPEG 2000 in worker processes ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def codec_processes() -> Iterator[None]:
+    yield
+    D.set_codec_processes(None)
+
+
+def test_jpeg2000_processes_match_in_process(photos: torch.Tensor, codec_processes: None) -> None:
+    levels = [1, 3, 5, 2]
+    D.set_codec_processes(0)
+    ref = apply_distortion(photos, "jpeg2000", levels)
+    assert D._get_j2k_pool(4) is None
+    D.set_codec_processes(2)
+    assert D._get_j2k_pool(4) is not None
+    assert torch.equal(apply_distortion(photos, "jpeg2000", levels), ref)
+
+
+def test_jpeg2000_falls_back_in_process(photos: torch.Tensor, codec_processes: None,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    D.set_codec_processes(0)
+    ref = apply_distortion(photos, "jpeg2000", 4)
+    D.set_codec_processes(2)
+    pool = D._get_j2k_pool(4)
+    assert pool is not None
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise BrokenProcessPool("a worker died")
+
+    monkeypatch.setattr(pool, "map", broken)
+    with pytest.warns(RuntimeWarning, match="JPEG 2000 worker processes failed"):
+        y = apply_distortion(photos, "jpeg2000", 4)
+    assert torch.equal(y, ref)
+    assert D._j2k_processes() == 0  # later calls do not retry the broken pool
+
+
+def test_jpeg2000_codes_in_process_where_processes_cannot_start(
+        codec_processes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A DataLoader worker is daemonic and may not start processes of its own.
+    D.set_codec_processes(4)
+    monkeypatch.setattr(D.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    assert D._get_j2k_pool(8) is None
+
+
+def test_codec_processes_setting(codec_processes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        D.set_codec_processes(-1)
+    D.set_codec_processes(None)
+    monkeypatch.setenv("QUALICLIP_CODEC_PROCESSES", "3")
+    assert D._j2k_processes() == 3
+    monkeypatch.setenv("QUALICLIP_CODEC_PROCESSES", "many")
+    with pytest.raises(ValueError, match="QUALICLIP_CODEC_PROCESSES"):
+        D._j2k_processes()
+    D.set_codec_processes(1)
+    assert D._j2k_processes() == 1 and D._get_j2k_pool(8) is None
 
 
 # --- where randomness comes from: the seed alone, not the device --------------------------------

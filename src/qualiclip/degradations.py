@@ -32,18 +32,21 @@ Example:
 from __future__ import annotations
 
 import functools
-import io
 import math
+import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
+
+from qualiclip import _codec as _codec_mod
 
 Params = dict[str, Tensor]
 LevelsLike = int | Sequence[int] | Tensor
@@ -496,32 +499,95 @@ def _d_color_saturation2(x: Tensor, v: Tensor, p: Params) -> Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _codec_pool() -> ThreadPoolExecutor:
-    # Pillow releases the GIL inside its encoders and decoders, so threads scale over samples.
-    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
-                              thread_name_prefix="qualiclip-codec")
+def _codec_threads() -> ThreadPoolExecutor:
+    # Pillow's JPEG codec releases the GIL while it encodes and decodes: threads scale over samples.
+    return ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="qualiclip-codec")
 
 
-def _codec_roundtrip(arr: np.ndarray, fmt: str, value: float) -> np.ndarray:
-    buf = io.BytesIO()
-    img = Image.fromarray(arr, "RGB")
-    if fmt == "JPEG":
-        img.save(buf, format="JPEG", quality=int(value))
-    else:
-        # OpenJPEG needs min(H, W) >= 2**(resolutions-1); ARNIQA uses 8 resolutions.
-        res = max(1, min(8, int(math.log2(max(1, min(arr.shape[:2])))) + 1))
-        img.save(buf, format="JPEG2000", quality_mode="rates", quality_layers=[float(value)],
-                 num_resolutions=res, prog_order="LRCP")
-    buf.seek(0)
-    with Image.open(buf) as out:
-        return np.asarray(out.convert("RGB"))
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_J2K_PROCESSES: int | None = None  # None: $QUALICLIP_CODEC_PROCESSES, else the CPU count
+_j2k_pool: ProcessPoolExecutor | None = None
+_j2k_pool_size = 0
+
+
+def set_codec_processes(processes: int | None) -> None:
+    """Choose how many worker processes run the ``jpeg2000`` distortion.
+
+    Pillow's JPEG 2000 codec holds the GIL while it encodes and decodes (it reads and writes
+    through Python file objects), so threads run it one crop at a time; worker processes run it
+    in parallel. The processes use the same codec with the same settings: the output is identical
+    to the in-process one, only faster. They are started on first use with the ``forkserver``
+    method (``spawn`` where there is none), so, as with any multiprocessing, a script that uses
+    them needs an ``if __name__ == "__main__":`` guard. A daemonic process (such as a DataLoader
+    worker, already one of many) cannot start processes and codes in-process.
+
+    Args:
+        processes: the number of worker processes; 0 or 1 codes in this process; ``None``
+            restores the default: ``$QUALICLIP_CODEC_PROCESSES`` if set, else the CPU count.
+    """
+    global _J2K_PROCESSES
+    if processes is not None and processes < 0:
+        raise ValueError(f"processes must be >= 0, got {processes}")
+    _J2K_PROCESSES = processes
+    _shutdown_j2k_pool()
+
+
+def _j2k_processes() -> int:
+    if _J2K_PROCESSES is not None:
+        return _J2K_PROCESSES
+    env = os.environ.get("QUALICLIP_CODEC_PROCESSES", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise ValueError(f"QUALICLIP_CODEC_PROCESSES must be an integer, got {env!r}") from None
+    return _cpu_count()
+
+
+def _shutdown_j2k_pool() -> None:
+    global _j2k_pool, _j2k_pool_size
+    if _j2k_pool is not None:
+        _j2k_pool.shutdown(wait=False, cancel_futures=True)
+    _j2k_pool, _j2k_pool_size = None, 0
+
+
+def _get_j2k_pool(n_jobs: int) -> ProcessPoolExecutor | None:
+    global _j2k_pool, _j2k_pool_size
+    n = min(_j2k_processes(), n_jobs)
+    if n <= 1 or multiprocessing.current_process().daemon:
+        return None
+    if _j2k_pool is None or _j2k_pool_size < n:
+        _shutdown_j2k_pool()
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        _j2k_pool, _j2k_pool_size = ProcessPoolExecutor(max_workers=n, mp_context=ctx), n
+    return _j2k_pool
 
 
 def _codec(x: Tensor, v: Tensor, fmt: str) -> Tensor:
     arr = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    jobs = [_codec_pool().submit(_codec_roundtrip, np.ascontiguousarray(a), fmt, float(q))
-            for a, q in zip(arr, v.tolist(), strict=True)]
-    out = torch.from_numpy(np.stack([j.result() for j in jobs]))
+    arrs = [np.ascontiguousarray(a) for a in arr]
+    values = [float(q) for q in v.tolist()]
+    pool = _get_j2k_pool(len(arrs)) if fmt == "JPEG2000" else None
+    results: list[np.ndarray] | None = None
+    if pool is not None:
+        try:
+            results = list(pool.map(_codec_mod.roundtrip, arrs, [fmt] * len(arrs), values))
+        except (BrokenProcessPool, OSError) as e:
+            warnings.warn(f"JPEG 2000 worker processes failed ({e}); coding in this process "
+                          "from now on (same output, slower)", RuntimeWarning, stacklevel=2)
+            set_codec_processes(0)
+    if results is None:
+        jobs = [_codec_threads().submit(_codec_mod.roundtrip, a, fmt, q)
+                for a, q in zip(arrs, values, strict=True)]
+        results = [j.result() for j in jobs]
+    out = torch.from_numpy(np.stack(results))
     return out.to(x.device).permute(0, 3, 1, 2).to(x.dtype) / 255
 
 
