@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -297,6 +298,24 @@ def test_jpeg2000_codes_in_process_where_processes_cannot_start(
     D.set_codec_processes(4)
     monkeypatch.setattr(D.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
     assert D._get_j2k_pool(8) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux")
+def test_jpeg2000_processes_in_a_script_without_main_guard(tmp_path: Path) -> None:
+    # Spawned workers would run the script again (and fail in its bootstrapping); forked do not.
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import torch\n"
+        "from qualiclip import degradations as D\n"
+        "D.set_codec_processes(2)\n"
+        "x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))\n"
+        "y = D.apply_distortion(x, 'jpeg2000', [1, 2, 3, 4])\n"
+        "D.set_codec_processes(0)\n"
+        "print('same', torch.equal(y, D.apply_distortion(x, 'jpeg2000', [1, 2, 3, 4])))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(D.__file__).parents[1])})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("same True") == 1 and "Warning" not in r.stderr, (r.stdout, r.stderr)
 
 
 def test_codec_processes_setting(codec_processes: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """Codec round trips through Pillow, importable without torch.
 
-The worker processes that run JPEG 2000 for :mod:`qualiclip.degradations` load only this module
-(NumPy and Pillow), so they start in a fraction of a second and stay small.
+The worker processes that run JPEG 2000 for :mod:`qualiclip.degradations` need only this module
+(NumPy and Pillow): where they are spawned rather than forked, they start in a fraction of a
+second and stay small.
 """
 
 from __future__ import annotations

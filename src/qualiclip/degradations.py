@@ -35,6 +35,7 @@ import functools
 import math
 import multiprocessing
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -522,10 +523,11 @@ def set_codec_processes(processes: int | None) -> None:
     Pillow's JPEG 2000 codec holds the GIL while it encodes and decodes (it reads and writes
     through Python file objects), so threads run it one crop at a time; worker processes run it
     in parallel. The processes use the same codec with the same settings: the output is identical
-    to the in-process one, only faster. They are started on first use with the ``forkserver``
-    method (``spawn`` where there is none), so, as with any multiprocessing, a script that uses
-    them needs an ``if __name__ == "__main__":`` guard. A daemonic process (such as a DataLoader
-    worker, already one of many) cannot start processes and codes in-process.
+    to the in-process one, only faster. They are forked on first use on Linux (elsewhere spawned,
+    which, as any spawned multiprocessing, needs an ``if __name__ == "__main__":`` guard in the
+    calling script) and live until the interpreter exits or this is called again. A daemonic
+    process (such as a DataLoader worker, already one of many) cannot start processes and codes
+    in-process.
 
     Args:
         processes: the number of worker processes; 0 or 1 codes in this process; ``None``
@@ -564,8 +566,10 @@ def _get_j2k_pool(n_jobs: int) -> ProcessPoolExecutor | None:
         return None
     if _j2k_pool is None or _j2k_pool_size < n:
         _shutdown_j2k_pool()
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        # fork, as torch's DataLoader, on Linux: nothing is re-imported (spawn and forkserver
+        # run the main script again, which breaks scripts without a __main__ guard) and the
+        # children only run Pillow. Elsewhere fork is unsafe and spawn is the only choice.
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         _j2k_pool, _j2k_pool_size = ProcessPoolExecutor(max_workers=n, mp_context=ctx), n
     return _j2k_pool
 
