@@ -359,16 +359,17 @@ def test_draw_is_the_only_source_of_randomness(photos: torch.Tensor,
     for fn in _TENSOR_RANDOM:
         monkeypatch.setattr(torch.Tensor, fn, forbidden)
     levels = [1, 3, 5, 2]
+    x = photos[..., :48, :48]  # small: the point is where numbers come from, not what they do
     for name in DISTORTION_TYPES:
-        a = apply_distortion(photos, name, levels, torch.Generator().manual_seed(1))
-        b = apply_distortion(photos, name, levels, torch.Generator().manual_seed(2))
-        c = apply_distortion(photos, name, levels)  # torch's global generator
+        a = apply_distortion(x, name, levels, torch.Generator().manual_seed(1))
+        b = apply_distortion(x, name, levels, torch.Generator().manual_seed(2))
+        c = apply_distortion(x, name, levels)  # torch's global generator
         assert torch.equal(a, b) and torch.equal(a, c), name
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     comps = [sample_composition(g1, 7) for _ in range(4)]
     assert comps == [sample_composition(g2, 7) for _ in range(4)]
-    ya = distort_pairs(photos, photos.flip(-1), comps, g1)
-    yb = distort_pairs(photos, photos.flip(-1), comps, g2)
+    ya = distort_pairs(x, x.flip(-1), comps, g1)
+    yb = distort_pairs(x, x.flip(-1), comps, g2)
     assert all(torch.equal(u, v) for u, v in zip(ya, yb, strict=True))
 
 

@@ -236,10 +236,15 @@ def _seeded_noise(seeds: Tensor, shape: tuple[int, ...], device: torch.device, k
                   dtype: torch.dtype) -> Tensor:
     """One independent noise tensor per sample, each from its own seed (batch == looped).
 
-    Drawn on the CPU whatever ``device`` is (see :func:`_draw`), then moved there.
+    Drawn on the CPU whatever ``device`` is (see :func:`_draw`), then moved there. Each sample
+    has its own generator, so the samples are drawn in threads (torch's samplers release the GIL)
+    with the same result as one after another.
     """
-    out = [_draw(kind, shape, torch.Generator().manual_seed(int(s)), dtype)
-           for s in seeds.tolist()]
+
+    def one(seed: int) -> Tensor:
+        return _draw(kind, shape, torch.Generator().manual_seed(int(seed)), dtype)
+
+    out = list(_threads().map(one, seeds.tolist()))
     noise = torch.stack(out) if out else torch.empty((0, *shape), dtype=dtype)
     return noise.to(device)
 
@@ -500,9 +505,9 @@ def _d_color_saturation2(x: Tensor, v: Tensor, p: Params) -> Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _codec_threads() -> ThreadPoolExecutor:
-    # Pillow's JPEG codec releases the GIL while it encodes and decodes: threads scale over samples.
-    return ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="qualiclip-codec")
+def _threads() -> ThreadPoolExecutor:
+    # Pillow's JPEG codec and torch's samplers release the GIL: threads scale over samples.
+    return ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="qualiclip-degrade")
 
 
 def _cpu_count() -> int:
@@ -588,7 +593,7 @@ def _codec(x: Tensor, v: Tensor, fmt: str) -> Tensor:
                           "from now on (same output, slower)", RuntimeWarning, stacklevel=2)
             set_codec_processes(0)
     if results is None:
-        jobs = [_codec_threads().submit(_codec_mod.roundtrip, a, fmt, q)
+        jobs = [_threads().submit(_codec_mod.roundtrip, a, fmt, q)
                 for a, q in zip(arrs, values, strict=True)]
         results = [j.result() for j in jobs]
     out = torch.from_numpy(np.stack(results))
