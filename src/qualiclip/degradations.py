@@ -13,6 +13,9 @@ and a batch gives exactly what its samples give one by one. Every random number,
 noise fields alike, is drawn on the CPU with a CPU generator and then moved to the images' device,
 so a seed gives the same distortions on a CPU and on a GPU (up to float rounding in the arithmetic).
 
+The codecs are Pillow's, run over the samples of a batch in parallel: JPEG in threads, JPEG 2000
+(whose codec holds the GIL) in worker processes; see :func:`set_codec_processes`.
+
 Where ours differs from ARNIQA's port (all documented at the function):
 - colour conversions use proper RGB order (ARNIQA swaps to BGR before several Lab conversions);
 - ``quantization`` takes its thresholds at equal-population quantiles of the grey histogram
