@@ -318,6 +318,18 @@ def test_jpeg2000_processes_in_a_script_without_main_guard(tmp_path: Path) -> No
     assert r.stdout.count("same True") == 1 and "Warning" not in r.stderr, (r.stdout, r.stderr)
 
 
+def test_jpeg2000_pool_is_not_reused_by_a_forked_child(codec_processes: None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    D.set_codec_processes(2)
+    parent_pool = D._get_j2k_pool(4)
+    assert parent_pool is not None and D._get_j2k_pool(4) is parent_pool
+    monkeypatch.setattr(D.os, "getpid", lambda: -1)  # as seen from a forked child
+    child_pool = D._get_j2k_pool(4)
+    assert child_pool is not None and child_pool is not parent_pool
+    monkeypatch.undo()
+    parent_pool.shutdown()
+
+
 def test_codec_processes_setting(codec_processes: None, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=">= 0"):
         D.set_codec_processes(-1)

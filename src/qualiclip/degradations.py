@@ -523,6 +523,7 @@ def _cpu_count() -> int:
 _J2K_PROCESSES: int | None = None  # None: $QUALICLIP_CODEC_PROCESSES, else the CPU count
 _j2k_pool: ProcessPoolExecutor | None = None
 _j2k_pool_size = 0
+_j2k_pool_pid = 0  # a pool belongs to the process that made it, not to forked children
 
 
 def set_codec_processes(processes: int | None) -> None:
@@ -570,8 +571,11 @@ def _shutdown_j2k_pool() -> None:
 def _get_j2k_pool(n_jobs: int) -> ProcessPoolExecutor | None:
     global _j2k_pool, _j2k_pool_size
     n = min(_j2k_processes(), n_jobs)
+    global _j2k_pool_pid
     if n <= 1 or multiprocessing.current_process().daemon:
         return None
+    if _j2k_pool is not None and _j2k_pool_pid != os.getpid():
+        _j2k_pool, _j2k_pool_size = None, 0  # inherited through fork: its workers are not ours
     if _j2k_pool is None or _j2k_pool_size < n:
         _shutdown_j2k_pool()
         # fork, as torch's DataLoader, on Linux: nothing is re-imported (spawn and forkserver
@@ -579,6 +583,7 @@ def _get_j2k_pool(n_jobs: int) -> ProcessPoolExecutor | None:
         # children only run Pillow. Elsewhere fork is unsafe and spawn is the only choice.
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         _j2k_pool, _j2k_pool_size = ProcessPoolExecutor(max_workers=n, mp_context=ctx), n
+        _j2k_pool_pid = os.getpid()
     return _j2k_pool
 
 
