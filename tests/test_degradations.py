@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -249,6 +253,185 @@ def test_cuda_keeps_device(name: str, photos: torch.Tensor) -> None:
     x = photos.cuda()
     y = apply_distortion(x, name, [1, 3, 5, 2], torch.Generator().manual_seed(0))
     assert y.device == x.device and y.shape == x.shape and 0 <= y.min() <= y.max() <= 1
+
+
+# --- JPEG 2000 in worker processes ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def codec_processes() -> Iterator[None]:
+    yield
+    D.set_codec_processes(None)
+
+
+def test_jpeg2000_processes_match_in_process(photos: torch.Tensor, codec_processes: None) -> None:
+    levels = [1, 3, 5, 2]
+    D.set_codec_processes(0)
+    ref = apply_distortion(photos, "jpeg2000", levels)
+    assert D._get_j2k_pool(4) is None
+    D.set_codec_processes(2)
+    assert D._get_j2k_pool(4) is not None
+    assert torch.equal(apply_distortion(photos, "jpeg2000", levels), ref)
+
+
+def test_jpeg2000_falls_back_in_process(photos: torch.Tensor, codec_processes: None,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    D.set_codec_processes(0)
+    ref = apply_distortion(photos, "jpeg2000", 4)
+    D.set_codec_processes(2)
+    pool = D._get_j2k_pool(4)
+    assert pool is not None
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise BrokenProcessPool("a worker died")
+
+    monkeypatch.setattr(pool, "map", broken)
+    with pytest.warns(RuntimeWarning, match="JPEG 2000 worker processes failed"):
+        y = apply_distortion(photos, "jpeg2000", 4)
+    assert torch.equal(y, ref)
+    assert D._j2k_processes() == 0  # later calls do not retry the broken pool
+
+
+def test_jpeg2000_codes_in_process_where_processes_cannot_start(
+        codec_processes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A DataLoader worker is daemonic and may not start processes of its own.
+    D.set_codec_processes(4)
+    monkeypatch.setattr(D.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    assert D._get_j2k_pool(8) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux")
+def test_jpeg2000_processes_in_a_script_without_main_guard(tmp_path: Path) -> None:
+    # Spawned workers would run the script again (and fail in its bootstrapping); forked do not.
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import torch\n"
+        "from qualiclip import degradations as D\n"
+        "D.set_codec_processes(2)\n"
+        "x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))\n"
+        "y = D.apply_distortion(x, 'jpeg2000', [1, 2, 3, 4])\n"
+        "D.set_codec_processes(0)\n"
+        "print('same', torch.equal(y, D.apply_distortion(x, 'jpeg2000', [1, 2, 3, 4])))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(D.__file__).parents[1])})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("same True") == 1 and "Warning" not in r.stderr, (r.stdout, r.stderr)
+
+
+def test_jpeg2000_pool_is_not_reused_by_a_forked_child(codec_processes: None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    D.set_codec_processes(2)
+    parent_pool = D._get_j2k_pool(4)
+    assert parent_pool is not None and D._get_j2k_pool(4) is parent_pool
+    monkeypatch.setattr(D.os, "getpid", lambda: -1)  # as seen from a forked child
+    child_pool = D._get_j2k_pool(4)
+    assert child_pool is not None and child_pool is not parent_pool
+    monkeypatch.undo()
+    parent_pool.shutdown()
+
+
+def test_codec_processes_setting(codec_processes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        D.set_codec_processes(-1)
+    D.set_codec_processes(None)
+    monkeypatch.setenv("QUALICLIP_CODEC_PROCESSES", "3")
+    assert D._j2k_processes() == 3
+    monkeypatch.setenv("QUALICLIP_CODEC_PROCESSES", "many")
+    with pytest.raises(ValueError, match="QUALICLIP_CODEC_PROCESSES"):
+        D._j2k_processes()
+    D.set_codec_processes(1)
+    assert D._j2k_processes() == 1 and D._get_j2k_pool(8) is None
+
+
+# --- where randomness comes from: the seed alone, not the device --------------------------------
+
+_TORCH_RANDOM = ("rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "normal",
+                 "bernoulli", "multinomial", "randperm", "poisson")
+_TENSOR_RANDOM = ("uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_",
+                  "cauchy_", "log_normal_")
+
+
+def _fake_draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    n = int(np.prod(shape)) if shape else 1
+    return torch.linspace(0.01, 0.99, n, dtype=dtype or torch.float32).reshape(shape)
+
+
+def test_draw_is_the_only_source_of_randomness(photos: torch.Tensor,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the helper replaced by a fixed field and torch's own samplers disabled, every output is
+    # fully determined: no draw can bypass the helper (and its CPU generator).
+    monkeypatch.setattr(D, "_draw", _fake_draw)
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a random draw bypassed degradations._draw")
+
+    for fn in _TORCH_RANDOM:
+        monkeypatch.setattr(torch, fn, forbidden)
+    for fn in _TENSOR_RANDOM:
+        monkeypatch.setattr(torch.Tensor, fn, forbidden)
+    levels = [1, 3, 5, 2]
+    x = photos[..., :48, :48]  # small: the point is where numbers come from, not what they do
+    for name in DISTORTION_TYPES:
+        a = apply_distortion(x, name, levels, torch.Generator().manual_seed(1))
+        b = apply_distortion(x, name, levels, torch.Generator().manual_seed(2))
+        c = apply_distortion(x, name, levels)  # torch's global generator
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    comps = [sample_composition(g1, 7) for _ in range(4)]
+    assert comps == [sample_composition(g2, 7) for _ in range(4)]
+    ya = distort_pairs(x, x.flip(-1), comps, g1)
+    yb = distort_pairs(x, x.flip(-1), comps, g2)
+    assert all(torch.equal(u, v) for u, v in zip(ya, yb, strict=True))
+
+
+@pytest.mark.parametrize("name", [*D._NOISE_SEEDED, "color_shift", "color_block"])
+def test_draws_are_made_on_the_cpu_for_images_elsewhere(name: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Images on the meta device stand in for a GPU: a field drawn on the images' device, or with
+    # a generator of that device, shows up here as a draw off the CPU.
+    calls: list[tuple[str, torch.device, torch.device | None]] = []
+    for fn in ("rand", "randn"):
+        orig = getattr(torch, fn)
+
+        def record(*args: object, _orig=orig, _fn=fn, **kwargs: object) -> torch.Tensor:
+            gen = kwargs.get("generator")
+            assert isinstance(gen, torch.Generator | None)
+            calls.append((_fn, torch.device(kwargs.get("device") or "cpu"),
+                          None if gen is None else gen.device))
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(torch, fn, record)
+    x = torch.empty(3, 3, 40, 40, device="meta")
+    y = apply_distortion(x, name, [1, 3, 5], torch.Generator().manual_seed(0))
+    assert y.device == x.device and y.shape == x.shape
+    assert calls, "no draw recorded"
+    assert all(dev.type == "cpu" and gdev == torch.device("cpu") for _, dev, gdev in calls), calls
+    n_params = 2 if name == "color_block" else 1  # positions and colours
+    n_fields = 3 if name in D._NOISE_SEEDED else 0  # one noise field per sample
+    assert len(calls) == n_params + n_fields
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", DISTORTION_TYPES)
+def test_cuda_matches_cpu_for_the_same_seed(name: str, photos: torch.Tensor) -> None:
+    levels = [1, 3, 5, 2]
+    y_cpu = apply_distortion(photos, name, levels, torch.Generator().manual_seed(4))
+    y_gpu = apply_distortion(photos.cuda(), name, levels, torch.Generator().manual_seed(4))
+    # Same parameters and fields; only float rounding of the arithmetic differs between devices.
+    assert (y_gpu.cpu() - y_cpu).abs().max() <= 1e-3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generator_seeds_a_cpu_generator(photos: torch.Tensor) -> None:
+    comp = Composition(("white_noise", "jitter", "color_block"))
+    g = torch.Generator(device="cuda").manual_seed(9)
+    state = g.get_state()
+    a = distort_pairs(photos, photos, comp, g)
+    assert not torch.equal(g.get_state(), state)  # the generator advanced
+    g.set_state(state)
+    b = distort_pairs(photos.cuda(), photos.cuda(), comp, g)  # images' device does not matter
+    assert all((u - v.cpu()).abs().max() <= 1e-3 for u, v in zip(a, b, strict=True))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

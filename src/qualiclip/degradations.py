@@ -9,7 +9,12 @@ Randomness is split from application. :func:`sample_params` draws every random q
 needs (a motion angle, a shift direction, patch positions, per-sample noise seeds) from a
 ``torch.Generator``; :func:`apply_distortion` is deterministic given those parameters. The two
 crops of a training pair can thus receive exactly the same distortion (see :func:`distort_pairs`),
-and a batch gives exactly what its samples give one by one.
+and a batch gives exactly what its samples give one by one. Every random number, parameters and
+noise fields alike, is drawn on the CPU with a CPU generator and then moved to the images' device,
+so a seed gives the same distortions on a CPU and on a GPU (up to float rounding in the arithmetic).
+
+The codecs are Pillow's, run over the samples of a batch in parallel: JPEG in threads, JPEG 2000
+(whose codec holds the GIL) in worker processes; see :func:`set_codec_processes`.
 
 Where ours differs from ARNIQA's port (all documented at the function):
 - colour conversions use proper RGB order (ARNIQA swaps to BGR before several Lab conversions);
@@ -30,18 +35,22 @@ Example:
 from __future__ import annotations
 
 import functools
-import io
 import math
+import multiprocessing
 import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
+
+from qualiclip import _codec as _codec_mod
 
 Params = dict[str, Tensor]
 LevelsLike = int | Sequence[int] | Tensor
@@ -158,9 +167,37 @@ def as_levels(levels: LevelsLike, batch_size: int) -> Tensor:
 # --- random parameters -------------------------------------------------------------------------
 
 
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """The CPU generator every draw of a call is made with.
+
+    CPU and CUDA generators seeded alike give different streams, so drawing on the images'
+    device would tie the distortions to the device. A CPU generator (or ``None``, torch's global
+    CPU generator) is used as is. A generator of another device is used for one draw only: a
+    63-bit seed for a fresh CPU generator that then makes every draw of the call, so the result
+    stays a deterministic function of that generator's state (checkpointing its state still gives
+    exact resume) but, unlike a CPU generator, not of its seed alone across device types.
+    """
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device)
+    return torch.Generator().manual_seed(int(seed.item()))
+
+
+def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None,
+          dtype: torch.dtype | None = None) -> Tensor:
+    """Every random number of this module comes from here, drawn on the CPU.
+
+    ``kind`` is ``"uniform"`` ([0, 1)) or ``"normal"``; ``generator`` must be a CPU generator or
+    ``None`` (see :func:`_cpu_generator`). Drawing on the CPU and moving the result to the images'
+    device makes a seed mean the same numbers on every device; the fields are at most a few
+    values per pixel, cheap next to the distortions that use them.
+    """
+    fn = torch.randn if kind == "normal" else torch.rand
+    return fn(shape, generator=generator, dtype=dtype, device="cpu")
+
+
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else None
-    return torch.rand(shape, generator=generator, device=device).cpu()
+    return _draw("uniform", shape, generator)
 
 
 def sample_params(name: str, batch_size: int, generator: torch.Generator | None = None) -> Params:
@@ -172,12 +209,15 @@ def sample_params(name: str, batch_size: int, generator: torch.Generator | None 
     Args:
         name: distortion type.
         batch_size: number of samples.
-        generator: source of randomness (CPU or CUDA); ``None`` uses torch's global generator.
+        generator: source of randomness; ``None`` uses torch's global generator. Draws are made
+            on the CPU, so a CPU generator's seed gives the same parameters and noise fields for
+            images on any device; a CUDA generator only seeds a CPU one (:func:`_cpu_generator`).
 
     Returns:
         A dict of CPU tensors, first dimension ``batch_size`` (empty for deterministic types).
     """
     _check_name(name)
+    generator = _cpu_generator(generator)
     b = batch_size
     if name in _NOISE_SEEDED:
         seeds = (_rand((b,), generator) * 2.0**52).long()
@@ -197,13 +237,19 @@ def sample_params(name: str, batch_size: int, generator: torch.Generator | None 
 
 def _seeded_noise(seeds: Tensor, shape: tuple[int, ...], device: torch.device, kind: str,
                   dtype: torch.dtype) -> Tensor:
-    """One independent noise tensor per sample, each from its own seed (batch == looped)."""
-    out = []
-    for s in seeds.tolist():
-        g = torch.Generator(device=device).manual_seed(int(s))
-        fn = torch.randn if kind == "normal" else torch.rand
-        out.append(fn(shape, generator=g, device=device, dtype=dtype))
-    return torch.stack(out) if out else torch.empty((0, *shape), device=device, dtype=dtype)
+    """One independent noise tensor per sample, each from its own seed (batch == looped).
+
+    Drawn on the CPU whatever ``device`` is (see :func:`_draw`), then moved there. Each sample
+    has its own generator, so the samples are drawn in threads (torch's samplers release the GIL)
+    with the same result as one after another.
+    """
+
+    def one(seed: int) -> Tensor:
+        return _draw(kind, shape, torch.Generator().manual_seed(int(seed)), dtype)
+
+    out = list(_threads().map(one, seeds.tolist()))
+    noise = torch.stack(out) if out else torch.empty((0, *shape), dtype=dtype)
+    return noise.to(device)
 
 
 # --- colour spaces -----------------------------------------------------------------------------
@@ -462,32 +508,103 @@ def _d_color_saturation2(x: Tensor, v: Tensor, p: Params) -> Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _codec_pool() -> ThreadPoolExecutor:
-    # Pillow releases the GIL inside its encoders and decoders, so threads scale over samples.
-    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
-                              thread_name_prefix="qualiclip-codec")
+def _threads() -> ThreadPoolExecutor:
+    # Pillow's JPEG codec and torch's samplers release the GIL: threads scale over samples.
+    return ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="qualiclip-degrade")
 
 
-def _codec_roundtrip(arr: np.ndarray, fmt: str, value: float) -> np.ndarray:
-    buf = io.BytesIO()
-    img = Image.fromarray(arr, "RGB")
-    if fmt == "JPEG":
-        img.save(buf, format="JPEG", quality=int(value))
-    else:
-        # OpenJPEG needs min(H, W) >= 2**(resolutions-1); ARNIQA uses 8 resolutions.
-        res = max(1, min(8, int(math.log2(max(1, min(arr.shape[:2])))) + 1))
-        img.save(buf, format="JPEG2000", quality_mode="rates", quality_layers=[float(value)],
-                 num_resolutions=res, prog_order="LRCP")
-    buf.seek(0)
-    with Image.open(buf) as out:
-        return np.asarray(out.convert("RGB"))
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_J2K_PROCESSES: int | None = None  # None: $QUALICLIP_CODEC_PROCESSES, else the CPU count
+_j2k_pool: ProcessPoolExecutor | None = None
+_j2k_pool_size = 0
+_j2k_pool_pid = 0  # a pool belongs to the process that made it, not to forked children
+
+
+def set_codec_processes(processes: int | None) -> None:
+    """Choose how many worker processes run the ``jpeg2000`` distortion.
+
+    Pillow's JPEG 2000 codec holds the GIL while it encodes and decodes (it reads and writes
+    through Python file objects), so threads run it one crop at a time; worker processes run it
+    in parallel. The processes use the same codec with the same settings: the output is identical
+    to the in-process one, only faster. They are forked on first use on Linux (elsewhere spawned,
+    which, as any spawned multiprocessing, needs an ``if __name__ == "__main__":`` guard in the
+    calling script) and live until the interpreter exits or this is called again. A daemonic
+    process (such as a DataLoader worker, already one of many) cannot start processes and codes
+    in-process.
+
+    Args:
+        processes: the number of worker processes; 0 or 1 codes in this process; ``None``
+            restores the default: ``$QUALICLIP_CODEC_PROCESSES`` if set, else the CPU count.
+    """
+    global _J2K_PROCESSES
+    if processes is not None and processes < 0:
+        raise ValueError(f"processes must be >= 0, got {processes}")
+    _J2K_PROCESSES = processes
+    _shutdown_j2k_pool()
+
+
+def _j2k_processes() -> int:
+    if _J2K_PROCESSES is not None:
+        return _J2K_PROCESSES
+    env = os.environ.get("QUALICLIP_CODEC_PROCESSES", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise ValueError(f"QUALICLIP_CODEC_PROCESSES must be an integer, got {env!r}") from None
+    return _cpu_count()
+
+
+def _shutdown_j2k_pool() -> None:
+    global _j2k_pool, _j2k_pool_size
+    if _j2k_pool is not None:
+        _j2k_pool.shutdown(wait=False, cancel_futures=True)
+    _j2k_pool, _j2k_pool_size = None, 0
+
+
+def _get_j2k_pool(n_jobs: int) -> ProcessPoolExecutor | None:
+    global _j2k_pool, _j2k_pool_size
+    n = min(_j2k_processes(), n_jobs)
+    global _j2k_pool_pid
+    if n <= 1 or multiprocessing.current_process().daemon:
+        return None
+    if _j2k_pool is not None and _j2k_pool_pid != os.getpid():
+        _j2k_pool, _j2k_pool_size = None, 0  # inherited through fork: its workers are not ours
+    if _j2k_pool is None or _j2k_pool_size < n:
+        _shutdown_j2k_pool()
+        # fork, as torch's DataLoader, on Linux: nothing is re-imported (spawn and forkserver
+        # run the main script again, which breaks scripts without a __main__ guard) and the
+        # children only run Pillow. Elsewhere fork is unsafe and spawn is the only choice.
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        _j2k_pool, _j2k_pool_size = ProcessPoolExecutor(max_workers=n, mp_context=ctx), n
+        _j2k_pool_pid = os.getpid()
+    return _j2k_pool
 
 
 def _codec(x: Tensor, v: Tensor, fmt: str) -> Tensor:
     arr = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    jobs = [_codec_pool().submit(_codec_roundtrip, np.ascontiguousarray(a), fmt, float(q))
-            for a, q in zip(arr, v.tolist(), strict=True)]
-    out = torch.from_numpy(np.stack([j.result() for j in jobs]))
+    arrs = [np.ascontiguousarray(a) for a in arr]
+    values = [float(q) for q in v.tolist()]
+    pool = _get_j2k_pool(len(arrs)) if fmt == "JPEG2000" else None
+    results: list[np.ndarray] | None = None
+    if pool is not None:
+        try:
+            results = list(pool.map(_codec_mod.roundtrip, arrs, [fmt] * len(arrs), values))
+        except (BrokenProcessPool, OSError) as e:
+            warnings.warn(f"JPEG 2000 worker processes failed ({e}); coding in this process "
+                          "from now on (same output, slower)", RuntimeWarning, stacklevel=2)
+            set_codec_processes(0)
+    if results is None:
+        jobs = [_threads().submit(_codec_mod.roundtrip, a, fmt, q)
+                for a, q in zip(arrs, values, strict=True)]
+        results = [j.result() for j in jobs]
+    out = torch.from_numpy(np.stack(results))
     return out.to(x.device).permute(0, 3, 1, 2).to(x.dtype) / 255
 
 
@@ -788,6 +905,7 @@ def sample_composition(generator: torch.Generator | None = None,
     n_groups = len(DISTORTION_GROUPS)
     if not 1 <= max_distortions <= n_groups:
         raise ValueError(f"max_distortions must be in 1..{n_groups}, got {max_distortions}")
+    generator = _cpu_generator(generator)
     u = _rand((1 + n_groups * 2,), generator)
     k = 1 + min(int(u[0] * max_distortions), max_distortions - 1)
     order = torch.argsort(u[1 : 1 + n_groups])[:k].tolist()
@@ -803,6 +921,7 @@ def sample_composition(generator: torch.Generator | None = None,
 def sample_composition_params(composition: Composition, batch_size: int,
                               generator: torch.Generator | None = None) -> list[Params]:
     """Random parameters for every type of a composition, in order (see :func:`sample_params`)."""
+    generator = _cpu_generator(generator)
     return [sample_params(t, batch_size, generator) for t in composition.types]
 
 
@@ -872,6 +991,7 @@ def distort_pairs(crops_a: Tensor, crops_b: Tensor,
         raise ValueError(f"crop shapes differ: {tuple(crops_a.shape)} vs {tuple(crops_b.shape)}")
     b, n_lv = crops_a.shape[0], len(levels)
     as_levels(list(levels), n_lv)
+    generator = _cpu_generator(generator)
     if not isinstance(composition, Composition):
         return _distort_pairs_grouped(crops_a, crops_b, list(composition), generator,
                                       levels, share_noise)
