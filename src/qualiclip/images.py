@@ -259,7 +259,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     """Decoded PIL image (any mode) -> H x W x 3 array: uint8, or uint16 for 16-bit/float data."""
     mode = im.mode
     if mode == "RGB":
-        return np.asarray(im)
+        return _rgb_in_strips(im)
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit greyscale (PNG, TIFF): keep all 16 bits. Mode "I" is 32-bit signed; for PNG it
         # holds 0..65535, other sources are clipped to that range.
@@ -275,6 +275,29 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         return np.asarray(_composite_on_white(im))
     # P, L, 1, CMYK, YCbCr, RGBX, HSV: PIL's own conversions (CMYK naively, without ICC profile).
     return np.asarray(im.convert("RGB"))
+
+
+#: Pixels copied per strip out of a decoded RGB image (see :func:`_rgb_in_strips`).
+_STRIP_PIXELS = 1 << 22
+
+
+def _rgb_in_strips(im: Image.Image) -> np.ndarray:
+    """A decoded RGB image as a new, writable H x W x 3 array, copied a strip at a time.
+
+    ``np.asarray(im)`` goes through ``tobytes()``, which joins encoded chunks into one bytes
+    object (two transient copies) that NumPy can only view read-only, so one more copy follows:
+    for a 144-megapixel image that is ~1.3 GB on top of PIL's own 576 MB. Strips bound the extra
+    memory to the result itself plus one strip.
+    """
+    width, height = im.size
+    if width * height <= _STRIP_PIXELS:
+        return np.array(im)  # small: one call, already a private copy
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(im.crop((0, top, width, bottom)))
+    return out
 
 
 def _float_to_uint16(grey: np.ndarray) -> np.ndarray:
