@@ -536,3 +536,13 @@ def test_malformed_headers_from_a_file_are_decode_errors(
     path.write_bytes(data)
     with pytest.raises(ImageDecodeError, match=match):
         load_image(path)
+
+
+def test_rgb_copied_in_strips_is_exact(
+    tmp_path: Path, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 5000)  # strips of 9 rows at this width
+    path = _save(tmp_path, "a.png", Image.fromarray(astronaut[:101, :555]))
+    arr = decode_rgb(path)
+    assert arr.flags.writeable and arr.flags.c_contiguous
+    np.testing.assert_array_equal(arr, astronaut[:101, :555])
