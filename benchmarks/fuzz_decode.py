@@ -18,8 +18,8 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzz_images import SEED_SIZE, Tally, decode_one, make_seeds, mutants, score_folder
 
+from fuzz_images import SEED_SIZE, Tally, decode_one, make_seeds, mutants, score_folder
 from qualiclip.images import ImageDecodeError, decode_rgb
 
 MAX_PIXELS = 4_000_000  # a mutated size field must not turn one try into a large allocation
