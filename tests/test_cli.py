@@ -150,3 +150,165 @@ def test_models_add_verifies_and_caches(tmp_path, golden_dir):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "c" / "QualiCLIP.pth").exists()
     assert run_cli("models", "--add", "nope", str(bad)).returncode == 2
+
+
+# --- hostile inputs: malformed files, special files, odd names, -o, pipes, interrupts ------------
+
+
+def _main(*args: str) -> int:
+    from qualiclip import cli
+
+    return cli.main(list(args))
+
+
+@pytest.fixture()
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate(("a.jpg", "b.jpg")):
+        Image.fromarray(photo(20 + i)).save(folder / name, quality=90)
+    return folder
+
+
+MALFORMED = {
+    "ihdr.png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR\x00\x00\x00\x00",
+    "header.ppm": b"P6\n4x 48\n255\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_degrade_on_a_malformed_file_is_a_clear_error(tmp_path, capsys, name):
+    path = tmp_path / name
+    path.write_bytes(MALFORMED[name])
+    code = _main("degrade", str(path), "--type", "gaussian_blur", "-o", str(tmp_path / "o.png"))
+    assert code == 1
+    assert f"{name}: " in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_fifo_gets_a_row_in_a_scan_and_by_name(photos, tmp_path, capsys):
+    import threading
+
+    fifo = photos / "pipe.png"
+    os.mkfifo(fifo)
+    out = tmp_path / "rows.csv"
+    box: list[int] = []
+    thread = threading.Thread(
+        target=lambda: box.append(_main(
+            "score", str(photos), str(fifo), "--model", "random-tiny", "--no-progress",
+            "--format", "csv", "-o", str(out),
+        )),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(60)
+    assert box == [1], "qualiclip score blocked on a FIFO"
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open(encoding="utf-8"))}
+    assert set(rows) == {"a.jpg", "b.jpg", "pipe.png"}
+    assert "not a regular file (a FIFO" in rows["pipe.png"]["error"]
+    assert rows["a.jpg"]["score"] and rows["b.jpg"]["score"]
+
+
+def test_output_naming_an_input_is_refused_before_writing(photos, capsys):
+    before = (photos / "b.jpg").read_bytes()
+    code = _main("score", "--format", "csv", "-o", str(photos / "b.jpg"), str(photos),
+                 "--model", "random-tiny")
+    assert code == 2
+    assert "is one of the inputs" in capsys.readouterr().err
+    assert (photos / "b.jpg").read_bytes() == before
+    # A new image-named file in a scanned folder would be read as an input on the next run.
+    assert _main("score", "-o", str(photos / "new.png"), str(photos),
+                 "--model", "random-tiny") == 2
+    assert not (photos / "new.png").exists()
+    assert "would be read as an input" in capsys.readouterr().err
+
+
+def test_output_that_is_a_folder_is_a_usage_error(photos, tmp_path, capsys):
+    code = _main("score", "-o", str(tmp_path), str(photos), "--model", "random-tiny")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "Traceback" not in err
+
+
+def test_names_that_are_not_utf8_reach_csv_and_table_files(photos, tmp_path):
+    odd = os.fsdecode(os.fsencode(str(photos)) + b"/caf\xe9.jpg")
+    Image.fromarray(photo(30)).save(odd, format="JPEG")
+    for fmt in ("csv", "table"):
+        out = tmp_path / f"rows.{fmt}"
+        code = _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                     "--format", fmt, "-o", str(out))
+        assert code == 0
+        raw = out.read_bytes()
+        assert b"/caf\xe9.jpg" in raw and b"/a.jpg" in raw and b"/b.jpg" in raw
+    rows = list(csv.DictReader((tmp_path / "rows.csv").open(errors="surrogateescape")))
+    assert odd in [r["path"] for r in rows]  # read back as documented, it names the file
+
+
+def test_strict_locale_stdout_and_stdin_list_carry_any_name(photos):
+    odd = os.fsencode(str(photos)) + b"/\xff\xfe.jpg"
+    Image.fromarray(photo(31)).save(os.fsdecode(odd), format="JPEG")
+    uni = str(photos / "日本.jpg")
+    Image.fromarray(photo(32)).save(uni)
+    listing = odd + b"\n" + uni.encode() + b"\n" + os.fsencode(str(photos / "a.jpg")) + b"\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG"))}
+    for fmt in ("csv", "table"):
+        result = subprocess.run(
+            [sys.executable, "-m", "qualiclip.cli", "score", "-", "--model", "random-tiny",
+             "--no-progress", "--format", fmt],
+            input=listing, capture_output=True, timeout=300,
+            env={**env, "LC_ALL": "C", "PYTHONIOENCODING": "ascii:strict"},
+        )
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert odd in result.stdout and uni.encode() in result.stdout
+
+
+def test_closed_pipe_ends_quietly(photos):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qualiclip.cli", "score", str(photos), "--model", "random-tiny",
+         "--no-progress", "--format", "csv"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first row, as with '| head -0'
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+_SLOW_RUN = """
+import sys, time
+from qualiclip import cli, engine
+decode = engine._decode
+def slow(index, path, min_size):
+    if "slow" in path:
+        time.sleep(600)  # a decode that never ends in time
+    return decode(index, path, min_size)
+engine._decode = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child is POSIX-only here")
+def test_interrupt_stops_within_seconds_with_rows_written(photos):
+    import signal
+    import time
+
+    Image.fromarray(photo(40)).save(photos / "c_slow.jpg")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, "score", str(photos), "--model", "random-tiny",
+         "--no-progress", "--format", "csv", "--batch-size", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(3)]  # header, a.jpg, b.jpg
+    assert lines[0].startswith("path,") and "a.jpg" in lines[1] and "b.jpg" in lines[2]
+    time.sleep(0.5)  # now blocked on the slow decode
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == 130 and time.monotonic() - start < 5
+    assert "interrupted" in proc.stderr.read()

@@ -7,6 +7,7 @@ are computed independently (NumPy on the original array), never taken from our o
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -423,3 +424,125 @@ def test_iter_stdin(tree: Path) -> None:
 def test_extensions() -> None:
     expected = {"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "ppm", "pgm"}
     assert {e.lstrip(".") for e in IMAGE_EXTENSIONS} == expected
+
+
+# --- hostile inputs: special files, odd paths, NaN pixels ----------------------------------------
+
+
+def _finishes(fn: Any, seconds: float = 10.0) -> list[Any]:
+    """Run ``fn`` in a daemon thread; return [result or exception], or [] if it is still blocked."""
+    import threading
+
+    box: list[Any] = []
+
+    def call() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return box
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    box = _finishes(lambda: decode_rgb(fifo))
+    assert box, "decode_rgb blocked on a FIFO"
+    assert isinstance(box[0], ImageDecodeError)
+    assert "pipe.jpg: not a regular file (a FIFO" in str(box[0])
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_device_is_refused() -> None:
+    box = _finishes(lambda: load_image("/dev/zero"))
+    assert box and isinstance(box[0], ImageDecodeError)
+    assert "not a regular file (a device)" in str(box[0])
+
+
+def test_symlink_loop_is_reported_as_such(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop.name)
+    with pytest.raises(ImageDecodeError, match="loop.jpg: symlink loop"):
+        decode_rgb(loop)
+    # A folder scan keeps it (it has an image extension), so the scorer reports it.
+    assert iter_image_paths([tmp_path]) == [loop]
+
+
+def test_name_too_long_does_not_stop_expansion(tmp_path: Path, astronaut: np.ndarray) -> None:
+    good = _save(tmp_path, "good.png", Image.fromarray(astronaut[:64, :64]))
+    long_name = str(tmp_path / ("x" * 400 + ".jpg"))
+    paths = iter_image_paths([long_name, str(good), str(tmp_path / ("y" * 400) / "*.jpg")])
+    assert paths[1] == good and len(paths) == 3
+    with pytest.raises(ImageDecodeError, match="file name too long"):
+        decode_rgb(long_name)
+
+
+def test_unreadable_subfolder_is_an_entry_not_skipped(
+    tmp_path: Path, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Permissions do not bind root, so the refusal is simulated where the walk lists folders.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _save(locked, "hidden.png", Image.fromarray(astronaut[:64, :64]))
+    good = _save(tmp_path, "good.png", Image.fromarray(astronaut[:64, :64]))
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert iter_image_paths([tmp_path]) == [good, locked]
+    with pytest.raises(ImageDecodeError, match="locked: folder cannot be read: Permission denied"):
+        decode_rgb(locked)
+
+
+def test_stdin_list_with_names_that_are_not_utf8(tmp_path: Path) -> None:
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.jpg\n" + os.fsencode(tmp_path) + b"/\xe6\x97\xa5.png\n"
+    stream = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")  # strict, as a UTF-8 locale
+    paths = iter_image_paths(["-"], stdin=stream)
+    assert [os.fsencode(p) for p in paths] == raw.splitlines()
+
+
+def test_nan_float_tiff_is_refused(tmp_path: Path) -> None:
+    nan = np.full((40, 48), np.nan, np.float32)
+    path = _save(tmp_path, "nan.tif", Image.fromarray(nan, mode="F"))
+    with pytest.raises(ImageDecodeError, match="nan.tif: float image contains NaN or infinite"):
+        decode_rgb(path)
+    one_inf = np.full((40, 48), 0.5, np.float32)
+    one_inf[3, 4] = np.inf
+    path = _save(tmp_path, "inf.tif", Image.fromarray(one_inf, mode="F"))
+    with pytest.raises(ImageDecodeError, match="NaN or infinite"):
+        decode_rgb(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR\x00\x00\x00\x00", "PNG image data"),
+        (b"P6\n4x 48\n255\n", "malformed PPM image header"),
+    ],
+)
+def test_malformed_headers_from_a_file_are_decode_errors(
+    tmp_path: Path, data: bytes, match: str
+) -> None:
+    path = tmp_path / "bad.img"
+    path.write_bytes(data)
+    with pytest.raises(ImageDecodeError, match=match):
+        load_image(path)
+
+
+def test_rgb_copied_in_strips_is_exact(
+    tmp_path: Path, astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 5000)  # strips of 9 rows at this width
+    path = _save(tmp_path, "a.png", Image.fromarray(astronaut[:101, :555]))
+    arr = decode_rgb(path)
+    assert arr.flags.writeable and arr.flags.c_contiguous
+    np.testing.assert_array_equal(arr, astronaut[:101, :555])

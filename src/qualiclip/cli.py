@@ -8,8 +8,11 @@ function that does the work and returns the exit status: 0 success, 1 when some 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from qualiclip.precision import PRECISIONS
 
@@ -126,7 +129,11 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.format == "parquet":
         raise UsageError("--format parquet needs --engine ray (locally: csv, json, jsonl, table)")
     args.format = args.format or "table"
+    if args.output and os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output} is a folder; give a file name for the results")
     paths = iter_image_paths(args.inputs, stdin=sys.stdin)
+    if args.output:
+        _refuse_output_over_input(args.output, args.inputs, paths)
     if not paths:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
@@ -143,6 +150,28 @@ def _run_score(args: argparse.Namespace) -> int:
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
+    """Refuse an ``-o`` that is one of the inputs, or that a scan of the inputs would pick up.
+
+    Checked before the output is opened: opening truncates, and a truncated photo is lost.
+    """
+    from qualiclip.images import IMAGE_EXTENSIONS
+
+    target = os.path.realpath(output)
+    if any(os.path.realpath(p) == target for p in paths):
+        raise UsageError(f"-o {output} is one of the inputs; writing it would destroy it")
+    if Path(target).suffix.lower() not in IMAGE_EXTENSIONS or Path(target).name.startswith("."):
+        return
+    for item in inputs:
+        if item != "-" and os.path.isdir(item):
+            folder = os.path.realpath(item)
+            if os.path.commonpath([folder, target]) == folder:
+                raise UsageError(
+                    f"-o {output} lies in the scanned folder {item} and has an image extension: "
+                    "it would be read as an input; write the results elsewhere"
+                )
 
 
 def _ray_output_format(args: argparse.Namespace) -> str:
@@ -276,7 +305,7 @@ def _run_degrade(args: argparse.Namespace) -> int:
         raise UsageError("--level must be in 1..5 and --size at least 16")
     try:
         image = load_image(args.image)
-    except (ImageDecodeError, OSError) as exc:
+    except ImageDecodeError as exc:  # every decoder failure, with its reason
         print(f"qualiclip degrade: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.sheet:
@@ -681,8 +710,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"qualiclip {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): what it wanted is written; stop quietly. stdout is
+        # pointed at /dev/null so that flushing it at exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ Precisions are those of :mod:`qualiclip.precision`.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sized
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -256,10 +258,12 @@ class _Decoded:
 
 
 def _decode(index: int, path: str, min_size: int) -> _Decoded:
-    from qualiclip.images import decode_rgb
+    from qualiclip.images import ImageDecodeError, decode_rgb
 
     try:
         return _Decoded(index, path, decode_rgb(path, min_size=min_size), None)
+    except ImageDecodeError as exc:  # its message names the file and says what is wrong
+        return _Decoded(index, path, None, str(exc))
     except Exception as exc:  # noqa: BLE001 - every failure becomes this input's error row
         return _Decoded(index, path, None, f"{type(exc).__name__}: {exc}")
 
@@ -269,16 +273,46 @@ def _decoded_in_order(
 ) -> Iterator[_Decoded]:
     """Decode ``paths`` in ``workers`` threads, at most ``prefetch`` ahead, yielding in order.
 
-    PIL's decoders release the GIL, so threads decode while the model computes.
+    PIL's decoders release the GIL, so threads decode while the model computes. The threads are
+    daemons told to stop as soon as the consumer stops (Ctrl-C, an error, a closed generator): a
+    decode still running then neither delays the exit nor keeps the process alive, as a thread
+    pool's workers would (the interpreter joins those at exit).
     """
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qualiclip-decode") as pool:
-        queue: deque[Future[_Decoded]] = deque()
+    jobs: SimpleQueue[tuple[Future[_Decoded], int, str] | None] = SimpleQueue()
+    stop = threading.Event()
+
+    def work() -> None:
+        while (job := jobs.get()) is not None and not stop.is_set():
+            future, index, path = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(_decode(index, path, min_size))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, never lost
+                future.set_exception(exc)
+
+    threads = [
+        threading.Thread(target=work, name=f"qualiclip-decode-{i}", daemon=True)
+        for i in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    pending: deque[Future[_Decoded]] = deque()
+    try:
         for index, path in enumerate(paths):
-            queue.append(pool.submit(_decode, index, path, min_size))
-            if len(queue) > prefetch:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
+            future: Future[_Decoded] = Future()
+            jobs.put((future, index, path))
+            pending.append(future)
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        stop.set()
+        for future in pending:
+            future.cancel()
+        for _ in threads:
+            jobs.put(None)
 
 
 def _to_float_batch(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:

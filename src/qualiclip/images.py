@@ -23,9 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import io
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -100,19 +103,81 @@ def _describe(source: object) -> str:
     return str(name) if isinstance(name, (str, bytes)) and name else "<stream>"
 
 
-def _open(source: ImageSource, name: str, max_pixels: int) -> tuple[Image.Image, bool]:
-    """Open ``source`` lazily (header only). Returns the image and whether we own (may close) it."""
+def _os_error_text(exc: OSError) -> str:
+    """What an ``OSError`` from stat/open means for the user, without a traceback."""
+    code = exc.errno
+    if code == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if code == errno.ENOENT:
+        return "no such file"
+    if code == errno.ENOTDIR:
+        return "no such file (a part of the path is not a folder)"
+    if code == errno.ENAMETOOLONG:
+        return "file name too long for the file system"
+    return f"cannot read file: {exc.strerror or exc}"
+
+
+def _not_regular_text(path: str | os.PathLike[str], mode: int) -> str:
+    """Why a path that exists is not read: a folder, or a FIFO, device or socket."""
+    if stat.S_ISDIR(mode):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as exc:  # an unreadable folder found by a scan is reported, not skipped
+            return f"folder cannot be read: {exc.strerror or exc}"
+        return "is a directory, not an image file"
+    kind = (
+        "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a special file"
+    )
+    return f"not a regular file ({kind}); only regular files are read"
+
+
+def _open_regular_file(path: str | os.PathLike[str], name: str) -> IO[bytes]:
+    """Open a regular file for reading; anything else is refused without ever blocking.
+
+    Opening a FIFO for reading waits for a writer, and reading a device can wait for ever, so the
+    type is checked before opening, the open itself does not block (``O_NONBLOCK``), and the type
+    is checked again on the descriptor in case the path was swapped in between.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}") from exc
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        raise ImageDecodeError(f"{name}: invalid path ({exc})") from exc
+    if not stat.S_ISREG(mode):
+        raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open(
+    source: ImageSource, name: str, max_pixels: int, files: contextlib.ExitStack
+) -> tuple[Image.Image, bool]:
+    """Open ``source`` lazily (header only). Returns the image and whether we own (may close) it.
+
+    A file we open is registered on ``files`` (closed when the caller's stack unwinds).
+    """
     if isinstance(source, Image.Image):
         return source, False
     if isinstance(source, (bytes, bytearray, memoryview)):
         fp: Any = io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageDecodeError(f"{name}: no such file")
-        if path.is_dir():
-            raise ImageDecodeError(f"{name}: is a directory, not an image file")
-        fp = path
+        fp = files.enter_context(_open_regular_file(source, name))
     elif hasattr(source, "read"):
         fp = source
         # PIL needs to seek back after sniffing the format; pipes and sockets cannot.
@@ -139,10 +204,15 @@ def _open(source: ImageSource, name: str, max_pixels: int) -> tuple[Image.Image,
                 f"{name}: too large: {exc} (limit: {max_pixels} pixels; raise it with "
                 "QUALICLIP_MAX_PIXELS or max_pixels=)"
             ) from exc
+        except MemoryError as exc:
+            raise ImageDecodeError(f"{name}: out of memory while reading the header") from exc
         except OSError as exc:
             if exc.errno is not None:  # a real I/O error (permissions, disk), not bad data
                 raise ImageDecodeError(f"{name}: cannot read file: {exc.strerror}") from exc
-            raise ImageDecodeError(f"{name}: {_classify(exc)}") from exc
+            raise ImageDecodeError(f"{name}: {_classify(exc, header=True)}") from exc
+        except Exception as exc:  # noqa: BLE001 - plugins raise ValueError, SyntaxError, ...
+            # Whatever a format plugin raises on a malformed header is this file's error.
+            raise ImageDecodeError(f"{name}: {_classify(exc, header=True)}") from exc
 
 
 def _raise_pil_limit_to(max_pixels: int) -> None:
@@ -189,7 +259,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     """Decoded PIL image (any mode) -> H x W x 3 array: uint8, or uint16 for 16-bit/float data."""
     mode = im.mode
     if mode == "RGB":
-        return np.asarray(im)
+        return _rgb_in_strips(im)
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit greyscale (PNG, TIFF): keep all 16 bits. Mode "I" is 32-bit signed; for PNG it
         # holds 0..65535, other sources are clipped to that range.
@@ -207,9 +277,34 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+#: Pixels copied per strip out of a decoded RGB image (see :func:`_rgb_in_strips`).
+_STRIP_PIXELS = 1 << 22
+
+
+def _rgb_in_strips(im: Image.Image) -> np.ndarray:
+    """A decoded RGB image as a new, writable H x W x 3 array, copied a strip at a time.
+
+    ``np.asarray(im)`` goes through ``tobytes()``, which joins encoded chunks into one bytes
+    object (two transient copies) that NumPy can only view read-only, so one more copy follows:
+    for a 144-megapixel image that is ~1.3 GB on top of PIL's own 576 MB. Strips bound the extra
+    memory to the result itself plus one strip.
+    """
+    width, height = im.size
+    if width * height <= _STRIP_PIXELS:
+        return np.array(im)  # small: one call, already a private copy
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(im.crop((0, top, width, bottom)))
+    return out
+
+
 def _float_to_uint16(grey: np.ndarray) -> np.ndarray:
     """Float grey (PIL mode "F") -> uint16: [0, 1] data as such, else PIL's 0..255 convention."""
-    grey = np.nan_to_num(grey, nan=0.0, posinf=0.0, neginf=0.0)
+    if not bool(np.isfinite(grey).all()):
+        # NaN has no grey level: scoring it as black would report a quality nobody can see.
+        raise _PixelError("float image contains NaN or infinite values")
     scale = 65535.0 if grey.size and float(grey.max()) <= 1.0 else 65535.0 / 255.0
     return np.rint(np.clip(grey * scale, 0, 65535)).astype(np.uint16)
 
@@ -225,12 +320,34 @@ def _apply_exif_orientation(im: Image.Image, owned: bool) -> Image.Image:
     return im if out is None else out
 
 
-def _classify(exc: Exception) -> str:
-    """Human wording for a decoder exception."""
+def _plugin_format(exc: BaseException, im: Image.Image | None = None) -> str | None:
+    """The image format whose decoder raised ``exc`` ("PNG", "PPM", ...), if it can be told."""
+    if im is not None and im.format:
+        return str(im.format)
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost PIL image object on the stack is the failing plugin
+        owner = tb.tb_frame.f_locals.get("self")
+        fmt = getattr(owner, "format", None) if isinstance(owner, Image.Image) else None
+        found = fmt if isinstance(fmt, str) and fmt else found
+        tb = tb.tb_next
+    return found
+
+
+def _classify(exc: BaseException, *, header: bool = False, im: Image.Image | None = None) -> str:
+    """Human wording for a decoder exception, naming the format where it can be told."""
     text = str(exc) or type(exc).__name__
+    fmt = _plugin_format(exc, im)
+    what = f"{fmt} " if fmt else ""
     if isinstance(exc, EOFError) or "truncated" in text.lower():
-        return f"truncated or incomplete image data ({text})"
-    return f"corrupt or unsupported image data ({type(exc).__name__}: {text})"
+        return f"truncated or incomplete {what}image data ({text})"
+    if header:
+        return f"malformed {what}image header ({type(exc).__name__}: {text})"
+    return f"corrupt or unsupported {what}image data ({type(exc).__name__}: {text})"
+
+
+class _PixelError(ValueError):
+    """Decoded pixels that cannot be scored; the caller adds the file's name to the message."""
 
 
 def decode_rgb(
@@ -257,8 +374,9 @@ def decode_rgb(
         onto white, EXIF orientation is applied, animations give their first frame.
 
     Raises:
-        ImageDecodeError: missing file, not an image, truncated or corrupt data, too large or
-            too small.
+        ImageDecodeError: missing file, not a regular file (a folder, FIFO, device or socket),
+            not an image, malformed header, truncated or corrupt data, NaN pixels, too large or
+            too small. Whatever a decoder raises for the input ends up here, with its reason.
         TypeError: ``source`` is of an unsupported type.
         ValueError: ``max_pixels`` or ``min_size`` is not positive.
     """
@@ -268,22 +386,25 @@ def decode_rgb(
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1, got {min_size}")
     name = _describe(source)
-    im, owned = _open(source, name, limit)
-    try:
-        _check_size(im, name, limit, min_size)  # header only: nothing decoded yet
+    with contextlib.ExitStack() as files:
+        im, owned = _open(source, name, limit, files)
         try:
-            im.load()  # LOAD_TRUNCATED_IMAGES stays False: a short file raises here
-            oriented = _apply_exif_orientation(im, owned)
-            arr = _to_rgb_array(oriented)
-        except ImageDecodeError:
-            raise
-        except MemoryError as exc:
-            raise ImageDecodeError(f"{name}: out of memory while decoding") from exc
-        except Exception as exc:  # PIL plugins raise OSError, SyntaxError, struct.error, ...
-            raise ImageDecodeError(f"{name}: {_classify(exc)}") from exc
-    finally:
-        if owned:
-            im.close()
+            _check_size(im, name, limit, min_size)  # header only: nothing decoded yet
+            try:
+                im.load()  # LOAD_TRUNCATED_IMAGES stays False: a short file raises here
+                oriented = _apply_exif_orientation(im, owned)
+                arr = _to_rgb_array(oriented)
+            except ImageDecodeError:
+                raise
+            except _PixelError as exc:
+                raise ImageDecodeError(f"{name}: {exc}") from exc
+            except MemoryError as exc:
+                raise ImageDecodeError(f"{name}: out of memory while decoding") from exc
+            except Exception as exc:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ...
+                raise ImageDecodeError(f"{name}: {_classify(exc, im=im)}") from exc
+        finally:
+            if owned:
+                im.close()
     # PIL hands out read-only views of its buffer; callers (and torch.from_numpy) want to own it.
     if not (arr.flags.writeable and arr.flags.c_contiguous):
         arr = np.array(arr, order="C", copy=True)
@@ -427,9 +548,18 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _walk_folder(folder: Path, recursive: bool) -> list[Path]:
-    """Image files under ``folder``, sorted; hidden entries (".*", e.g. macOS "._x.jpg") skipped."""
+    """Image files under ``folder``, sorted; hidden entries (".*", e.g. macOS "._x.jpg") skipped.
+
+    A sub-folder that cannot be listed is kept as an entry of its own, so the scorer reports it
+    ("folder cannot be read") instead of its images silently missing from the results.
+    """
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
+
+    def unreadable(exc: OSError) -> None:
+        if exc.filename is not None:
+            found.append(Path(os.fsdecode(exc.filename)))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs[:] = [] if not recursive else [d for d in dirs if not d.startswith(".")]
         root_path = Path(root)
         found.extend(
@@ -438,12 +568,20 @@ def _walk_folder(folder: Path, recursive: bool) -> list[Path]:
     return sorted(found)
 
 
+def _is_dir(path: Path) -> bool | None:
+    """``path.is_dir()``, or None when the path cannot even be looked at (the scorer says why)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long, an embedded NUL, ...
+        return None
+
+
 def _expand_glob(pattern: str, recursive: bool) -> list[Path]:
     """Glob matches: image files, and image files inside matched folders; sorted."""
     out: list[Path] = []
     for match in sorted(glob.glob(pattern, recursive=True)):
         path = Path(match)
-        if path.is_dir():
+        if _is_dir(path):
             out.extend(_walk_folder(path, recursive))
         elif _is_image_name(path):
             out.append(path)
@@ -452,17 +590,37 @@ def _expand_glob(pattern: str, recursive: bool) -> list[Path]:
 
 def _expand_one(item: str, recursive: bool) -> Iterator[Path]:
     path = Path(item)
-    if path.is_dir():
+    is_dir = _is_dir(path)
+    if is_dir:
         yield from _walk_folder(path, recursive)
-    elif path.exists() or not (_GLOB_CHARS & set(item)):
+    elif is_dir is None or os.path.lexists(path) or not (_GLOB_CHARS & set(item)):
         # An explicit file is kept whatever its extension (a non-image named on purpose gets an
-        # error row later), and so is a missing one: the scorer reports it rather than us failing.
+        # error row later), and so is a missing or unreachable one (a symlink loop, a name too
+        # long): the scorer reports it rather than us failing before anything is scored.
         yield path
     else:
-        matches = _expand_glob(item, recursive)
+        try:
+            matches = _expand_glob(item, recursive)
+        except (OSError, ValueError):
+            matches = []
         # A pattern that matches nothing is kept as given, so the user sees it reported (as a
         # shell without nullglob would pass it on).
         yield from matches if matches else [path]
+
+
+def _stdin_lines(stream: TextIO) -> Iterator[str]:
+    """Lines of ``stream`` as file names: raw bytes decoded as the OS decodes names.
+
+    Reading the bytes (not the locale's text) means a name that is not valid UTF-8, or not valid
+    in a strict locale, still names the same file (``os.fsdecode``'s surrogate escapes).
+    """
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        for line in raw:
+            yield os.fsdecode(line.rstrip(b"\r\n"))
+    else:
+        for text in stream:
+            yield text.rstrip("\r\n")
 
 
 def iter_image_paths(
@@ -473,16 +631,19 @@ def iter_image_paths(
 ) -> list[Path]:
     """Expand command-line inputs into the list of image paths to score.
 
-    * a file is kept whatever its extension; a path that does not exist is kept too (the scorer
-      reports it as an error row), so nothing here raises for bad inputs;
+    * a file is kept whatever its extension; a path that does not exist or cannot be looked at
+      (a symlink loop, a name too long) is kept too (the scorer reports it as an error row), so
+      nothing here raises for bad inputs;
     * a folder is walked (recursively unless ``recursive=False``) for files with an extension in
       :data:`IMAGE_EXTENSIONS`, case-insensitively, in sorted order; hidden files and folders
-      (names starting with ".") are skipped;
+      (names starting with ".") are skipped; a sub-folder that cannot be listed is kept as an
+      entry (the scorer reports it);
     * a pattern containing ``*``, ``?`` or ``[`` that is not an existing path is expanded as a glob
       (``**`` matches any depth); matched folders are walked, matched files kept if they have an
       image extension; a pattern with no match is kept as given;
-    * ``-`` reads one path per line from ``stdin`` (default ``sys.stdin``); blank lines are skipped
-      and each line is taken literally (a folder is walked, no glob expansion).
+    * ``-`` reads one path per line from ``stdin`` (default ``sys.stdin``), as bytes decoded like
+      the OS decodes file names; blank lines are skipped and each line is taken literally (a
+      folder is walked, no glob expansion).
 
     Duplicates (the same absolute path) are dropped, keeping the first occurrence.
 
@@ -500,7 +661,7 @@ def iter_image_paths(
         item = os.fspath(raw)
         if item == "-":
             stream = sys.stdin if stdin is None else stdin
-            lines = (line.rstrip("\r\n") for line in stream)
+            lines = _stdin_lines(stream)
             paths = [p for line in lines if line.strip() for p in _expand_literal(line, recursive)]
         else:
             paths = list(_expand_one(item, recursive))
@@ -514,4 +675,4 @@ def iter_image_paths(
 
 def _expand_literal(item: str, recursive: bool) -> list[Path]:
     path = Path(item)
-    return _walk_folder(path, recursive) if path.is_dir() else [path]
+    return _walk_folder(path, recursive) if _is_dir(path) else [path]

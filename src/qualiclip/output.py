@@ -1,11 +1,19 @@
-"""Writing score results as a table, CSV, JSON or JSON lines (streamed where the format allows)."""
+"""Writing score results as a table, CSV, JSON or JSON lines (streamed where the format allows).
+
+Encoding: output is UTF-8, to a file and to stdout alike, whatever the locale. A file name that is
+not valid UTF-8 (Python holds its undecodable bytes as surrogate escapes) is written as its raw
+bytes, so each row names exactly the file on disk and reading the output back with
+``errors="surrogateescape"`` gives the path to open. JSON escapes such bytes as ``\\udcXX``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 from qualiclip.engine import ScoreResult
@@ -39,12 +47,30 @@ def write_results(
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    stream: TextIO = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
-    try:
+    if output:
+        with open(output, "w", newline="", encoding="utf-8", errors=NAME_ERRORS) as stream:
+            return _write(results, fmt, stream, model_name)
+    with _utf8_stdout() as stream:
         return _write(results, fmt, stream, model_name)
+
+
+#: How names that are not valid UTF-8 are written: their raw bytes (see the module docstring).
+NAME_ERRORS = "surrogateescape"
+
+
+@contextlib.contextmanager
+def _utf8_stdout() -> Iterator[TextIO]:
+    """stdout as UTF-8 text that carries any file name, whatever the locale says."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (tests, IDE consoles): it takes any str
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    stream = io.TextIOWrapper(buffer, encoding="utf-8", errors=NAME_ERRORS, write_through=True)
+    try:
+        yield stream
     finally:
-        if output:
-            stream.close()
+        stream.detach()  # leaves sys.stdout's buffer open
 
 
 def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name: str) -> int:
@@ -53,23 +79,33 @@ def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name:
     writer = csv.DictWriter(stream, fieldnames=FIELDS) if fmt == "csv" else None
     if writer is not None:
         writer.writeheader()
-    for result in results:
-        failed += not result.ok
-        row = result_row(result, model_name)
-        if writer is not None:
-            writer.writerow(row)
-        elif fmt == "jsonl":
-            stream.write(json.dumps(row) + "\n")
-        else:
-            rows.append(row)
-        if fmt in ("csv", "jsonl"):
-            stream.flush()
+    try:
+        for result in results:
+            failed += not result.ok
+            row = result_row(result, model_name)
+            if writer is not None:
+                writer.writerow(row)
+            elif fmt == "jsonl":
+                stream.write(json.dumps(row) + "\n")
+            else:
+                rows.append(row)
+            if fmt in ("csv", "jsonl"):
+                stream.flush()
+    except KeyboardInterrupt:
+        _write_collected(rows, fmt, stream)  # an interrupted run keeps the rows it has
+        raise
+    _write_collected(rows, fmt, stream)
+    return failed
+
+
+def _write_collected(rows: list[dict[str, object]], fmt: str, stream: TextIO) -> None:
+    """The formats written at the end: JSON (one array) and the table (aligned columns)."""
     if fmt == "json":
         json.dump(rows, stream, indent=2)
         stream.write("\n")
     elif fmt == "table":
         _write_table(rows, stream)
-    return failed
+    stream.flush()
 
 
 def _write_table(rows: list[dict[str, object]], stream: TextIO) -> None:
