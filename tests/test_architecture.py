@@ -17,17 +17,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "qualiclip"
 
 LAYERS: dict[str, int] = {
     # 0 - leaves: import nothing of qualiclip's
-    "prompts": 0, "precision": 0, "heap": 0, "images": 0, "clip": 0, "degradations": 0,
-    "losses": 0, "metrics": 0,
+    "prompts": 0, "precision": 0, "heap": 0, "images": 0, "clip": 0, "losses": 0,
+    "metrics": 0, "_codec": 0,
     # 1 - building blocks on the leaves
-    "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "sheet": 1,
-    "tokenizer": 2,
+    "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "degradations": 1,
+    "sheet": 2, "tokenizer": 2,
     # 3 - the model and its factory
     "model": 3,
     # 4 - the engine: files and tensors in, scores out
     "engine": 4,
     # 5 - libraries of the front ends
-    "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "train": 7,
+    "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "validation": 6,
+    "train": 7,
     # 8 - front ends
     "serve": 8, "distributed": 8,
     "cli": 9,

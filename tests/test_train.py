@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qualiclip import checkpoints, train, train_config
+from qualiclip import checkpoints, degradations, train, train_config
 from qualiclip.cli import main
 from qualiclip.losses import LossConfig
 
@@ -157,7 +157,7 @@ def test_batch_norm_statistics_follow_the_bn_setting(bn: str) -> None:
 
 def test_degrade_batch_shapes_and_mildest_level_is_closest() -> None:
     x = torch.rand(3, 2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
-    y = train.degrade_batch(x, torch.Generator().manual_seed(2), levels=(1, 5))
+    y = degradations.degrade_batch(x, torch.Generator().manual_seed(2), levels=(1, 5))
     assert y.shape == (3, 2, 2, 3, 48, 48)
     err = (y - x[:, None]).abs().mean(dim=(2, 3, 4, 5))  # [B, L]
     assert bool((err[:, 0] <= err[:, 1]).all())

@@ -153,6 +153,41 @@ def check_out(
             )
 
 
+class RunWriter:
+    """Rank 0's files: ``history.jsonl`` (appended) and ``validation.json`` (rewritten)."""
+
+    def __init__(self, out: Path, active: bool, resumed_step: int) -> None:
+        self.active = active
+        self.history = out / "history.jsonl"
+        self.validation_path = out / "validation.json"
+        self.validation: list[dict[str, Any]] = []
+        if not active:
+            return
+        if resumed_step and self.history.exists():  # drop what the resumed steps will redo
+            keep = [
+                ln
+                for ln in self.history.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) <= resumed_step
+            ]
+            self.history.write_text("".join(ln + "\n" for ln in keep))
+        elif self.history.exists():
+            self.history.unlink()
+        if resumed_step and self.validation_path.exists():
+            old = json.loads(self.validation_path.read_text())
+            self.validation = [r for r in old if r["step"] <= resumed_step]
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.active:
+            with open(self.history, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def log_validation(self, record: dict[str, Any]) -> None:
+        if self.active:
+            self.validation.append(record)
+            self.validation_path.write_text(json.dumps(self.validation, indent=1) + "\n")
+            self.log({"event": "validation", **record})
+
+
 def iter_history(out: str | Path) -> Iterator[dict[str, Any]]:
     """Records of ``history.jsonl`` in ``out``."""
     with open(Path(out) / "history.jsonl") as fh:

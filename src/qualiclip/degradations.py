@@ -1020,3 +1020,31 @@ def _distort_pairs_grouped(crops_a: Tensor, crops_b: Tensor, comps: list[Composi
                                share_noise=share_noise)
         out_a[idx], out_b[idx] = ya, yb
     return out_a, out_b
+
+
+def degrade_batch(
+    crops: Tensor,
+    generator: torch.Generator,
+    *,
+    levels: Sequence[int] = (1, 2, 3, 4, 5),
+    max_distortions: int = 4,
+) -> Tensor:
+    """One random composition per sample, applied at every level to both crops.
+
+    Args:
+        crops: crop pairs, uint8 (0..255) or float in [0, 1], on the training device.
+        generator: degradation randomness; a CPU generator gives the same result on every
+            device (every draw is made on the CPU).
+        levels: levels to produce, mildest first.
+        max_distortions: most types in a composition.
+
+    Returns:
+        Degraded crops in [0, 1], float32.
+
+    Shape:
+        ``[B, 2, 3, H, W]`` -> ``[B, L, 2, 3, H, W]``.
+    """
+    x = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
+    comps = [sample_composition(generator, max_distortions) for _ in range(x.shape[0])]
+    a, b = distort_pairs(x[:, 0], x[:, 1], comps, generator, levels=tuple(levels))
+    return torch.stack([a, b], dim=2)

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader
 from qualiclip import degradations
 from qualiclip.checkpoints import (
     CHECKPOINT_FORMAT,
+    RunWriter,
     atomic_save,
     check_out,
     checkpoint_paths,
@@ -80,26 +81,22 @@ from qualiclip.train_config import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
-    ValidationConfig,
     check_config,
     check_resumable,
     config_from_dict,
     load_config,
 )
+from qualiclip.validation import build_level_validation, validate_levels, validate_rated
 
 __all__ = [
     "SimilarityModel",
-    "build_level_validation",
     "build_model",
-    "degrade_batch",
     "fit",
     "lr_factor",
     "make_optimizer",
     "plan_run",
     "set_train_mode",
     "train_step",
-    "validate_levels",
-    "validate_rated",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,33 +170,6 @@ def set_train_mode(model: nn.Module, bn: str) -> None:
 # --- one step ----------------------------------------------------------------------------------
 
 
-def degrade_batch(
-    crops: Tensor,
-    generator: torch.Generator,
-    *,
-    levels: Sequence[int] = (1, 2, 3, 4, 5),
-    max_distortions: int = 4,
-) -> Tensor:
-    """One random composition per sample, applied at every level to both crops.
-
-    Args:
-        crops: crop pairs, uint8 (0..255) or float in [0, 1], on the training device.
-        generator: degradation randomness (on the same device); its state is checkpointed.
-        levels: levels to produce, mildest first.
-        max_distortions: most types in a composition.
-
-    Returns:
-        Degraded crops in [0, 1], float32.
-
-    Shape:
-        ``[B, 2, 3, H, W]`` -> ``[B, L, 2, 3, H, W]``.
-    """
-    x = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
-    comps = [degradations.sample_composition(generator, max_distortions) for _ in range(x.shape[0])]
-    a, b = degradations.distort_pairs(x[:, 0], x[:, 1], comps, generator, levels=tuple(levels))
-    return torch.stack([a, b], dim=2)
-
-
 def train_step(
     model: nn.Module,
     batch: Mapping[str, Tensor],
@@ -232,7 +202,7 @@ def train_step(
     """
     device = generator.device
     crops = batch["crops"].to(device, non_blocking=True)
-    x = degrade_batch(crops, generator, levels=levels, max_distortions=max_distortions)
+    x = degradations.degrade_batch(crops, generator, levels=levels, max_distortions=max_distortions)
     b, n_lv = x.shape[:2]
 
     with torch.autocast(
@@ -286,113 +256,6 @@ def make_optimizer(model: QualiCLIP, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
-# --- validation --------------------------------------------------------------------------------
-
-
-def build_level_validation(
-    paths: Sequence[Path], data: DataConfig, val: ValidationConfig
-) -> Tensor:
-    """Fixed degraded sequences of held-out images, built once.
-
-    Each held-out image gives ``crops_per_image`` crop pairs (seeded) and each pair
-    ``compositions_per_crop`` fixed compositions, applied at every level; both crops of a pair
-    become sequences.
-
-    Shape:
-        returns ``[N, L, 3, S, S]`` float32 on the CPU, N = images x crops x compositions x 2.
-    """
-    ds = PristineCropPairs(
-        paths,
-        data.crop_size,
-        min_overlap=data.min_overlap,
-        seed=val.seed,
-        small_images=data.small_images,
-    )
-    g = torch.Generator().manual_seed(val.seed)
-    seqs = []
-    failed: set[str] = set()
-    for index in range(len(ds)):
-        for crop in range(val.crops_per_image):
-            sample = ds[(index, crop)]  # "epoch" = crop number: independent positions
-            for line in filter(None, sample["skipped"].split("\n")):
-                if line not in failed:
-                    failed.add(line)
-                    logger.warning("unusable held-out image %s (replaced by the next one)", line)
-            pair = sample["crops"]
-            for _ in range(val.compositions_per_crop):
-                x = degrade_batch(
-                    pair[None], g, levels=data.levels, max_distortions=data.max_distortions
-                )
-                seqs.append(x[0].transpose(0, 1))  # [2, L, 3, S, S]
-    return torch.cat(seqs)
-
-
-@torch.no_grad()
-def validate_levels(model: QualiCLIP, sequences: Tensor, batch_size: int = 32) -> dict[str, float]:
-    """Does the score fall as the degradation level rises?
-
-    Args:
-        model: the scorer (put in eval mode here; the caller restores train mode).
-        sequences: degraded sequences, mildest level first.
-        batch_size: images per forward pass.
-
-    Returns:
-        ``level_accuracy``: fraction of level pairs i < j (over all sequences) whose scores are
-        ordered correctly (milder scores higher; a tie counts as wrong); ``level_srcc``: mean
-        over sequences of the SRCC between score and level, sign flipped so 1 is perfect;
-        ``score_mean``.
-
-    Shape:
-        sequences: ``[N, L, 3, S, S]``.
-    """
-    from scipy.stats import spearmanr
-
-    model.eval()
-    n, n_lv = sequences.shape[:2]
-    flat = sequences.flatten(0, 1)
-    scores = torch.cat(
-        [
-            model(flat[k : k + batch_size].to(model.device)).float().cpu()
-            for k in range(0, flat.shape[0], batch_size)
-        ]
-    ).view(n, n_lv)
-    i, j = torch.triu_indices(n_lv, n_lv, offset=1)
-    accuracy = (scores[:, i] > scores[:, j]).double().mean().item()
-    levels = -np.arange(n_lv)
-    rhos = [spearmanr(levels, row).statistic for row in scores.numpy()]
-    srcc = float(np.mean([0.0 if np.isnan(r) else r for r in rhos]))
-    return {"level_accuracy": accuracy, "level_srcc": srcc, "score_mean": scores.mean().item()}
-
-
-def _read_rated_csv(path: Path, limit: int) -> list[tuple[Path, float]]:
-    import csv
-
-    rows: list[tuple[Path, float]] = []
-    with open(path, newline="") as fh:
-        for line in csv.reader(fh):
-            if len(line) < 2:
-                continue
-            try:
-                score = float(line[1])
-            except ValueError:
-                continue  # a header row
-            rows.append((path.parent / line[0], score))
-    return rows[:limit] if limit > 0 else rows
-
-
-@torch.no_grad()
-def validate_rated(model: QualiCLIP, csv_path: str | Path, limit: int = 0) -> dict[str, float]:
-    """SRCC and PLCC of full-resolution scores against human scores (``path,score`` CSV)."""
-    from qualiclip.images import load_image
-    from qualiclip.metrics import plcc, srcc
-
-    model.eval()
-    rows = _read_rated_csv(Path(csv_path), limit)
-    pred = [float(model(load_image(p)[None].to(model.device))[0]) for p, _ in rows]
-    mos = [s for _, s in rows]
-    return {"rated_srcc": srcc(pred, mos), "rated_plcc": plcc(pred, mos), "rated_n": len(rows)}
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -513,41 +376,6 @@ def _total_steps(cfg: TrainConfig, n_train: int, world_size: int) -> int:
     return max(1, cfg.schedule.epochs * (n_train // world_size) // cfg.data.batch_size)
 
 
-class _Writer:
-    """Rank 0's files: ``history.jsonl`` (appended) and ``validation.json`` (rewritten)."""
-
-    def __init__(self, out: Path, active: bool, resumed_step: int) -> None:
-        self.active = active
-        self.history = out / "history.jsonl"
-        self.validation_path = out / "validation.json"
-        self.validation: list[dict[str, Any]] = []
-        if not active:
-            return
-        if resumed_step and self.history.exists():  # drop what the resumed steps will redo
-            keep = [
-                ln
-                for ln in self.history.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= resumed_step
-            ]
-            self.history.write_text("".join(ln + "\n" for ln in keep))
-        elif self.history.exists():
-            self.history.unlink()
-        if resumed_step and self.validation_path.exists():
-            old = json.loads(self.validation_path.read_text())
-            self.validation = [r for r in old if r["step"] <= resumed_step]
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.active:
-            with open(self.history, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def log_validation(self, record: dict[str, Any]) -> None:
-        if self.active:
-            self.validation.append(record)
-            self.validation_path.write_text(json.dumps(self.validation, indent=1) + "\n")
-            self.log({"event": "validation", **record})
-
-
 @dataclass
 class _Run:
     cfg: TrainConfig
@@ -611,7 +439,7 @@ def _save(run: _Run, out: Path) -> None:
                 old.unlink()
 
 
-def _validate(run: _Run, seqs: Tensor | None, writer: _Writer) -> dict[str, Any] | None:
+def _validate(run: _Run, seqs: Tensor | None, writer: RunWriter) -> dict[str, Any] | None:
     if not run.info.main or seqs is None:
         return None
     val = run.cfg.validation
@@ -638,7 +466,9 @@ def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], _Images, int]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(k, s.warmup_steps, total, s.min_lr_ratio)
     )
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + info.rank)
+    # A CPU generator on every device: the same seed gives the same degradations on a CPU and
+    # on a GPU (qualiclip.degradations draws everything on the CPU).
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
     run = _Run(cfg, info, device, model, SimilarityModel(model), optimizer, scheduler, generator)
     return run, text_state, images, total
 
@@ -753,7 +583,7 @@ def fit(
             if gone:
                 logger.warning("overwrite: removed %d files of the run in %s", len(gone), out)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    writer = _Writer(out, run.info.main, run.step)
+    writer = RunWriter(out, run.info.main, run.step)
     try:
         result = _train(run, cfg, writer, loader, seqs, total, images, text_state)
     except BaseException:
@@ -779,7 +609,7 @@ def _runtime_skips(batch: Mapping[str, Any]) -> list[tuple[str, str]]:
 def _train(
     run: _Run,
     cfg: TrainConfig,
-    writer: _Writer,
+    writer: RunWriter,
     loader: DataLoader,
     seqs: Tensor | None,
     total: int,
