@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "validation": 6,
     "train": 7,
     # 8 - front ends
+    "batcher": 5, "uploads": 0,
     "serve": 8, "distributed": 8,
     "cli": 9,
     "__init__": 10,  # lazy re-exports of the public API

@@ -409,7 +409,7 @@ def test_micro_batcher_groups_equal_sizes() -> None:
     _require_serve()
     from qualiclip.engine import score_tensors
     from qualiclip.images import to_batch
-    from qualiclip.serve import MicroBatcher
+    from qualiclip.batcher import MicroBatcher
 
     model = _tiny_with_random_bn()
     rng = np.random.default_rng(0)
@@ -438,7 +438,7 @@ def test_micro_batcher_groups_equal_sizes() -> None:
 
 def test_round_robin_lanes_do_not_queue_behind_one_request() -> None:
     _require_serve()
-    from qualiclip.serve import MicroBatcher
+    from qualiclip.batcher import MicroBatcher
 
     model = _tiny_with_random_bn()
     rng = np.random.default_rng(0)
@@ -470,7 +470,7 @@ def test_round_robin_lanes_do_not_queue_behind_one_request() -> None:
 
 
 def test_pixel_budget_waits_in_order_and_cancels_cleanly() -> None:
-    from qualiclip.serve import PixelBudget
+    from qualiclip.batcher import PixelBudget
 
     async def run() -> list[str]:
         budget, order = PixelBudget(10), []

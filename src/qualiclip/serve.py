@@ -60,18 +60,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.message
-import email.utils
 import io
 import logging
 import warnings
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 try:
     # At module level because FastAPI resolves the endpoints' (string) annotations here.
@@ -80,16 +74,16 @@ try:
 except ImportError:  # the 'serve' extra is missing: create_app() and run() say so
     FastAPI = Request = JSONResponse = None  # type: ignore[assignment,misc]
 
+from qualiclip.batcher import BatchStats, MicroBatcher, PixelBudget
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS
 from qualiclip.precision import PRECISIONS
+from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
     from qualiclip.model import QualiCLIP
 
 SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qualiclip[serve]'"
 
-#: Content types accepted as a raw image body (besides every ``image/*``).
-RAW_TYPES: frozenset[str] = frozenset({"application/octet-stream"})
 
 # uvicorn's own logger for server events: its handler and format are set up by uvicorn.run.
 _log = logging.getLogger("uvicorn.error")
@@ -155,24 +149,6 @@ class ServeConfig:
         return self.max_request_pixels_in_flight or self.max_pixels
 
 
-class RequestError(Exception):
-    """A request-level failure: answered with ``status`` and ``{"detail": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class Upload:
-    """One file of a request, held in memory."""
-
-    filename: str | None
-    content_type: str | None
-    data: bytes
-
-
 def require_serve() -> None:
     """Raise an ``ImportError`` naming the extra when FastAPI, uvicorn or python-multipart is
     missing."""
@@ -183,395 +159,6 @@ def require_serve() -> None:
         _multipart_module()
     except ImportError as exc:
         raise ImportError(f"{SERVE_INSTALL_HINT} ({exc})") from exc
-
-
-def _multipart_module() -> Any:
-    import importlib
-
-    try:  # python-multipart >= 0.0.13; older releases use the import name "multipart"
-        return importlib.import_module("python_multipart.multipart")
-    except ImportError:
-        return importlib.import_module("multipart.multipart")
-
-
-# --- budgets -----------------------------------------------------------------------------------
-
-
-class PixelBudget:
-    """An asyncio semaphore counted in pixels: ``async with budget.hold(n):``.
-
-    Waiters are served first come, first served, so a large image is never starved by a stream
-    of small ones; a request of ``n`` more than the capacity is refused (``ValueError``) rather
-    than left waiting for ever.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, got {capacity}")
-        self.capacity = self.free = capacity
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> AsyncIterator[None]:
-        await self._acquire(n)
-        try:
-            yield
-        finally:
-            self._release(n)
-
-    async def _acquire(self, n: int) -> None:
-        if n > self.capacity:
-            raise ValueError(f"{n} pixels can never fit a budget of {self.capacity}")
-        if not self._waiters and n <= self.free:
-            self.free -= n
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, future))
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self._release(n)  # granted just as the waiter was cancelled: give it back
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove((n, future))
-                self._wake()  # a cancelled head may have been blocking smaller waiters
-            raise
-
-    def _release(self, n: int) -> None:
-        self.free += n
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self._waiters[0][0] <= self.free:
-            n, future = self._waiters.popleft()
-            if not future.done():
-                self.free -= n
-                future.set_result(None)
-
-
-# --- micro-batching ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    pixels: np.ndarray | None  # dropped once scored, so a large image is not kept alive
-    future: asyncio.Future[float]
-
-    @property
-    def size(self) -> int:
-        return 0 if self.pixels is None else int(self.pixels.shape[0] * self.pixels.shape[1])
-
-
-class _RoundRobin:
-    """Jobs queued per owner (request), handed out one owner at a time, in turn."""
-
-    def __init__(self) -> None:
-        self._queues: dict[object, deque[_Job]] = {}  # insertion order = whose turn is next
-        self._added = asyncio.Event()
-        self.count = self.pixels = 0
-
-    def put(self, owner: object, job: _Job) -> None:
-        self._queues.setdefault(owner, deque()).append(job)
-        self.count += 1
-        self.pixels += job.size
-        self._added.set()
-
-    def peek(self) -> _Job:
-        return self._queues[next(iter(self._queues))][0]
-
-    def pop(self) -> _Job:
-        owner = next(iter(self._queues))
-        queue = self._queues.pop(owner)
-        job = queue.popleft()
-        if queue:
-            self._queues[owner] = queue  # to the back of the line
-        self.count -= 1
-        self.pixels -= job.size
-        return job
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Until a job is added (or ``timeout`` seconds)."""
-        self._added.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._added.wait(), timeout)
-
-
-@dataclass
-class BatchStats:
-    """Counters of the batcher (shown by ``/healthz``)."""
-
-    images: int = 0
-    forwards: int = 0
-    largest: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)
-
-
-class MicroBatcher:
-    """Scores images in two lanes, taking work from the waiting requests in turn.
-
-    Images of at most half ``max_batch_pixels`` go to the batch lane: collected for up to
-    ``max_wait_s`` (or ``batch_size`` images, or ``max_batch_pixels`` pixels), one from each
-    request in turn, and those of equal size and dtype share a forward pass. Larger images go to
-    the large lane, one per forward pass, again one request after another. Each lane runs its
-    forward passes one at a time in its own thread (torch parallelises inside each), so the
-    event loop never blocks on them and small images never wait for a large one's pass.
-    """
-
-    def __init__(
-        self, model: QualiCLIP, *, batch_size: int, max_wait_s: float, precision: str,
-        max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
-    ) -> None:
-        self.model, self.precision = model, precision
-        self.max_batch_pixels = max_batch_pixels
-        self.batch_size, self.max_wait_s = batch_size, max_wait_s
-        self.stats = BatchStats()
-        self._small, self._large = _RoundRobin(), _RoundRobin()
-        self._threads = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qualiclip-{lane}")
-            for lane in ("batch", "large")
-        ]
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._serve_forever(self._small, self._take_batch, self._threads[0])),
-            loop.create_task(self._serve_forever(self._large, self._take_one, self._threads[1])),
-        ]
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for thread in self._threads:
-            thread.shutdown(wait=True)
-
-    def is_large(self, pixels: int) -> bool:
-        """Whether an image of ``pixels`` pixels runs alone (the large lane)."""
-        return 2 * pixels > self.max_batch_pixels
-
-    async def score(self, pixels: np.ndarray, owner: object = None) -> float:
-        """The score of one decoded ``H x W x 3`` uint8/uint16 image.
-
-        Args:
-            pixels: the image.
-            owner: whose turn it is taken in (one key per request); ``None`` shares one queue.
-        """
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        job = _Job(pixels, future)
-        lane = self._large if self.is_large(job.size) else self._small
-        lane.put(owner, job)
-        return await future
-
-    async def _take_one(self, lane: _RoundRobin) -> list[_Job]:
-        while not lane.count:
-            await lane.wait()
-        return [lane.pop()]
-
-    async def _take_batch(self, lane: _RoundRobin) -> list[_Job]:
-        loop = asyncio.get_running_loop()
-        while not lane.count:
-            await lane.wait()
-        deadline = loop.time() + self.max_wait_s
-        while lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
-            timeout = deadline - loop.time()
-            if timeout <= 0:
-                break
-            await lane.wait(timeout)
-        jobs = [lane.pop()]
-        total = jobs[0].size
-        while lane.count and len(jobs) < self.batch_size:
-            if total + lane.peek().size > self.max_batch_pixels:
-                break
-            jobs.append(lane.pop())
-            total += jobs[-1].size
-        return jobs
-
-    async def _serve_forever(
-        self, lane: _RoundRobin, take: Callable[[_RoundRobin], Any], thread: ThreadPoolExecutor
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs: list[_Job] = await take(lane)
-            jobs = [job for job in jobs if not job.future.done()]  # skip abandoned requests
-            if not jobs:
-                continue
-            outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
-            for n in passes:
-                self.stats.forwards += 1
-                self.stats.images += n
-                self.stats.largest = max(self.stats.largest, n)
-                self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                job.pixels = None
-                if job.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
-            del jobs, outcomes
-
-    def _forward(self, jobs: list[_Job]) -> tuple[list[float | Exception], list[int]]:
-        """Score ``jobs`` (runs in a lane's thread): the engine's grouping of equal sizes."""
-        from qualiclip.engine import score_arrays
-
-        arrays = [job.pixels for job in jobs if job.pixels is not None]
-        return score_arrays(self.model, arrays, precision=self.precision,
-                            batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels)
-
-
-# --- reading requests --------------------------------------------------------------------------
-
-
-async def _stream_body(request: Request, max_bytes: int, sink: Callable[[bytes], None]) -> int:
-    """Feed the body to ``sink`` chunk by chunk; 413 as soon as it exceeds ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise RequestError(400, f"invalid Content-Length {declared!r}")
-        if int(declared) > max_bytes:
-            raise RequestError(
-                413, f"request body of {int(declared)} bytes is larger than the limit of "
-                f"{max_bytes} bytes"
-            )
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:  # a chunked body, or one longer than it declared
-            raise RequestError(413, f"request body is larger than the limit of {max_bytes} bytes")
-        if chunk:
-            sink(chunk)
-    return total
-
-
-def part_filename(disposition: bytes) -> str | None:
-    """The file name of a multipart part's raw ``Content-Disposition`` header, or ``None``.
-
-    RFC 7578 sends names as raw UTF-8 in ``filename="..."``; RFC 5987/2231's
-    ``filename*=charset'lang'percent-encoded`` form, when present, wins (RFC 6266, 4.3). A plain
-    name that is not valid UTF-8 is read as Latin-1 (never refused, never with replacement
-    characters). The parameter syntax (quoting, escapes, continuations) is the standard
-    library's ``email`` parser's.
-    """
-    msg = email.message.Message()
-    msg["content-disposition"] = disposition.decode("latin-1")  # lossless: bytes as code points
-    plain: str | None = None
-    for key, value in (msg.get_params(header="content-disposition") or [])[1:]:
-        if key.lower() != "filename":
-            continue
-        if isinstance(value, tuple):
-            return email.utils.collapse_rfc2231_value(value, errors="replace",
-                                                      fallback_charset="utf-8")
-        if plain is None:
-            plain = value
-    if plain is None:
-        return None
-    raw = plain.encode("latin-1", errors="replace")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return plain
-
-
-class _MultipartCollector:
-    """python-multipart callbacks that keep file parts in memory (never on disk)."""
-
-    def __init__(self, max_files: int) -> None:
-        self.max_files = max_files
-        self.uploads: list[Upload] = []
-        self.complete = False  # the closing boundary was seen
-        self._headers: dict[str, bytes] = {}
-        self._field = self._value = b""
-        self._data: list[bytes] = []
-
-    def callbacks(self) -> dict[str, Callable[..., None]]:
-        return {
-            "on_part_begin": self._part_begin, "on_part_data": self._part_data,
-            "on_part_end": self._part_end, "on_header_field": self._header_field,
-            "on_header_value": self._header_value, "on_header_end": self._header_end,
-            "on_end": self._end,
-        }
-
-    def _part_begin(self) -> None:
-        self._headers, self._data = {}, []
-
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += bytes(data[start:end])
-
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += bytes(data[start:end])
-
-    def _header_end(self) -> None:
-        # Values stay bytes: file names are decoded by part_filename, which knows their rules.
-        self._headers[self._field.decode("latin-1").lower()] = self._value
-        self._field = self._value = b""
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        self._data.append(bytes(data[start:end]))
-
-    def _part_end(self) -> None:
-        disposition = self._headers.get("content-disposition", b"")
-        filename = part_filename(disposition) if disposition else None
-        raw_type = self._headers.get("content-type")
-        content_type = raw_type.decode("latin-1").strip() if raw_type is not None else None
-        if filename is None and content_type is None:
-            return  # a plain form field, not a file
-        if len(self.uploads) >= self.max_files:
-            raise RequestError(413, f"more than {self.max_files} files in one request")
-        self.uploads.append(Upload(filename, content_type, b"".join(self._data)))
-        self._data = []
-
-    def _end(self) -> None:
-        self.complete = True
-
-
-async def read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
-    """The files of a ``POST /score`` request (raw body or multipart), read within the limits.
-
-    Raises:
-        RequestError: 413 (too large, too many files), 415 (content type), 400 (malformed).
-        starlette.requests.ClientDisconnect: the client went away before the body was read.
-    """
-    from starlette.requests import ClientDisconnect
-
-    mp = _multipart_module()
-    media, params = mp.parse_options_header(request.headers.get("content-type", ""))
-    media = media.decode("latin-1").lower()
-    if media == "multipart/form-data":
-        boundary = params.get(b"boundary")
-        if not boundary:
-            raise RequestError(400, "multipart/form-data without a boundary")
-        collector = _MultipartCollector(config.max_files)
-        parser = mp.MultipartParser(boundary, collector.callbacks())
-        try:
-            await _stream_body(request, config.max_bytes, parser.write)
-            parser.finalize()
-        except (RequestError, ClientDisconnect):
-            raise
-        except Exception as exc:  # python-multipart's parse errors
-            raise RequestError(400, f"malformed multipart body: {exc}") from exc
-        if not collector.complete:
-            raise RequestError(
-                400, "malformed multipart body: it ends before its closing boundary "
-                f"('--{boundary.decode('latin-1')}--'); was the upload cut short?"
-            )
-        if not collector.uploads:
-            raise RequestError(400, "no file in the multipart body (send files with a filename)")
-        return collector.uploads
-    if media.startswith("image/") or media in RAW_TYPES:
-        chunks: list[bytes] = []
-        await _stream_body(request, config.max_bytes, chunks.append)
-        if not chunks:
-            raise RequestError(400, "empty request body: send the image bytes")
-        return [Upload(request.query_params.get("filename"), media, b"".join(chunks))]
-    raise RequestError(
-        415, f"unsupported content type {media or '(none)'!r}: send the image bytes with an "
-        "image/* (or application/octet-stream) content type, or multipart/form-data files"
-    )
 
 
 # --- scoring one upload ------------------------------------------------------------------------
@@ -797,7 +384,7 @@ def create_app(
 
         scorer: QualiCLIP = state["model"]
         try:
-            uploads = await read_uploads(request, cfg)
+            uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
         except RequestError as exc:
             # The body may be partly unread: the connection cannot be reused.
             return JSONResponse({"detail": exc.message}, exc.status,

@@ -1,0 +1,249 @@
+"""Fair micro-batching for the HTTP service: pixel budgets and two scoring lanes.
+
+Concurrent requests share forward passes without one request starving the others: decoded
+pixels in flight are bounded per request and in total (:class:`PixelBudget`), and the
+:class:`MicroBatcher` takes work from the waiting requests in turn, in two lanes (small images
+batched by the engine's grouping, large ones one at a time), each lane in its own thread so the
+event loop never blocks on a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, score_arrays
+
+if TYPE_CHECKING:
+    from qualiclip.model import QualiCLIP
+
+class PixelBudget:
+    """An asyncio semaphore counted in pixels: ``async with budget.hold(n):``.
+
+    Waiters are served first come, first served, so a large image is never starved by a stream
+    of small ones; a request of ``n`` more than the capacity is refused (``ValueError``) rather
+    than left waiting for ever.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = self.free = capacity
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        await self._acquire(n)
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    async def _acquire(self, n: int) -> None:
+        if n > self.capacity:
+            raise ValueError(f"{n} pixels can never fit a budget of {self.capacity}")
+        if not self._waiters and n <= self.free:
+            self.free -= n
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release(n)  # granted just as the waiter was cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((n, future))
+                self._wake()  # a cancelled head may have been blocking smaller waiters
+            raise
+
+    def _release(self, n: int) -> None:
+        self.free += n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            n, future = self._waiters.popleft()
+            if not future.done():
+                self.free -= n
+                future.set_result(None)
+
+
+# --- micro-batching ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    pixels: np.ndarray | None  # dropped once scored, so a large image is not kept alive
+    future: asyncio.Future[float]
+
+    @property
+    def size(self) -> int:
+        return 0 if self.pixels is None else int(self.pixels.shape[0] * self.pixels.shape[1])
+
+
+class _RoundRobin:
+    """Jobs queued per owner (request), handed out one owner at a time, in turn."""
+
+    def __init__(self) -> None:
+        self._queues: dict[object, deque[_Job]] = {}  # insertion order = whose turn is next
+        self._added = asyncio.Event()
+        self.count = self.pixels = 0
+
+    def put(self, owner: object, job: _Job) -> None:
+        self._queues.setdefault(owner, deque()).append(job)
+        self.count += 1
+        self.pixels += job.size
+        self._added.set()
+
+    def peek(self) -> _Job:
+        return self._queues[next(iter(self._queues))][0]
+
+    def pop(self) -> _Job:
+        owner = next(iter(self._queues))
+        queue = self._queues.pop(owner)
+        job = queue.popleft()
+        if queue:
+            self._queues[owner] = queue  # to the back of the line
+        self.count -= 1
+        self.pixels -= job.size
+        return job
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until a job is added (or ``timeout`` seconds)."""
+        self._added.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._added.wait(), timeout)
+
+
+@dataclass
+class BatchStats:
+    """Counters of the batcher (shown by ``/healthz``)."""
+
+    images: int = 0
+    forwards: int = 0
+    largest: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+
+
+class MicroBatcher:
+    """Scores images in two lanes, taking work from the waiting requests in turn.
+
+    Images of at most half ``max_batch_pixels`` go to the batch lane: collected for up to
+    ``max_wait_s`` (or ``batch_size`` images, or ``max_batch_pixels`` pixels), one from each
+    request in turn, and those of equal size and dtype share a forward pass. Larger images go to
+    the large lane, one per forward pass, again one request after another. Each lane runs its
+    forward passes one at a time in its own thread (torch parallelises inside each), so the
+    event loop never blocks on them and small images never wait for a large one's pass.
+    """
+
+    def __init__(
+        self, model: QualiCLIP, *, batch_size: int, max_wait_s: float, precision: str,
+        max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    ) -> None:
+        self.model, self.precision = model, precision
+        self.max_batch_pixels = max_batch_pixels
+        self.batch_size, self.max_wait_s = batch_size, max_wait_s
+        self.stats = BatchStats()
+        self._small, self._large = _RoundRobin(), _RoundRobin()
+        self._threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qualiclip-{lane}")
+            for lane in ("batch", "large")
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._serve_forever(self._small, self._take_batch, self._threads[0])),
+            loop.create_task(self._serve_forever(self._large, self._take_one, self._threads[1])),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for thread in self._threads:
+            thread.shutdown(wait=True)
+
+    def is_large(self, pixels: int) -> bool:
+        """Whether an image of ``pixels`` pixels runs alone (the large lane)."""
+        return 2 * pixels > self.max_batch_pixels
+
+    async def score(self, pixels: np.ndarray, owner: object = None) -> float:
+        """The score of one decoded ``H x W x 3`` uint8/uint16 image.
+
+        Args:
+            pixels: the image.
+            owner: whose turn it is taken in (one key per request); ``None`` shares one queue.
+        """
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        job = _Job(pixels, future)
+        lane = self._large if self.is_large(job.size) else self._small
+        lane.put(owner, job)
+        return await future
+
+    async def _take_one(self, lane: _RoundRobin) -> list[_Job]:
+        while not lane.count:
+            await lane.wait()
+        return [lane.pop()]
+
+    async def _take_batch(self, lane: _RoundRobin) -> list[_Job]:
+        loop = asyncio.get_running_loop()
+        while not lane.count:
+            await lane.wait()
+        deadline = loop.time() + self.max_wait_s
+        while lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            await lane.wait(timeout)
+        jobs = [lane.pop()]
+        total = jobs[0].size
+        while lane.count and len(jobs) < self.batch_size:
+            if total + lane.peek().size > self.max_batch_pixels:
+                break
+            jobs.append(lane.pop())
+            total += jobs[-1].size
+        return jobs
+
+    async def _serve_forever(
+        self, lane: _RoundRobin, take: Callable[[_RoundRobin], Any], thread: ThreadPoolExecutor
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs: list[_Job] = await take(lane)
+            jobs = [job for job in jobs if not job.future.done()]  # skip abandoned requests
+            if not jobs:
+                continue
+            outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
+            for n in passes:
+                self.stats.forwards += 1
+                self.stats.images += n
+                self.stats.largest = max(self.stats.largest, n)
+                self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                job.pixels = None
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+            del jobs, outcomes
+
+    def _forward(self, jobs: list[_Job]) -> tuple[list[float | Exception], list[int]]:
+        """Score ``jobs`` (runs in a lane's thread): the engine's grouping of equal sizes."""
+        arrays = [job.pixels for job in jobs if job.pixels is not None]
+        return score_arrays(self.model, arrays, precision=self.precision,
+                            batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels)
