@@ -16,9 +16,9 @@ release's pristine model, so that its figures are comparable with published NIQE
 2. The image is cropped to whole 96 x 96 blocks (top-left part kept, as ``computequality.m``).
 3. MSCN coefficients ``(I - mu) / (sigma + 1)``: local mean and deviation from a 7 x 7 Gaussian
    window of sigma 7/6 (``fspecial('gaussian', 7, 7/6)``), image borders replicated
-   (``imfilter(..., 'replicate')``). Where the 7 x 7 neighbourhood is constant the coefficient
-   is set to its exact value, 0 (see :func:`mscn`; the only step where qualiclip is exact where
-   floating-point ports, MATLAB's included, leave a rounding residue).
+   (``imfilter(..., 'replicate')``). Where the local mean equals the pixel to within 1e-9 grey
+   levels the coefficient is set to its exact value, 0 (see :func:`mscn`): the one step where
+   qualiclip is exact where floating-point ports, MATLAB's included, leave a rounding residue.
 4. Per block, 18 features (``computefeature.m``): an asymmetric generalised Gaussian (AGGD) fit of
    the MSCN coefficients (shape, mean of the left and right scales), then AGGD fits of the
    products of each coefficient with its horizontal, vertical and two diagonal neighbours (shape,
@@ -72,6 +72,9 @@ RGB2Y = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
 Y_OFFSET = 16.0
 
 # Shape grid of the moment-matching fit, as in estimateaggdparam.m (0.2:0.001:10, 9801 values).
+# |I - mu| below this (grey levels) is rounding residue of an exact 0; see mscn().
+_ZERO_TOL = 1e-9
+
 _ALPHAS = np.linspace(0.2, 10.0, 9801)
 # r(alpha) = Gamma(2/a)^2 / (Gamma(1/a) Gamma(3/a)) rises monotonically with alpha, so the
 # nearest grid point can be found by bisection instead of an argmin over 9801 entries per fit.
@@ -210,15 +213,12 @@ def mscn(image: FloatArray) -> FloatArray:
     mu = blur(image)
     sigma = np.sqrt(np.abs(blur(image * image) - mu * mu))
     coeffs = (image - mu) / (sigma + 1.0)
-    # Where the whole window is one level (clipped highlights, flat synthetic areas) the exact
-    # coefficient is 0, but the filtered mean comes out a rounding error away from the level, so
-    # the coefficient would be a +-1e-11 residue whose sign (the side of the AGGD fit it counts
-    # on) depends on the summation order of the filter. Setting it to 0 makes it count on
-    # neither side, as estimateaggdparam.m treats exact zeros.
-    flat = ndimage.maximum_filter(image, size=7, mode="nearest") == ndimage.minimum_filter(
-        image, size=7, mode="nearest"
-    )
-    coeffs[flat] = 0.0
+    # Where the local mean equals the pixel (a flat area such as a clipped highlight, a linear
+    # ramp), the exact coefficient is 0, but the filtered mean lands a rounding error away, so the
+    # coefficient becomes a +-1e-13 residue whose sign, set by the filter's summation order,
+    # decides on which side of the AGGD fit it counts. Differences far below one grey level and
+    # far above rounding are taken as the exact 0 that estimateaggdparam.m counts on neither side.
+    coeffs[np.abs(image - mu) < _ZERO_TOL] = 0.0
     return coeffs
 
 
