@@ -407,9 +407,9 @@ def test_200_requests_from_8_concurrent_clients(
 
 def test_micro_batcher_groups_equal_sizes() -> None:
     _require_serve()
+    from qualiclip.batcher import MicroBatcher
     from qualiclip.engine import score_tensors
     from qualiclip.images import to_batch
-    from qualiclip.batcher import MicroBatcher
 
     model = _tiny_with_random_bn()
     rng = np.random.default_rng(0)
