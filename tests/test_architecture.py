@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     "train": 7,
     # 8 - front ends
     "batcher": 5, "uploads": 0,
-    "serve": 8, "distributed": 8,
+    "serve": 8, "ray_scoring": 8,
     "cli": 9,
     "__init__": 10,  # lazy re-exports of the public API
 }

@@ -546,3 +546,21 @@ def test_rgb_copied_in_strips_is_exact(
     arr = decode_rgb(path)
     assert arr.flags.writeable and arr.flags.c_contiguous
     np.testing.assert_array_equal(arr, astronaut[:101, :555])
+
+
+def test_list_files_expand_relative_to_their_folder(tmp_path: Path) -> None:
+    """A .txt/.lst input is a list of paths: the same rule for scoring, Ray and training."""
+    sub = tmp_path / "photos"
+    sub.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 40)).save(sub / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# chosen photos\nphotos/a.png\n\n{sub / 'b.png'}\nphotos/missing.png\n")
+    got = iter_image_paths([str(listing)], list_files=True)
+    assert iter_image_paths([str(listing)]) == [listing]  # by default a file is a file
+    assert got == [sub / "a.png", sub / "b.png", sub / "missing.png"]  # missing: an error row later
+    from qualiclip.crops import find_images
+    from qualiclip.ray_scoring import expand_inputs
+
+    assert expand_inputs([str(listing)]) == [str(p) for p in got]
+    assert find_images(listing) == sorted(got)

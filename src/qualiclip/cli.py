@@ -184,7 +184,7 @@ def _ray_output_format(args: argparse.Namespace) -> str:
 
 
 def _run_score_ray(args: argparse.Namespace) -> int:
-    from qualiclip import distributed
+    from qualiclip import ray_scoring
 
     if not args.output:
         raise UsageError("--engine ray needs --output FOLDER (results are written as part files)")
@@ -200,7 +200,7 @@ def _run_score_ray(args: argparse.Namespace) -> int:
         except PrecisionError as exc:
             raise UsageError(f"{exc} (actors without --num-gpus-per-actor run on CPUs)") from None
     try:
-        config = distributed.RayScoreConfig(
+        config = ray_scoring.RayScoreConfig(
             model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
             cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
             precision=args.precision, batch_size=args.batch_size, decode_threads=args.workers,
@@ -209,7 +209,7 @@ def _run_score_ray(args: argparse.Namespace) -> int:
             output_format=_ray_output_format(args),  # type: ignore[arg-type]
             progress=not args.no_progress,
         )
-        summary = distributed.score_to_folder(
+        summary = ray_scoring.score_to_folder(
             args.inputs, args.output, config, address=args.ray_address, verbose=args.verbose
         )
     except (ImportError, ValueError) as exc:
@@ -511,26 +511,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval_scorers(args: argparse.Namespace) -> list:
     """One scorer per --model, NIQE included; bad names are usage errors."""
-    from qualiclip.evaluate import ModelScorer
-    from qualiclip.niqe import NIQEScorer
+    from qualiclip.evaluate import create_scorer
 
     names = args.model or ["qualiclip"]
     if len(set(names)) != len(names):
         raise UsageError(f"--model given twice: {names}")
-    scorers: list = []
-    for name in names:
-        if name.lower() == "niqe":
-            try:
-                scorers.append(NIQEScorer(workers=args.workers))
-            except FileNotFoundError as exc:
-                raise UsageError(str(exc)) from None
-        else:
-            model = load_model_from_args(args, name)
-            scorers.append(
-                ModelScorer(name, model, batch_size=args.batch_size, workers=args.workers,
-                            precision=args.precision)
+    try:
+        return [
+            create_scorer(
+                name, device=args.device, batch_size=args.batch_size, workers=args.workers,
+                precision=args.precision, pooling=args.pooling, formula=args.formula,
+                cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
             )
-    return scorers
+            for name in names
+        ]
+    except (ValueError, FileNotFoundError) as exc:
+        if isinstance(exc, FileNotFoundError) and "NIQE" not in str(exc):
+            raise  # weights that cannot be had: main() reports them (exit 1)
+        raise UsageError(str(exc)) from None
 
 
 def _report_failures(failures: Sequence[tuple[str, str]], label: str) -> None:
@@ -574,14 +572,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.dataset.lower() == "synthetic":
         return _run_eval_synthetic(args, _eval_scorers(args))
     try:
-        if args.dataset.lower().endswith(".csv") or args.dataset.lower() == "csv":
-            csv_file = args.dataset if args.dataset.lower() != "csv" else args.root
-            root = args.root if args.dataset.lower() != "csv" else None
-            if csv_file is None:
-                raise ValueError("--dataset csv needs --root pointing at the CSV file")
-            ds = datasets.read_csv(csv_file, root, higher_is_better=not args.dmos)
-        else:
-            ds = datasets.load_dataset(args.dataset, args.root)
+        ds = datasets.load_dataset(args.dataset, args.root, higher_is_better=not args.dmos)
         ds = ds.head(args.limit)
     except (OSError, ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None

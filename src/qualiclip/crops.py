@@ -68,7 +68,7 @@ def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
 
     Args:
         source: a directory, a ``.txt`` file with one path per line (relative to the file), or a
-            sequence of image paths.
+            sequence of image paths; expanded by :func:`qualiclip.images.iter_image_paths`.
 
     Returns:
         Sorted image paths (sorting makes splits and sampling independent of the file system).
@@ -76,19 +76,12 @@ def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
     Raises:
         ValueError: when the source does not exist or holds no image.
     """
-    if isinstance(source, str | Path):
-        root = Path(source)
-        if root.is_dir():
-            paths = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
-        elif root.is_file() and root.suffix.lower() == ".txt":
-            lines = [ln.strip() for ln in root.read_text().splitlines()]
-            paths = [root.parent / ln for ln in lines if ln and not ln.startswith("#")]
-        elif root.is_file():
-            paths = [root]
-        else:
-            raise ValueError(f"pristine image source not found: {root}")
-    else:
-        paths = [Path(p) for p in source]
+    from qualiclip.images import iter_image_paths
+
+    items = [source] if isinstance(source, str | Path) else list(source)
+    if isinstance(source, str | Path) and not Path(source).exists():
+        raise ValueError(f"pristine image source not found: {source}")
+    paths = iter_image_paths(items, list_files=True)
     paths = sorted(paths)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {source}")

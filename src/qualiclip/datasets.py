@@ -321,7 +321,9 @@ ALIASES = {"livec": "clive", "koniq10k": "koniq", "kadid10k": "kadid", "tid": "t
            "agiqa-3k": "agiqa3k", "agiqa": "agiqa3k"}
 
 
-def load_dataset(name: str, root: PathLike | None = None) -> Dataset:
+def load_dataset(
+    name: str, root: PathLike | None = None, *, higher_is_better: bool = True
+) -> Dataset:
     """Read a dataset by name (see :data:`READERS`), or a generic CSV.
 
     Args:
@@ -329,18 +331,20 @@ def load_dataset(name: str, root: PathLike | None = None) -> Dataset:
             with ``root`` the CSV file; or the path of a ``.csv`` file, with ``root`` (optional)
             the base of its relative image paths.
         root: the dataset folder.
+        higher_is_better: for a generic CSV, False when its scores are DMOS-like (the named
+            datasets know their own direction).
 
     Raises:
         ValueError: for an unknown name, listing the valid ones.
         FileNotFoundError: when the metadata file is missing.
     """
     if name.lower().endswith(".csv"):
-        return read_csv(name, root)
+        return read_csv(name, root, higher_is_better=higher_is_better)
     key = ALIASES.get(name.lower(), name.lower())
     if key == "csv":
         if root is None:
             raise ValueError("--dataset csv needs --root pointing at the CSV file")
-        return read_csv(root)
+        return read_csv(root, higher_is_better=higher_is_better)
     if key not in READERS:
         raise ValueError(
             f"unknown dataset {name!r}; choose from {', '.join(READERS)}, 'csv', a .csv file, "

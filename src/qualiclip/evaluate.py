@@ -98,7 +98,13 @@ class ModelScorer:
 
 
 def create_scorer(
-    name: str, *, device: str = "cpu", batch_size: int = 8, workers: int = 2
+    name: str,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    workers: int = 2,
+    precision: str = "fp32",
+    **model_options: Any,
 ) -> Scorer:
     """A scorer by name: ``"niqe"``, or any name or checkpoint ``create_model`` accepts.
 
@@ -107,15 +113,24 @@ def create_scorer(
         device: torch device for CLIP models (NIQE runs on CPU processes).
         batch_size: batch size for CLIP models.
         workers: NIQE processes, or decoding threads for CLIP models.
+        precision: precision of CLIP models (see :mod:`qualiclip.precision`).
+        model_options: further :func:`qualiclip.model.create_model` options (pooling, formula,
+            cache_dir, trust_torchscript).
+
+    Raises:
+        ValueError: an unknown model, or a precision the device cannot run.
+        FileNotFoundError: NIQE's pristine model is missing.
     """
     if name.lower() == "niqe":
         from qualiclip.niqe import NIQEScorer
 
         return NIQEScorer(workers=workers)
     from qualiclip.model import create_model
+    from qualiclip.precision import check_precision
 
-    model = create_model(name, device=device)
-    return ModelScorer(name, model, batch_size=batch_size, workers=workers)
+    model = create_model(name, device=device, **model_options)
+    check_precision(model.device, precision)
+    return ModelScorer(name, model, batch_size=batch_size, workers=workers, precision=precision)
 
 
 # --- evaluation on a human-rated dataset -------------------------------------------------------

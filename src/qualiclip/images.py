@@ -628,6 +628,7 @@ def iter_image_paths(
     *,
     stdin: TextIO | None = None,
     recursive: bool = True,
+    list_files: bool = False,
 ) -> list[Path]:
     """Expand command-line inputs into the list of image paths to score.
 
@@ -641,6 +642,9 @@ def iter_image_paths(
     * a pattern containing ``*``, ``?`` or ``[`` that is not an existing path is expanded as a glob
       (``**`` matches any depth); matched folders are walked, matched files kept if they have an
       image extension; a pattern with no match is kept as given;
+    * with ``list_files``, a file ending in ``.txt`` or ``.lst`` is a list: one path per line
+      (relative to the list's folder; blank lines and ``#`` comments skipped), each taken as a
+      literal path (Ray scoring and training data read lists so; the local CLI has ``-``);
     * ``-`` reads one path per line from ``stdin`` (default ``sys.stdin``), as bytes decoded like
       the OS decodes file names; blank lines are skipped and each line is taken literally (a
       folder is walked, no glob expansion).
@@ -651,6 +655,7 @@ def iter_image_paths(
         inputs: paths, folders, globs and ``-`` as typed on the command line.
         stdin: where ``-`` reads from.
         recursive: walk sub-folders.
+        list_files: read ``.txt``/``.lst`` inputs as lists of paths.
 
     Returns:
         Paths in input order (sorted within each folder or glob).
@@ -663,6 +668,9 @@ def iter_image_paths(
             stream = sys.stdin if stdin is None else stdin
             lines = _stdin_lines(stream)
             paths = [p for line in lines if line.strip() for p in _expand_literal(line, recursive)]
+        elif list_files and Path(item).suffix.lower() in LIST_SUFFIXES and _is_regular(Path(item)):
+            paths = [p for line in _list_file_lines(Path(item))
+                     for p in _expand_literal(line, recursive)]
         else:
             paths = list(_expand_one(item, recursive))
         for path in paths:
@@ -671,6 +679,26 @@ def iter_image_paths(
                 seen.add(key)
                 out.append(path)
     return out
+
+
+#: A file with one of these suffixes, given as an input, is a list of paths (one per line).
+LIST_SUFFIXES: frozenset[str] = frozenset({".txt", ".lst"})
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _list_file_lines(path: Path) -> list[str]:
+    """The paths a list file names: one per line, relative ones taken from the file's folder;
+    blank lines and ``#`` comments skipped. Lines are decoded as the OS decodes file names."""
+    base = path.parent
+    lines = [os.fsdecode(b.strip()) for b in path.read_bytes().splitlines()]
+    return [str(base / ln) if not os.path.isabs(ln) else ln
+            for ln in lines if ln and not ln.startswith("#")]
 
 
 def _expand_literal(item: str, recursive: bool) -> list[Path]:

@@ -22,7 +22,7 @@ Ray is an optional extra (``pip install 'qualiclip[ray]'``): importing this modu
 it; calling :func:`score_to_folder` without it raises an ``ImportError`` that says so.
 
 Example:
-    >>> from qualiclip.distributed import RayScoreConfig, score_to_folder
+    >>> from qualiclip.ray_scoring import RayScoreConfig, score_to_folder
     >>> summary = score_to_folder(["photos/"], "results/", RayScoreConfig(model="qualiclip"))
     ... # doctest: +SKIP
 """
@@ -410,20 +410,12 @@ def display_path(path: str) -> str:
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
     """Input paths as absolute strings (Ray workers run in other folders, or other machines).
 
-    Folders and globs are expanded by :func:`qualiclip.images.iter_image_paths`; a ``.txt`` or
-    ``.lst`` file is read as a list of paths, one per line.
+    Folders, globs and ``.txt``/``.lst`` list files are expanded by
+    :func:`qualiclip.images.iter_image_paths`, as for local scoring.
     """
     from qualiclip.images import iter_image_paths
 
-    expanded: list[str | os.PathLike[str]] = []
-    for item in inputs:
-        path = Path(item)
-        if path.suffix.lower() in (".txt", ".lst") and path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            expanded.extend(line.strip() for line in lines if line.strip())
-        else:
-            expanded.append(item)
-    return [os.path.abspath(p) for p in iter_image_paths(expanded)]
+    return [os.path.abspath(p) for p in iter_image_paths(inputs, list_files=True)]
 
 
 def score_to_folder(

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import perturb_batch_norms
-from qualiclip import distributed, engine
+from qualiclip import engine, ray_scoring
 from qualiclip.cli import main
 from qualiclip.model import create_model
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 
 def _require_ray():  # noqa: ANN202
     try:
-        return distributed.require_ray()
+        return ray_scoring.require_ray()
     except ImportError as exc:
         if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
             pytest.fail(f"CI installs the 'ray' extra, but: {exc}", pytrace=False)
@@ -84,10 +84,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [os.path.abspath(p) for p in paths]
 
 
-def _config(checkpoint: Path, **kwargs: object) -> distributed.RayScoreConfig:
+def _config(checkpoint: Path, **kwargs: object) -> ray_scoring.RayScoreConfig:
     base: dict = dict(model=str(checkpoint), device="cpu", batch_size=4, rows_per_part=8,
                       progress=False)
-    return distributed.RayScoreConfig(**{**base, **kwargs})
+    return ray_scoring.RayScoreConfig(**{**base, **kwargs})
 
 
 def _local(checkpoint: Path, paths: list[str]) -> dict[str, engine.ScoreResult]:
@@ -99,10 +99,10 @@ def test_equals_local_engine_and_every_input_has_a_row(
     ray_local: object, checkpoint: Path, inputs: list[str], tmp_path: Path
 ) -> None:
     out = tmp_path / "results"
-    summary = distributed.score_to_folder(inputs, out, _config(checkpoint))
+    summary = ray_scoring.score_to_folder(inputs, out, _config(checkpoint))
     assert (summary.inputs, summary.already_done, summary.scored, summary.failed) == (30, 0, 26, 4)
     assert summary.describe() == "30 inputs: 26 scored, 4 failed, 0 already done"
-    rows = distributed.read_results(out).to_pylist()
+    rows = ray_scoring.read_results(out).to_pylist()
     assert Counter(r["path"] for r in rows) == Counter(inputs)  # each input exactly once
     local = _local(checkpoint, inputs)
     sha = create_model(str(checkpoint)).weights_sha256
@@ -137,25 +137,25 @@ def test_interrupted_run_resumes_scoring_each_image_once(
 
     # An interruption after the first part file: that part stays, nothing half-written does.
     with pytest.raises(_Interrupted):
-        distributed.score_to_folder(inputs, out, config, on_part=stop_after_first_part)
-    first_parts = distributed.part_files(out, "parquet")
+        ray_scoring.score_to_folder(inputs, out, config, on_part=stop_after_first_part)
+    first_parts = ray_scoring.part_files(out, "parquet")
     assert len(first_parts) == 1 and not list(out.glob(".*.tmp"))
     first_bytes = first_parts[0].read_bytes()
-    first_paths = set(distributed.read_results(out).column("path").to_pylist())
+    first_paths = set(ray_scoring.read_results(out).column("path").to_pylist())
     assert len(first_paths) == 5
 
-    resumed = distributed.score_to_folder(inputs, out, config)
+    resumed = ray_scoring.score_to_folder(inputs, out, config)
     assert (resumed.already_done, resumed.scored + resumed.failed) == (5, 25)
     new_paths = [
         p for part in resumed.parts
-        for p in distributed._read_part(part, "parquet", ("path",)).column("path").to_pylist()
+        for p in ray_scoring._read_part(part, "parquet", ("path",)).column("path").to_pylist()
     ]
     assert not first_paths & set(new_paths)  # nothing scored before was computed again
     assert first_parts[0].read_bytes() == first_bytes  # finished parts are left alone
-    rows = distributed.read_results(out).to_pylist()
+    rows = ray_scoring.read_results(out).to_pylist()
     assert Counter(r["path"] for r in rows) == Counter(inputs)
 
-    again = distributed.score_to_folder(inputs, out, config)
+    again = ray_scoring.score_to_folder(inputs, out, config)
     assert (again.already_done, again.scored, again.failed, again.parts) == (30, 0, 0, ())
     assert again.failed_earlier == 4 and not again.ok  # the error rows are still there
 
@@ -171,7 +171,7 @@ def test_cli_engine_ray_writes_csv_parts(
             "--output", str(out), "--no-progress", "--batch-size", "4", str(list_file)]
     assert main(argv) == 0  # the first ten inputs are good images
     assert "10 inputs: 10 scored, 0 failed, 0 already done" in capsys.readouterr().err
-    table = distributed.read_results(out, "csv")
+    table = ray_scoring.read_results(out, "csv")
     local = _local(checkpoint, inputs[:10])
     got = dict(zip(table.column("path").to_pylist(), table.column("score").to_pylist(),
                    strict=True))
@@ -181,7 +181,7 @@ def test_cli_engine_ray_writes_csv_parts(
     # A second run over all inputs adds only the other 20 (4 of which fail: exit status 1).
     assert main([*argv[:-1], *inputs]) == 1
     assert "30 inputs: 16 scored, 4 failed, 10 already done" in capsys.readouterr().err
-    assert distributed.read_results(out, "csv").num_rows == 30
+    assert ray_scoring.read_results(out, "csv").num_rows == 30
     # Nothing left to do, but the output holds error rows for these inputs: still exit 1.
     assert main([*argv[:-1], *inputs]) == 1
     err = capsys.readouterr().err
@@ -198,12 +198,12 @@ def test_names_that_are_not_utf8_get_rows(
     name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: undecodable as UTF-8
     Image.open(inputs[0]).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"))
     out = tmp_path / "results"
-    summary = distributed.score_to_folder([str(folder)], out, _config(checkpoint))
+    summary = ray_scoring.score_to_folder([str(folder)], out, _config(checkpoint))
     assert (summary.scored, summary.failed) == (1, 0)
-    (row,) = distributed.read_results(out).to_pylist()
+    (row,) = ray_scoring.read_results(out).to_pylist()
     assert row["path"] == str(folder / "caf\\xe9.png") and row["score"] is not None
-    assert distributed.display_path(str(folder / name)) == row["path"]
-    again = distributed.score_to_folder([str(folder)], out, _config(checkpoint))
+    assert ray_scoring.display_path(str(folder / name)) == row["path"]
+    again = ray_scoring.score_to_folder([str(folder)], out, _config(checkpoint))
     assert (again.already_done, again.scored) == (1, 0)  # found again under the same text
 
 
@@ -228,35 +228,35 @@ def test_refuses_to_mix_models_or_formats(checkpoint: Path, tmp_path: Path) -> N
     _require_ray()
     row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
            "model": ["random-tiny"], "weights_sha256": [None]}
-    table = pa.Table.from_pydict(row, schema=distributed._schema())
-    distributed._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
-    tiny = distributed.RayScoreConfig(model="random-tiny")
-    assert distributed.scored_paths(tmp_path, tiny) == {"/x.png"}
+    table = pa.Table.from_pydict(row, schema=ray_scoring._schema())
+    ray_scoring._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
+    tiny = ray_scoring.RayScoreConfig(model="random-tiny")
+    assert ray_scoring.scored_paths(tmp_path, tiny) == {"/x.png"}
     with pytest.raises(ValueError, match="holds scores of model random-tiny"):
-        distributed.scored_paths(tmp_path, distributed.RayScoreConfig(model=str(checkpoint)))
+        ray_scoring.scored_paths(tmp_path, ray_scoring.RayScoreConfig(model=str(checkpoint)))
     with pytest.raises(ValueError, match="parquet parts"):
-        distributed.scored_paths(
-            tmp_path, distributed.RayScoreConfig(model="random-tiny", output_format="csv")
+        ray_scoring.scored_paths(
+            tmp_path, ray_scoring.RayScoreConfig(model="random-tiny", output_format="csv")
         )
 
 
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="concurrency"):
-        distributed.RayScoreConfig(concurrency=0)
+        ray_scoring.RayScoreConfig(concurrency=0)
     with pytest.raises(ValueError, match="output_format"):
-        distributed.RayScoreConfig(output_format="json")  # type: ignore[arg-type]
+        ray_scoring.RayScoreConfig(output_format="json")  # type: ignore[arg-type]
 
 
 def test_without_ray_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # makes 'import ray' fail
     with pytest.raises(ImportError, match=r"pip install 'qualiclip\[ray\]'"):
-        distributed.require_ray()
+        ray_scoring.require_ray()
     assert main(["score", "--engine", "ray", "-o", "out", "x.png"]) == 2
 
 
 def test_importing_qualiclip_does_not_import_ray() -> None:
     code = (
-        "import sys, qualiclip, qualiclip.cli, qualiclip.distributed; "
+        "import sys, qualiclip, qualiclip.cli, qualiclip.ray_scoring; "
         "sys.exit('ray' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
