@@ -1,0 +1,40 @@
+"""A wheel built from the repository carries the run-time package data (an offline install works)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "src" / "qualiclip" / "assets"
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_vocabulary_and_niqe_model(tmp_path: Path) -> None:
+    pytest.importorskip("setuptools", minversion="77")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns(
+        "__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, project / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(project)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("qualiclip-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith("qualiclip/assets/")}
+    for name in ("bpe_simple_vocab_16e6.txt.gz", "niqe_matlab_params.npz",
+                 "LICENSE-openai-clip.txt", "README.md"):
+        data = shipped.get(f"qualiclip/assets/{name}")
+        assert data is not None, f"{name} is not in {wheel.name}"
+        expected = hashlib.sha256((ASSETS / name).read_bytes()).hexdigest()
+        assert hashlib.sha256(data).hexdigest() == expected
