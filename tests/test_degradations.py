@@ -33,7 +33,7 @@ from qualiclip.degradations import (
 )
 
 SIZE = 96
-# Table order gives levels whose effect is not monotone in the signed parameter (DESIGN.md §3).
+# Table order gives levels whose effect is not monotone in the signed parameter (docs/method.md §3).
 SIGNED = {"mean_shift", "linear_contrast_change"}
 
 

@@ -1,4 +1,4 @@
-"""A wheel built from the repository carries the run-time package data (an offline install works)."""
+"""A wheel built from the repository carries the run-time package data (offline installs work)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ DISTORTION_GROUPS: dict[str, tuple[str, ...]] = {
     "spatial": ("jitter", "non_eccentricity_patch", "pixelate", "quantization", "color_block"),
     "sharpness": ("high_sharpen", "linear_contrast_change", "non_linear_contrast_change"),
 }
-"""The 7 groups of DESIGN.md §3 mapped to their types, in table order."""
+"""The 7 groups of docs/method.md §3 mapped to their types, in table order."""
 
 DISTORTION_TYPES: tuple[str, ...] = tuple(t for ts in DISTORTION_GROUPS.values() for t in ts)
 """All 24 type names in table order."""

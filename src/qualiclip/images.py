@@ -1,7 +1,7 @@
 """Turn image files, bytes, PIL images, arrays and tensors into RGB inputs for the model, safely.
 
-The model takes RGB in [0, 1] at full resolution (DESIGN.md §1), so everything here is about getting
-exactly the pixels a viewer sees, or refusing with a message that says why:
+The model takes RGB in [0, 1] at full resolution (docs/method.md §5), so everything here is
+about getting exactly the pixels a viewer sees, or refusing with a message that says why:
 
 * EXIF orientation is applied (phone photos are often stored sideways with an Orientation tag).
 * Palette, greyscale, alpha, CMYK, 1-bit, 16-bit and float images become RGB; 16-bit sources keep

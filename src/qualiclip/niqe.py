@@ -407,7 +407,8 @@ def _load_params(path: str) -> NIQEModel:
 
 @dataclass(frozen=True)
 class NIQEResult:
-    """One image's NIQE, or why it has none (same fields as the engine's ``ScoreResult``)."""
+    """One image's NIQE, or why it has none (``path``, ``score``, ``error``: what
+    :class:`qualiclip.evaluate.ScoreRow` asks of every scorer's rows)."""
 
     path: str
     score: float | None
