@@ -2,7 +2,9 @@
 
 Each subcommand has an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 function that does the work and returns the exit status: 0 success, 1 when some input failed,
-2 for usage errors.
+2 for usage errors. Subcommands only parse flags, call library functions and turn their errors
+into exit codes; the file is long because it declares every flag of every subcommand, kept in one
+place so ``--help`` texts, defaults and exit codes stay consistent.
 """
 
 from __future__ import annotations

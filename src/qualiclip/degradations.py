@@ -23,6 +23,10 @@ Where ours differs from ARNIQA's port (all documented at the function):
 - ``color_shift`` draws its direction uniformly on the full circle (ARNIQA: first quadrant only);
 - ``jpeg2000`` uses up to 8 wavelet resolutions, fewer when the image is too small for 8.
 
+The module is long because it holds the 24 distortion functions, each short, beside the one
+table, sampler and composition code they share (docs/method.md §3); colour-space conversions
+are private helpers used only here.
+
 Example:
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)

@@ -11,8 +11,10 @@ about getting exactly the pixels a viewer sees, or refusing with a message that 
 * Truncated and corrupt files raise :class:`ImageDecodeError`; they are never padded with grey.
 * Images whose shorter side is below ``min_size`` are rejected: the network downsamples by 32.
 
-Batch engines call :func:`decode_rgb` (integer pixels, cheap to queue) and convert to float per
-batch with :func:`to_batch`; :func:`load_image` is the one-image convenience built on both.
+Batch engines call :func:`decode_rgb` (integer pixels, cheap to queue) and convert them per
+batch; :func:`load_image` is the one-image convenience. This is the one image path of the
+package (scoring, the service, training crops and NIQE all decode here, and every input list is
+expanded by :func:`iter_image_paths`), which is why the module is longer than most.
 
 Example:
     >>> from qualiclip.images import load_image
