@@ -682,8 +682,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> str:
+    return f"qualiclip: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status instead of raising ``SystemExit``."""
+    import warnings
+
+    # A warning is one line for the person at the terminal, not a source line for a developer.
+    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
