@@ -325,3 +325,20 @@ def test_cli_score_with_a_broken_onnx_file_is_a_usage_error(folder, tmp_path, ca
     code, _ = _score_rows(folder, str(broken), tmp_path / "x.json")
     assert code == 2
     assert "not a loadable ONNX graph" in capsys.readouterr().err
+
+
+def test_http_service_scores_with_an_onnx_model(tiny, tiny_onnx, folder):
+    pytest.importorskip("fastapi", reason="needs the 'serve' extra")
+    from starlette.testclient import TestClient
+
+    from qualiclip.serve import create_app
+
+    body = (folder / "p0.png").read_bytes()
+    with TestClient(create_app(create_model(tiny_onnx))) as client:
+        reply = client.post("/score", content=body, headers={"Content-Type": "image/png"})
+        small = client.post("/score", content=(folder / "small.png").read_bytes(),
+                            headers={"Content-Type": "image/png"})
+    assert reply.status_code == 200, reply.text
+    (row,) = reply.json()["results"]
+    assert row["score"] == pytest.approx(qualiclip.score(tiny, folder / "p0.png"), abs=ATOL)
+    assert small.status_code == 400 and small.json()["results"][0]["error"]
