@@ -30,7 +30,7 @@ else:
 import qualiclip
 from qualiclip import cli, engine
 from qualiclip.model import create_model
-from qualiclip.onnx_export import DEFAULT_OPSET, export_onnx
+from qualiclip.onnx_export import DEFAULT_OPSET, OPSETS, export_onnx
 from qualiclip.onnx_scorer import OnnxScorer
 from qualiclip.precision import PrecisionError
 
@@ -212,6 +212,14 @@ def test_metadata_says_what_was_exported(tiny_file, tiny_onnx):
         meta["qualiclip.name"], meta["qualiclip.weights_sha256"], 32
     )
     assert scorer.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("opset", [OPSETS[0], OPSETS[-1]])
+def test_lowest_and_highest_opset(tiny, tmp_path, opset):
+    result = export_onnx(tiny, tmp_path / "g.onnx", opset=opset)  # checked at another size
+    assert result.max_abs_diff is not None and result.max_abs_diff <= ATOL
+    proto = onnx.load(str(result.path))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [opset]
 
 
 def test_fp16_export_has_half_weights_and_close_scores(tiny, tmp_path):
