@@ -12,7 +12,12 @@ not depend on the weights; batch norms get random statistics so none is an ident
   attention pooling (``attnpool.full_attention = True``), batch 1, default memory format;
 * **engine**: :func:`qualiclip.engine.score_paths` in each precision;
 * **fp32 no-reuse** (CPU): the engine in fp32 with ``QUALICLIP_REUSE_MEMORY=0``, to show what
-  reusing freed feature maps gains (``qualiclip.heap.reuse_freed_memory``).
+  reusing freed feature maps gains (``qualiclip.heap.reuse_freed_memory``);
+* **onnx** (CPU, when onnxruntime is installed; ``--no-onnx`` skips it): the same model exported
+  with :func:`qualiclip.onnx_export.export_onnx` (uint8 input, fp32) and scored by
+  :func:`~qualiclip.engine.score_paths` through :class:`qualiclip.onnx_scorer.OnnxScorer`, so
+  decoding and batching are the engine's and only the forward pass differs. Also printed: the
+  graph's file size and its load time (session creation in a fresh process).
 
 Each run is a fresh subprocess (so its peak RSS is its own) that warms up on one image, then times
 ``--repeats`` passes over all the photos; the fastest pass counts, as the fastest matmul does for
@@ -181,12 +186,21 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     warnings.simplefilter("ignore", RuntimeWarning)  # the emulated-bf16 notice; printed by us
 
-    model = build_model(device)
+    load_s = None
+    if spec["mode"] == "onnx":
+        from qualiclip.onnx_scorer import OnnxScorer
+
+        start = time.perf_counter()
+        model: Any = OnnxScorer(spec["onnx"])
+        load_s = time.perf_counter() - start
+    else:
+        model = build_model(device)
 
     def once(files: list[str]) -> list[float]:
         if spec["mode"] == "reference":
             return run_reference(model, files, device)
-        return run_engine(model, files, spec["mode"], spec["batch"], spec["workers"])
+        precision = "fp32" if spec["mode"] == "onnx" else spec["mode"]
+        return run_engine(model, files, precision, spec["batch"], spec["workers"])
 
     rss_start = _peak_rss_mib()
     if spec.get("warmup", True):
@@ -212,6 +226,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_gpu_mib": peak_gpu,
         "matmul_peak": max(peak_before, peak_after) if peak_before and peak_after else None,
         "load": os.getloadavg()[0],
+        "load_s": load_s,
     }
 
 
@@ -259,6 +274,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-cap-gib", type=float, default=12.0,
                    help="address-space cap for the reference's memory run")
     p.add_argument("--no-memory", action="store_true", help="skip the large-image memory part")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -280,7 +296,9 @@ def _decode_ms(paths: list[Path]) -> tuple[float, float]:
     return serial, threaded
 
 
-def _timing_runs(args: argparse.Namespace, paths: list[Path]) -> dict[str, dict[str, Any]]:
+def _timing_runs(
+    args: argparse.Namespace, paths: list[Path], onnx_path: Path | None
+) -> dict[str, dict[str, Any]]:
     common = {"paths": [str(p) for p in paths], "device": args.device,
               "batch": args.batch_size, "workers": args.workers, "repeats": args.repeats}
     plan = [("reference", {"mode": "reference"})]
@@ -288,6 +306,8 @@ def _timing_runs(args: argparse.Namespace, paths: list[Path]) -> dict[str, dict[
     if args.device == "cpu" and "fp32" in args.precisions.split(","):
         # What reusing freed memory gains: the same engine with the C allocator left alone.
         plan.append(("fp32 no-reuse", {"mode": "fp32", "reuse_memory": False}))
+    if onnx_path is not None:
+        plan.append(("onnx", {"mode": "onnx", "onnx": str(onnx_path)}))
     runs: dict[str, dict[str, Any]] = {}
     for label, spec in plan:
         print(f"running {label} on {len(paths)} images ...", flush=True)
@@ -335,6 +355,37 @@ def _print_speed(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
                                      BF16_SPEEDUP, f"{ratio:.2f}x"))
     print("seconds per pass (the fastest counts): " + "; ".join(passes))
     return verdicts
+
+
+def _export_onnx(args: argparse.Namespace, model: Any, folder: Path) -> Path | None:
+    """The benchmark model as an ONNX graph, or ``None`` (skipped, or onnx not installed)."""
+    if args.no_onnx or args.device != "cpu":
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+
+        from qualiclip.onnx_export import export_onnx
+    except ImportError as exc:
+        print(f"onnx run skipped: {exc} (pip install 'qualiclip[onnx]')")
+        return None
+    start = time.perf_counter()
+    result = export_onnx(model, folder / "bench_rn50.onnx", check=False)
+    print(f"exported {result.path.name} in {time.perf_counter() - start:.1f} s")
+    return result.path
+
+
+def _print_onnx(runs: dict[str, dict[str, Any]], onnx_path: Path | None) -> None:
+    r, fp32 = runs.get("onnx", {}), runs.get("fp32", {})
+    if onnx_path is None or "images_per_s" not in r:
+        return
+    import onnxruntime
+
+    ratio = (f" = {r['images_per_s'] / fp32['images_per_s']:.2f}x the engine's fp32 "
+             f"{fp32['images_per_s']:.3f} img/s" if "images_per_s" in fp32 else "")
+    size_mb = onnx_path.stat().st_size / 1e6
+    print(f"ONNX Runtime {onnxruntime.__version__} (CPU): graph {size_mb:.1f} MB, loaded in "
+          f"{r['load_s']:.2f} s (fresh process); {r['images_per_s']:.3f} img/s"
+          f"{ratio}")
 
 
 def _verdict(what: str, value: float, target: float, shown: str) -> str:
@@ -392,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model("cpu")
         gflop_ref = count_gflop(model, w, h, full_attention=True)
         gflop_engine = count_gflop(model, w, h, full_attention=False)
+        onnx_path = _export_onnx(args, model, folder)
         del model
         print(f"FLOPs per image: reference (N x N pooling) {gflop_ref:.1f} GFLOP, engine "
               f"(first-token pooling) {gflop_engine:.1f} GFLOP")
         peak_before = matmul_peak_gflops(args.device)
-        runs = _timing_runs(args, paths)
+        runs = _timing_runs(args, paths, onnx_path)
         peak_after = matmul_peak_gflops(args.device)
         peak = max([peak_before, peak_after]
                    + [r["matmul_peak"] for r in runs.values() if r.get("matmul_peak")])
@@ -405,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
               f"best of the run incl. around each timed run {peak:.1f}; bf16 matmul "
               f"{bf16_peak:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
         verdicts = _print_speed(args, runs, peak, gflop_ref, gflop_engine)
+        _print_onnx(runs, onnx_path)
         print()
         for line in verdicts:
             print(line)

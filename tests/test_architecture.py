@@ -21,11 +21,13 @@ LAYERS: dict[str, int] = {
     "metrics": 0, "_codec": 0, "checkpoint_formats": 0,
     # 1 - building blocks on the leaves
     "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "degradations": 1,
+    "onnx_scorer": 1,  # ONNX Runtime scorer: the model factory returns it for .onnx files
     "sheet": 2, "tokenizer": 2,
     # 3 - the model and its factory
     "model": 3,
     # 4 - the engine: files and tensors in, scores out
     "engine": 4,
+    "onnx_export": 4,  # model -> ONNX graph (beside the engine, not on it)
     # 5 - libraries of the front ends
     "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "validation": 6,
     "train": 7,

@@ -66,7 +66,11 @@ def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # 
             trust_torchscript=args.trust_torchscript,
         )
         # A precision the device cannot run is refused before any input is read.
-        check_precision(model.device, getattr(args, "precision", "fp32"))
+        precision = getattr(args, "precision", "fp32")
+        own_check = getattr(model, "check_precision", None)  # a scorer with a fixed precision
+        if own_check is not None:
+            own_check(precision)
+        check_precision(model.device, precision)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return model
@@ -665,6 +669,67 @@ def _run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- export ------------------------------------------------------------------------------------
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write the scorer as an ONNX graph (needs the 'onnx' extra)",
+        description="Export the whole scorer (normalisation, image tower, prompt features, score "
+        "formula) as one ONNX graph from RGB [B, 3, H, W] (uint8 0..255 by default, never "
+        "resized) to scores [B], with dynamic batch, height and width. The graph is checked "
+        "against PyTorch with ONNX Runtime. Score with it: qualiclip score --model FILE.onnx. "
+        "Needs: pip install 'qualiclip[onnx]'.",
+    )
+    _add_model_options(p)
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--input", choices=("uint8", "float32"), default="uint8",
+                   help="input pixels: uint8 0..255 (default) or float32 0..1")
+    p.add_argument("--fp16", action="store_true",
+                   help="image tower in half precision (for GPU runtimes; head stays fp32)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 13..20 (default 17)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip scoring a test batch with ONNX Runtime against PyTorch")
+    p.set_defaults(func=_run_export, device="cpu")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    try:
+        from qualiclip import onnx_export
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    target = Path(args.onnx)
+    if target.suffix.lower() != ".onnx":
+        raise UsageError(f"--onnx {args.onnx}: the file name must end in .onnx")
+    if not target.parent.is_dir():
+        raise UsageError(f"--onnx {args.onnx}: no folder {target.parent}")
+    if str(args.model).lower().endswith(".onnx"):
+        raise UsageError(f"--model {args.model} is already an ONNX graph")
+    opset = onnx_export.DEFAULT_OPSET if args.opset is None else args.opset
+    if opset not in onnx_export.OPSETS:
+        raise UsageError(f"--opset must be in {onnx_export.OPSETS[0]}..{onnx_export.OPSETS[-1]}, "
+                         f"got {opset}")
+    model = load_model_from_args(args)
+    try:
+        result = onnx_export.export_onnx(
+            model, target, input_kind=args.input, fp16=args.fp16, opset=opset,
+            formula=args.formula, check=not args.no_check,
+        )
+    except (ImportError, ValueError, TypeError) as exc:  # missing package, unsupported model
+        raise UsageError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a failed export is reported in one line
+        print(f"qualiclip export: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    checked = ("not checked" if result.max_abs_diff is None
+               else f"ONNX Runtime matches PyTorch to {result.max_abs_diff:.1e}")
+    print(f"qualiclip export: {model.name} -> {result.path} ({result.size_bytes / 1e6:.1f} MB, "
+          f"opset {result.opset}, {args.input} input, {'fp16' if args.fp16 else 'fp32'}; "
+          f"{checked})", file=sys.stderr)
+    print(result.path)
+    return EXIT_OK
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
@@ -677,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"qualiclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_eval, _add_serve):
+    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_eval, _add_serve,
+                _add_export):
         add(sub)
     return parser
 

@@ -241,7 +241,8 @@ def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch
         batch = images.load_image(x, min_size=model.min_size)[None]
     else:
         batch = images.to_batch(x)
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters(), None)  # a scorer without parameters (ONNX) takes fp32
+    dtype = weight.dtype if weight is not None else torch.float32
     scores = score_tensors(model, batch.to(dtype=dtype), precision)
     return scores if batched else float(scores[0])
 

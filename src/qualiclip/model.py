@@ -237,7 +237,9 @@ def create_model(
         name_or_path: a name from :func:`list_models` (released weights are downloaded once,
             checksum-verified and cached) or a checkpoint path: the authors' format
             (``clip_model.*`` + ``prompts_features``), an OpenAI-keyed state dict, qualiclip's
-            training export, or (with ``trust_torchscript``) an OpenAI TorchScript archive.
+            training export, or (with ``trust_torchscript``) an OpenAI TorchScript archive. An
+            ``.onnx`` file from ``qualiclip export`` gives a scorer that runs it with ONNX Runtime
+            (:class:`qualiclip.onnx_scorer.OnnxScorer`); its formula and pooling are the graph's.
         device: ``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``.
         pooling: attention-pooling mode; ``None`` means the weights' own (``"none"``, as
             QualiCLIP, for every file and table entry).
@@ -258,6 +260,8 @@ def create_model(
 
     if formula not in FORMULAS:
         raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
+    if str(name_or_path).lower().endswith(".onnx"):
+        return _onnx_scorer(name_or_path, device, pooling, formula, prompt_pairs)
     weights = pretrained.resolve_weights(
         name_or_path, cache_dir, trust_torchscript=trust_torchscript
     )
@@ -287,3 +291,28 @@ def create_model(
             f"{len(pairs)} prompt pairs; cannot build the scorer"
         )
     return model.to(resolve_device(device)).eval()
+
+
+def _onnx_scorer(
+    path: str | Path,
+    device: str | torch.device,
+    pooling: Pooling | None,
+    formula: Formula,
+    prompt_pairs: Sequence[PromptPair] | None,
+) -> QualiCLIP:
+    """An exported graph's scorer; options the graph fixed must agree with it."""
+    from qualiclip.onnx_scorer import OnnxScorer
+
+    if prompt_pairs is not None:
+        raise ValueError(f"{path}: an ONNX graph's prompts are fixed at export; re-export instead")
+    scorer = OnnxScorer(path, device)
+    for option, asked, fixed in (("formula", formula, scorer.formula),
+                                 ("pooling", pooling, scorer.pooling)):
+        if asked is not None and fixed is not None and asked != fixed:
+            raise ValueError(
+                f"{path} was exported with {option} {fixed!r}, not {asked!r}: pass {fixed!r} "
+                f"or export again with {option} {asked!r}"
+            )
+    # The scorer is a scorer module as the engine takes it (forward, name, weights_sha256,
+    # min_size, device), not a QualiCLIP with its tower and prompt features.
+    return scorer  # type: ignore[return-value]

@@ -65,7 +65,7 @@ import logging
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 try:
     # At module level because FastAPI resolves the endpoints' (string) annotations here.
@@ -341,15 +341,18 @@ def create_app(
         an ASGI app; run it with :func:`run`, ``uvicorn``, or ``starlette.testclient``.
     """
     require_serve()
+    from torch import nn
+
     from qualiclip import __version__
-    from qualiclip.model import QualiCLIP
 
     cfg = config or ServeConfig()
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scorer = model if isinstance(model, QualiCLIP) else await asyncio.to_thread(model)
+        # A module is the scorer (QualiCLIP, or an ONNX graph's); anything else builds one.
+        scorer = (cast("QualiCLIP", model) if isinstance(model, nn.Module)
+                  else await asyncio.to_thread(model))
         scorer.eval()
         await asyncio.to_thread(_warm_up, scorer, cfg.precision)
         batcher = MicroBatcher(
