@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "engine": 4,
     # 5 - libraries of the front ends
     "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "validation": 6,
+    "maps": 5,
     "train": 7,
     # 8 - front ends
     "batcher": 5, "uploads": 0,
