@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from qualiclip import engine, heap, images
 from qualiclip.clip import AttentionPool2d
@@ -369,17 +369,23 @@ def overlay(
 
 
 def _with_legend(picture: Image.Image, vmin: float, vmax: float) -> Image.Image:
-    bar_h = 22
+    bar_h = max(22, picture.width // 32)  # stays legible when the page scales the picture down
     canvas = Image.new("RGB", (picture.width, picture.height + bar_h), (255, 255, 255))
     canvas.paste(picture, (0, 0))
-    label_w = min(60, picture.width // 4)
+    font_px = round(bar_h * 0.7)
+    try:
+        font: Any = ImageFont.load_default(size=font_px)
+    except TypeError:  # Pillow before 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    label_w = min(round(font_px * 3.2), picture.width // 4)
     ramp_w = max(1, picture.width - 2 * label_w)
     ramp = colorize(np.linspace(vmin, vmax, ramp_w, dtype=np.float32), vmin, vmax)
-    canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h - 8, axis=0)),
-                 (label_w, picture.height + 4))
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h - 6, axis=0)),
+                 (label_w, picture.height + 3))
     draw = ImageDraw.Draw(canvas)
-    draw.text((2, picture.height + 5), f"{vmin:.3f}", fill=(0, 0, 0))
-    draw.text((label_w + ramp_w + 2, picture.height + 5), f"{vmax:.3f}", fill=(0, 0, 0))
+    draw.text((2, picture.height + 2), f"{vmin:.3f}", fill=(0, 0, 0), font=font)
+    draw.text((label_w + ramp_w + 3, picture.height + 2), f"{vmax:.3f}", fill=(0, 0, 0),
+              font=font)
     return canvas
 
 
