@@ -77,7 +77,7 @@ def damaged(pixels: np.ndarray, how: str, blur: float, noise: float, seed: int) 
 def meaning(model: QualiCLIP, photos: list[Path], args: argparse.Namespace) -> None:
     print(f"\n== left half damaged, {len(photos)} photos "
           f"(window {args.window}, stride {args.stride}) ==")
-    print(f"{'kind':8} {'left half':10} {'damaged':>8} {'sharp':>8} {'diff':>8} "
+    print(f"{'kind':8} {'left half':12} {'damaged':>8} {'sharp':>8} {'diff':>8} "
           f"{'damaged<sharp':>14}")
     for kind in MAP_KINDS:
         for how in ("none", "blur", "noise"):
@@ -94,7 +94,7 @@ def meaning(model: QualiCLIP, photos: list[Path], args: argparse.Namespace) -> N
             lo, hi = np.array(lefts), np.array(rights)
             label = {"none": "untouched", "blur": f"blur r={args.blur:g}",
                      "noise": f"noise sd={args.noise:g}"}[how]
-            print(f"{kind:8} {label:10} {lo.mean():8.4f} {hi.mean():8.4f} "
+            print(f"{kind:8} {label:12} {lo.mean():8.4f} {hi.mean():8.4f} "
                   f"{(lo - hi).mean():+8.4f} {int((lo < hi).sum()):>7} of {len(photos)}",
                   flush=True)
 
