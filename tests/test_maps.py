@@ -302,3 +302,8 @@ def test_a_failed_map_keeps_the_score_and_fails_the_row(
     monkeypatch.setattr(maps, "quality_map", boom)
     (row,) = maps.write_maps(model, [result], tmp_path / "out")
     assert row.score == 0.5 and row.error == "quality map failed: RuntimeError: out of memory"
+
+
+def test_half_means_split_the_image_at_its_middle() -> None:
+    qmap = _grid_map(np.array([[0.1, 0.1, 0.9, 0.9]]), "windows", (32, 128), 32, 32)
+    assert maps.half_means(qmap) == pytest.approx((0.1, 0.9), abs=1e-6)

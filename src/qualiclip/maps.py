@@ -41,7 +41,7 @@ from qualiclip.precision import autocast_context
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "MAP_KINDS", "MapKind", "QualityMap", "colorize",
-    "overlay", "overlay_png", "quality_map", "write_maps",
+    "half_means", "overlay", "overlay_png", "quality_map", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
