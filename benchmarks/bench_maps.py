@@ -11,7 +11,8 @@ Usage:
    ``--blur``, or Gaussian noise of standard deviation ``--noise`` grey levels) and both maps
    are computed. Printed per kind and damage: the mean map value over the left and right halves
    (averaged over photos), how many photos have the damaged half lower, and the same for the
-   undamaged photos (the control: halves of a pristine photo differ too).
+   undamaged photos (the control: halves of a pristine photo differ too), with the change of
+   the left-minus-right difference from the untouched photo's.
 2. **Time to first result.** A 1024x768 JPEG (a pristine photo scaled up) sent to the HTTP
    service (in-process, after its start-up warm-up): ``POST /score`` and ``POST /map`` (dense),
    first request and the best of three; and ``quality_map`` of both kinds called directly. With
@@ -77,9 +78,14 @@ def damaged(pixels: np.ndarray, how: str, blur: float, noise: float, seed: int) 
 def meaning(model: QualiCLIP, photos: list[Path], args: argparse.Namespace) -> None:
     print(f"\n== left half damaged, {len(photos)} photos "
           f"(window {args.window}, stride {args.stride}) ==")
-    print(f"{'kind':8} {'left half':12} {'damaged':>8} {'sharp':>8} {'diff':>8} "
-          f"{'damaged<sharp':>14}")
+    print("left/right: mean map value over the left (damaged) and right (sharp) halves, averaged "
+          "over photos;\nlower: photos whose left half is lower; shift: the left-minus-right "
+          "difference minus\nthat of the untouched photo (photos differ between halves too), and "
+          "how many photos it is negative for")
+    print(f"{'kind':8} {'left half':12} {'left':>7} {'right':>7} {'diff':>8} {'lower':>8} "
+          f"{'shift':>8} {'neg':>8}")
     for kind in MAP_KINDS:
+        control: list[float] = []
         for how in ("none", "blur", "noise"):
             lefts, rights = [], []
             for i, path in enumerate(photos):
@@ -92,11 +98,16 @@ def meaning(model: QualiCLIP, photos: list[Path], args: argparse.Namespace) -> N
                 lefts.append(left)
                 rights.append(right)
             lo, hi = np.array(lefts), np.array(rights)
+            diff = lo - hi
+            if how == "none":
+                control = list(diff)
+            shift = diff - np.array(control)
             label = {"none": "untouched", "blur": f"blur r={args.blur:g}",
                      "noise": f"noise sd={args.noise:g}"}[how]
-            print(f"{kind:8} {label:12} {lo.mean():8.4f} {hi.mean():8.4f} "
-                  f"{(lo - hi).mean():+8.4f} {int((lo < hi).sum()):>7} of {len(photos)}",
-                  flush=True)
+            n = len(photos)
+            print(f"{kind:8} {label:12} {lo.mean():7.4f} {hi.mean():7.4f} {diff.mean():+8.4f} "
+                  f"{int((lo < hi).sum()):>3} of {n:<2} {shift.mean():+8.4f} "
+                  f"{int((shift < 0).sum()):>3} of {n:<2}", flush=True)
 
 
 def photo_1024x768(photos: list[Path]) -> bytes:
