@@ -7,7 +7,9 @@ attention. ``score --map`` is run as a user runs it.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +309,39 @@ def test_a_failed_map_keeps_the_score_and_fails_the_row(
 def test_half_means_split_the_image_at_its_middle() -> None:
     qmap = _grid_map(np.array([[0.1, 0.1, 0.9, 0.9]]), "windows", (32, 128), 32, 32)
     assert maps.half_means(qmap) == pytest.approx((0.1, 0.9), abs=1e-6)
+
+
+def test_map_endpoint_answers_like_score(model: QualiCLIP) -> None:
+    """``POST /map`` in-process: the map of each good file, the /score error of a bad one."""
+    from qualiclip import serve
+
+    try:
+        serve.require_serve()
+        from starlette.testclient import TestClient
+    except ImportError as exc:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"CI installs the 'serve' extra, but: {exc}", pytrace=False)
+        pytest.skip(f"the 'serve' extra is not installed: {exc}")
+    buffer = io.BytesIO()
+    Image.fromarray(_photo(96, 160, 9)).save(buffer, "PNG")
+    good = ("good.png", buffer.getvalue(), "image/png")
+    bad = ("bad.png", b"not a png", "image/png")
+    with TestClient(serve.create_app(model, serve.ServeConfig(max_files=3))) as client:
+        assert client.get("/limits").json()["max_files"] == 3
+        scored = client.post("/score", files=[("files", good), ("files", bad)]).json()
+        r = client.post("/map", files=[("files", good), ("files", bad)])
+        assert r.status_code == 200
+        mapped = r.json()["results"]
+        assert mapped[0]["score"] == pytest.approx(scored["results"][0]["score"], abs=1e-5)
+        grid = mapped[0]["map"]
+        expected = quality_map(model, _photo(96, 160, 9))
+        assert (grid["rows"], grid["cols"], grid["kind"]) == (3, 5, "dense")
+        np.testing.assert_allclose(grid["values"], expected.values, atol=1e-5)
+        assert mapped[0]["overlay"].startswith("data:image/png;base64,")
+        assert mapped[1]["error"] == scored["results"][1]["error"] and "map" not in mapped[1]
+        windows = client.post("/map?kind=windows", files=[("files", good)]).json()["results"][0]
+        assert windows["map"]["kind"] == "windows"
+        assert windows["score"] == pytest.approx(scored["results"][0]["score"], abs=1e-5)
+        r = client.post("/map?kind=heat", files=[("files", good)])
+        assert r.status_code == 400 and "kind must be one of" in r.json()["detail"]
+        assert client.post("/map", files=[("files", bad)]).status_code == 415
