@@ -369,7 +369,7 @@ def overlay(
 
 
 def _with_legend(picture: Image.Image, vmin: float, vmax: float) -> Image.Image:
-    bar_h = max(22, picture.width // 32)  # stays legible when the page scales the picture down
+    bar_h = max(22, picture.width // 20)  # stays legible when the page scales the picture down
     canvas = Image.new("RGB", (picture.width, picture.height + bar_h), (255, 255, 255))
     canvas.paste(picture, (0, 0))
     font_px = round(bar_h * 0.7)
