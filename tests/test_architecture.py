@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "onnx_export": 4,  # model -> ONNX graph (beside the engine, not on it)
     # 5 - libraries of the front ends
     "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "validation": 6,
+    "maps": 5,
     "train": 7,
     # 8 - front ends
     "batcher": 5, "uploads": 0,

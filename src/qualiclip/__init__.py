@@ -15,12 +15,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["QualiCLIP", "create_model", "list_models", "score", "score_paths", "__version__"]
+__all__ = [
+    "QualiCLIP", "create_model", "list_models", "quality_map", "score", "score_paths",
+    "__version__",
+]
 
 _LAZY = {
     "QualiCLIP": "qualiclip.model",
     "create_model": "qualiclip.model",
     "list_models": "qualiclip.model",
+    "quality_map": "qualiclip.maps",
     "score": "qualiclip.engine",
     "score_paths": "qualiclip.engine",
 }

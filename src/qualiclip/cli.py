@@ -97,6 +97,22 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         help="write results here (default: stdout); with --engine ray a folder of part files",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    m = p.add_argument_group(
+        "quality maps",
+        "Where quality is lost: per scored input, DIR/<stem>.map.png is the map in colour over "
+        "the image (its legend gives the values of the darkest and brightest colour).",
+    )
+    m.add_argument("--map", metavar="DIR", default=None,
+                   help="write each scored input's quality map into DIR (created if missing)")
+    m.add_argument("--map-kind", choices=("dense", "windows"), default="dense",
+                   help="dense: one pass, 1/32 resolution (default); windows: the scores of "
+                   "overlapping crops (slower; each cell is a real score)")
+    m.add_argument("--map-npy", action="store_true",
+                   help="also write the raw map values as DIR/<stem>.map.npy")
+    m.add_argument("--map-window", type=int, default=224, metavar="PX",
+                   help="windows: crop side (default 224)")
+    m.add_argument("--map-stride", type=int, default=112, metavar="PX",
+                   help="windows: step between crops (default 112)")
     _add_ray_options(p)
     p.set_defaults(func=_run_score)
 
@@ -130,6 +146,13 @@ def _run_score(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
+    if args.map is not None:
+        if args.engine == "ray":
+            raise UsageError("--map works with the local engine only")
+        if os.path.exists(args.map) and not os.path.isdir(args.map):
+            raise UsageError(f"--map {args.map} exists and is not a folder")
+        if args.map_window < 32 or args.map_stride < 1:
+            raise UsageError("--map-window must be at least 32 and --map-stride at least 1")
     if args.engine == "ray":
         return _run_score_ray(args)
     if args.format == "parquet":
@@ -152,6 +175,12 @@ def _run_score(args: argparse.Namespace) -> int:
         precision=args.precision,
         progress=not args.no_progress,
     )
+    if args.map is not None:
+        from qualiclip.maps import write_maps
+
+        results = write_maps(model, results, args.map, kind=args.map_kind, npy=args.map_npy,
+                             window=args.map_window, stride=args.map_stride,
+                             precision=args.precision)
     failed = write_results(results, args.format, args.output, model_name=model.name)
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)

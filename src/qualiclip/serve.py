@@ -7,7 +7,13 @@ Endpoints:
   ``{"model", "weights_sha256", "results": [{"filename", "score", "error", "width", "height"}]}``,
   one result per file, in order. File names may be any Unicode: raw UTF-8 in ``filename="..."``
   (RFC 7578) or the ``filename*=UTF-8''...`` form (RFC 5987/6266, preferred when both are sent).
-* ``GET /models``: the model being served. ``GET /healthz``: liveness, with batching counters.
+* ``POST /map?kind=dense|windows``: as ``/score``, each result also carrying its quality map
+  (``map``: values and grid, see :class:`qualiclip.maps.QualityMap`) and the map drawn over the
+  image (``overlay``: a PNG data URL); same limits, errors and status codes.
+* ``GET /``: a web page that scores dropped or picked images with these endpoints and draws their
+  maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
+* ``GET /models``: the model being served. ``GET /limits``: the upload limits.
+  ``GET /healthz``: liveness, with batching counters.
 * ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI.
 
 Status codes. A request-level problem answers with ``{"detail": "..."}``:
@@ -63,16 +69,16 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 try:
     # At module level because FastAPI resolves the endpoints' (string) annotations here.
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 except ImportError:  # the 'serve' extra is missing: create_app() and run() say so
-    FastAPI = Request = JSONResponse = None  # type: ignore[assignment,misc]
+    FastAPI = Request = JSONResponse = HTMLResponse = Response = None  # type: ignore[assignment,misc]
 
 from qualiclip.batcher import BatchStats, MicroBatcher, PixelBudget
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS
@@ -226,8 +232,12 @@ class _Budgets:
 async def score_upload(
     upload: Upload, model: QualiCLIP, batcher: MicroBatcher, config: ServeConfig,
     budgets: _Budgets, owner: object = None,
+    mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """``(result row, status)`` for one file; every failure becomes the row's ``error``.
+
+    With ``mapper`` the decoded pixels go to it instead of the batcher, and the row is updated
+    with what it returns (the score and the quality map).
 
     Decoding and scoring happen while ``budgets`` hold the image's pixels (from its header);
     whatever the decoder raises for this file is this file's 400/413/415.
@@ -273,7 +283,10 @@ async def score_upload(
             return row, status
         row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
         try:
-            row["score"] = await batcher.score(pixels, owner)
+            if mapper is not None:
+                row.update(await mapper(pixels, owner))
+            else:
+                row["score"] = await batcher.score(pixels, owner)
         except Exception as exc:  # noqa: BLE001 - a failed forward is this file's error
             row["error"] = f"{type(exc).__name__}: {exc}"
             return row, 500
@@ -361,7 +374,7 @@ def create_app(
         )
         batcher.start()
         state.update(model=scorer, batcher=batcher, slots=asyncio.Semaphore(cfg.max_inflight),
-                     pixels=PixelBudget(cfg.pixels_in_flight))
+                     pixels=PixelBudget(cfg.pixels_in_flight), maps=asyncio.Semaphore(1))
         try:
             yield
         finally:
@@ -383,6 +396,35 @@ def create_app(
         summary="Score one image (raw body) or many (multipart/form-data)",
     )
     async def score(request: Request) -> JSONResponse:
+        return await answer(request, None)
+
+    @app.post(
+        "/map",
+        openapi_extra={"requestBody": _REQUEST_BODY},
+        responses={400: _ERROR, 413: _ERROR, 415: _ERROR},
+        summary="Score images and draw their quality maps (kind: dense or windows)",
+    )
+    async def quality_map(request: Request, kind: str = "dense") -> JSONResponse:
+        from qualiclip.maps import MAP_KINDS
+
+        if kind not in MAP_KINDS:
+            return JSONResponse({"detail": f"kind must be one of {', '.join(MAP_KINDS)}, "
+                                           f"got {kind!r}"}, 400)
+
+        async def mapper(pixels: Any, owner: object) -> dict[str, Any]:
+            # One map at a time: its forward pass runs beside the batcher's lanes.
+            async with state["maps"]:
+                found = await asyncio.to_thread(_map_row, state["model"], pixels, kind,
+                                                cfg.precision)
+            if found["score"] is None:
+                found["score"] = await state["batcher"].score(pixels, owner)
+            return found
+
+        return await answer(request, mapper)
+
+    async def answer(
+        request: Request, mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None
+    ) -> JSONResponse:
         from starlette.requests import ClientDisconnect
 
         scorer: QualiCLIP = state["model"]
@@ -396,14 +438,15 @@ def create_app(
             # An ordinary event on a network service: one line, not an error with a traceback.
             client = request.client
             where = f"{client.host}:{client.port}" if client else "a client"
-            _log.info("%s - POST /score: client disconnected before its request body was "
-                      "complete", where)
+            _log.info("%s - POST %s: client disconnected before its request body was "
+                      "complete", where, request.url.path)
             return JSONResponse({"detail": "client disconnected"}, 400)
         budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["slots"],
                            state["pixels"])
         owner = object()  # this request's turn in the batcher's round-robin
         outcomes = await asyncio.gather(
-            *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner) for u in uploads)
+            *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner, mapper)
+              for u in uploads)
         )
         body: dict[str, Any] = {
             "model": scorer.name, "weights_sha256": scorer.weights_sha256,
@@ -424,6 +467,22 @@ def create_app(
             "precision": cfg.precision,
         }]}
 
+    @app.get("/limits", summary="What the service accepts")
+    async def limits() -> dict[str, Any]:
+        return {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
+                "max_files": cfg.max_files, "min_size": state["model"].min_size}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> Response:
+        return Response(_web_asset("index.html"), media_type="text/html; charset=utf-8")
+
+    @app.get("/web/{name}", include_in_schema=False)
+    async def web_asset(name: str) -> Response:
+        media = _WEB_FILES.get(name)
+        if media is None:
+            return JSONResponse({"detail": "not found"}, 404)
+        return Response(_web_asset(name), media_type=media)
+
     @app.get("/healthz", summary="Liveness and batching counters")
     async def healthz() -> dict[str, Any]:
         stats: BatchStats = state["batcher"].stats
@@ -431,6 +490,30 @@ def create_app(
                 "forwards": stats.forwards, "largest_batch": stats.largest}
 
     return app
+
+
+#: The web page's files (assets/web in the package) and their media types.
+_WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+              "style.css": "text/css; charset=utf-8"}
+
+
+def _web_asset(name: str) -> bytes:
+    from importlib.resources import files
+
+    return files("qualiclip").joinpath("assets", "web", name).read_bytes()
+
+
+def _map_row(model: QualiCLIP, pixels: Any, kind: str, precision: str) -> dict[str, Any]:
+    """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL) of one image."""
+    import base64
+
+    from qualiclip.maps import overlay_png, quality_map
+
+    qmap = quality_map(model, pixels, kind, precision=precision)
+    display = pixels if pixels.dtype.name == "uint8" else (pixels // 257).astype("uint8")
+    png = overlay_png(display, qmap, max_side=768)
+    return {"score": qmap.score, "map": qmap.to_dict(),
+            "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
 
 
 def _warm_up(model: QualiCLIP, precision: str) -> None:

@@ -1,0 +1,467 @@
+"""Quality maps: where in an image QualiCLIP finds quality lost, in two kinds.
+
+* ``"dense"``: one forward pass. Each cell of the tower's last feature map (1/32 of the input)
+  is taken through the attention pool's value and output projections, ``c_proj(v_proj(x_j))``,
+  L2-normalised and compared with the prompt pairs exactly as the global feature is
+  (:meth:`QualiCLIP.scores_from_features`). This is the attention pool with each cell attending
+  only to itself, the usual way dense predictions are read from a CLIP ResNet; the N x N
+  attention is never formed, so memory stays O(N) as for scoring. The global score comes from
+  the same pass (the pool's first-token path).
+* ``"windows"``: the model's own score of overlapping crops (``window`` px, every ``stride``
+  px; the last crop of a row or column is aligned to the image's edge). Slower, but each cell
+  is a real QualiCLIP score of that crop. Crops of equal size share forward passes, in chunks of
+  at most ``max_batch_pixels`` pixels, cut from the decoded image as they are needed.
+
+Values are in [0, 1], higher is better, as scores are. :func:`overlay` draws a map over its
+image (a colour ramp computed here, no plotting library); :func:`write_maps` writes the
+overlay PNG (and optionally the raw ``.npy``) of each scored file, for ``qualiclip score --map``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from qualiclip import engine, heap, images
+from qualiclip.clip import AttentionPool2d
+from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
+from qualiclip.model import QualiCLIP
+from qualiclip.precision import autocast_context
+
+__all__ = [
+    "DEFAULT_STRIDE", "DEFAULT_WINDOW", "MAP_KINDS", "MapKind", "QualityMap", "colorize",
+    "half_means", "overlay", "overlay_png", "quality_map", "upsample", "write_maps",
+]
+
+MapKind = Literal["dense", "windows"]
+MAP_KINDS: tuple[str, ...] = ("dense", "windows")
+#: Default crop side and step of ``"windows"`` maps: the model's training resolution, half-overlap.
+DEFAULT_WINDOW = 224
+DEFAULT_STRIDE = 112
+#: The dense map's cell: the ResNet tower halves the resolution five times.
+DENSE_CELL = 32
+
+# Anchor colours of the ramp (low quality first): dark violet, blue, teal, green, yellow; the
+# lightness rises steadily, so the order reads in grey too.
+_RAMP = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+    dtype=np.float32,
+)
+
+
+@dataclass(frozen=True)
+class QualityMap:
+    """A quality map and its grid.
+
+    Cell ``(i, j)`` covers rows ``origins_y[i] : origins_y[i] + cell[0]`` and columns
+    ``origins_x[j] : origins_x[j] + cell[1]`` of the image. Dense cells tile the image at
+    :data:`DENSE_CELL` px (the last row or column may end short of, or past, the edge by less
+    than a cell: the tower rounds sizes); window cells overlap when ``stride < cell``.
+
+    Attributes:
+        values: ``[rows, cols]`` float32 in [0, 1], higher is better.
+        kind: ``"dense"`` or ``"windows"``.
+        image_size: ``(height, width)`` of the image in pixels.
+        cell: ``(height, width)`` of a cell in pixels.
+        stride: ``(vertical, horizontal)`` step between cells in pixels.
+        origins_y, origins_x: top row and left column of each cell row and column.
+        score: the image's global score, when the map's pass computed it (dense) else ``None``.
+    """
+
+    values: np.ndarray
+    kind: str
+    image_size: tuple[int, int]
+    cell: tuple[int, int]
+    stride: tuple[int, int]
+    origins_y: np.ndarray
+    origins_x: np.ndarray
+    score: float | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the map."""
+        return int(self.values.shape[0]), int(self.values.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the values as nested lists (row-major) and the grid geometry."""
+        return {
+            "kind": self.kind,
+            "rows": self.grid[0],
+            "cols": self.grid[1],
+            "values": [[round(float(v), 6) for v in row] for row in self.values],
+            "image_height": self.image_size[0],
+            "image_width": self.image_size[1],
+            "cell": list(self.cell),
+            "stride": list(self.stride),
+            "origins_y": [int(v) for v in self.origins_y],
+            "origins_x": [int(v) for v in self.origins_x],
+            "min": float(self.values.min()),
+            "max": float(self.values.max()),
+            "mean": float(self.values.mean()),
+        }
+
+
+def quality_map(
+    model: QualiCLIP,
+    image: Any,
+    kind: MapKind | str = "dense",
+    *,
+    window: int = DEFAULT_WINDOW,
+    stride: int = DEFAULT_STRIDE,
+    precision: str = "fp32",
+    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+) -> QualityMap:
+    """The quality map of one image, computed on the model's device.
+
+    Args:
+        model: the scorer, in eval mode. ``"dense"`` needs a CLIP ResNet tower (``trunk`` and
+            an attention pool); ``"windows"`` works with any.
+        image: what :func:`qualiclip.score` takes for one image: a path, bytes, PIL image,
+            NumPy array ``H x W x 3`` (uint8, uint16, or float in [0, 1]) or tensor ``[3, H, W]``.
+        kind: ``"dense"`` (one pass, 1/32 resolution) or ``"windows"`` (scores of crops).
+        window: side of a crop in pixels (``"windows"``; clamped to the image's sides).
+        stride: step between crops in pixels (``"windows"``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA), as for scoring.
+        max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
+
+    Returns:
+        the map and its grid.
+
+    Raises:
+        ValueError: unknown kind, a window or stride under the model's minimum side or 1, an
+            image too small, or a ``"dense"`` map of a tower without a feature map.
+        ImageDecodeError: a path or bytes that cannot be decoded.
+
+    Example:
+        >>> import qualiclip
+        >>> model = qualiclip.create_model("random-tiny")
+        >>> qmap = quality_map(model, torch.rand(3, 96, 128))
+        >>> qmap.grid, qmap.kind
+        ((3, 4), 'dense')
+    """
+    if kind not in MAP_KINDS:
+        raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
+    pixels = _pixels(image, model.min_size)
+    if kind == "dense":
+        return _dense_map(model, pixels, precision)
+    return _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def _pixels(image: Any, min_size: int) -> np.ndarray | torch.Tensor:
+    """Integer ``H x W x 3`` pixels (decoded files, integer arrays) or a float ``[3, H, W]``.
+
+    Integer pixels stay integers until a crop is cut, so a large image costs 3 (or 6) bytes a
+    pixel while its windows are scored.
+    """
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)) or hasattr(image, "read"):
+        pixels: np.ndarray | torch.Tensor = images.decode_rgb(image, min_size=min_size)
+    elif (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
+          and image.dtype in (np.uint8, np.uint16)):
+        pixels = image
+    else:
+        batch = images.to_batch(image)
+        if batch.shape[0] != 1:
+            raise ValueError(f"a quality map is of one image, got a batch of {batch.shape[0]}")
+        pixels = batch[0]
+    h, w = _size(pixels)
+    if min(h, w) < min_size:
+        raise ValueError(f"images must be at least {min_size} px on each side, got {(h, w)}")
+    return pixels
+
+
+def _size(pixels: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    if isinstance(pixels, np.ndarray):
+        return int(pixels.shape[0]), int(pixels.shape[1])
+    return int(pixels.shape[1]), int(pixels.shape[2])
+
+
+def _float_crops(
+    pixels: np.ndarray | torch.Tensor, boxes: list[tuple[int, int, int, int]]
+) -> torch.Tensor:
+    """Float ``[B, 3, h, w]`` in [0, 1] of equal-size crops ``(top, left, h, w)``, converted
+    as :func:`qualiclip.images.load_image` converts (so a crop scores as the cropped file)."""
+    if isinstance(pixels, torch.Tensor):
+        return torch.stack([pixels[:, t:t + h, l:l + w] for t, l, h, w in boxes]).float()
+    crops = np.stack([pixels[t:t + h, l:l + w] for t, l, h, w in boxes])
+    planar = np.ascontiguousarray(np.moveaxis(crops, -1, -3))
+    if planar.dtype == np.uint16:
+        return torch.from_numpy(planar.astype(np.float32)).div_(65535.0)
+    return torch.from_numpy(planar).to(torch.float32).div_(255.0)
+
+
+# --- dense -------------------------------------------------------------------------------------
+
+
+def _dense_map(model: QualiCLIP, pixels: np.ndarray | torch.Tensor, precision: str) -> QualityMap:
+    pool = getattr(getattr(model, "visual", None), "attnpool", None)
+    runner = engine.prepare(model, precision)
+    trunk = getattr(runner.visual, "trunk", None)
+    if not isinstance(pool, AttentionPool2d) or trunk is None:
+        raise ValueError("dense maps need a CLIP ResNet image tower (a feature map and an "
+                         "attention pool); use kind='windows'")
+    h, w = _size(pixels)
+    x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
+    x = model.normalize_input(x, inplace=True)
+    with heap.forward_pass(model.device, h * w), torch.inference_mode():
+        with autocast_context(model.device, precision):
+            fmap = trunk(x.contiguous(memory_format=torch.channels_last))  # [1, C, gh, gw]
+            del x
+            rows, cols = int(fmap.shape[-2]), int(fmap.shape[-1])
+            pooled = pool(fmap)  # the global feature: eval mode's first-token path, O(N)
+            local = _local_features(pool, fmap)  # [N, D]
+            del fmap
+        values = model.scores_from_features(F.normalize(local.float(), dim=-1))
+        score = model.scores_from_features(F.normalize(pooled.float(), dim=-1))
+    grid = values.reshape(rows, cols).cpu().numpy().astype(np.float32)
+    return QualityMap(
+        values=grid, kind="dense", image_size=(h, w), cell=(DENSE_CELL, DENSE_CELL),
+        stride=(DENSE_CELL, DENSE_CELL), origins_y=np.arange(rows) * DENSE_CELL,
+        origins_x=np.arange(cols) * DENSE_CELL, score=float(score[0]),
+    )
+
+
+def _local_features(pool: AttentionPool2d, fmap: torch.Tensor) -> torch.Tensor:
+    """``c_proj(v_proj(x_j))`` of every cell ``x_j`` of ``fmap`` ``[1, C, gh, gw]``: ``[N, D]``.
+
+    This is the pool's output for a query that attends only to cell ``j``: the softmax over a
+    single key is 1, so queries and keys drop out, and the heads' outputs concatenated are
+    ``v_proj(x_j)`` itself. The cell gets the positional embedding the pool would add to it
+    (none in QualiCLIP's ``pooling="none"``).
+    """
+    tokens = fmap.flatten(2).transpose(1, 2)[0]  # [N, C]
+    positional = pool._positional(tokens.shape[0] + 1, tokens.dtype)
+    if positional is not None:
+        tokens = tokens + positional[1:]
+    return pool.c_proj(pool.v_proj(tokens))
+
+
+# --- windows -----------------------------------------------------------------------------------
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Crop origins along one side: every ``stride`` px, the last one flush with the edge."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+
+def _windows_map(
+    model: QualiCLIP, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
+    precision: str, max_batch_pixels: int,
+) -> QualityMap:
+    if window < model.min_size:
+        raise ValueError(f"window must be at least the model's minimum side {model.min_size} px, "
+                         f"got {window}")
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, got {stride}")
+    if max_batch_pixels < 1:
+        raise ValueError(f"max_batch_pixels must be >= 1, got {max_batch_pixels}")
+    h, w = _size(pixels)
+    ch, cw = min(window, h), min(window, w)
+    ys, xs = _starts(h, ch, stride), _starts(w, cw, stride)
+    boxes = [(t, l, ch, cw) for t in ys for l in xs]
+    per_pass = max(1, max_batch_pixels // (ch * cw))
+    dtype = next(model.parameters()).dtype
+    scores: list[torch.Tensor] = []
+    for i in range(0, len(boxes), per_pass):
+        # Crops are cut per pass: memory is one pass's crops, not all of them.
+        crops = _float_crops(pixels, boxes[i:i + per_pass]).to(dtype=dtype)
+        scores.append(engine.score_tensors(model, crops, precision,
+                                           max_batch_pixels=max_batch_pixels))
+    values = torch.cat(scores).reshape(len(ys), len(xs)).numpy().astype(np.float32)
+    return QualityMap(
+        values=values, kind="windows", image_size=(h, w), cell=(ch, cw),
+        stride=(min(stride, h), min(stride, w)), origins_y=np.asarray(ys),
+        origins_x=np.asarray(xs), score=None,
+    )
+
+
+# --- drawing -----------------------------------------------------------------------------------
+
+
+def colorize(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """RGB uint8 ``[..., 3]`` of ``values`` on the ramp, ``vmin`` darkest, ``vmax`` brightest."""
+    span = vmax - vmin if vmax > vmin else 1.0
+    t = np.clip((np.asarray(values, dtype=np.float32) - vmin) / span, 0.0, 1.0)
+    pos = t * (len(_RAMP) - 1)
+    lo = np.minimum(np.floor(pos).astype(np.int64), len(_RAMP) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = _RAMP[lo] * (1.0 - frac) + _RAMP[lo + 1] * frac
+    return np.rint(rgb).astype(np.uint8)
+
+
+def upsample(qmap: QualityMap, size: tuple[int, int]) -> np.ndarray:
+    """The map at ``size`` = ``(height, width)`` (the image's size, or a scaled copy of it).
+
+    Dense maps are interpolated bilinearly between cell centres; a window map gives each pixel
+    the mean of the windows that contain it (exact coverage, so the overlap is not blurred
+    twice).
+    """
+    out_h, out_w = size
+    if qmap.kind == "dense":
+        small = Image.fromarray(qmap.values.astype(np.float32), mode="F")
+        return np.asarray(small.resize((out_w, out_h), Image.Resampling.BILINEAR), dtype=np.float32)
+    img_h, img_w = qmap.image_size
+
+    def coverage(origins: np.ndarray, cell: int, length: int, out: int) -> np.ndarray:
+        centre = (np.arange(out) + 0.5) * (length / out)  # pixel centres in image coordinates
+        return ((centre[:, None] >= origins[None, :])
+                & (centre[:, None] < origins[None, :] + cell)).astype(np.float32)
+
+    ay = coverage(qmap.origins_y, qmap.cell[0], img_h, out_h)  # [out_h, rows]
+    ax = coverage(qmap.origins_x, qmap.cell[1], img_w, out_w)  # [out_w, cols]
+    total = ay @ qmap.values.astype(np.float32) @ ax.T
+    count = ay.sum(1)[:, None] * ax.sum(1)[None, :]
+    return total / np.maximum(count, 1.0)
+
+
+def overlay(
+    image: np.ndarray | Image.Image,
+    qmap: QualityMap,
+    *,
+    alpha: float = 0.55,
+    value_range: tuple[float, float] | None = None,
+    legend: bool = True,
+    max_side: int | None = 1600,
+) -> Image.Image:
+    """The map in colour over its image, as an RGB PIL image.
+
+    Args:
+        image: the image the map was computed from (RGB uint8 ``H x W x 3``, or PIL).
+        qmap: its map.
+        alpha: opacity of the colours.
+        value_range: values drawn darkest and brightest; ``None``: the map's own minimum and
+            maximum, so differences within one image show (the legend gives the numbers).
+        legend: add a bar under the image with the ramp and its two end values.
+        max_side: scale the picture down so its longer side is at most this (``None``: never).
+    """
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    pil = pil.convert("RGB")
+    if (pil.height, pil.width) != qmap.image_size:
+        raise ValueError(f"the map is of a {qmap.image_size[1]}x{qmap.image_size[0]} image, got "
+                         f"{pil.width}x{pil.height}")
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(pil.size))
+    out_w, out_h = max(1, round(pil.width * scale)), max(1, round(pil.height * scale))
+    if scale < 1.0:
+        pil = pil.resize((out_w, out_h), Image.Resampling.BILINEAR)
+    vmin, vmax = value_range or (float(qmap.values.min()), float(qmap.values.max()))
+    colours = colorize(upsample(qmap, (out_h, out_w)), vmin, vmax).astype(np.float32)
+    base = np.asarray(pil, dtype=np.float32)
+    blended = Image.fromarray(np.rint(base * (1 - alpha) + colours * alpha).astype(np.uint8))
+    return _with_legend(blended, vmin, vmax) if legend else blended
+
+
+def _with_legend(picture: Image.Image, vmin: float, vmax: float) -> Image.Image:
+    bar_h = max(22, picture.width // 20)  # stays legible when the page scales the picture down
+    canvas = Image.new("RGB", (picture.width, picture.height + bar_h), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    font_px = round(bar_h * 0.7)
+    try:
+        font: Any = ImageFont.load_default(size=font_px)
+    except TypeError:  # Pillow before 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    label_w = min(round(font_px * 3.2), picture.width // 4)
+    ramp_w = max(1, picture.width - 2 * label_w)
+    ramp = colorize(np.linspace(vmin, vmax, ramp_w, dtype=np.float32), vmin, vmax)
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h - 6, axis=0)),
+                 (label_w, picture.height + 3))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, picture.height + 2), f"{vmin:.3f}", fill=(0, 0, 0), font=font)
+    draw.text((label_w + ramp_w + 3, picture.height + 2), f"{vmax:.3f}", fill=(0, 0, 0),
+              font=font)
+    return canvas
+
+
+def overlay_png(
+    image: np.ndarray | Image.Image, qmap: QualityMap, *, compress_level: int = 1,
+    **options: Any,
+) -> bytes:
+    """:func:`overlay` encoded as PNG bytes (``options`` are its keywords).
+
+    zlib level 1 by default: on a 768x576 photo overlay it encoded in about half the time of
+    Pillow's default level 6, for a file about 15% larger (photos compress little either way).
+    """
+    buffer = io.BytesIO()
+    overlay(image, qmap, **options).save(buffer, "PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype == np.uint16:
+        return (pixels.astype(np.uint32) * 255 + 32767) // 65535  # rounded, exact integers
+    return pixels
+
+
+def write_maps(
+    model: QualiCLIP,
+    results: Iterable[ScoreResult],
+    outdir: str | os.PathLike[str],
+    *,
+    kind: MapKind | str = "dense",
+    npy: bool = False,
+    window: int = DEFAULT_WINDOW,
+    stride: int = DEFAULT_STRIDE,
+    precision: str = "fp32",
+) -> Iterator[ScoreResult]:
+    """Pass ``results`` through, writing each scored file's map into ``outdir`` on the way.
+
+    For input ``photo.jpg`` the overlay is ``outdir/photo.map.png`` (and the raw values
+    ``photo.map.npy`` with ``npy``); a second input with the same stem in this run gets
+    ``photo-2.map.png``, and so on, so no map overwrites another. Rows that already carry an
+    error pass unchanged; a file whose map fails keeps its score and gets the map's error, so
+    it counts as failed.
+    """
+    folder = Path(outdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    used: dict[str, int] = {}
+    for result in results:
+        if not result.ok:
+            yield result
+            continue
+        stem = Path(result.path).stem or "image"
+        n = used.get(stem, 0) + 1
+        used[stem] = n
+        name = stem if n == 1 else f"{stem}-{n}"
+        try:
+            pixels = images.decode_rgb(result.path, min_size=model.min_size)
+            qmap = quality_map(model, pixels, kind, window=window, stride=stride,
+                               precision=precision)
+            overlay(_to_uint8(pixels), qmap).save(folder / f"{name}.map.png")
+            if npy:
+                np.save(folder / f"{name}.map.npy", qmap.values)
+        except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
+            yield dataclasses.replace(
+                result, error=f"quality map failed: {type(exc).__name__}: {exc}"
+            )
+            continue
+        yield result
+
+
+def half_means(qmap: QualityMap) -> tuple[float, float]:
+    """Mean map value over the image's left and right halves (pixel-weighted, at image scale
+    divided down to at most 512 px a side)."""
+    h, w = qmap.image_size
+    scale = min(1.0, 512 / max(h, w))
+    full = upsample(qmap, (max(1, math.floor(h * scale)), max(1, math.floor(w * scale))))
+    half = full.shape[1] // 2
+    return float(full[:, :half].mean()), float(full[:, full.shape[1] - half:].mean())
