@@ -153,9 +153,12 @@ class InferenceModel:
             raise
         staging = self.staging
 
+        on_cuda = self.device.type == "cuda"
+
         def release() -> None:
-            fence = torch.cuda.Event()
-            fence.record()  # after the copy out of ``buf`` on the current stream
+            fence = torch.cuda.Event() if on_cuda else None
+            if fence is not None:
+                fence.record()  # after the copy out of ``buf`` on the current stream
             staging.release(buf, fence)
 
         return x, release
