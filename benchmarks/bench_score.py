@@ -255,7 +255,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     rss_start = _peak_rss_mib()
     if spec.get("warmup", True):
-        once(paths[:1])
+        # A compiled tower compiles once per input shape: warm it up on a full batch.
+        once(paths[:spec["batch"]] if spec.get("compile") else paths[:1])
     peak_before = matmul_peak_gflops(device) if spec.get("peak", True) else None
     passes = []
     for _ in range(spec.get("repeats", 1)):
@@ -382,7 +383,11 @@ def _device_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
                                          "decode": "auto"}))
     if args.no_ceilings:
         return rows
+    from qualiclip.precision import native_bf16
+
     for precision in dict.fromkeys([best, *args.precisions.split(",")]):
+        if precision == "bf16" and not native_bf16(torch.device(args.device)):
+            continue  # emulated: no ceiling worth measuring
         rows.append((f"compute {precision}", {"mode": "compute", "precision": precision}))
     if args.compile:
         rows.append((f"compute {best} compile", {"mode": "compute", "precision": best,

@@ -9,7 +9,8 @@ The step is :func:`qualiclip.train.train_step`'s, taken apart so each phase can 
 each phase ends with a synchronisation, so a phase's figure is its own):
 
 * **data wait**: ``next()`` on the training DataLoader (decode and crop pairs, in
-  ``--workers`` worker processes ahead of the step);
+  ``--workers`` worker processes ahead of the step; with ``--degrade-in loader`` the workers
+  also degrade each sample, and the degradations phase is left empty);
 * **degradations**: ``degradations.degrade_batch`` on the training device (one random
   composition per image, every level, both crops);
 * **forward/backward**: the similarity model under the preset's autocast, the QualiCLIP losses,
@@ -86,8 +87,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = make_optimizer(model, cfg.optim)
     amp = _autocast(args.precision or cfg.optim.precision, device)
     generator = torch.Generator().manual_seed(args.seed)
-    dataset = PristineCropPairs(_pristine(args.pristine), data.crop_size,
-                                min_overlap=data.min_overlap, seed=args.seed)
+    dataset: Any = PristineCropPairs(_pristine(args.pristine), data.crop_size,
+                                     min_overlap=data.min_overlap, seed=args.seed)
+    if args.degrade_in == "loader":
+        from qualiclip.train import DegradedCropPairs  # not in releases before it existed
+
+        dataset = DegradedCropPairs(dataset, levels=data.levels,
+                                    max_distortions=data.max_distortions, seed=args.seed)
     loader = DataLoader(
         dataset, batch_size=data.batch_size, drop_last=True, num_workers=data.workers,
         sampler=ResumableSampler(len(dataset), seed=args.seed),
@@ -109,10 +115,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start_timed = sync()
         t0 = sync()
         batch = next(batches)
-        crops = batch["crops"].to(device, non_blocking=True)
+        if "degraded" in batch:  # degraded in the workers: only the copy is left
+            crops = batch["degraded"].to(device, non_blocking=True)
+        else:
+            crops = batch["crops"].to(device, non_blocking=True)
         t1 = sync()
-        x = degradations.degrade_batch(crops, generator, levels=data.levels,
-                                       max_distortions=data.max_distortions)
+        x = crops if "degraded" in batch else degradations.degrade_batch(
+            crops, generator, levels=data.levels, max_distortions=data.max_distortions)
         b, n_lv = x.shape[:2]
         t2 = sync()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -154,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
     p.add_argument("--pristine", default=None, help="folder of pristine images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--degrade-in", choices=("step", "loader"), default="step",
+                   help="step: degrade_batch in the step (the default of training); loader: "
+                   "each sample in the DataLoader workers (data.degrade_in = 'loader')")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -166,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({_device_name(args.device)}), load average {load:.2f}")
     print(f"preset {args.preset} (init {out['init']}): {data.batch_size} images x "
           f"{len(data.levels)} levels x 2 crops of {data.crop_size} px per step, "
-          f"{data.workers} DataLoader workers, autocast {out['amp'] or 'off'}; "
+          f"{data.workers} DataLoader workers, degradations in the {args.degrade_in}, "
+          f"autocast {out['amp'] or 'off'}; "
           f"{args.steps} timed steps after {args.warmup}")
     step_total = sum(sum(v) for v in times.values())
     print(f"{'phase':<18}{'median ms':>11}{'mean ms':>10}{'share':>8}")

@@ -301,3 +301,15 @@ def test_nvjpeg_scores_are_close_to_libjpeg_scores(tiny, tmp_path):
         if c.ok:
             assert c.score is not None and g.score is not None
             assert abs(c.score - g.score) <= 5e-3  # nvJPEG's IDCT and upsampling differ slightly
+
+
+def test_one_pass_in_flight_keeps_input_order_and_scores(tiny, tmp_path, monkeypatch):
+    """The CUDA pipeline's bookkeeping (a pass settled only after the next one started), on the
+    CPU: the same rows in the same order, errors included."""
+    paths = _files(tmp_path) + [tmp_path / "missing.jpg"]
+    plain = list(engine.score_paths(tiny, paths, batch_size=2))
+    arrays = [_photo(64, 96, i) for i in range(5)] + [_photo(70, 90, 9)]
+    outcomes, _ = engine.score_arrays(tiny, arrays, batch_size=2)
+    monkeypatch.setattr(engine, "_in_flight", lambda runner: 1)
+    assert list(engine.score_paths(tiny, paths, batch_size=2)) == plain
+    assert engine.score_arrays(tiny, arrays, batch_size=2)[0] == outcomes
