@@ -242,6 +242,7 @@ def test_cli_decode_gpu_without_cuda_is_a_usage_error(tmp_path, capsys):
                  "--no-progress", "--format", "csv"]) == 0
 
 
+@pytest.mark.skipif(CUDA, reason="with CUDA, decode='auto' may import torchvision")
 def test_the_core_never_imports_torchvision(tmp_path):
     (path, *_) = _files(tmp_path)
     code = (
@@ -253,7 +254,7 @@ def test_the_core_never_imports_torchvision(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
-    assert out.stdout.strip() == ("True" if CUDA else "False")
+    assert out.stdout.strip() == "False"
 
 
 # --- CUDA only ---------------------------------------------------------------------------------
