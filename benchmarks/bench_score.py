@@ -19,6 +19,22 @@ not depend on the weights; batch norms get random statistics so none is an ident
   decoding and batching are the engine's and only the forward pass differs. Also printed: the
   graph's file size and its load time (session creation in a fresh process).
 
+Ceilings and GPU rows (``--ceilings``, on by default; ``--no-ceilings`` leaves them out):
+
+* **compute P**: the prepared tower (:func:`qualiclip.engine.prepare`) on a batch of
+  ``--batch-size`` random images already on the device, in precision P (the fastest the engine
+  could go if decoding and copying were free);
+* **decode cpu**: decoding alone, in the engine's ``--workers`` threads; **decode gpu** (CUDA):
+  nvJPEG through torchvision, batches of 64 (a failed row says when torchvision is missing);
+* on CUDA, the reference runs under fp16 autocast (the authors' setting), and the engine also
+  runs in fp16 with ``decode="gpu"`` and, with ``--compile``, with ``torch.compile`` (those
+  compile once per size: the warm-up pass pays for it).
+
+``--device cuda`` example (512 photos as the GPU figures in ``docs/performance.md``)::
+
+    python benchmarks/bench_score.py --device cuda --images 512 --batch-size 32 --workers 14 \
+        --compile --no-memory
+
 Each run is a fresh subprocess (so its peak RSS is its own) that warms up on one image, then times
 ``--repeats`` passes over all the photos; the fastest pass counts, as the fastest matmul does for
 the peak. Printed: images per second, the ratio to the reference, peak RSS, achieved GFLOP/s
@@ -154,26 +170,70 @@ def _peak_rss_mib() -> float:
 
 
 def run_reference(model: Any, paths: list[str], device: str) -> list[float]:
-    """The reference pipeline: per image decode, convert, normalise, full-attention forward."""
+    """The reference pipeline: per image decode, convert, normalise, full-attention forward
+    (under fp16 autocast on CUDA, as the authors run it)."""
     model.visual.attnpool.full_attention = True
     scores = []
+    cuda = device.startswith("cuda")
     for path in paths:
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
         x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)[None].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             scores.append(float(model(x)[0]))  # the model normalises with CLIP's mean/std
     return scores
 
 
-def run_engine(model: Any, paths: list[str], precision: str, batch: int, workers: int) -> list:
+def run_engine(model: Any, paths: list[str], precision: str, batch: int, workers: int,
+               decode: str = "cpu", compile: bool = False) -> list:
     from qualiclip.engine import score_paths
 
-    rows = list(score_paths(model, paths, batch_size=batch, workers=workers, precision=precision))
+    extra: dict[str, Any] = {"decode": decode} if decode != "cpu" else {}
+    if compile:
+        extra["compile"] = True
+    rows = list(score_paths(model, paths, batch_size=batch, workers=workers, precision=precision,
+                            **extra))
     failed = [r for r in rows if not r.ok]
     if failed:
         raise RuntimeError(f"engine failed on {failed[0].path}: {failed[0].error}")
     return [r.score for r in rows]
+
+
+def run_compute(model: Any, files: list[str], spec: dict[str, Any]) -> list[float]:
+    """The prepared tower on ready device batches: as many images as ``files``, no decoding."""
+    from qualiclip.engine import prepare
+
+    runner = prepare(model, spec["precision"], compile=spec.get("compile", False))
+    with Image.open(files[0]) as im:
+        w, h = im.size
+    g = torch.Generator().manual_seed(0)
+    ready = torch.rand(spec["batch"], 3, h, w, generator=g).to(model.device)
+    ready = ready.contiguous(memory_format=torch.channels_last)
+    done: list[float] = []
+    with torch.inference_mode():
+        while len(done) < len(files):
+            n = min(spec["batch"], len(files) - len(done))
+            done += runner(ready[:n].clone()).float().cpu().tolist()  # clone: normalised in place
+    return done
+
+
+def run_decode(files: list[str], spec: dict[str, Any]) -> list[float]:
+    """Decoding alone: the engine's CPU threads, or nvJPEG in batches of 64 (``gpu``)."""
+    if spec["decoder"] == "gpu":
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        sizes: list[float] = []
+        for i in range(0, len(files), 64):
+            data = [torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8)
+                    for f in files[i:i + 64]]
+            out = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+            sizes += [float(t.shape[-1]) for t in out]
+        return sizes
+    from qualiclip.engine import _decoded_in_order
+
+    workers = spec["workers"]
+    items = _decoded_in_order(files, 32, workers, prefetch=max(2, 2 * workers))
+    return [float(it.pixels.shape[1]) if it.pixels is not None else 0.0 for it in items]
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -199,12 +259,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     def once(files: list[str]) -> list[float]:
         if spec["mode"] == "reference":
             return run_reference(model, files, device)
-        precision = "fp32" if spec["mode"] == "onnx" else spec["mode"]
-        return run_engine(model, files, precision, spec["batch"], spec["workers"])
+        if spec["mode"] == "compute":
+            return run_compute(model, files, spec)
+        if spec["mode"] == "decode":
+            return run_decode(files, spec)
+        precision = "fp32" if spec["mode"] == "onnx" else spec.get("precision", spec["mode"])
+        return run_engine(model, files, precision, spec["batch"], spec["workers"],
+                          spec.get("decode", "cpu"), spec.get("compile", False))
 
     rss_start = _peak_rss_mib()
     if spec.get("warmup", True):
-        once(paths[:1])
+        # A compiled tower compiles once per input shape: warm it up on a full batch.
+        once(paths[:spec["batch"]] if spec.get("compile") else paths[:1])
     peak_before = matmul_peak_gflops(device) if spec.get("peak", True) else None
     passes = []
     for _ in range(spec.get("repeats", 1)):
@@ -263,7 +329,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--images", type=int, default=8, help="photos to score per run")
     p.add_argument("--size", type=_size, default=(1024, 768), help="WxH of the photos")
-    p.add_argument("--precisions", default="fp32,bf16", help="engine precisions, comma-separated")
+    p.add_argument("--precisions", default=None,
+                   help="engine precisions, comma-separated (default fp32,bf16; CUDA: "
+                   "fp32,bf16,fp16)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the engine and the compute ceiling with torch.compile")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="leave out the compute-only and decode-only rows")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed passes over the photos per run; the fastest counts, as for the peak")
     p.add_argument("--batch-size", type=int, default=8)
@@ -301,11 +373,12 @@ def _timing_runs(
 ) -> dict[str, dict[str, Any]]:
     common = {"paths": [str(p) for p in paths], "device": args.device,
               "batch": args.batch_size, "workers": args.workers, "repeats": args.repeats}
-    plan = [("reference", {"mode": "reference"})]
+    plan: list[tuple[str, dict[str, Any]]] = [("reference", {"mode": "reference"})]
     plan += [(mode, {"mode": mode}) for mode in args.precisions.split(",")]
     if args.device == "cpu" and "fp32" in args.precisions.split(","):
         # What reusing freed memory gains: the same engine with the C allocator left alone.
         plan.append(("fp32 no-reuse", {"mode": "fp32", "reuse_memory": False}))
+    plan += _device_rows(args)
     if onnx_path is not None:
         plan.append(("onnx", {"mode": "onnx", "onnx": str(onnx_path)}))
     runs: dict[str, dict[str, Any]] = {}
@@ -315,6 +388,34 @@ def _timing_runs(
         if "error" in runs[label]:
             print(f"  {label} failed: {runs[label]['error']}")
     return runs
+
+
+def _device_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """GPU decoding and compiled runs of the engine, then the compute and decode ceilings."""
+    cuda = args.device.startswith("cuda")
+    best = "fp16" if cuda else "fp32"
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if cuda:
+        rows.append((f"{best} gpu-decode", {"mode": "engine", "precision": best,
+                                            "decode": "gpu"}))
+    if args.compile:
+        rows.append((f"{best} compile", {"mode": "engine", "precision": best, "compile": True,
+                                         "decode": "auto"}))
+    if args.no_ceilings:
+        return rows
+    from qualiclip.precision import native_bf16
+
+    for precision in dict.fromkeys([best, *args.precisions.split(",")]):
+        if precision == "bf16" and not native_bf16(torch.device(args.device)):
+            continue  # emulated: no ceiling worth measuring
+        rows.append((f"compute {precision}", {"mode": "compute", "precision": precision}))
+    if args.compile:
+        rows.append((f"compute {best} compile", {"mode": "compute", "precision": best,
+                                                 "compile": True}))
+    rows.append(("decode cpu", {"mode": "decode", "decoder": "cpu"}))
+    if cuda:
+        rows.append(("decode gpu", {"mode": "decode", "decoder": "gpu"}))
+    return rows
 
 
 def _print_speed(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
@@ -329,11 +430,12 @@ def _print_speed(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
         if "error" in r:
             print(f"{mode:<14} failed: {r['error']}")
             continue
-        gflop = gflop_ref if mode == "reference" else gflop_engine
+        gflop = gflop_ref if mode == "reference" else 0.0 if mode.startswith("decode") else (
+            gflop_engine)
         achieved = gflop * r["images_per_s"]
         ratio = r["images_per_s"] / ref["images_per_s"] if "error" not in ref else float("nan")
         diff = ""
-        if "scores" in fp32:
+        if "scores" in fp32 and not mode.startswith(("compute", "decode")):
             pairs = zip(r["scores"], fp32["scores"], strict=True)
             diff = f"{max(abs(a - b) for a, b in pairs):.2e}"
         local = r["matmul_peak"] or peak
@@ -421,6 +523,8 @@ def _print_memory(label: str, r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.precisions is None:
+        args.precisions = "fp32,bf16,fp16" if args.device.startswith("cuda") else "fp32,bf16"
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # reaches the children

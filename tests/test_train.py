@@ -193,6 +193,70 @@ def test_resume_gives_bit_identical_losses(pristine: Path, tmp_path: Path) -> No
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _loader_side(cfg: train_config.TrainConfig, workers: int) -> train_config.TrainConfig:
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, degrade_in="loader", workers=workers)
+    )
+
+
+def test_loader_side_degradations_do_not_depend_on_the_worker_count(pristine: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from qualiclip.crops import PristineCropPairs, ResumableSampler, find_images
+
+    pairs = PristineCropPairs(find_images(pristine), 48, seed=3)
+    dataset = train.DegradedCropPairs(pairs, levels=(1, 3, 5), max_distortions=3, seed=3)
+    # The parent's degradation threads exist before the workers fork (as after validation).
+    degradations.degrade_batch(torch.zeros(1, 2, 3, 48, 48, dtype=torch.uint8),
+                               torch.Generator().manual_seed(0), max_distortions=1)
+
+    def batches(workers: int) -> list[dict]:
+        loader = DataLoader(dataset, batch_size=3, num_workers=workers, drop_last=True,
+                            sampler=ResumableSampler(len(dataset), seed=3, start=2))
+        it = iter(loader)
+        return [next(it) for _ in range(4)]  # past the end of the first epoch
+
+    serial, parallel = batches(0), batches(2)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a["degraded"].shape == (3, 3, 2, 3, 48, 48) and "crops" not in a
+        assert torch.equal(a["degraded"], b["degraded"]) and torch.equal(a["index"], b["index"])
+    # a sample's degradations depend on its key alone
+    assert torch.equal(dataset[(1, 0)]["degraded"], dataset[(1, 0)]["degraded"])
+    assert not torch.equal(dataset[(1, 0)]["degraded"], dataset[(1, 1)]["degraded"])
+    assert not torch.equal(dataset[(1, 0)]["degraded"], dataset[(2, 0)]["degraded"])
+
+
+def test_degradation_threads_work_in_a_forked_child() -> None:
+    import multiprocessing
+
+    degradations._threads().submit(int).result()  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(_submit_in_child).get(timeout=30) == 7
+
+
+def _submit_in_child() -> int:
+    return int(degradations._threads().submit(int, "7").result(timeout=10))
+
+
+def test_resume_is_exact_with_loader_side_degradations(pristine: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    train.fit(_loader_side(_cfg(pristine, full), workers=0))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "ckpt-000002.pt").write_bytes((full / "ckpt-000002.pt").read_bytes())
+    # resumed with two workers: the batches do not depend on the worker count
+    train.fit(_loader_side(_cfg(pristine, resumed), workers=2),
+              resume=resumed / "ckpt-000002.pt")
+    a, b = _losses(full), _losses(resumed)
+    assert sorted(b) == [3, 4]
+    assert a[3] == b[3] and a[4] == b[4]
+    step = _losses(tmp_path / "full")
+    plain = tmp_path / "plain"
+    train.fit(_cfg(pristine, plain))
+    assert _losses(plain)[1] != step[1]  # the loader's draws are not the step's
+
+
 def test_resume_refuses_a_changed_setting(pristine: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train.fit(_cfg(pristine, out, max_steps=2))

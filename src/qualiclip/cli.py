@@ -88,6 +88,11 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="JPEG decoding: auto (on the GPU with CUDA and torchvision's nvJPEG, "
+                   "else CPU threads; default), cpu, gpu (an error where unavailable)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the image tower (once per image size; for long runs)")
     p.add_argument(
         "--format", choices=("table", "csv", "json", "jsonl", "parquet"), default=None,
         help="local: table (default), csv, json, jsonl; --engine ray: parquet (default) or csv",
@@ -167,14 +172,19 @@ def _run_score(args: argparse.Namespace) -> int:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
     model = load_model_from_args(args)
-    results = engine.score_paths(
-        model,
-        paths,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        precision=args.precision,
-        progress=not args.no_progress,
-    )
+    try:
+        results = engine.score_paths(
+            model,
+            paths,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            precision=args.precision,
+            progress=not args.no_progress,
+            decode=args.decode,
+            compile=args.compile,
+        )
+    except ValueError as exc:  # --decode gpu where there is no GPU decoding
+        raise UsageError(str(exc)) from None
     if args.map is not None:
         from qualiclip.maps import write_maps
 

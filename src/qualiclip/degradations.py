@@ -511,10 +511,18 @@ def _d_color_saturation2(x: Tensor, v: Tensor, p: Params) -> Tensor:
 # --- compression (real codecs) -----------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
+_thread_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
 def _threads() -> ThreadPoolExecutor:
     # Pillow's JPEG codec and torch's samplers release the GIL: threads scale over samples.
-    return ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="qualiclip-degrade")
+    # One pool per process: a pool inherited through fork (a DataLoader worker) has no threads
+    # behind it, and work handed to it would never run.
+    global _thread_pool
+    if _thread_pool is None or _thread_pool[0] != os.getpid():
+        pool = ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="qualiclip-degrade")
+        _thread_pool = (os.getpid(), pool)
+    return _thread_pool[1]
 
 
 def _cpu_count() -> int:

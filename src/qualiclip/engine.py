@@ -18,26 +18,39 @@ What makes it fast (each measured by ``benchmarks/bench_score.py``):
 * **Bounded memory**: batches are capped by pixels as well as count, so a 12-megapixel photo
   scores with RN50 in well under 4 GiB, at full resolution.
 
+On a GPU (see ``docs/performance.md``):
+
+* **Pixels cross as uint8** (a quarter of float32's size) through reused page-locked buffers
+  (:class:`qualiclip.heap.StagingPool`), asynchronously, and are converted and normalised on the
+  device (:func:`qualiclip.images.pixels_to_tensor`, the one conversion every path shares).
+* **One pass in flight**: the next batch is staged and queued while the device computes this
+  one; scores come back without stalling the queue.
+* **Optional JPEG decoding on the GPU** (``decode="gpu"``/``"auto"``; nvJPEG through
+  torchvision, the ``gpu`` extra), with CPU decoding in threads for everything else.
+
 Precisions are those of :mod:`qualiclip.precision`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from qualiclip import heap, images
@@ -54,9 +67,16 @@ from qualiclip.precision import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "InferenceModel", "Precision", "ScoreResult",
-    "check_precision", "prepare", "score", "score_arrays", "score_paths", "score_tensors",
+    "DECODE_MODES", "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "Decode", "InferenceModel",
+    "Precision", "ScoreResult", "check_precision", "gpu_jpeg_decoder", "prepare", "score",
+    "score_arrays", "score_paths", "score_tensors",
 ]
+
+#: Where image files are decoded: ``auto`` (JPEGs on the GPU when the model is on CUDA and
+#: torchvision's nvJPEG is there, the rest on the CPU), ``cpu`` (threads), ``gpu`` (as auto, but
+#: an error when GPU decoding is unavailable).
+Decode = Literal["auto", "cpu", "gpu"]
+DECODE_MODES: tuple[str, ...] = get_args(Decode)
 
 #: Most pixels in one forward pass (8 KonIQ-size 1024x768 images); larger images go one by one.
 DEFAULT_MAX_BATCH_PIXELS = 8 * 1024 * 768
@@ -111,6 +131,37 @@ class InferenceModel:
             # (Prepacking weights into oneDNN's blocked layout was measured and not kept: no
             # faster at 1024x768, and it ties the layout to one input size.)
             self.visual = FusedResNet(visual, dtype).to(self.device)
+        # Page-locked buffers that uint8 pixels cross to the GPU in (none on a CPU: pixels are
+        # converted straight into the model's input there).
+        self.staging = heap.StagingPool() if self.device.type == "cuda" else None
+
+    def to_input(
+        self, pixels: Sequence[np.ndarray | torch.Tensor]
+    ) -> tuple[torch.Tensor, Callable[[], None]]:
+        """Decoded pixels as this model's float input on its device, and a function to call once
+        the input has been queued for use (it hands the staging buffer back)."""
+        first = pixels[0]
+        if self.staging is None or isinstance(first, torch.Tensor):
+            return images.pixels_to_tensor(pixels, self.device), _nothing
+        h, w = first.shape[:2]
+        dtype = torch.int16 if first.dtype == np.uint16 else torch.uint8
+        buf = self.staging.acquire((len(pixels), h, w, 3), dtype)
+        try:
+            x = images.pixels_to_tensor(pixels, self.device, staging=buf)
+        except BaseException:
+            self.staging.release(buf)
+            raise
+        staging = self.staging
+
+        on_cuda = self.device.type == "cuda"
+
+        def release() -> None:
+            fence = torch.cuda.Event() if on_cuda else None
+            if fence is not None:
+                fence.record()  # after the copy out of ``buf`` on the current stream
+            staging.release(buf, fence)
+
+        return x, release
 
     def __call__(self, x: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
         """Scores ``[B]`` (float32, on the model's device) of RGB ``x`` ``[B, 3, H, W]`` in [0, 1].
@@ -132,6 +183,10 @@ class InferenceModel:
             scores = model.scores_from_features(F.normalize(features.float(), dim=-1))
             del features
         return scores
+
+
+def _nothing() -> None:
+    return None
 
 
 _PREPARED: weakref.WeakKeyDictionary[QualiCLIP, dict[tuple[Any, ...], tuple[Any, InferenceModel]]]
@@ -237,12 +292,27 @@ def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch
         True
     """
     batched = isinstance(x, torch.Tensor) and x.ndim == 4
-    if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
-        batch = images.load_image(x, min_size=model.min_size)[None]
-    else:
-        batch = images.to_batch(x)
     weight = next(model.parameters(), None)  # a scorer without parameters (ONNX) takes fp32
     dtype = weight.dtype if weight is not None else torch.float32
+    pixels: list[np.ndarray] | None = None
+    if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
+        pixels = [images.decode_rgb(x, min_size=model.min_size)]
+    elif (isinstance(x, np.ndarray) and x.dtype in (np.uint8, np.uint16) and x.ndim in (3, 4)
+          and x.shape[-1] == 3):
+        pixels = list(x) if x.ndim == 4 else [x]
+    if pixels is not None and dtype == torch.float32 and isinstance(model, QualiCLIP):
+        # Integer pixels take the engine's own conversion (uint8 to the device, converted there).
+        outcomes, _ = score_arrays(model, pixels, precision=precision, batch_size=len(pixels))
+        first = outcomes[0]
+        for out in outcomes:
+            if isinstance(out, Exception):
+                raise out
+        assert not isinstance(first, Exception)  # noqa: S101 - raised just above
+        return float(first)
+    if pixels is not None:
+        batch = torch.stack([images.pixels_to_tensor([p])[0] for p in pixels])
+    else:
+        batch = images.to_batch(x)
     scores = score_tensors(model, batch.to(dtype=dtype), precision)
     return scores if batched else float(scores[0])
 
@@ -254,8 +324,17 @@ def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch
 class _Decoded:
     index: int
     path: str
-    pixels: np.ndarray | None  # H x W x 3, uint8 or uint16
+    pixels: np.ndarray | torch.Tensor | None  # H x W x 3 uint8/uint16, or 3 x H x W uint8 (GPU)
     error: str | None
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        """What images must share to run in one pass: height, width, and the kind of pixels
+        (decoded on the device, uint8 or uint16 arrays: each kind crosses as it is)."""
+        assert self.pixels is not None  # noqa: S101 - internal invariant, not input validation
+        if isinstance(self.pixels, torch.Tensor):
+            return (self.pixels.shape[1], self.pixels.shape[2], "device")
+        return (self.pixels.shape[0], self.pixels.shape[1], str(self.pixels.dtype))
 
 
 def _decode(index: int, path: str, min_size: int) -> _Decoded:
@@ -269,18 +348,106 @@ def _decode(index: int, path: str, min_size: int) -> _Decoded:
         return _Decoded(index, path, None, f"{type(exc).__name__}: {exc}")
 
 
+#: EXIF tag of the orientation (1: as stored).
+_EXIF_ORIENTATION = 0x0112
+
+JpegDecoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gpu_jpeg_decoder(device: torch.device | str) -> JpegDecoder | None:
+    """A JPEG decoder on ``device`` (nvJPEG through torchvision), or None where there is none.
+
+    torchvision is imported here only, and any failure to import it (missing, or built for
+    another torch) means no GPU decoding: qualiclip itself never needs it.
+
+    Returns:
+        ``decode(data)``: encoded bytes (a uint8 CPU tensor) to RGB uint8 ``[3, H, W]`` on
+        ``device``. Calls are serialised (one nvJPEG decoder state).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg  # the optional "gpu" extra
+    except Exception:  # noqa: BLE001 - absent or incompatible: CPU decoding it is
+        return None
+    lock = threading.Lock()
+
+    def decode(data: torch.Tensor) -> torch.Tensor:
+        with lock:
+            out: torch.Tensor = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return out
+
+    return decode
+
+
+def _resolve_decoder(decode: str, device: torch.device) -> JpegDecoder | None:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "cpu":
+        return None
+    decoder = gpu_jpeg_decoder(device)
+    if decoder is None and decode == "gpu":
+        why = (
+            f"the model runs on {device.type}" if device.type != "cuda"
+            else "torchvision's decode_jpeg could not be imported (pip install 'qualiclip[gpu]')"
+        )
+        raise ValueError(f"GPU decoding needs a CUDA model and torchvision's nvJPEG: {why}")
+    return decoder
+
+
+def _decode_jpeg_on_device(
+    index: int, path: str, min_size: int, decoder: JpegDecoder
+) -> _Decoded:
+    """``path`` decoded on the GPU when it is a plain JPEG; on the CPU otherwise.
+
+    Only files that :func:`qualiclip.images.decode_rgb` would turn into the same picture go to
+    the GPU: regular files, baseline RGB or greyscale JPEGs, no EXIF rotation, within the size
+    limits. Anything else, and any failure on the GPU, is decoded (or refused, with its reason)
+    by the CPU path.
+    """
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            with Image.open(path) as im:
+                width, height = im.size
+                plain = (
+                    im.format == "JPEG" and im.mode in ("RGB", "L")
+                    and min(width, height) >= min_size
+                    and width * height <= images.max_pixels_from_env()
+                    and im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+                )
+            if plain:
+                data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+                pixels = decoder(data)
+                if tuple(pixels.shape) == (3, height, width) and pixels.dtype == torch.uint8:
+                    return _Decoded(index, path, pixels, None)
+    except Exception:  # noqa: BLE001, S110 - the CPU decoder gives the verdict on this file
+        pass
+    return _decode(index, path, min_size)
+
+
 def _decoded_in_order(
-    paths: Iterable[str], min_size: int, workers: int, prefetch: int
+    paths: Iterable[str],
+    min_size: int,
+    workers: int,
+    prefetch: int,
+    decoder: JpegDecoder | None = None,
 ) -> Iterator[_Decoded]:
     """Decode ``paths`` in ``workers`` threads, at most ``prefetch`` ahead, yielding in order.
 
     PIL's decoders release the GIL, so threads decode while the model computes. The threads are
     daemons told to stop as soon as the consumer stops (Ctrl-C, an error, a closed generator): a
     decode still running then neither delays the exit nor keeps the process alive, as a thread
-    pool's workers would (the interpreter joins those at exit).
+    pool's workers would (the interpreter joins those at exit). With a ``decoder``, plain JPEGs
+    are decoded on the GPU (see :func:`_decode_jpeg_on_device`).
     """
     jobs: SimpleQueue[tuple[Future[_Decoded], int, str] | None] = SimpleQueue()
     stop = threading.Event()
+
+    def decode_one(index: int, path: str) -> _Decoded:
+        if decoder is not None:
+            return _decode_jpeg_on_device(index, path, min_size, decoder)
+        return _decode(index, path, min_size)
 
     def work() -> None:
         while (job := jobs.get()) is not None and not stop.is_set():
@@ -288,7 +455,7 @@ def _decoded_in_order(
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(_decode(index, path, min_size))
+                future.set_result(decode_one(index, path))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, never lost
                 future.set_exception(exc)
 
@@ -316,45 +483,27 @@ def _decoded_in_order(
             jobs.put(None)
 
 
-def _to_float_batch(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """Stack ``H x W x 3`` integer pixels into a channels-last float ``[B, 3, H, W]`` in [0, 1].
-
-    The division is the same as :func:`qualiclip.images.load_image`'s, so values are identical.
-    """
-    h, w, _ = arrays[0].shape
-    pin = device.type == "cuda"
-    batch = torch.empty((len(arrays), h, w, 3), dtype=torch.float32, pin_memory=pin)
-    for i, arr in enumerate(arrays):
-        if arr.dtype == np.uint16:  # torch has few uint16 kernels; NumPy converts exactly
-            batch[i].copy_(torch.from_numpy(arr.astype(np.float32))).div_(65535.0)
-        else:
-            batch[i].copy_(torch.from_numpy(arr)).div_(255.0)
-    # [B, H, W, 3] viewed as [B, 3, H, W] is exactly the channels-last layout.
-    return batch.permute(0, 3, 1, 2).to(device, non_blocking=True)
-
-
 class _Grouper:
     """Holds decoded images by size until a batch is full or the look-ahead window is."""
 
     def __init__(self, batch_size: int, max_batch_pixels: int, lookahead: int, max_pixels: int):
         self.batch_size, self.max_batch_pixels = batch_size, max_batch_pixels
         self.lookahead, self.max_pixels = lookahead, max_pixels
-        self.groups: dict[tuple[int, int], list[_Decoded]] = {}
+        self.groups: dict[tuple[int, int, str], list[_Decoded]] = {}
         self.count = self.pixels = 0
 
-    def capacity(self, size: tuple[int, int]) -> int:
-        return max(1, min(self.batch_size, self.max_batch_pixels // (size[0] * size[1])))
+    def capacity(self, key: tuple[int, int, str]) -> int:
+        return max(1, min(self.batch_size, self.max_batch_pixels // (key[0] * key[1])))
 
     def add(self, item: _Decoded) -> Iterator[list[_Decoded]]:
         """Take ``item``; yield the batches that must run now."""
-        assert item.pixels is not None  # noqa: S101 - internal invariant, not input validation
-        size = (item.pixels.shape[0], item.pixels.shape[1])
-        group = self.groups.setdefault(size, [])
+        key = item.key
+        group = self.groups.setdefault(key, [])
         group.append(item)
         self.count += 1
-        self.pixels += size[0] * size[1]
-        if len(group) >= self.capacity(size):
-            yield self._take(size)
+        self.pixels += key[0] * key[1]
+        if len(group) >= self.capacity(key):
+            yield self._take(key)
         while self.count and (self.count >= self.lookahead or self.pixels >= self.max_pixels):
             yield self._take(self._oldest())
 
@@ -362,45 +511,91 @@ class _Grouper:
         while self.count:
             yield self._take(self._oldest())
 
-    def _oldest(self) -> tuple[int, int]:
-        return min(self.groups, key=lambda size: self.groups[size][0].index)
+    def _oldest(self) -> tuple[int, int, str]:
+        return min(self.groups, key=lambda key: self.groups[key][0].index)
 
-    def _take(self, size: tuple[int, int]) -> list[_Decoded]:
-        group = self.groups[size]
-        batch, rest = group[: self.capacity(size)], group[self.capacity(size) :]
+    def _take(self, key: tuple[int, int, str]) -> list[_Decoded]:
+        group = self.groups[key]
+        batch, rest = group[: self.capacity(key)], group[self.capacity(key) :]
         if rest:
-            self.groups[size] = rest
+            self.groups[key] = rest
         else:
-            del self.groups[size]
+            del self.groups[key]
         self.count -= len(batch)
-        self.pixels -= len(batch) * size[0] * size[1]
+        self.pixels -= len(batch) * key[0] * key[1]
         return batch
 
 
-def _score_group(runner: InferenceModel, arrays: list[np.ndarray]) -> list[float | Exception]:
-    """Scores of equal-size decoded images in one pass, or each one's exception.
+Outcomes = list[float | Exception]
 
-    A pass that fails for several images (out of memory, say) is retried one image at a time
-    before anyone's failure is reported.
+
+def _launch(
+    runner: InferenceModel, pixels: Sequence[np.ndarray | torch.Tensor]
+) -> Callable[[], Outcomes]:
+    """Start one pass over equal-size decoded images; the returned function gives its outcomes.
+
+    On a CPU the pass is done before this returns. On CUDA it is only queued: the scores come
+    back through an asynchronous copy, so the caller can stage and queue the next pass before
+    waiting for this one. A pass that fails for several images (out of memory, say) is retried
+    one image at a time before anyone's failure is reported.
     """
     try:
         with torch.inference_mode():
-            scores = runner(_to_float_batch(arrays, runner.device), owned=True).cpu().tolist()
+            x, release = runner.to_input(pixels)
+            try:
+                scores = runner(x, owned=True)
+            finally:
+                del x
+                release()
+            if runner.device.type != "cuda":
+                ready = [float(s) for s in scores.cpu().tolist()]
+                return lambda: list(ready)
+            host = scores.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
     except Exception as exc:  # noqa: BLE001 - a failed pass is reported per image
-        if len(arrays) > 1 and isinstance(exc, (MemoryError, RuntimeError)):
-            return [r for arr in arrays for r in _score_group(runner, [arr])]
-        return [exc] * len(arrays)
-    return [float(s) for s in scores]
+        if len(pixels) > 1 and isinstance(exc, (MemoryError, RuntimeError)):
+            parts = [_launch(runner, [p]) for p in pixels]
+            return lambda: [r for part in parts for r in part()]
+        failed: Outcomes = [exc] * len(pixels)
+        return lambda: list(failed)
+
+    def wait() -> Outcomes:
+        try:
+            done.synchronize()
+            return [float(s) for s in host.tolist()]
+        except Exception as exc:  # noqa: BLE001 - an asynchronous failure, reported per image
+            return [exc] * len(pixels)
+
+    return wait
 
 
-def _run_batch(runner: InferenceModel, items: list[_Decoded]) -> list[ScoreResult]:
-    arrays = [it.pixels for it in items if it.pixels is not None]
-    h, w = arrays[0].shape[:2]
-    return [
-        ScoreResult(it.path, None, f"{type(out).__name__}: {out}", w, h)
-        if isinstance(out, Exception) else ScoreResult(it.path, out, None, w, h)
-        for it, out in zip(items, _score_group(runner, arrays), strict=True)
-    ]
+def _score_group(runner: InferenceModel, arrays: list[np.ndarray]) -> Outcomes:
+    """Scores of equal-size decoded images in one pass, or each one's exception."""
+    return _launch(runner, arrays)()
+
+
+def _in_flight(runner: InferenceModel) -> int:
+    """Passes queued ahead of the one waited for: one on CUDA (stage the next while this one
+    computes), none elsewhere (a CPU's cores are all busy with the pass)."""
+    return 1 if runner.device.type == "cuda" else 0
+
+
+def _run_batch(runner: InferenceModel, items: list[_Decoded]) -> Callable[[], list[ScoreResult]]:
+    """Start the pass over ``items``; the returned function gives their rows."""
+    pixels = [it.pixels for it in items if it.pixels is not None]
+    key = items[0].key
+    h, w = key[0], key[1]
+    wait = _launch(runner, pixels)
+
+    def rows() -> list[ScoreResult]:
+        return [
+            ScoreResult(it.path, None, f"{type(out).__name__}: {out}", w, h)
+            if isinstance(out, Exception) else ScoreResult(it.path, out, None, w, h)
+            for it, out in zip(items, wait(), strict=True)
+        ]
+
+    return rows
 
 
 def score_arrays(
@@ -415,7 +610,8 @@ def score_arrays(
 
     The grouping is :func:`score_paths`'s (at most ``batch_size`` images and
     ``max_batch_pixels`` pixels a pass; a larger image goes alone), for images already in
-    memory: the HTTP service uses it.
+    memory: the HTTP service and :func:`score` on integer pixels use it. The pixels are converted
+    by :func:`qualiclip.images.pixels_to_tensor` (on the device, on a GPU).
 
     Returns:
         ``(outcomes, passes)``: each image's score or exception, in input order, and the number
@@ -427,10 +623,14 @@ def score_arrays(
     items = [_Decoded(i, "", arr, None) for i, arr in enumerate(arrays)]
     batches = [b for it in items for b in grouper.add(it)] + list(grouper.drain())
     outcomes: list[float | Exception] = [0.0] * len(arrays)
-    for batch in batches:
-        scored = _score_group(runner, [it.pixels for it in batch if it.pixels is not None])
-        for it, out in zip(batch, scored, strict=True):
-            outcomes[it.index] = out
+    queued: deque[tuple[list[_Decoded], Callable[[], Outcomes]]] = deque()
+    for i, batch in enumerate(batches):
+        queued.append((batch, _launch(runner, [it.pixels for it in batch
+                                               if it.pixels is not None])))
+        while queued and (len(queued) > _in_flight(runner) or i == len(batches) - 1):
+            done, wait = queued.popleft()
+            for it, out in zip(done, wait(), strict=True):
+                outcomes[it.index] = out
     return outcomes, [len(b) for b in batches]
 
 
@@ -447,6 +647,7 @@ def score_paths(
     lookahead: int = DEFAULT_LOOKAHEAD,
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
     threads: int | None = None,
+    decode: Decode = "auto",
 ) -> Iterator[ScoreResult]:
     """Score image files, yielding one :class:`ScoreResult` per path, in input order.
 
@@ -469,12 +670,18 @@ def score_paths(
         max_batch_pixels: most pixels in one forward pass (bounds memory).
         threads: intra-op threads for torch during the call (default: torch's setting, one per
             physical core).
+        decode: ``"auto"`` decodes plain JPEGs on the GPU when the model is on CUDA and
+            torchvision's nvJPEG is installed (the ``gpu`` extra), everything else in CPU
+            threads; ``"cpu"`` always uses the threads; ``"gpu"`` is ``"auto"`` that refuses to
+            run without GPU decoding. nvJPEG's pixels differ slightly from libjpeg's, so scores
+            differ in the third or fourth decimal (see ``docs/performance.md``).
 
     Returns:
         an iterator of results; scoring happens as it is consumed.
 
     Raises:
-        ValueError: a non-positive size argument, unknown precision, fp16 off CUDA.
+        ValueError: a non-positive size argument, unknown precision, fp16 off CUDA, an unknown
+            ``decode``, or ``decode="gpu"`` where GPU decoding is unavailable.
     """
     for name, value in (
         ("batch_size", batch_size), ("workers", workers), ("lookahead", lookahead),
@@ -485,8 +692,9 @@ def score_paths(
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     runner = prepare(model, precision, fuse=fuse, compile=compile)  # validates early
+    decoder = _resolve_decoder(decode, runner.device)
     return _score_paths(runner, paths, batch_size, workers, progress, lookahead,
-                        max_batch_pixels, threads)
+                        max_batch_pixels, threads, decoder)
 
 
 def _score_paths(
@@ -498,18 +706,28 @@ def _score_paths(
     lookahead: int,
     max_batch_pixels: int,
     threads: int | None,
+    decoder: JpegDecoder | None = None,
 ) -> Iterator[ScoreResult]:
     total = len(paths) if isinstance(paths, Sized) else None
     bar = _progress_bar(total) if progress else None
     grouper = _Grouper(batch_size, max_batch_pixels, lookahead, DEFAULT_LOOKAHEAD_PIXELS)
     done: dict[int, ScoreResult] = {}
+    queued: deque[tuple[list[_Decoded], Callable[[], list[ScoreResult]]]] = deque()
     next_index = 0
 
-    def run_and_emit(batches: Iterable[list[_Decoded]]) -> Iterator[ScoreResult]:
-        """Score ``batches``, then yield every result whose turn (input order) has come."""
+    def settle(keep: int) -> None:
+        while len(queued) > keep:
+            batch, rows = queued.popleft()
+            done.update(zip((it.index for it in batch), rows(), strict=True))
+
+    def run_and_emit(batches: Iterable[list[_Decoded]], keep: int) -> Iterator[ScoreResult]:
+        """Start ``batches``, leaving at most ``keep`` passes unfinished, then yield every
+        result whose turn (input order) has come."""
         nonlocal next_index
         for batch in batches:
-            done.update(zip((it.index for it in batch), _run_batch(runner, batch), strict=True))
+            queued.append((batch, _run_batch(runner, batch)))
+            settle(keep)
+        settle(keep)
         while next_index in done:
             if bar is not None:
                 bar.update(1)
@@ -517,16 +735,18 @@ def _score_paths(
             next_index += 1
 
     decoded = _decoded_in_order(
-        (str(p) for p in paths), runner.min_size, workers, prefetch=max(2, 2 * workers)
+        (str(p) for p in paths), runner.min_size, workers, prefetch=max(2, 2 * workers),
+        decoder=decoder,
     )
+    keep = _in_flight(runner)
     with _torch_threads(threads):
         for item in decoded:
             if item.pixels is None:
                 done[item.index] = ScoreResult(item.path, None, item.error)
-                yield from run_and_emit(())
+                yield from run_and_emit((), keep)
             else:
-                yield from run_and_emit(grouper.add(item))
-        yield from run_and_emit(grouper.drain())
+                yield from run_and_emit(grouper.add(item), keep)
+        yield from run_and_emit(grouper.drain(), 0)
     if bar is not None:
         bar.close()
 

@@ -6,6 +6,9 @@ in and zero its feature maps. :func:`forward_pass` wraps one pass: freed maps go
 for the next pass, what is kept is bounded by :class:`HeapValve`, and very large passes run with
 the allocator as it is. ``QUALICLIP_REUSE_MEMORY=0`` turns it all off.
 
+For accelerators, :class:`StagingPool` keeps a few page-locked host buffers that decoded pixels
+cross to the device in, reused from batch to batch.
+
 A leaf module: it imports nothing of qualiclip's.
 """
 
@@ -18,7 +21,9 @@ import os
 import platform
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 
@@ -176,3 +181,97 @@ def forward_pass(device: torch.device, pixels: int) -> Iterator[None]:
         yield
     finally:
         _HEAP_VALVE.after_pass()
+
+
+# --- page-locked staging buffers for host-to-device copies -------------------------------------
+
+
+class Fence(Protocol):
+    """What marks a buffer's copy as finished (a ``torch.cuda.Event``)."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
+class StagingPool:
+    """A few reused host buffers, keyed by shape and dtype, for asynchronous copies to a device.
+
+    Allocating page-locked memory costs far more than copying into it (the kernel pins every
+    page), so a buffer is kept and reused for the next batch of the same shape. A buffer handed
+    back with a fence (an event recorded after its copy was queued) is handed out again only once
+    the fence says the copy is done; while every buffer of a shape is still in flight a new one is
+    made, up to ``per_shape``, so filling the next batch overlaps the device's work on this one.
+
+    Bounded: at most ``max_bytes`` are kept in free buffers (least recently used shapes go
+    first), and at most ``per_shape`` free buffers of one shape.
+
+    Args:
+        pin: page-lock the buffers (needs CUDA); ``False`` gives ordinary memory (for tests).
+        per_shape: most buffers of one shape and dtype made while all are in flight, and most
+            kept free.
+        max_bytes: most bytes kept in free buffers.
+    """
+
+    def __init__(self, *, pin: bool = True, per_shape: int = 3,
+                 max_bytes: int = 256 * 1024 * 1024) -> None:
+        if per_shape < 1 or max_bytes < 0:
+            raise ValueError("per_shape must be >= 1 and max_bytes >= 0")
+        self.pin, self.per_shape, self.max_bytes = pin, per_shape, max_bytes
+        self._lock = threading.Lock()
+        # key -> free buffers with their fences, oldest first; keys in least-recent-use order
+        self._free: OrderedDict[tuple[tuple[int, ...], torch.dtype],
+                                list[tuple[torch.Tensor, Fence | None]]] = OrderedDict()
+        self._in_use: dict[tuple[tuple[int, ...], torch.dtype], int] = {}
+        self.allocations = 0  # buffers made so far (reuse shows as a count that stops growing)
+
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() * b.element_size()
+                       for bufs in self._free.values() for b, _ in bufs)
+
+    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of ``shape`` and ``dtype`` whose previous copy (if any) is finished."""
+        key = (tuple(shape), dtype)
+        wait: Fence | None = None
+        with self._lock:
+            free = self._free.get(key, [])
+            if free:
+                self._free.move_to_end(key)
+            ready = next((i for i, (_, f) in enumerate(free) if f is None or f.query()), None)
+            if ready is None and free and self._in_use.get(key, 0) + len(free) >= self.per_shape:
+                ready, wait = 0, free[0][1]  # all in flight and no room: wait for the oldest
+            if ready is not None:
+                buf, _ = free.pop(ready)
+                if not free:
+                    self._free.pop(key, None)
+            else:
+                buf = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+                self.allocations += 1
+            self._in_use[key] = self._in_use.get(key, 0) + 1
+        if wait is not None:
+            wait.synchronize()
+        return buf
+
+    def release(self, buf: torch.Tensor, fence: Fence | None = None) -> None:
+        """Hand ``buf`` back; ``fence`` marks when the copy out of it is done."""
+        key = (tuple(buf.shape), buf.dtype)
+        with self._lock:
+            self._in_use[key] = max(0, self._in_use.get(key, 0) - 1)
+            free = self._free.setdefault(key, [])
+            free.append((buf, fence))
+            self._free.move_to_end(key)
+            if len(free) > self.per_shape:
+                _, extra = free.pop(0)
+                if extra is not None:
+                    extra.synchronize()  # never free memory a copy still reads
+            kept = sum(b.numel() * b.element_size() for bs in self._free.values() for b, _ in bs)
+            while kept > self.max_bytes and self._free:
+                old_key, bufs = next(iter(self._free.items()))
+                old, old_fence = bufs.pop(0)
+                if not bufs:
+                    del self._free[old_key]
+                if old_fence is not None:
+                    old_fence.synchronize()  # never free memory a copy still reads
+                kept -= old.numel() * old.element_size()

@@ -50,6 +50,7 @@ __all__ = [
     "iter_image_paths",
     "load_image",
     "max_pixels_from_env",
+    "pixels_to_tensor",
     "to_batch",
 ]
 
@@ -448,6 +449,97 @@ def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
         # torch has few uint16 kernels; convert in NumPy (exact: 16 bits fit float32's 24).
         return torch.from_numpy(planar.astype(np.float32)).div_(65535.0)
     return torch.from_numpy(planar).to(torch.float32).div_(255.0)
+
+
+def pixels_to_tensor(
+    pixels: Sequence[np.ndarray | torch.Tensor],
+    device: torch.device | str = "cpu",
+    *,
+    staging: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Equal-size decoded images as the model's input: float32 RGB in [0, 1] on ``device``.
+
+    The one conversion of decoded pixels to model input: the engine's file scoring, the HTTP
+    service (through ``engine.score_arrays``) and ``qualiclip.score`` on arrays all use it. uint8
+    values are divided by 255, uint16 by 65535, so a pixel gets the same float on every path.
+
+    Where the conversion happens depends on where the model is:
+
+    * on a CPU (``device`` is the CPU and no ``staging``), each image is converted straight into
+      one float buffer: no intermediate copies;
+    * otherwise the pixels cross to ``device`` as they are (1 or 2 bytes a value, a quarter or
+      half of float32's size), through ``staging`` when given (a page-locked host buffer
+      ``[B, H, W, 3]`` of dtype uint8 for uint8 pixels, int16 for uint16 pixels, so the copy is
+      asynchronous), and are converted there;
+    * tensors ``[3, H, W]`` of uint8 already on ``device`` (decoded on the GPU) are converted in
+      place of residence.
+
+    Args:
+        pixels: ``H x W x 3`` arrays (uint8 or uint16; one dtype when staged), or uint8
+            tensors ``3 x H x W``; all of one size.
+        device: where the model runs.
+        staging: host buffer to stage the copy in; the caller must not reuse it before the copy
+            to ``device`` has finished (record an event after this call).
+
+    Returns:
+        ``[B, 3, H, W]`` float32, channels-last in memory (a view of ``[B, H, W, 3]``).
+
+    Raises:
+        ValueError: no pixels, mixed sizes or kinds, or a staging buffer of the wrong shape.
+    """
+    if not pixels:
+        raise ValueError("pixels_to_tensor: no images")
+    device = torch.device(device)
+    first = pixels[0]
+    if isinstance(first, torch.Tensor):
+        tensors = [p for p in pixels if isinstance(p, torch.Tensor) and p.shape == first.shape]
+        if len(tensors) != len(pixels):
+            raise ValueError("pixels_to_tensor: images must all be tensors of one shape")
+        stacked = torch.stack([p.to(device, non_blocking=True) for p in tensors])  # [B, 3, H, W]
+        # Channels-last, like decoded arrays: one transposing copy while still one byte a value.
+        hwc = stacked.permute(0, 2, 3, 1).contiguous()
+        return hwc.to(torch.float32).div_(255.0).permute(0, 3, 1, 2)
+    arrays = [np.asarray(p) for p in pixels]
+    for a in arrays:
+        if a.shape != first.shape or a.ndim != 3 or a.shape[2] != 3 or a.dtype not in (
+            np.uint8, np.uint16
+        ):
+            raise ValueError(
+                "pixels_to_tensor: expected H x W x 3 uint8 or uint16 images of one size, got "
+                f"{a.shape} {a.dtype} after {first.shape}"
+            )
+    h, w, _ = first.shape
+    if device.type == "cpu" and staging is None:
+        batch = torch.empty((len(arrays), h, w, 3), dtype=torch.float32)
+        for i, arr in enumerate(arrays):
+            if arr.dtype == np.uint16:  # torch has few uint16 kernels; NumPy converts exactly
+                batch[i].copy_(torch.from_numpy(arr.astype(np.float32))).div_(65535.0)
+            else:
+                batch[i].copy_(torch.from_numpy(arr)).div_(255.0)
+        # [B, H, W, 3] viewed as [B, 3, H, W] is exactly the channels-last layout.
+        return batch.permute(0, 3, 1, 2)
+    if any(a.dtype != first.dtype for a in arrays):
+        raise ValueError("pixels_to_tensor: staged images must all have one dtype")
+    wide = first.dtype == np.uint16
+    # uint16 travels as int16 (same bits) and is unwrapped on the device: torch's uint16 has
+    # few kernels, int16 and int32 have them all.
+    dtype = torch.int16 if wide else torch.uint8
+    shape = (len(arrays), h, w, 3)
+    if staging is None:
+        staging = torch.empty(shape, dtype=dtype)
+    elif tuple(staging.shape) != shape or staging.dtype != dtype:
+        raise ValueError(
+            f"pixels_to_tensor: staging buffer {tuple(staging.shape)} {staging.dtype} "
+            f"does not fit {shape} {dtype}"
+        )
+    for i, arr in enumerate(arrays):
+        staging[i].copy_(torch.from_numpy(arr.view(np.int16) if wide else arr))
+    raw = staging.to(device, non_blocking=True)  # the conversions below copy: staging is kept
+    if wide:
+        values = raw.to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32).div_(65535.0)
+    else:
+        values = raw.to(torch.float32).div_(255.0)
+    return values.permute(0, 3, 1, 2)
 
 
 # --- to_batch ----------------------------------------------------------------------------------

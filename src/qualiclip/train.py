@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from qualiclip import degradations
 from qualiclip.checkpoints import (
@@ -187,7 +187,9 @@ def train_step(
 
     Args:
         model: a :class:`SimilarityModel` (or DistributedDataParallel around one) in train mode.
-        batch: ``{"crops": uint8 [B, 2, 3, H, W]}`` from the DataLoader.
+        batch: ``{"crops": uint8 [B, 2, 3, H, W]}`` from the DataLoader, or
+            ``{"degraded": float [B, L, 2, 3, H, W]}`` already degraded there
+            (:class:`DegradedCropPairs`; then ``generator`` only names the device).
         optimizer: over the image tower's parameters.
         scheduler: stepped once after the optimizer.
         generator: degradation randomness on the model's device.
@@ -201,8 +203,13 @@ def train_step(
         Plain floats: ``loss`` (total), ``cons``, ``pos``, ``neg``, ``grad_norm``, ``lr``.
     """
     device = generator.device
-    crops = batch["crops"].to(device, non_blocking=True)
-    x = degradations.degrade_batch(crops, generator, levels=levels, max_distortions=max_distortions)
+    if "degraded" in batch:
+        x = batch["degraded"].to(device, non_blocking=True)
+    else:
+        crops = batch["crops"].to(device, non_blocking=True)
+        x = degradations.degrade_batch(
+            crops, generator, levels=levels, max_distortions=max_distortions
+        )
     b, n_lv = x.shape[:2]
 
     with torch.autocast(
@@ -234,6 +241,49 @@ def train_step(
     logs.update({k: v.item() for k, v in terms.items() if k != "total"})
     logs.update(grad_norm=float(norm), lr=float(lr))
     return logs
+
+
+class DegradedCropPairs(Dataset):
+    """Crop pairs degraded where they are made: in the DataLoader's workers, ahead of the step.
+
+    Each sample gets its composition and parameters from its own CPU generator, seeded by
+    ``(seed, epoch, index)`` like its crops, so a batch does not depend on the number of workers
+    or on which worker made it, and a resumed run continues exactly (nothing to checkpoint).
+    The codecs (JPEG, JPEG 2000) and every other type then run in parallel worker processes
+    while the model computes, instead of in the step.
+
+    Shape:
+        ``dataset[(index, epoch)]["degraded"]``: float32 ``[L, 2, 3, H, W]`` in [0, 1]; the
+        uint8 ``"crops"`` are dropped.
+    """
+
+    def __init__(
+        self, pairs: PristineCropPairs, *, levels: Sequence[int], max_distortions: int, seed: int
+    ) -> None:
+        self.pairs, self.levels, self.max_distortions = pairs, tuple(levels), max_distortions
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def generator(self, index: int, epoch: int) -> torch.Generator:
+        """The sample's degradation generator (a stream apart from its crops' generator)."""
+        words = np.random.SeedSequence([self.seed, epoch, index, _DEGRADE_STREAM]).generate_state(2)
+        return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        index, epoch = (key, 0) if isinstance(key, int) else key
+        sample = self.pairs[key]
+        crops = sample.pop("crops")
+        sample["degraded"] = degradations.degrade_batch(
+            crops[None], self.generator(index, epoch), levels=self.levels,
+            max_distortions=self.max_distortions,
+        )[0]
+        return sample
+
+
+#: Tells the degradation seeds apart from the crop seeds of the same ``(seed, epoch, index)``.
+_DEGRADE_STREAM = 0x6465_6772
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -716,6 +766,10 @@ def _loader(cfg: TrainConfig, paths: Sequence[Path], run: _Run) -> DataLoader:
         seed=cfg.seed,
         small_images=data.small_images,
     )
+    source: Dataset = dataset
+    if data.degrade_in == "loader":
+        source = DegradedCropPairs(dataset, levels=data.levels,
+                                   max_distortions=data.max_distortions, seed=cfg.seed)
     sampler = ResumableSampler(
         len(dataset),
         seed=cfg.seed,
@@ -724,7 +778,7 @@ def _loader(cfg: TrainConfig, paths: Sequence[Path], run: _Run) -> DataLoader:
         world_size=run.info.world_size,
     )
     return DataLoader(
-        dataset,
+        source,
         batch_size=data.batch_size,
         sampler=sampler,
         num_workers=data.workers,

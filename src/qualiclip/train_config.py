@@ -60,6 +60,11 @@ class DataConfig:
         max_distortions: most distortion types in one composition (ARNIQA's 4).
         batch_size: pristine images per step and rank (each gives 2 x L crops).
         workers: DataLoader worker processes (decode and crop).
+        degrade_in: where crops are degraded: ``"step"`` (the whole batch on the training
+            device, from the run's degradation generator) or ``"loader"`` (each sample in the
+            DataLoader workers, from a generator seeded by ``(seed, epoch, index)``: off the
+            step's critical path, the same for any number of workers; other draws than
+            ``"step"``'s, from the same distributions).
         small_images: ``"upscale"`` or ``"skip"`` images smaller than the crop.
         scan: how files are checked before step 0: ``"decode"`` (every file decoded once,
             finds truncated data) or ``"header"`` (fast, for very large sets); see
@@ -77,6 +82,7 @@ class DataConfig:
     max_distortions: int = 4
     batch_size: int = 16
     workers: int = 4
+    degrade_in: str = "step"
     small_images: str = "upscale"
     scan: str = "decode"
     strict: bool = False
@@ -303,6 +309,8 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
         range(1, top + 1)
     ):
         yield f"data.levels must be increasing levels in 1..{top}, got {list(d.levels)}"
+    if d.degrade_in not in ("step", "loader"):
+        yield f"data.degrade_in must be 'step' or 'loader', got {d.degrade_in!r}"
     groups = len(degradations.DISTORTION_GROUPS)
     if not 1 <= d.max_distortions <= groups:
         yield f"data.max_distortions must be in 1..{groups}, got {d.max_distortions}"
