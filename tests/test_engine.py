@@ -410,3 +410,27 @@ def test_heap_valve_trims_only_past_twice_the_largest_working_set():
     valve.before_pass(pixels=40)
     valve.after_pass()  # 1300 held: within 2 x 1000
     assert valve.trims == 3
+
+
+def test_the_pass_frees_its_input_after_the_first_convolution(tiny):
+    """A very large image's float pixels do not live through the whole forward pass."""
+    import weakref
+
+    runner = engine.prepare(tiny)
+    assert isinstance(runner.visual, fused.FusedResNet)
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = tiny(x.clone())
+    alive: list[bool] = []
+    ref = weakref.ref(x)
+    hook = runner.visual.stem[1].register_forward_pre_hook(
+        lambda module, args: alive.append(ref() is not None)
+    )
+    try:
+        box = [x]
+        del x
+        got = runner.run_owned(box)
+    finally:
+        hook.remove()
+    assert alive == [False] and box == []  # gone before the second convolution ran
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

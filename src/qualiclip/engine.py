@@ -174,14 +174,35 @@ class InferenceModel:
         if not isinstance(model, QualiCLIP):  # any scorer module: [B, 3, H, W] -> [B]
             with torch.inference_mode(), autocast_context(self.device, self.precision):
                 return model(x.contiguous(memory_format=torch.channels_last)).float()
-        x = model.normalize_input(x, inplace=owned)
+        return self.run_owned([model.normalize_input(x, inplace=owned)], normalized=True)
+
+    def run_owned(self, box: list[torch.Tensor], *, normalized: bool = False) -> torch.Tensor:
+        """Scores of the one input in ``box`` (as :meth:`__call__` takes it), which is emptied.
+
+        The input is normalised in place and, with the fused tower, freed as soon as its first
+        convolution has read it (:meth:`qualiclip.fused.FusedResNet.trunk_owned`), so a very
+        large image does not hold its float pixels through the whole pass. The caller must keep
+        no other reference to it.
+        """
+        model = self.model
+        if not isinstance(model, QualiCLIP):
+            return self(box.pop(), owned=True)
+        x = box.pop()
+        if not normalized:
+            x = model.normalize_input(x, inplace=True)
         pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
         with heap.forward_pass(self.device, pixels):
             with torch.inference_mode(), autocast_context(self.device, self.precision):
-                features = self.visual(x.contiguous(memory_format=torch.channels_last))
-            del x  # the pass's maps are freed before the heap is measured
+                x = x.contiguous(memory_format=torch.channels_last)
+                if isinstance(self.visual, FusedResNet):
+                    box.append(x)
+                    del x
+                    features = self.visual.forward_owned(box)
+                else:
+                    features = self.visual(x)
+                    del x
             scores = model.scores_from_features(F.normalize(features.float(), dim=-1))
-            del features
+            del features  # the pass's maps are freed before the heap is measured
         return scores
 
 
@@ -542,10 +563,12 @@ def _launch(
     try:
         with torch.inference_mode():
             x, release = runner.to_input(pixels)
+            box = [x]
+            del x  # the pass holds the only reference, and drops it after the first convolution
             try:
-                scores = runner(x, owned=True)
+                scores = runner.run_owned(box)
             finally:
-                del x
+                box.clear()
                 release()
             if runner.device.type != "cuda":
                 ready = [float(s) for s in scores.cpu().tolist()]

@@ -163,7 +163,16 @@ class FusedResNet(nn.Module):
         self._attnpool: tuple[nn.Module] = (visual.attnpool,)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.trunk_owned([x])
+
+    def trunk_owned(self, box: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`trunk` of the one input in ``box``, which is emptied.
+
+        When the caller keeps no other reference, the input is freed as soon as the first
+        convolution has read it instead of living through the whole pass: for a 144-megapixel
+        photo that is 1.7 GB of float32 pixels.
+        """
+        x = box.pop().to(self.dtype).contiguous(memory_format=torch.channels_last)
         for conv in self.stem:
             x = conv(x)
         x = self.avgpool(x)
@@ -172,7 +181,11 @@ class FusedResNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._attnpool[0](self.trunk(x))
+        return self._attnpool[0](self.trunk_owned([x]))
+
+    def forward_owned(self, box: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` of the one input in ``box``, which is emptied (:meth:`trunk_owned`)."""
+        return self._attnpool[0](self.trunk_owned(box))
 
 
 @functools.cache

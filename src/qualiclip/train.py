@@ -31,6 +31,10 @@ with the same batches and the same degradations as an uninterrupted one.
 Distributed: launch the same command with ``torchrun --nproc-per-node N -m qualiclip.cli train
 ...``; ``RANK``/``WORLD_SIZE`` select DistributedDataParallel (NCCL on CUDA, gloo on CPU), each
 rank reads its share of every epoch, rank 0 logs, validates and writes checkpoints.
+
+The module is longer than most because the loop, the run's state (model, optimizer, scheduler,
+generator, position) and its distributed set-up are read together: configuration, checkpoints
+and validation live in their own modules.
 """
 
 from __future__ import annotations
