@@ -23,7 +23,7 @@ from qualiclip.images import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
     decode_rgb,
-    iter_image_paths,
+    list_image_paths,
     load_image,
     to_batch,
 )
@@ -364,7 +364,7 @@ def test_to_batch_rejected() -> None:
         to_batch([1, 2, 3])
 
 
-# --- iter_image_paths ---------------------------------------------------------------------------
+# --- list_image_paths ---------------------------------------------------------------------------
 
 
 @pytest.fixture()
@@ -389,35 +389,35 @@ def tree(tmp_path: Path) -> Path:
 
 
 def test_iter_folders(tree: Path) -> None:
-    got = iter_image_paths([str(tree / "a")])
+    got = list_image_paths([str(tree / "a")])
     rel = [p.relative_to(tree).as_posix() for p in got]
     assert rel == ["a/1.jpg", "a/2.PNG", "a/sub/3.webp", "a/sub/deeper/4.tiff"]
-    flat = iter_image_paths([str(tree / "a")], recursive=False)
+    flat = list_image_paths([str(tree / "a")], recursive=False)
     assert [p.name for p in flat] == ["1.jpg", "2.PNG"]
 
 
 def test_iter_explicit_missing_and_dedup(tree: Path) -> None:
     inputs = [str(tree / "readme.md"), str(tree / "missing.jpg"), str(tree / "a"),
               str(tree / "a" / "1.jpg"), str(tree / "c[1].jpg")]
-    got = iter_image_paths(inputs)
+    got = list_image_paths(inputs)
     names = [p.name for p in got]
     assert names == ["readme.md", "missing.jpg", "1.jpg", "2.PNG", "3.webp", "4.tiff", "c[1].jpg"]
 
 
 def test_iter_globs(tree: Path) -> None:
-    got = iter_image_paths([str(tree / "a" / "*")])
+    got = list_image_paths([str(tree / "a" / "*")])
     assert [p.name for p in got] == ["1.jpg", "2.PNG", "3.webp", "4.tiff"]  # sub/ walked
-    got = iter_image_paths([str(tree / "**" / "*.jpg")])
+    got = list_image_paths([str(tree / "**" / "*.jpg")])
     assert sorted(p.name for p in got) == ["1.jpg", "c[1].jpg"]
-    got = iter_image_paths([str(tree / "b" / "?.*")])
+    got = list_image_paths([str(tree / "b" / "?.*")])
     assert [p.name for p in got] == ["x.gif", "y.bmp"]
     nothing = str(tree / "zzz*.jpg")
-    assert iter_image_paths([nothing]) == [Path(nothing)]
+    assert list_image_paths([nothing]) == [Path(nothing)]
 
 
 def test_iter_stdin(tree: Path) -> None:
     text = f"{tree / 'b' / 'x.gif'}\n\n   \n{tree / 'gone.png'}\r\n{tree / 'b'}\n"
-    got = iter_image_paths(["-"], stdin=io.StringIO(text))
+    got = list_image_paths(["-"], stdin=io.StringIO(text))
     assert [p.name for p in got] == ["x.gif", "gone.png", "y.bmp"]
 
 
@@ -470,13 +470,13 @@ def test_symlink_loop_is_reported_as_such(tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError, match="loop.jpg: symlink loop"):
         decode_rgb(loop)
     # A folder scan keeps it (it has an image extension), so the scorer reports it.
-    assert iter_image_paths([tmp_path]) == [loop]
+    assert list_image_paths([tmp_path]) == [loop]
 
 
 def test_name_too_long_does_not_stop_expansion(tmp_path: Path, astronaut: np.ndarray) -> None:
     good = _save(tmp_path, "good.png", Image.fromarray(astronaut[:64, :64]))
     long_name = str(tmp_path / ("x" * 400 + ".jpg"))
-    paths = iter_image_paths([long_name, str(good), str(tmp_path / ("y" * 400) / "*.jpg")])
+    paths = list_image_paths([long_name, str(good), str(tmp_path / ("y" * 400) / "*.jpg")])
     assert paths[1] == good and len(paths) == 3
     with pytest.raises(ImageDecodeError, match="file name too long"):
         decode_rgb(long_name)
@@ -498,7 +498,7 @@ def test_unreadable_subfolder_is_an_entry_not_skipped(
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    assert iter_image_paths([tmp_path]) == [good, locked]
+    assert list_image_paths([tmp_path]) == [good, locked]
     with pytest.raises(ImageDecodeError, match="locked: folder cannot be read: Permission denied"):
         decode_rgb(locked)
 
@@ -506,7 +506,7 @@ def test_unreadable_subfolder_is_an_entry_not_skipped(
 def test_stdin_list_with_names_that_are_not_utf8(tmp_path: Path) -> None:
     raw = os.fsencode(tmp_path) + b"/caf\xe9.jpg\n" + os.fsencode(tmp_path) + b"/\xe6\x97\xa5.png\n"
     stream = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")  # strict, as a UTF-8 locale
-    paths = iter_image_paths(["-"], stdin=stream)
+    paths = list_image_paths(["-"], stdin=stream)
     assert [os.fsencode(p) for p in paths] == raw.splitlines()
 
 
@@ -556,8 +556,8 @@ def test_list_files_expand_relative_to_their_folder(tmp_path: Path) -> None:
         Image.new("RGB", (40, 40)).save(sub / name)
     listing = tmp_path / "list.txt"
     listing.write_text(f"# chosen photos\nphotos/a.png\n\n{sub / 'b.png'}\nphotos/missing.png\n")
-    got = iter_image_paths([str(listing)], list_files=True)
-    assert iter_image_paths([str(listing)]) == [listing]  # by default a file is a file
+    got = list_image_paths([str(listing)], list_files=True)
+    assert list_image_paths([str(listing)]) == [listing]  # by default a file is a file
     assert got == [sub / "a.png", sub / "b.png", sub / "missing.png"]  # missing: an error row later
     from qualiclip.crops import find_images
     from qualiclip.ray_scoring import expand_inputs

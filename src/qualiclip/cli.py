@@ -146,7 +146,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from qualiclip import engine
-    from qualiclip.images import iter_image_paths
+    from qualiclip.images import list_image_paths
     from qualiclip.output import write_results
 
     if args.batch_size < 1 or args.workers < 1:
@@ -165,7 +165,7 @@ def _run_score(args: argparse.Namespace) -> int:
     args.format = args.format or "table"
     if args.output and os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a folder; give a file name for the results")
-    paths = iter_image_paths(args.inputs, stdin=sys.stdin)
+    paths = list_image_paths(args.inputs, stdin=sys.stdin)
     if args.output:
         _refuse_output_over_input(args.output, args.inputs, paths)
     if not paths:
@@ -585,12 +585,12 @@ def _report_failures(failures: Sequence[tuple[str, str]], label: str) -> None:
 
 def _run_eval_synthetic(args: argparse.Namespace, scorers: list) -> int:
     from qualiclip import evaluate
-    from qualiclip.images import iter_image_paths
+    from qualiclip.images import list_image_paths
 
     if args.root is None:
         raise UsageError("--dataset synthetic needs --root PRISTINE_DIR")
     try:
-        paths = iter_image_paths([args.root])
+        paths = list_image_paths([args.root])
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     paths = paths[: args.limit] if args.limit else paths

@@ -68,7 +68,7 @@ def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
 
     Args:
         source: a directory, a ``.txt`` file with one path per line (relative to the file), or a
-            sequence of image paths; expanded by :func:`qualiclip.images.iter_image_paths`.
+            sequence of image paths; expanded by :func:`qualiclip.images.list_image_paths`.
 
     Returns:
         Sorted image paths (sorting makes splits and sampling independent of the file system).
@@ -76,12 +76,12 @@ def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
     Raises:
         ValueError: when the source does not exist or holds no image.
     """
-    from qualiclip.images import iter_image_paths
+    from qualiclip.images import list_image_paths
 
     items = [source] if isinstance(source, str | Path) else list(source)
     if isinstance(source, str | Path) and not Path(source).exists():
         raise ValueError(f"pristine image source not found: {source}")
-    paths = iter_image_paths(items, list_files=True)
+    paths = list_image_paths(items, list_files=True)
     paths = sorted(paths)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {source}")

@@ -14,7 +14,7 @@ about getting exactly the pixels a viewer sees, or refusing with a message that 
 Batch engines call :func:`decode_rgb` (integer pixels, cheap to queue) and convert them per
 batch; :func:`load_image` is the one-image convenience. This is the one image path of the
 package (scoring, the service, training crops and NIQE all decode here, and every input list is
-expanded by :func:`iter_image_paths`), which is why the module is longer than most.
+expanded by :func:`list_image_paths`), which is why the module is longer than most.
 
 Example:
     >>> from qualiclip.images import load_image
@@ -47,7 +47,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageSource",
     "decode_rgb",
-    "iter_image_paths",
+    "list_image_paths",
     "load_image",
     "max_pixels_from_env",
     "pixels_to_tensor",
@@ -717,7 +717,7 @@ def _stdin_lines(stream: TextIO) -> Iterator[str]:
             yield text.rstrip("\r\n")
 
 
-def iter_image_paths(
+def list_image_paths(
     inputs: Sequence[str | os.PathLike[str]],
     *,
     stdin: TextIO | None = None,
