@@ -583,3 +583,12 @@ def test_a_dataloader_worker_failure_reads_as_the_worker_s_own_line() -> None:
     assert _one_line(wrapped) == "RuntimeError: disk went away"
     assert _one_line(ValueError("no usable image\nsecond line")) == "no usable image"
     assert _one_line(KeyError("model")) == "KeyError: 'model'"
+
+
+def test_degrade_in_flag_reaches_the_configuration() -> None:
+    from qualiclip.cli import _train_overrides, build_parser
+
+    args = build_parser().parse_args(["train", "--degrade-in", "loader", "--out", "x"])
+    assert _train_overrides(args)["data"]["degrade_in"] == "loader"
+    cfg = train_config.config_from_dict(_train_overrides(args), train_config.PRESETS["tiny"])
+    assert cfg.data.degrade_in == "loader"

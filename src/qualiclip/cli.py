@@ -379,6 +379,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "crop_size": ("data", "crop_size"),
     "batch_size": ("data", "batch_size"),
     "workers": ("data", "workers"),
+    "degrade_in": ("data", "degrade_in"),
     "init": ("model", "init"),
     "bn": ("model", "bn"),
     "lr": ("optim", "lr"),
@@ -424,6 +425,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--degrade-in", choices=["step", "loader"],
+                   help="degrade crops in the training step (default) or in the DataLoader "
+                   "workers, off the step's critical path")
     p.add_argument("--val-dir", help="held-out pristine images (default: every k-th image)")
     p.add_argument("--val-every", type=int, help="steps between validations")
     p.add_argument("--rated-csv", help="path,score CSV of human-rated images to validate on")
