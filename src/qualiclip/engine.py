@@ -28,6 +28,11 @@ On a GPU (see ``docs/performance.md``):
 * **Optional JPEG decoding on the GPU** (``decode="gpu"``/``"auto"``; nvJPEG through
   torchvision, the ``gpu`` extra), with CPU decoding in threads for everything else.
 
+The module is longer than most because tensors, decoded arrays and files all reach the same
+prepared model through the same grouping and pass launcher here; the tower, the allocator
+policy and the precisions it uses live in :mod:`qualiclip.fused`, :mod:`qualiclip.heap` and
+:mod:`qualiclip.precision`.
+
 Precisions are those of :mod:`qualiclip.precision`.
 """
 
