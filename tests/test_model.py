@@ -195,3 +195,12 @@ def test_clip_iqa_entry_uses_its_single_pair(monkeypatch, tmp_path, golden_dir):
     model = create_model("clip-iqa", cache_dir=tmp_path)
     assert model.prompt_pairs == (("Good photo.", "Bad photo."),)
     assert model.prompt_features.shape[:2] == (1, 2)
+
+
+def test_pyiqa_formula_without_a_logit_scale_is_a_clear_error(tmp_path):
+    """An image-tower-only checkpoint has no logit scale for pyiqa's formula: say so."""
+    model = create_model("random-tiny")
+    torch.save(model.official_state_dict(), tmp_path / "image_only.pth")
+    assert create_model(str(tmp_path / "image_only.pth")).logit_scale == 100.0
+    with pytest.raises(ValueError, match="has none .*formula='official'"):
+        create_model(str(tmp_path / "image_only.pth"), formula="pyiqa")

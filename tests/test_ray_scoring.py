@@ -201,6 +201,16 @@ def test_names_that_are_not_utf8_get_rows(
     summary = ray_scoring.score_to_folder([str(folder)], out, _config(checkpoint))
     assert (summary.scored, summary.failed) == (1, 0)
     (row,) = ray_scoring.read_results(out).to_pylist()
+    # A corrupt file with such a name: its error (which names it) is a row, not a dead job.
+    bad = tmp_path / "odd-bad"
+    bad.mkdir()
+    with open(os.path.join(os.fsencode(bad), b"bad\xff.jpg"), "wb") as f:
+        f.write(b"not an image at all")
+    bad_out = tmp_path / "bad-results"
+    failed = ray_scoring.score_to_folder([str(bad)], bad_out, _config(checkpoint))
+    assert (failed.scored, failed.failed) == (0, 1)
+    (bad_row,) = ray_scoring.read_results(bad_out).to_pylist()
+    assert bad_row["path"].endswith("bad\\xff.jpg") and "bad\\xff.jpg" in bad_row["error"]
     assert row["path"] == str(folder / "caf\\xe9.png") and row["score"] is not None
     assert ray_scoring.display_path(str(folder / name)) == row["path"]
     again = ray_scoring.score_to_folder([str(folder)], out, _config(checkpoint))
@@ -260,3 +270,42 @@ def test_importing_qualiclip_does_not_import_ray() -> None:
         "sys.exit('ray' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_quiet_ray_core_filters_core_lines_and_passes_the_rest(tmp_path: Path) -> None:
+    """Lines with the C++ core's prefix are dropped; others and progress updates pass, in order."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, sys\n"
+        "from qualiclip.ray_scoring import quiet_ray_core\n"
+        "with quiet_ray_core():\n"
+        "    os.write(2, b'[2026-01-01 12:00:00,000 E 12 34] core_worker.cc:2465: noise\\n')\n"
+        "    os.write(2, b'kept line\\n')\n"
+        "    os.write(2, b'progress 10%\\r')\n"
+        "    os.write(2, b'progress 20%\\r')\n"
+        "    os.write(2, b'[2026-01-01 12:00:00,000 I 1 1] logging.cc:1: more noise\\n')\n"
+        "    os.write(2, b'tail without newline')\n"
+        "sys.stderr.write('after\\n')\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == b"kept line\nprogress 10%\rprogress 20%\rtail without newlineafter\n"
+
+
+def test_quiet_ray_core_survives_a_closed_stderr(tmp_path: Path) -> None:
+    """With stderr a closed pipe, the filter keeps draining: no hang, no traceback."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os\n"
+        "from qualiclip.ray_scoring import quiet_ray_core\n"
+        "with quiet_ray_core():\n"
+        "    for _ in range(2000):\n"
+        "        os.write(2, b'x' * 100 + b'\\n')\n"
+        "print('done')\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    proc.stderr.close()  # the reader of stderr is gone
+    out, _ = proc.communicate(timeout=60)
+    assert out.strip() == b"done"

@@ -592,3 +592,12 @@ def test_degrade_in_flag_reaches_the_configuration() -> None:
     assert _train_overrides(args)["data"]["degrade_in"] == "loader"
     cfg = train_config.config_from_dict(_train_overrides(args), train_config.PRESETS["tiny"])
     assert cfg.data.degrade_in == "loader"
+
+
+def test_resuming_from_a_corrupt_checkpoint_is_one_line(tmp_path, capsys) -> None:
+    bad = tmp_path / "ckpt-000001.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated archive")
+    status = main(["train", "--preset", "tiny", "--out", str(tmp_path), "--resume", str(bad)])
+    err = capsys.readouterr().err
+    assert status == 2 and "is not a qualiclip training checkpoint" in err
+    assert "Traceback" not in err and "weights_only" not in err

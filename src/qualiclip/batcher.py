@@ -226,7 +226,10 @@ class MicroBatcher:
             jobs = [job for job in jobs if not job.future.done()]  # skip abandoned requests
             if not jobs:
                 continue
-            outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
+            try:
+                outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
+            except Exception as exc:  # noqa: BLE001 - the lane goes on; these jobs get the error
+                outcomes, passes = [exc] * len(jobs), []
             for n in passes:
                 self.stats.forwards += 1
                 self.stats.images += n

@@ -82,9 +82,25 @@ def checkpoint_paths(out: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _load(path: str | Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zip errors: not ours
+        raise ValueError(
+            f"{path} is not a qualiclip training checkpoint ({CHECKPOINT_FORMAT}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        ) from exc
+
+
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint safely (``weights_only=True``) and check its format."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a training checkpoint safely (``weights_only=True``) and check its format.
+
+    Raises:
+        ValueError: the file is no qualiclip training checkpoint (corrupt, or another kind).
+    """
+    ckpt = _load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a qualiclip training checkpoint ({CHECKPOINT_FORMAT})")
     return ckpt
@@ -92,7 +108,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> QualiCLIP:
     """Rebuild the scorer from a training checkpoint alone (``ckpt-*.pt``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_training_checkpoint(path)
     state = ckpt["model"]
     visual_sd = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.visual.")}
     cfg = config_from_dict(ckpt["config"])

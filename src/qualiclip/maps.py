@@ -278,7 +278,8 @@ def _windows_map(
     ys, xs = _starts(h, ch, stride), _starts(w, cw, stride)
     boxes = [(t, l, ch, cw) for t in ys for l in xs]
     per_pass = max(1, max_batch_pixels // (ch * cw))
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters(), None)  # a scorer without parameters (ONNX) takes fp32
+    dtype = weight.dtype if weight is not None else torch.float32
     scores: list[torch.Tensor] = []
     for i in range(0, len(boxes), per_pass):
         # Crops are cut per pass: memory is one pass's crops, not all of them.

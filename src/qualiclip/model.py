@@ -271,6 +271,11 @@ def create_model(
     if entry is not None and entry.prompt_pairs != PROMPT_PAIRS and not prompt_pairs:
         stored = None  # a file's stored features belong to QualiCLIP's prompts, not the entry's
     official_scale = entry.logit_scale if entry is not None else 100.0
+    if formula == "pyiqa" and "logit_scale" not in state:
+        raise ValueError(
+            f"{weights.name}: the pyiqa formula scales by the checkpoint's logit_scale, and this "
+            "checkpoint has none (image tower and prompt features only): use formula='official'"
+        )
     scale = official_scale if formula == "official" else math.exp(float(state["logit_scale"])) / 2
     common: dict[str, Any] = dict(
         logit_scale=scale,

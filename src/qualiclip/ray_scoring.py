@@ -322,7 +322,11 @@ class _ActorScorer:
                     precision=cfg.precision,  # type: ignore[arg-type]
                 )
             )
-            rows = [(display_path(r.path), r.score, r.error, r.width, r.height) for r in results]
+            rows = [
+                (display_path(r.path), r.score, display_path(r.error) if r.error else None,
+                 r.width, r.height)
+                for r in results
+            ]
         except Exception as exc:  # noqa: BLE001 - a broken batch becomes error rows, not a dead job
             message = display_path(f"{type(exc).__name__}: {exc}")
             rows = [(display_path(p), None, message, None, None) for p in paths]
@@ -337,6 +341,14 @@ class _ActorScorer:
 
 #: The prefix of a line logged by Ray's C++ core (``[2026-01-01 12:00:00,000 E 123 123] x.cc:1:``).
 _RAY_CORE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+:\d+: ")
+
+
+def _without_core_line(line: bytes) -> bytes:
+    """``line`` and its newline, or only the progress updates (``\\r``) before a core line."""
+    *updates, last = line.split(b"\r")
+    if _RAY_CORE_LINE.match(last):
+        return b"".join(u + b"\r" for u in updates)
+    return line + b"\n"
 
 
 @contextlib.contextmanager
@@ -357,19 +369,28 @@ def quiet_ray_core(enabled: bool = True) -> Iterator[None]:
     os.dup2(write_end, 2)
     os.close(write_end)
 
+    def write(data: bytes) -> None:
+        try:
+            os.write(saved, data)
+        except OSError:  # the terminal or pipe went away: keep draining, so no writer blocks
+            pass
+
     def forward() -> None:
         pending = b""
-        while chunk := os.read(read_end, 65536):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            out = b"".join(ln + b"\n" for ln in lines if not _RAY_CORE_LINE.match(ln))
-            if b"\r" in pending:  # a progress bar's update: no newline will come soon
-                cut = pending.rindex(b"\r") + 1
-                out, pending = out + pending[:cut], pending[cut:]
-            if out:
-                os.write(saved, out)
-        if pending and not _RAY_CORE_LINE.match(pending):
-            os.write(saved, pending)
+        try:
+            while chunk := os.read(read_end, 65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                out = b"".join(_without_core_line(ln) for ln in lines)
+                if b"\r" in pending:  # a progress bar's update: no newline will come soon
+                    cut = pending.rindex(b"\r") + 1
+                    out, pending = out + pending[:cut], pending[cut:]
+                if out:
+                    write(out)
+            if pending and not _RAY_CORE_LINE.match(pending):
+                write(pending)
+        finally:
+            os.close(read_end)  # closed here, once the last byte is read, never under a read
 
     thread = threading.Thread(target=forward, name="qualiclip-ray-stderr", daemon=True)
     thread.start()
@@ -378,9 +399,9 @@ def quiet_ray_core(enabled: bool = True) -> Iterator[None]:
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to the end
-        thread.join(timeout=1)
-        os.close(read_end)
-        os.close(saved)
+        thread.join(timeout=5)
+        if not thread.is_alive():  # else a process Ray started holds the pipe: leave both open
+            os.close(saved)
 
 
 def _bound_scorer(config: RayScoreConfig) -> type[_ActorScorer]:
