@@ -18,24 +18,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "qualiclip"
 LAYERS: dict[str, int] = {
     # 0 - leaves: import nothing of qualiclip's
     "prompts": 0, "precision": 0, "heap": 0, "images": 0, "clip": 0, "losses": 0,
-    "metrics": 0, "_codec": 0, "checkpoint_formats": 0,
+    "metrics": 0, "uploads": 0, "_codec": 0, "checkpoint_formats": 0,
     # 1 - building blocks on the leaves
     "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "degradations": 1,
     "onnx_scorer": 1,  # ONNX Runtime scorer: the model factory returns it for .onnx files
+    # 2 - on those
     "sheet": 2, "tokenizer": 2,
     # 3 - the model and its factory
     "model": 3,
-    # 4 - the engine: files and tensors in, scores out
-    "engine": 4,
-    "onnx_export": 4,  # model -> ONNX graph (beside the engine, not on it)
+    # 4 - the engine (files and tensors in, scores out), and the ONNX export beside it
+    "engine": 4, "onnx_export": 4,
     # 5 - libraries of the front ends
-    "output": 5, "evaluate": 5, "train_config": 5, "checkpoints": 6, "validation": 6,
-    "maps": 5,
-    "train": 7,
-    # 8 - front ends
-    "batcher": 5, "uploads": 0,
-    "serve": 8, "ray_scoring": 8,
-    "cli": 9,
+    "output": 5, "evaluate": 5, "train_config": 5, "batcher": 5, "maps": 5,
+    # 6, 7 - training
+    "checkpoints": 6, "validation": 6, "train": 7,
+    # 8, 9 - front ends
+    "serve": 8, "ray_scoring": 8, "cli": 9,
     "__init__": 10,  # lazy re-exports of the public API
 }
 

@@ -312,3 +312,28 @@ def test_interrupt_stops_within_seconds_with_rows_written(photos):
         proc.kill()
     assert code == 130 and time.monotonic() - start < 5
     assert "interrupted" in proc.stderr.read()
+
+
+def test_degrade_and_maps_never_write_over_inputs(tmp_path, capsys):
+    from qualiclip import cli
+
+    photo_path = tmp_path / "p.png"
+    Image.fromarray(photo(8)).save(photo_path)
+    before = photo_path.read_bytes()
+    argv = ["degrade", str(photo_path), "--type", "jpeg", "--level", "3", "-o", str(photo_path)]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert cli.main(["degrade", str(photo_path), "--sheet", str(photo_path)]) == cli.EXIT_USAGE
+    assert photo_path.read_bytes() == before
+    # --map inside the scanned folder: the overlays would be scanned as inputs next time.
+    argv = ["score", str(tmp_path), "--model", "random-tiny", "--map", str(tmp_path / "maps")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    # An input that a map file could replace.
+    maps = tmp_path.parent / f"{tmp_path.name}-maps"
+    maps.mkdir()
+    twin = maps / "p.map.png"
+    Image.fromarray(photo(9)).save(twin)
+    twin_bytes = twin.read_bytes()
+    argv = ["score", str(photo_path), str(twin), "--model", "random-tiny", "--map", str(maps)]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert twin.read_bytes() == twin_bytes
+    assert "Traceback" not in capsys.readouterr().err

@@ -168,6 +168,8 @@ def _run_score(args: argparse.Namespace) -> int:
     paths = list_image_paths(args.inputs, stdin=sys.stdin)
     if args.output:
         _refuse_output_over_input(args.output, args.inputs, paths)
+    if args.map is not None:
+        _refuse_maps_over_inputs(args.map, args.inputs, paths)
     if not paths:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
@@ -217,6 +219,22 @@ def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequenc
                     f"-o {output} lies in the scanned folder {item} and has an image extension: "
                     "it would be read as an input; write the results elsewhere"
                 )
+
+
+def _refuse_maps_over_inputs(folder: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
+    """Refuse a ``--map`` folder whose files could replace an input or be scanned as inputs."""
+    target = os.path.realpath(folder)
+    for item in inputs:
+        if item != "-" and os.path.isdir(item):
+            scanned = os.path.realpath(item)
+            if os.path.commonpath([scanned, target]) == scanned:
+                raise UsageError(
+                    f"--map {folder} lies in the scanned folder {item}: its overlays would be "
+                    "read as inputs next time; write the maps elsewhere"
+                )
+    for p in paths:
+        if os.path.dirname(os.path.realpath(p)) == target and ".map." in Path(p).name:
+            raise UsageError(f"--map {folder} holds the input {p}, which a map could replace")
 
 
 def _ray_output_format(args: argparse.Namespace) -> str:
@@ -348,6 +366,9 @@ def _run_degrade(args: argparse.Namespace) -> int:
         raise UsageError("--type and -o/--output go together")
     if not 1 <= args.level <= 5 or args.size < 16:
         raise UsageError("--level must be in 1..5 and --size at least 16")
+    written = args.sheet or args.output
+    if os.path.realpath(written) == os.path.realpath(args.image):
+        raise UsageError(f"{written} is the input image; writing it would destroy it")
     try:
         image = load_image(args.image)
     except ImageDecodeError as exc:  # every decoder failure, with its reason

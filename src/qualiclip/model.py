@@ -238,8 +238,9 @@ def create_model(
             checksum-verified and cached) or a checkpoint path: the authors' format
             (``clip_model.*`` + ``prompts_features``), an OpenAI-keyed state dict, qualiclip's
             training export, or (with ``trust_torchscript``) an OpenAI TorchScript archive. An
-            ``.onnx`` file from ``qualiclip export`` gives a scorer that runs it with ONNX Runtime
-            (:class:`qualiclip.onnx_scorer.OnnxScorer`); its formula and pooling are the graph's.
+            ``.onnx`` file from ``qualiclip export`` gives a scorer that runs it with ONNX
+            Runtime (:class:`qualiclip.onnx_scorer.OnnxScorer`); its formula and pooling are
+            fixed at export, and a ``formula`` or ``pooling`` that differs is refused.
         device: ``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``.
         pooling: attention-pooling mode; ``None`` means the weights' own (``"none"``, as
             QualiCLIP, for every file and table entry).
