@@ -8,7 +8,13 @@ skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -71,3 +77,46 @@ def perturb_batch_norms(model: nn.Module, seed: int = 1) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=g) * 0.2)
     return model
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(args: Sequence[str], port: int, log: Path, timeout: float) -> Iterator[str]:
+    """``qualiclip serve ARGS`` as a real process on 127.0.0.1:``port``; yields its URL once
+    ``/healthz`` answers (fails the test if the process exits or ``timeout`` passes), and stops
+    it afterwards. Its output goes to ``log``."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "qualiclip.cli", "serve", *args, "--host", "127.0.0.1",
+           "--port", str(port)]
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /healthz in {timeout:.0f} s:\n"
+                            f"{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)

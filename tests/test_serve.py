@@ -15,7 +15,6 @@ import contextlib
 import io
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import perturb_batch_norms
+from conftest import free_port, perturb_batch_norms, running_server
 from qualiclip import engine
 from qualiclip.cli import main
 from qualiclip.model import QualiCLIP, create_model
@@ -95,12 +94,6 @@ def expected(checkpoint: Path, images: dict[str, Path]) -> dict[str, float]:
     return {Path(r.path).name: float(r.score) for r in results if r.score is not None}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server") / "server.log"
@@ -109,37 +102,12 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(checkpoint: Path, server_log: Path) -> Iterator[str]:
     """``qualiclip serve`` as a real process on loopback; its base URL."""
-    httpx = _require_serve()
-    port = _free_port()
-    log = server_log
-    cmd = [sys.executable, "-m", "qualiclip.cli", "serve", "--model", str(checkpoint),
-           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--no-access-log",
-           "--request-timeout", str(REQUEST_TIMEOUT)]
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer /healthz in 90 s:\n{log.read_text()}")
-            time.sleep(0.2)
+    _require_serve()
+    args = ["--model", str(checkpoint), "--device", "cpu", "--max-bytes", str(MAX_BYTES),
+            "--max-pixels", str(MAX_PIXELS), "--no-access-log",
+            "--request-timeout", str(REQUEST_TIMEOUT)]
+    with running_server(args, free_port(), server_log, timeout=90) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
 
 
 def _post_raw(url: str, data: bytes, ctype: str = "image/png"):  # noqa: ANN202

@@ -18,11 +18,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import find_shared, perturb_batch_norms
+from conftest import find_shared, free_port, perturb_batch_norms, running_server
 from qualiclip.model import create_model
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -70,12 +66,6 @@ def _browser() -> tuple[str, str]:
     return chromium, driver
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -109,42 +99,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``qualiclip serve`` on a free loopback port; its base URL."""
     _browser()
-    import httpx
 
     model_path = os.environ.get("QUALICLIP_WEB_MODEL")
     if not model_path:
         model = perturb_batch_norms(create_model("random-tiny"), seed=2).eval()
         model_path = str(tmp_path_factory.mktemp("model") / "tiny.pth")
         torch.save(model.official_state_dict(), model_path)
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "qualiclip.cli", "serve", "--model", model_path,
-           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-           "--max-files", "16", "--max-bytes", "8000000", "--max-pixels", "4000000"]
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer /healthz in 120 s:\n{log.read_text()}")
-            time.sleep(0.2)
+    args = ["--model", model_path, "--device", "cpu", "--no-access-log", "--max-files", "16",
+            "--max-bytes", "8000000", "--max-pixels", "4000000"]
+    with running_server(args, free_port(), log, timeout=120) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
