@@ -441,14 +441,10 @@ def load_image(
 
 
 def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """(..., H, W, 3) uint8/uint16 array -> (..., 3, H, W) float32 tensor in [0, 1]."""
-    # Reorder to channels-first while still 1-2 bytes per value (NumPy's strided copy is faster
-    # than torch's here), then convert: less memory to shuffle than permuting floats.
-    planar = np.ascontiguousarray(np.moveaxis(arr, -1, -3))
-    if planar.dtype == np.uint16:
-        # torch has few uint16 kernels; convert in NumPy (exact: 16 bits fit float32's 24).
-        return torch.from_numpy(planar.astype(np.float32)).div_(65535.0)
-    return torch.from_numpy(planar).to(torch.float32).div_(255.0)
+    """(..., H, W, 3) uint8/uint16 array -> contiguous (..., 3, H, W) float32 in [0, 1], by the
+    one conversion :func:`pixels_to_tensor`."""
+    batch = pixels_to_tensor(list(arr) if arr.ndim == 4 else [arr]).contiguous()
+    return batch if arr.ndim == 4 else batch[0]
 
 
 def pixels_to_tensor(
