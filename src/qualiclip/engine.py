@@ -336,7 +336,7 @@ def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch
         assert not isinstance(first, Exception)  # noqa: S101 - raised just above
         return float(first)
     if pixels is not None:
-        batch = torch.stack([images.pixels_to_tensor([p])[0] for p in pixels])
+        batch = images.pixels_to_tensor(pixels)  # one image, or one array's equal-size images
     else:
         batch = images.to_batch(x)
     scores = score_tensors(model, batch.to(dtype=dtype), precision)
