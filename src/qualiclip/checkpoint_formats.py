@@ -55,7 +55,7 @@ _NOT_CHECKPOINTS: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def _torch_load(path: Path) -> object:
+def load_tensors(path: str | os.PathLike[str]) -> object:
     """``torch.load`` with ``weights_only=True``; a file that is no checkpoint is a ValueError
     saying what it is instead (never advice to unpickle arbitrary objects)."""
     with open(path, "rb") as f:
@@ -196,5 +196,5 @@ def load_checkpoint(
         except Exception as exc:
             raise ValueError(f"{path}: cannot load the TorchScript archive: {exc}") from exc
     else:
-        raw = _unwrap(_torch_load(path), path)
+        raw = _unwrap(load_tensors(path), path)
     return _clean_state(raw, path)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qualiclip.checkpoint_formats import load_tensors
 from qualiclip.clip import load_visual
 from qualiclip.model import QualiCLIP
 from qualiclip.train_config import config_from_dict
@@ -84,13 +85,10 @@ def checkpoint_paths(out: str | Path) -> list[Path]:
 
 def _load(path: str | Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zip errors: not ours
+        return load_tensors(path)
+    except ValueError as exc:  # corrupt, or no checkpoint at all: say so for a training run
         raise ValueError(
-            f"{path} is not a qualiclip training checkpoint ({CHECKPOINT_FORMAT}): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            f"{path} is not a qualiclip training checkpoint ({CHECKPOINT_FORMAT}): {exc}"
         ) from exc
 
 
