@@ -199,6 +199,17 @@ def _run_score(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _scanned_folder_holding(path: str, inputs: Sequence[str]) -> str | None:
+    """The input folder (as given) whose scan covers ``path``, if any."""
+    target = os.path.realpath(path)
+    for item in inputs:
+        if item != "-" and os.path.isdir(item):
+            folder = os.path.realpath(item)
+            if os.path.commonpath([folder, target]) == folder:
+                return item
+    return None
+
+
 def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
     """Refuse an ``-o`` that is one of the inputs, or that a scan of the inputs would pick up.
 
@@ -211,30 +222,26 @@ def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequenc
         raise UsageError(f"-o {output} is one of the inputs; writing it would destroy it")
     if Path(target).suffix.lower() not in IMAGE_EXTENSIONS or Path(target).name.startswith("."):
         return
-    for item in inputs:
-        if item != "-" and os.path.isdir(item):
-            folder = os.path.realpath(item)
-            if os.path.commonpath([folder, target]) == folder:
-                raise UsageError(
-                    f"-o {output} lies in the scanned folder {item} and has an image extension: "
-                    "it would be read as an input; write the results elsewhere"
-                )
+    folder = _scanned_folder_holding(output, inputs)
+    if folder is not None:
+        raise UsageError(
+            f"-o {output} lies in the scanned folder {folder} and has an image extension: "
+            "it would be read as an input; write the results elsewhere"
+        )
 
 
-def _refuse_maps_over_inputs(folder: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
+def _refuse_maps_over_inputs(maps: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
     """Refuse a ``--map`` folder whose files could replace an input or be scanned as inputs."""
-    target = os.path.realpath(folder)
-    for item in inputs:
-        if item != "-" and os.path.isdir(item):
-            scanned = os.path.realpath(item)
-            if os.path.commonpath([scanned, target]) == scanned:
-                raise UsageError(
-                    f"--map {folder} lies in the scanned folder {item}: its overlays would be "
-                    "read as inputs next time; write the maps elsewhere"
-                )
+    folder = _scanned_folder_holding(maps, inputs)
+    if folder is not None:
+        raise UsageError(
+            f"--map {maps} lies in the scanned folder {folder}: its overlays would be read as "
+            "inputs next time; write the maps elsewhere"
+        )
+    target = os.path.realpath(maps)
     for p in paths:
         if os.path.dirname(os.path.realpath(p)) == target and ".map." in Path(p).name:
-            raise UsageError(f"--map {folder} holds the input {p}, which a map could replace")
+            raise UsageError(f"--map {maps} holds the input {p}, which a map could replace")
 
 
 def _ray_output_format(args: argparse.Namespace) -> str:
