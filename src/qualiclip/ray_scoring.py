@@ -264,6 +264,12 @@ def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
         ValueError: ``output`` holds parts of the other format, or rows of another model (mixing
             two models' scores in one folder would make it meaningless).
     """
+    return _existing_rows(output, config)[0]
+
+
+def _existing_rows(output: str | Path, config: RayScoreConfig) -> tuple[set[str], set[str]]:
+    """``(paths with a row, paths whose row is an error)`` in ``output``, read in one pass; see
+    :func:`scored_paths` for what is refused."""
     other = "csv" if config.output_format == "parquet" else "parquet"
     if part_files(output, other):  # type: ignore[arg-type]
         raise ValueError(
@@ -273,9 +279,10 @@ def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
 
     name, sha = weights_identity(config.model)
     done: set[str] = set()
+    failed: set[str] = set()
+    columns = ("path", "error", "model", "weights_sha256")
     for part in part_files(output, config.output_format):
-        table = _read_part(part, config.output_format, ("path", "model", "weights_sha256"))
-        rows = table.to_pydict()
+        rows = _read_part(part, config.output_format, columns).to_pydict()
         for old_name, old_sha in set(zip(rows["model"], rows["weights_sha256"], strict=True)):
             same = old_sha == sha if (old_sha or sha) else old_name == name
             if not same:
@@ -284,7 +291,8 @@ def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
                     f"{name} (sha256 {sha}); write to another folder"
                 )
         done.update(rows["path"])
-    return done
+        failed.update(p for p, e in zip(rows["path"], rows["error"], strict=True) if e)
+    return done, failed
 
 
 # --- the actor ---------------------------------------------------------------------------------
@@ -474,8 +482,7 @@ def score_to_folder(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output {folder} exists and is not a folder")
     paths = expand_inputs(inputs)
-    done = scored_paths(folder, config)
-    failed_before = _failed_paths(folder, config) if done else set()
+    done, failed_before = _existing_rows(folder, config)
     todo = [p for p in paths if display_path(p) not in done]
     n_done = len(paths) - len(todo)
     failed_earlier = sum(display_path(p) in failed_before for p in paths)
@@ -490,14 +497,6 @@ def score_to_folder(
             scored, failed, parts = _run_job(ray, todo, folder, config, on_part)
     return ScoreSummary(len(paths), n_done, scored, failed, failed_earlier, tuple(parts),
                         time.perf_counter() - start)
-
-
-def _failed_paths(output: Path, config: RayScoreConfig) -> set[str]:
-    failed: set[str] = set()
-    for part in part_files(output, config.output_format):
-        rows = _read_part(part, config.output_format, ("path", "error")).to_pydict()
-        failed.update(p for p, e in zip(rows["path"], rows["error"], strict=True) if e)
-    return failed
 
 
 def _run_job(
