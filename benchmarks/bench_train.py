@@ -36,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             sims = net(x.flatten(0, 2))
         sims = sims.float().view(b, n_lv, 2, -1, 2)
-        loss = cfg.loss
-        terms = qualiclip_losses(sims[..., 0], sims[..., 1], margin_cons=loss.margin_cons,
-                                 margin_rank=loss.margin_rank, weight_cons=loss.weight_cons,
-                                 weight_pos=loss.weight_pos, weight_neg=loss.weight_neg)
+        terms = qualiclip_losses(sims[..., 0], sims[..., 1], **asdict(cfg.loss))
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         t3 = sync()

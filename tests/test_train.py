@@ -601,3 +601,52 @@ def test_resuming_from_a_corrupt_checkpoint_is_one_line(tmp_path, capsys) -> Non
     err = capsys.readouterr().err
     assert status == 2 and "is not a qualiclip training checkpoint" in err
     assert "Traceback" not in err and "weights_only" not in err
+
+
+def test_a_resume_reads_its_checkpoint_once(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    train.fit(_cfg(pristine, out, max_steps=2))
+    loads: list[str] = []
+    real = checkpoints.load_training_checkpoint
+
+    def counting(path: str | Path) -> dict:
+        loads.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(train, "load_training_checkpoint", counting)
+    plan = train.plan_run(
+        overrides={"schedule": {"max_steps": 4}}, out=out, resume="latest"
+    )
+    assert plan.checkpoint == out / "ckpt-000002.pt" and plan.config.schedule.max_steps == 4
+    result = train.fit(plan)
+    assert result["step"] == 4
+    assert loads == [str(out / "ckpt-000002.pt")]
+
+
+def test_orthogonal_prompt_features_train_without_a_text_tower(
+    pristine: Path, tmp_path: Path
+) -> None:
+    features = train.orthogonal_prompt_features(7, 64, seed=3)
+    assert torch.allclose(features @ features.T, torch.eye(14), atol=1e-5)
+    assert torch.equal(features, train.orthogonal_prompt_features(7, 64, seed=3))
+    with pytest.raises(ValueError, match="width"):
+        train.orthogonal_prompt_features(7, 8)
+    cfg = _cfg(pristine, tmp_path / "run", max_steps=2)
+    model_cfg = dataclasses.replace(cfg.model, prompt_features="orthogonal")
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    result = train.fit(cfg)
+    sd = torch.load(result["model_path"], weights_only=True)
+    # only the image tower, the logit scale and the fixed prompt features are exported
+    assert {k for k in sd if not k.startswith("clip_model.visual.")} == {
+        "clip_model.logit_scale", "prompts_features"
+    }
+    assert torch.allclose(sd["prompts_features"], train.orthogonal_prompt_features(7, 64, 0))
+    from qualiclip import create_model
+
+    model = create_model(result["model_path"])
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1,)
+    with pytest.raises(ValueError, match="prompt_features"):
+        train_config.check_config(dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, prompt_features="learned")))

@@ -514,11 +514,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from qualiclip import train
 
-    cfg, resume = _train_setup(args)
+    plan = _train_setup(args)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = train.fit(cfg, resume=resume, overwrite=args.overwrite)
+        result = train.fit(plan)
     except Exception as exc:  # inside the run: a failure (1), not a usage error
         if args.verbose:
             import traceback

@@ -181,7 +181,7 @@ class QualiCLIP(nn.Module):
                 file is a complete CLIP checkpoint; without them only the image tower is saved.
         """
         visual = self.visual.state_dict()
-        out = {f"clip_model.visual.{k}": v.detach().cpu() for k, v in visual.items()}
+        out = {f"clip_model.visual.{k}": v.detach().cpu().contiguous() for k, v in visual.items()}
         for k, v in (text_state or {}).items():
             if not k.startswith("visual."):
                 out[f"clip_model.{k}"] = v.detach().cpu()

@@ -24,6 +24,9 @@ from qualiclip.prompts import PROMPT_PAIRS
 
 # --- configuration -----------------------------------------------------------------------------
 
+#: Where a trained model's prompt features come from (:attr:`ModelConfig.prompt_features`).
+PROMPT_FEATURE_SOURCES = ("text", "orthogonal")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -36,12 +39,20 @@ class ModelConfig:
         bn: ``"frozen"`` keeps batch-norm statistics fixed (eval mode) while the rest trains;
             ``"train"`` updates them (needed from random initialisation).
         prompt_pairs: the (positive, negative) prompts trained and stored with the model.
-        init_seed: seed of a random initialisation.
+        prompt_features: where the prompt features come from: ``"text"`` (the start point's
+            text tower encodes ``prompt_pairs``, as in the paper) or ``"orthogonal"`` (fixed,
+            seeded, mutually orthogonal unit vectors, one per prompt; for a random start point,
+            whose text tower gives features with no meaning and arbitrary angles between
+            pairs, so that moving an image's feature toward every positive and away from every
+            negative prompt is one consistent direction). With ``"orthogonal"`` the exported
+            model holds no text tower.
+        init_seed: seed of a random initialisation (and of orthogonal prompt features).
     """
 
     init: str = "clip-rn50"
     bn: str = "frozen"
     prompt_pairs: tuple[tuple[str, str], ...] = PROMPT_PAIRS
+    prompt_features: str = "text"
     init_seed: int = 0
 
 
@@ -287,6 +298,9 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
     m, d, o, sc, lg, v = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.log, cfg.validation
     if m.bn not in ("frozen", "train"):
         yield f"model.bn must be 'frozen' or 'train', got {m.bn!r}"
+    if m.prompt_features not in PROMPT_FEATURE_SOURCES:
+        yield (f"model.prompt_features must be one of {', '.join(PROMPT_FEATURE_SOURCES)}, "
+               f"got {m.prompt_features!r}")
     if m.init not in RANDOM_MODELS and not Path(m.init).is_file():
         if m.init not in PRETRAINED:
             valid = ", ".join([*PRETRAINED, *RANDOM_MODELS])
