@@ -436,7 +436,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pristine", help="folder or .txt list of pristine images")
     p.add_argument("--out", required=True, help="output folder (checkpoints, logs, model.pth)")
-    p.add_argument("--preset", help="paper (RN50 from clip-rn50, default) or tiny")
+    p.add_argument("--preset", help="paper (RN50 from clip-rn50, default), tiny, or open "
+                   "(qualiclip-open: a small model from random weights)")
     p.add_argument("--config", help="TOML file with [model] [data] [optim] [loss] ... tables")
     p.add_argument("--init", help="start point: clip-rn50, random-tiny, or a checkpoint file")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",

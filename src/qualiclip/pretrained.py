@@ -182,6 +182,8 @@ BPE_VOCAB = RemoteFile(
 RANDOM_MODELS: dict[str, CLIPConfig] = {
     "random-tiny": TINY_RN,
     "random-micro": dataclasses.replace(TINY_RN, vision_width=8, embed_dim=32),
+    # qualiclip-open's shape: the tiny model's text tower, an image tower twice as wide.
+    "random-small": dataclasses.replace(TINY_RN, vision_width=32),
     "random-rn50": RN50,
 }
 

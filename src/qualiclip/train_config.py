@@ -199,7 +199,9 @@ class TrainConfig:
 #: ``paper``: the paper's setting as far as it is known (RN50 from OpenAI's weights, 224 px
 #: crops, L = 5, seven prompt pairs); batch size, learning rate, schedule and margins are ours.
 #: ``tiny``: a small CLIP-shaped ResNet from random initialisation, for CPU runs and tests
-#: (64 px crops, 1500 steps).
+#: (64 px crops, 1500 steps). ``open``: qualiclip-open, trained from random weights on
+#: openly licensed photos (``scripts/pristine_photos.py``) on CPUs: a CLIP-shaped ResNet of
+#: width 32 (``random-small``), 128 px crops, the text tower's prompt features.
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
@@ -209,6 +211,17 @@ PRESETS: dict[str, TrainConfig] = {
         schedule=ScheduleConfig(max_steps=1500, warmup_steps=30),
         log=LogConfig(log_every=10, checkpoint_every=200),
         validation=ValidationConfig(every=100, batch_size=64),
+    ),
+    "open": TrainConfig(
+        model=ModelConfig(init="random-small", bn="train"),
+        data=DataConfig(
+            pristine="data/pristine-open", val_every_kth=5, crop_size=128, batch_size=8,
+            workers=2, degrade_in="loader",
+        ),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.01, precision="fp32"),
+        schedule=ScheduleConfig(max_steps=6000, warmup_steps=200),
+        log=LogConfig(log_every=10, checkpoint_every=250, keep_checkpoints=0),
+        validation=ValidationConfig(every=250, batch_size=32),
     ),
 }
 
