@@ -1,4 +1,5 @@
-"""Tests for qualiclip.images: decoding every mode safely, to_batch, and input path expansion.
+"""Tests for qualiclip.images and qualiclip.inputs: decoding every mode safely, to_batch, and
+input path expansion.
 
 Real photographs from scikit-image are written by PIL in each mode and read back; expected pixels
 are computed independently (NumPy on the original array), never taken from our own output.
@@ -20,13 +21,12 @@ from PIL import Image, ImageFile
 
 from qualiclip import images
 from qualiclip.images import (
-    IMAGE_EXTENSIONS,
     ImageDecodeError,
     decode_rgb,
-    list_image_paths,
     load_image,
     to_batch,
 )
+from qualiclip.inputs import IMAGE_EXTENSIONS, list_image_paths
 
 skdata = pytest.importorskip("skimage.data")
 

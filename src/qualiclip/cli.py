@@ -146,7 +146,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from qualiclip import engine
-    from qualiclip.images import list_image_paths
+    from qualiclip.inputs import list_image_paths
     from qualiclip.output import write_results
 
     if args.batch_size < 1 or args.workers < 1:
@@ -215,7 +215,7 @@ def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequenc
 
     Checked before the output is opened: opening truncates, and a truncated photo is lost.
     """
-    from qualiclip.images import IMAGE_EXTENSIONS
+    from qualiclip.inputs import IMAGE_EXTENSIONS
 
     target = os.path.realpath(output)
     if any(os.path.realpath(p) == target for p in paths):
@@ -617,7 +617,7 @@ def _report_failures(failures: Sequence[tuple[str, str]], label: str) -> None:
 
 def _run_eval_synthetic(args: argparse.Namespace, scorers: list) -> int:
     from qualiclip import evaluate
-    from qualiclip.images import list_image_paths
+    from qualiclip.inputs import list_image_paths
 
     if args.root is None:
         raise UsageError("--dataset synthetic needs --root PRISTINE_DIR")
