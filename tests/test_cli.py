@@ -278,13 +278,13 @@ def test_closed_pipe_ends_quietly(photos):
 
 _SLOW_RUN = """
 import sys, time
-from qualiclip import cli, engine
-decode = engine._decode
+from qualiclip import cli, reading
+decode = reading.decode_file
 def slow(index, path, min_size):
     if "slow" in path:
         time.sleep(600)  # a decode that never ends in time
     return decode(index, path, min_size)
-engine._decode = slow
+reading.decode_file = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 
