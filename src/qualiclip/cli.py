@@ -15,8 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qualiclip.precision import PRECISIONS
+
+if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
+    from qualiclip.model import QualiCLIP
+    from qualiclip.onnx_scorer import OnnxScorer
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,11 +55,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # noqa: ANN201
+def load_model_from_args(
+    args: argparse.Namespace, name: str | None = None
+) -> QualiCLIP | OnnxScorer:
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
     device cannot run, is a usage error."""
     from qualiclip.model import create_model
-    from qualiclip.precision import check_precision
 
     try:
         model = create_model(
@@ -65,12 +71,8 @@ def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # 
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
-        # A precision the device cannot run is refused before any input is read.
-        precision = getattr(args, "precision", "fp32")
-        own_check = getattr(model, "check_precision", None)  # a scorer with a fixed precision
-        if own_check is not None:
-            own_check(precision)
-        check_precision(model.device, precision)
+        # A precision the scorer cannot run is refused before any input is read.
+        model.check_precision(args.precision)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return model
@@ -762,7 +764,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 13..20 (default 17)")
     p.add_argument("--no-check", action="store_true",
                    help="skip scoring a test batch with ONNX Runtime against PyTorch")
-    p.set_defaults(func=_run_export, device="cpu")
+    p.set_defaults(func=_run_export, device="cpu", precision="fp32")  # traced in fp32
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -781,7 +783,11 @@ def _run_export(args: argparse.Namespace) -> int:
     if opset not in onnx_export.OPSETS:
         raise UsageError(f"--opset must be in {onnx_export.OPSETS[0]}..{onnx_export.OPSETS[-1]}, "
                          f"got {opset}")
+    from qualiclip.model import QualiCLIP
+
     model = load_model_from_args(args)
+    if not isinstance(model, QualiCLIP):  # an ONNX graph (its name was refused above already)
+        raise UsageError(f"--model {args.model} is already an ONNX graph")
     try:
         result = onnx_export.export_onnx(
             model, target, input_kind=args.input, fp16=args.fp16, opset=opset,

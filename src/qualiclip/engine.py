@@ -56,7 +56,7 @@ from torch import nn
 from qualiclip import heap, images
 from qualiclip.clip import ModifiedResNet
 from qualiclip.fused import FusedResNet
-from qualiclip.model import QualiCLIP
+from qualiclip.model import QualiCLIP, Scorer
 from qualiclip.precision import (
     PRECISIONS,
     Precision,
@@ -101,27 +101,30 @@ class ScoreResult:
 
 
 class InferenceModel:
-    """A QualiCLIP model readied for fast inference in one precision.
+    """A scorer readied for fast inference in one precision.
 
-    Built by :func:`prepare` (cached per model and precision). ``fuse=False`` keeps the model's
-    own tower (used for non-ResNet towers and to measure what fusing gains).
+    Built by :func:`prepare` (cached per model and precision). A :class:`QualiCLIP` runs a fused
+    copy of its ResNet tower; ``fuse=False`` keeps the model's own tower (used for non-ResNet
+    towers and to measure what fusing gains). Any other scorer (an ONNX graph's) is called as
+    it is.
     """
 
     def __init__(
-        self, model: QualiCLIP, precision: str = "fp32", fuse: bool = True, compile: bool = False
+        self, model: Scorer, precision: str = "fp32", fuse: bool = True, compile: bool = False
     ) -> None:
         autocast_context(model.device, precision)  # validates precision / device
         self.model = model
         self.precision = precision
         self.device = model.device
-        self.min_size = int(getattr(model, "min_size", 32))
-        visual = getattr(model, "visual", None)
+        # A QualiCLIP's tower can be fused or compiled; other scorers are called as they are.
+        visual = model.visual if isinstance(model, QualiCLIP) else None
+        training = isinstance(model, QualiCLIP) and model.training
         self.visual: Any = visual
         if compile and visual is not None:
             # Inductor does its own batch-norm folding and oneDNN fusions ("freezing"); it
             # compiles once per input size (tens of seconds for RN50 on two cores).
             self.visual = torch.compile(visual, dynamic=False, options={"freezing": True})
-        elif fuse and isinstance(visual, ModifiedResNet) and not model.training:
+        elif fuse and isinstance(visual, ModifiedResNet) and not training:
             # (A model in training mode is run as it is: its batch norms use batch statistics.)
             dtype = torch.float32 if self.device.type != "cpu" else compute_dtype(precision)
             # (Prepacking weights into oneDNN's blocked layout was measured and not kept: no
@@ -206,18 +209,22 @@ def _nothing() -> None:
     return None
 
 
-_PREPARED: weakref.WeakKeyDictionary[QualiCLIP, dict[tuple[Any, ...], tuple[Any, InferenceModel]]]
+_PREPARED: weakref.WeakKeyDictionary[Scorer, dict[tuple[Any, ...], tuple[Any, InferenceModel]]]
 _PREPARED = weakref.WeakKeyDictionary()
 
 
-def _state_key(model: nn.Module) -> tuple[Any, ...]:
+def _state_key(model: Scorer) -> tuple[Any, ...]:
+    """What a prepared copy depends on: a module's tensors and mode (a scorer that is no
+    module has no state of ours to follow)."""
+    if not isinstance(model, nn.Module):
+        return ()
     # In-place updates (optimiser steps, load_state_dict) bump a tensor's version; .to() moves it.
     tensors = (*model.parameters(), *model.buffers())
     return (*((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), model.training)
 
 
 def prepare(
-    model: QualiCLIP, precision: str = "fp32", *, fuse: bool = True, compile: bool = False
+    model: Scorer, precision: str = "fp32", *, fuse: bool = True, compile: bool = False
 ) -> InferenceModel:
     """The :class:`InferenceModel` of ``model``: built once, reused while its weights are unchanged.
 
@@ -242,7 +249,7 @@ def prepare(
 
 
 def score_tensors(
-    model: QualiCLIP,
+    model: Scorer,
     batch: torch.Tensor,
     precision: str = "fp32",
     *,
@@ -282,7 +289,7 @@ def score_tensors(
 
 
 @torch.inference_mode()
-def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch.Tensor:
+def score(model: Scorer, x: Any, *, precision: str = "fp32") -> float | torch.Tensor:
     """Score one image or a batch with the fast path.
 
     A model in eval mode runs its fused inference copy (:func:`prepare`, built once and reused
@@ -309,8 +316,7 @@ def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch
         True
     """
     batched = isinstance(x, torch.Tensor) and x.ndim == 4
-    weight = next(model.parameters(), None)  # a scorer without parameters (ONNX) takes fp32
-    dtype = weight.dtype if weight is not None else torch.float32
+    dtype = model.input_dtype
     pixels: list[np.ndarray] | None = None
     if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
         pixels = [images.decode_rgb(x, min_size=model.min_size)]
@@ -455,7 +461,7 @@ def _run_batch(runner: InferenceModel, items: list[Decoded]) -> Callable[[], lis
 
 
 def score_arrays(
-    model: QualiCLIP,
+    model: Scorer,
     arrays: list[np.ndarray],
     *,
     precision: str = "fp32",
@@ -491,7 +497,7 @@ def score_arrays(
 
 
 def score_paths(
-    model: QualiCLIP,
+    model: Scorer,
     paths: Iterable[str | Path],
     *,
     batch_size: int = 8,
@@ -591,7 +597,7 @@ def _score_paths(
             next_index += 1
 
     decoded = decoded_in_order(
-        (str(p) for p in paths), runner.min_size, workers, prefetch=max(2, 2 * workers),
+        (str(p) for p in paths), runner.model.min_size, workers, prefetch=max(2, 2 * workers),
         decoder=decoder,
     )
     keep = _in_flight(runner)

@@ -86,7 +86,7 @@ from qualiclip.precision import PRECISIONS
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
-    from qualiclip.model import QualiCLIP
+    from qualiclip.model import Scorer
 
 SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qualiclip[serve]'"
 
@@ -230,7 +230,7 @@ class _Budgets:
 
 
 async def score_upload(
-    upload: Upload, model: QualiCLIP, batcher: MicroBatcher, config: ServeConfig,
+    upload: Upload, model: Scorer, batcher: MicroBatcher, config: ServeConfig,
     budgets: _Budgets, owner: object = None,
     mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], int]:
@@ -341,7 +341,7 @@ _ERROR = {
 
 
 def create_app(
-    model: QualiCLIP | Callable[[], QualiCLIP], config: ServeConfig | None = None
+    model: Scorer | Callable[[], Scorer], config: ServeConfig | None = None
 ) -> FastAPI:
     """The FastAPI application serving ``model``.
 
@@ -364,9 +364,13 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A module is the scorer (QualiCLIP, or an ONNX graph's); anything else builds one.
-        scorer = (cast("QualiCLIP", model) if isinstance(model, nn.Module)
-                  else await asyncio.to_thread(model))
-        scorer.eval()
+        # (Both are callable, so only the runtime check tells them apart.)
+        if isinstance(model, nn.Module):
+            scorer = cast("Scorer", model.eval())
+        else:
+            scorer = await asyncio.to_thread(cast("Callable[[], Scorer]", model))
+            if isinstance(scorer, nn.Module):
+                scorer.eval()
         await asyncio.to_thread(_warm_up, scorer, cfg.precision)
         batcher = MicroBatcher(
             scorer, batch_size=cfg.batch_size, max_wait_s=cfg.max_wait_ms / 1000,
@@ -427,7 +431,7 @@ def create_app(
     ) -> JSONResponse:
         from starlette.requests import ClientDisconnect
 
-        scorer: QualiCLIP = state["model"]
+        scorer: Scorer = state["model"]
         try:
             uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
         except RequestError as exc:
@@ -460,7 +464,7 @@ def create_app(
 
     @app.get("/models", summary="The model being served")
     async def models() -> dict[str, Any]:
-        scorer: QualiCLIP = state["model"]
+        scorer: Scorer = state["model"]
         return {"models": [{
             "name": scorer.name, "weights_sha256": scorer.weights_sha256,
             "min_size": scorer.min_size, "device": str(scorer.device),
@@ -503,7 +507,7 @@ def _web_asset(name: str) -> bytes:
     return files("qualiclip").joinpath("assets", "web", name).read_bytes()
 
 
-def _map_row(model: QualiCLIP, pixels: Any, kind: str, precision: str) -> dict[str, Any]:
+def _map_row(model: Scorer, pixels: Any, kind: str, precision: str) -> dict[str, Any]:
     """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL) of one image."""
     import base64
 
@@ -516,7 +520,7 @@ def _map_row(model: QualiCLIP, pixels: Any, kind: str, precision: str) -> dict[s
             "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
 
 
-def _warm_up(model: QualiCLIP, precision: str) -> None:
+def _warm_up(model: Scorer, precision: str) -> None:
     """One forward pass, so the first request does not pay for building the inference copy."""
     import torch
 
@@ -585,7 +589,7 @@ def timed_protocol(request_timeout: float) -> type:
 
 
 def run(
-    model: QualiCLIP | Callable[[], QualiCLIP],
+    model: Scorer | Callable[[], Scorer],
     config: ServeConfig | None = None,
     *,
     host: str = "127.0.0.1",
