@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qualiclip.precision import PRECISIONS
+from qualiclip.precision import PRECISIONS, TRAIN_PRECISIONS
+from qualiclip.train_choices import BN_MODES, DEGRADE_IN
 
 if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
     from qualiclip.model import QualiCLIP
@@ -455,15 +456,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--degrade-in", choices=["step", "loader"],
+    p.add_argument("--degrade-in", choices=DEGRADE_IN,
                    help="degrade crops in the training step (default) or in the DataLoader "
                    "workers, off the step's critical path")
     p.add_argument("--val-dir", help="held-out pristine images (default: every k-th image)")
     p.add_argument("--val-every", type=int, help="steps between validations")
     p.add_argument("--rated-csv", help="path,score CSV of human-rated images to validate on")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--bn", choices=["frozen", "train"], help="batch-norm statistics")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--bn", choices=BN_MODES, help="batch-norm statistics")
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS)
     p.add_argument("--device", help="auto, cpu, cuda, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
