@@ -168,7 +168,9 @@ def _header_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise ImageDecodeError(f"{path}: cannot identify image file (not an image?)") from exc
+        raise ImageDecodeError(
+            f"{path}: cannot identify image file (not an image?)", "not_an_image"
+        ) from exc
     return height, width
 
 
@@ -353,8 +355,8 @@ class PristineCropPairs(Dataset):
                     self._failed[candidate] = _reason(exc, self.paths[candidate])
                     logger.debug("cannot use %s: %s", self.paths[candidate], exc)
             failures.append(f"{self.paths[candidate]}: {self._failed[candidate]}")
-        raise ImageDecodeError(
-            f"none of the {n} pristine images can be decoded (first: {failures[0]})"
+        raise ImageDecodeError(  # (each file's own reason is in the message)
+            f"none of the {n} pristine images can be decoded (first: {failures[0]})", "malformed"
         )
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:

@@ -33,16 +33,19 @@ import stat
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, Any, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "DECODE_FAILURES",
     "DEFAULT_MAX_PIXELS",
+    "DecodeFailure",
     "ImageDecodeError",
     "ImageSource",
+    "as_decode_error",
     "decode_rgb",
     "load_image",
     "max_pixels_from_env",
@@ -60,8 +63,32 @@ ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes
 _WHITE = (255, 255, 255, 255)
 
 
+#: Why an input is not an image we can score (:attr:`ImageDecodeError.reason`):
+#: ``unreadable`` (missing, not a regular file, no permission), ``not_an_image`` (no decoder
+#: knows the format), ``malformed`` (a bad header, truncated or corrupt data, NaN pixels),
+#: ``too_large`` (over the pixel limit), ``out_of_memory`` (no room to decode it), ``too_small``
+#: (a side under the model's minimum).
+DecodeFailure = Literal[
+    "unreadable", "not_an_image", "malformed", "too_large", "out_of_memory", "too_small"
+]
+DECODE_FAILURES: tuple[str, ...] = get_args(DecodeFailure)
+
+
 class ImageDecodeError(ValueError):
-    """An input could not be turned into an RGB image; the message names it and the reason."""
+    """An input could not be turned into an RGB image; the message names it and says why.
+
+    Args:
+        message: ``"<input>: <what is wrong>"``, for people.
+        reason: the kind of failure, for programs (the HTTP service maps it to a status).
+    """
+
+    def __init__(self, message: str, reason: DecodeFailure) -> None:
+        super().__init__(message)
+        self.reason: DecodeFailure = reason
+
+    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[str, DecodeFailure]]:
+        # Unpickled (from a worker process) with its reason, not by ``cls(*args)``.
+        return type(self), (str(self), self.reason)
 
 
 def max_pixels_from_env() -> int:
@@ -138,20 +165,20 @@ def _open_regular_file(path: str | os.PathLike[str], name: str) -> IO[bytes]:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}") from exc
+        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}", "unreadable") from exc
     except ValueError as exc:  # e.g. an embedded NUL byte
-        raise ImageDecodeError(f"{name}: invalid path ({exc})") from exc
+        raise ImageDecodeError(f"{name}: invalid path ({exc})", "unreadable") from exc
     if not stat.S_ISREG(mode):
-        raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}")
+        raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}", "unreadable")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}") from exc
+        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}", "unreadable") from exc
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}")
+            raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}", "unreadable")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -189,23 +216,21 @@ def _open(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             return Image.open(fp), True
-        except UnidentifiedImageError as exc:
-            raise ImageDecodeError(f"{name}: cannot identify image file (not an image?)") from exc
         except Image.DecompressionBombError as exc:
             # PIL's own check ran first (inside Image.open); say which limit is ours.
             raise ImageDecodeError(
                 f"{name}: too large: {exc} (limit: {max_pixels} pixels; raise it with "
-                "QUALICLIP_MAX_PIXELS or max_pixels=)"
+                "QUALICLIP_MAX_PIXELS or max_pixels=)", "too_large"
             ) from exc
-        except MemoryError as exc:
-            raise ImageDecodeError(f"{name}: out of memory while reading the header") from exc
         except OSError as exc:
             if exc.errno is not None:  # a real I/O error (permissions, disk), not bad data
-                raise ImageDecodeError(f"{name}: cannot read file: {exc.strerror}") from exc
-            raise ImageDecodeError(f"{name}: {_classify(exc, header=True)}") from exc
+                raise ImageDecodeError(
+                    f"{name}: cannot read file: {exc.strerror}", "unreadable"
+                ) from exc
+            raise as_decode_error(name, exc, header=True) from exc
         except Exception as exc:  # noqa: BLE001 - plugins raise ValueError, SyntaxError, ...
             # Whatever a format plugin raises on a malformed header is this file's error.
-            raise ImageDecodeError(f"{name}: {_classify(exc, header=True)}") from exc
+            raise as_decode_error(name, exc, header=True) from exc
 
 
 def _raise_pil_limit_to(max_pixels: int) -> None:
@@ -227,12 +252,13 @@ def _check_size(im: Image.Image, name: str, max_pixels: int, min_size: int) -> N
     if pixels > max_pixels:
         raise ImageDecodeError(
             f"{name}: too large: {width}x{height} = {pixels} pixels > limit of {max_pixels} pixels "
-            "(possible decompression bomb; raise it with QUALICLIP_MAX_PIXELS or max_pixels=)"
+            "(possible decompression bomb; raise it with QUALICLIP_MAX_PIXELS or max_pixels=)",
+            "too_large",
         )
     if min(width, height) < min_size:
         raise ImageDecodeError(
             f"{name}: too small: {width}x{height} pixels; the shorter side must be at least "
-            f"{min_size} pixels"
+            f"{min_size} pixels", "too_small",
         )
 
 
@@ -327,16 +353,40 @@ def _plugin_format(exc: BaseException, im: Image.Image | None = None) -> str | N
     return found
 
 
-def _classify(exc: BaseException, *, header: bool = False, im: Image.Image | None = None) -> str:
-    """Human wording for a decoder exception, naming the format where it can be told."""
-    text = str(exc) or type(exc).__name__
+def as_decode_error(
+    name: str, exc: BaseException, *, header: bool = False, im: Image.Image | None = None
+) -> ImageDecodeError:
+    """What an exception raised while decoding ``name`` means, as an :class:`ImageDecodeError`.
+
+    The decoder's one wording of failures, also for exceptions raised around it (a decoder
+    swapped in, a worker): an :class:`ImageDecodeError` is returned as it is; an unknown
+    format, running out of memory, truncated data and anything else a format plugin raises
+    each get their reason and a message naming the format where it can be told.
+
+    Args:
+        name: the input, as messages name it.
+        exc: what was raised.
+        header: raised while reading the header (nothing decoded yet).
+        im: the image being decoded, to name its format.
+    """
+    if isinstance(exc, ImageDecodeError):
+        return exc
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageDecodeError(f"{name}: cannot identify image file (not an image?)",
+                                "not_an_image")
+    if isinstance(exc, MemoryError):
+        stage = "reading the header" if header else "decoding"
+        return ImageDecodeError(f"{name}: out of memory while {stage}", "out_of_memory")
+    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     fmt = _plugin_format(exc, im)
     what = f"{fmt} " if fmt else ""
-    if isinstance(exc, EOFError) or "truncated" in text.lower():
-        return f"truncated or incomplete {what}image data ({text})"
-    if header:
-        return f"malformed {what}image header ({type(exc).__name__}: {text})"
-    return f"corrupt or unsupported {what}image data ({type(exc).__name__}: {text})"
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+        detail = f"truncated or incomplete {what}image data ({cause})"
+    elif header:
+        detail = f"malformed {what}image header ({cause})"
+    else:
+        detail = f"corrupt or unsupported {what}image data ({cause})"
+    return ImageDecodeError(f"{name}: {detail}", "malformed")
 
 
 class _PixelError(ValueError):
@@ -390,11 +440,9 @@ def decode_rgb(
             except ImageDecodeError:
                 raise
             except _PixelError as exc:
-                raise ImageDecodeError(f"{name}: {exc}") from exc
-            except MemoryError as exc:
-                raise ImageDecodeError(f"{name}: out of memory while decoding") from exc
+                raise ImageDecodeError(f"{name}: {exc}", "malformed") from exc
             except Exception as exc:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ...
-                raise ImageDecodeError(f"{name}: {_classify(exc, im=im)}") from exc
+                raise as_decode_error(name, exc, im=im) from exc
         finally:
             if owned:
                 im.close()

@@ -86,6 +86,7 @@ from qualiclip.precision import PRECISIONS
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
+    from qualiclip.images import DecodeFailure
     from qualiclip.model import Scorer
 
 SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qualiclip[serve]'"
@@ -170,33 +171,14 @@ def require_serve() -> None:
 # --- scoring one upload ------------------------------------------------------------------------
 
 
-def decode_status(exc: Exception) -> int:
-    """HTTP status for an image that failed to decode, whatever was raised: 415 not an image,
-    413 too many pixels (or too large to decode in memory), 400 truncated, corrupt or too small."""
-    from PIL import Image, UnidentifiedImageError
-
-    from qualiclip.images import ImageDecodeError
-
-    cause = exc.__cause__ if isinstance(exc, ImageDecodeError) else exc
-    if isinstance(cause, UnidentifiedImageError):
+def decode_status(reason: DecodeFailure) -> int:
+    """HTTP status for an image that failed to decode: 415 not an image, 413 too many pixels
+    (or too large to decode in memory), 400 unreadable, malformed or too small."""
+    if reason == "not_an_image":
         return 415
-    if isinstance(cause, (Image.DecompressionBombError, MemoryError)) or ": too large" in str(exc):
+    if reason in ("too_large", "out_of_memory"):
         return 413
     return 400
-
-
-def _failure_message(name: str, exc: Exception) -> str:
-    """What is wrong with one file, for any exception its decoding raised."""
-    from qualiclip.images import ImageDecodeError
-
-    if isinstance(exc, ImageDecodeError):
-        return str(exc)
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, MemoryError):
-        return f"{name}: out of memory while decoding"
-    if isinstance(exc, EOFError) or "truncated" in text.lower():
-        return f"{name}: truncated or incomplete image data ({type(exc).__name__}: {text})"
-    return f"{name}: corrupt or unsupported image data ({type(exc).__name__}: {text})"
 
 
 def header_pixels(data: bytes) -> tuple[int, int] | None:
@@ -242,7 +224,7 @@ async def score_upload(
     Decoding and scoring happen while ``budgets`` hold the image's pixels (from its header);
     whatever the decoder raises for this file is this file's 400/413/415.
     """
-    from qualiclip.images import decode_rgb
+    from qualiclip.images import as_decode_error, decode_rgb
 
     row: dict[str, Any] = {
         "filename": upload.filename, "score": None, "error": None, "width": None, "height": None
@@ -275,12 +257,12 @@ async def score_upload(
                 decode_rgb, source, max_pixels=config.max_pixels, min_size=model.min_size
             )
         except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is this file's
-            status = decode_status(exc)
-            row["error"] = _failure_message(name, exc)
-            if status == 413 and ": too large" in row["error"]:  # name the server's option
+            failure = as_decode_error(name, exc)
+            row["error"] = str(failure)
+            if failure.reason == "too_large":  # name the server's option
                 row["error"] = (f"{name}: too large (limit: {config.max_pixels} pixels, the "
                                 "server's --max-pixels)")
-            return row, status
+            return row, decode_status(failure.reason)
         row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
         try:
             if mapper is not None:
