@@ -515,7 +515,7 @@ def _one_line(exc: BaseException) -> str:
 def _run_train(args: argparse.Namespace) -> int:
     import logging
 
-    from qualiclip import train
+    from qualiclip import checkpoints, train
 
     cfg, resume = _train_setup(args)
     if args.verbose:
@@ -541,9 +541,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if result["small"]:
         summary += f"; {len(result['small'])} smaller than the crop left out"
     if skipped:
-        names = ", ".join(name for name, _ in skipped[:10])
-        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        summary += f"; skipped {len(skipped)} unusable pristine files: {names}{more}"
+        listed = checkpoints.names([name for name, _ in skipped])
+        summary += f"; skipped {len(skipped)} unusable pristine files: {listed}"
     print(summary, file=sys.stderr)
     print(result["model_path"])
     return EXIT_FAILED if skipped else EXIT_OK

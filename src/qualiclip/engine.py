@@ -432,11 +432,6 @@ def _launch(
     return wait
 
 
-def _score_group(runner: InferenceModel, arrays: list[np.ndarray]) -> Outcomes:
-    """Scores of equal-size decoded images in one pass, or each one's exception."""
-    return _launch(runner, arrays)()
-
-
 def _in_flight(runner: InferenceModel) -> int:
     """Passes queued ahead of the one waited for: one on CUDA (stage the next while this one
     computes), none elsewhere (a CPU's cores are all busy with the pass)."""

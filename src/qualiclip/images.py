@@ -43,6 +43,7 @@ __all__ = [
     "DECODE_FAILURES",
     "DEFAULT_MAX_PIXELS",
     "DecodeFailure",
+    "EXIF_ORIENTATION",
     "ImageDecodeError",
     "ImageSource",
     "as_decode_error",
@@ -59,6 +60,9 @@ DEFAULT_MAX_PIXELS = 180_000_000
 
 #: What :func:`decode_rgb` and :func:`load_image` accept.
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+
+#: EXIF tag of the orientation (value 1: the pixels are stored as they are shown).
+EXIF_ORIENTATION = 0x0112
 
 _WHITE = (255, 255, 255, 255)
 
@@ -333,7 +337,7 @@ def _apply_exif_orientation(im: Image.Image, owned: bool) -> Image.Image:
     if owned:
         ImageOps.exif_transpose(im, in_place=True)
         return im
-    if im.getexif().get(0x0112, 1) in (None, 1):
+    if im.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
         return im  # nothing to do: avoid exif_transpose's full copy
     out = ImageOps.exif_transpose(im)
     return im if out is None else out

@@ -75,9 +75,6 @@ def decode_file(index: int, path: str, min_size: int) -> Decoded:
         return Decoded(index, path, None, f"{type(exc).__name__}: {exc}")
 
 
-#: EXIF tag of the orientation (1: as stored).
-_EXIF_ORIENTATION = 0x0112
-
 JpegDecoder = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -147,7 +144,7 @@ def decode_jpeg_on_device(
                     im.format == "JPEG" and im.mode in ("RGB", "L")
                     and min(width, height) >= min_size
                     and width * height <= images.max_pixels_from_env()
-                    and im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+                    and im.getexif().get(images.EXIF_ORIENTATION, 1) == 1
                 )
             if plain:
                 data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
