@@ -229,10 +229,10 @@ def run_decode(files: list[str], spec: dict[str, Any]) -> list[float]:
             out = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
             sizes += [float(t.shape[-1]) for t in out]
         return sizes
-    from qualiclip.engine import _decoded_in_order
+    from qualiclip.reading import decoded_in_order
 
     workers = spec["workers"]
-    items = _decoded_in_order(files, 32, workers, prefetch=max(2, 2 * workers))
+    items = decoded_in_order(files, 32, workers, prefetch=max(2, 2 * workers))
     return [float(it.pixels.shape[1]) if it.pixels is not None else 0.0 for it in items]
 
 

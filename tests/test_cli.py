@@ -278,13 +278,13 @@ def test_closed_pipe_ends_quietly(photos):
 
 _SLOW_RUN = """
 import sys, time
-from qualiclip import cli, engine
-decode = engine._decode
+from qualiclip import cli, reading
+decode = reading.decode_file
 def slow(index, path, min_size):
     if "slow" in path:
         time.sleep(600)  # a decode that never ends in time
     return decode(index, path, min_size)
-engine._decode = slow
+reading.decode_file = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -337,3 +337,20 @@ def test_degrade_and_maps_never_write_over_inputs(tmp_path, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE
     assert twin.read_bytes() == twin_bytes
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_help_does_not_load_torch():
+    """Every subcommand's flags, choices included, are declared without importing torch."""
+    code = (
+        "import sys\n"
+        "from qualiclip import cli\n"
+        "for argv in (['--help'], ['train', '--help'], ['score', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stderr.strip() == "False" and "--bn {frozen,train}" in out.stdout

@@ -1,4 +1,5 @@
-"""Tests for qualiclip.images: decoding every mode safely, to_batch, and input path expansion.
+"""Tests for qualiclip.images and qualiclip.inputs: decoding every mode safely, to_batch, and
+input path expansion.
 
 Real photographs from scikit-image are written by PIL in each mode and read back; expected pixels
 are computed independently (NumPy on the original array), never taken from our own output.
@@ -20,13 +21,12 @@ from PIL import Image, ImageFile
 
 from qualiclip import images
 from qualiclip.images import (
-    IMAGE_EXTENSIONS,
     ImageDecodeError,
     decode_rgb,
-    list_image_paths,
     load_image,
     to_batch,
 )
+from qualiclip.inputs import IMAGE_EXTENSIONS, list_image_paths
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -245,6 +245,48 @@ def test_too_small_names_minimum(tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError, match=r"s.png: too small: 40x20 .*at least 32 pixels"):
         load_image(path)
     assert load_image(path, min_size=20).shape == (3, 20, 40)
+
+
+def test_each_failure_carries_its_reason(tmp_path: Path, astronaut: np.ndarray) -> None:
+    """Programs read ``reason`` (the service maps it to a status), never the message."""
+    import pickle
+
+    buf = io.BytesIO()
+    Image.fromarray(astronaut).save(buf, "JPEG", quality=90)
+    (tmp_path / "notes.txt").write_text("hello")
+    cases: list[tuple[Any, dict[str, Any], str]] = [
+        (tmp_path / "nope.jpg", {}, "unreadable"),
+        (tmp_path, {}, "unreadable"),
+        (tmp_path / "notes.txt", {}, "not_an_image"),
+        (buf.getvalue()[: len(buf.getvalue()) // 2], {}, "malformed"),
+        (b"P6\n4x 48\n255\n", {}, "malformed"),
+        (_png_header_only(50_000, 50_000), {}, "too_large"),
+        (buf.getvalue(), {"max_pixels": 10_000}, "too_large"),
+        (buf.getvalue(), {"min_size": 512}, "too_small"),
+    ]
+    for source, options, reason in cases:
+        with pytest.raises(ImageDecodeError) as info:
+            decode_rgb(source, **options)
+        assert info.value.reason == reason, (source, str(info.value))
+        assert info.value.reason in images.DECODE_FAILURES
+        again = pickle.loads(pickle.dumps(info.value))  # from a worker process, as it was
+        assert (str(again), again.reason) == (str(info.value), reason)
+
+
+def test_exceptions_around_the_decoder_get_its_wording_and_reason() -> None:
+    from PIL import UnidentifiedImageError
+
+    for exc, reason, words in (
+        (MemoryError(), "out_of_memory", "x.png: out of memory while decoding"),
+        (EOFError(), "malformed", "x.png: truncated or incomplete image data (EOFError)"),
+        (ValueError("Truncated IHDR chunk"), "malformed", "(ValueError: Truncated IHDR chunk)"),
+        (KeyError("tile"), "malformed", "x.png: corrupt or unsupported image data (KeyError"),
+        (UnidentifiedImageError("?"), "not_an_image", "x.png: cannot identify image file"),
+    ):
+        err = images.as_decode_error("x.png", exc)
+        assert err.reason == reason and words in str(err), (exc, str(err))
+    same = ImageDecodeError("x.png: too small", "too_small")
+    assert images.as_decode_error("x.png", same) is same
 
 
 def _png_header_only(width: int, height: int) -> bytes:

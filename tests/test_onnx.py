@@ -29,7 +29,7 @@ else:
 
 import qualiclip
 from qualiclip import cli, engine
-from qualiclip.model import create_model
+from qualiclip.model import Scorer, create_model
 from qualiclip.onnx_export import DEFAULT_OPSET, OPSETS, export_onnx
 from qualiclip.onnx_scorer import OnnxScorer
 from qualiclip.precision import PrecisionError
@@ -243,6 +243,17 @@ def test_fp16_export_has_half_weights_and_close_scores(tiny, tmp_path):
 def test_bf16_under_autocast_is_refused(tiny_onnx):
     with pytest.raises(PrecisionError, match="ONNX"):
         engine.score_tensors(create_model(tiny_onnx), torch.rand(1, 3, 64, 64), precision="bf16")
+
+
+def test_the_onnx_scorer_is_a_scorer(tiny_onnx):
+    scorer = create_model(tiny_onnx)
+    assert isinstance(scorer, OnnxScorer)
+    for member in sorted(n for n in vars(Scorer) if not n.startswith("_")):
+        assert hasattr(scorer, member), member
+    assert scorer.input_dtype == torch.float32 and scorer.device == torch.device("cpu")
+    scorer.check_precision("fp32")
+    with pytest.raises(PrecisionError, match="ONNX model"):
+        scorer.check_precision("bf16")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter

@@ -185,6 +185,16 @@ def test_non_images_get_415(server: str, images: dict[str, Path]) -> None:
     assert r.status_code == 415, r.text
 
 
+def test_every_decode_failure_has_its_status() -> None:
+    from qualiclip import serve
+    from qualiclip.images import DECODE_FAILURES
+
+    assert {reason: serve.decode_status(reason) for reason in DECODE_FAILURES} == {
+        "unreadable": 400, "not_an_image": 415, "malformed": 400, "too_large": 413,
+        "out_of_memory": 413, "too_small": 400,
+    }
+
+
 def test_truncated_and_too_small_get_400(server: str, images: dict[str, Path]) -> None:
     jpeg = next(p for n, p in images.items() if n.endswith(".jpeg")).read_bytes()
     r = _post_raw(server, jpeg[: len(jpeg) // 2], "image/jpeg")

@@ -650,3 +650,37 @@ def test_orthogonal_prompt_features_train_without_a_text_tower(
     with pytest.raises(ValueError, match="prompt_features"):
         train_config.check_config(dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, prompt_features="learned")))
+
+
+def test_training_choices_are_checked_against_their_one_list(tmp_path: Path) -> None:
+    """A flag offers what the configuration accepts, and the check names the same choices."""
+    from qualiclip.cli import build_parser
+    from qualiclip.precision import TRAIN_PRECISIONS
+    from qualiclip.train_choices import BN_MODES, DEGRADE_IN
+
+    parser = build_parser()
+    for flag, choices in (("--bn", BN_MODES), ("--degrade-in", DEGRADE_IN),
+                          ("--precision", TRAIN_PRECISIONS)):
+        for value in choices:
+            parser.parse_args(["train", "--out", "x", flag, value])
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--out", "x", flag, "none-of-these"])
+    base = dataclasses.replace(train_config.PRESETS["tiny"], data=dataclasses.replace(
+        train_config.PRESETS["tiny"].data, pristine=str(tmp_path)))
+    for section, key, bad in (("model", "bn", "thawed"), ("data", "degrade_in", "gpu"),
+                              ("optim", "precision", "fp16")):
+        cfg = train_config.config_from_dict({section: {key: bad}}, base)
+        with pytest.raises(ValueError, match=rf"{section}\.{key} must be one of .*{bad!r}"):
+            train_config.check_config(cfg)
+
+
+def test_training_precisions_choose_the_autocast_dtype() -> None:
+    from qualiclip.precision import TRAIN_PRECISIONS, train_autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert TRAIN_PRECISIONS == ("auto", "fp32", "bf16")
+    assert train_autocast_dtype("fp32", cpu) is None
+    assert train_autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert train_autocast_dtype("auto", cpu) is None  # bf16 by itself on CUDA only
+    with pytest.raises(ValueError, match="optim.precision must be one of auto, fp32, bf16"):
+        train_autocast_dtype("fp16", cpu)

@@ -15,8 +15,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qualiclip.precision import PRECISIONS
+from qualiclip.precision import PRECISIONS, TRAIN_PRECISIONS
+from qualiclip.train_choices import BN_MODES, DEGRADE_IN
+
+if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
+    from qualiclip.model import QualiCLIP
+    from qualiclip.onnx_scorer import OnnxScorer
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,11 +56,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # noqa: ANN201
+def load_model_from_args(
+    args: argparse.Namespace, name: str | None = None
+) -> QualiCLIP | OnnxScorer:
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
     device cannot run, is a usage error."""
     from qualiclip.model import create_model
-    from qualiclip.precision import check_precision
 
     try:
         model = create_model(
@@ -65,12 +72,8 @@ def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # 
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
-        # A precision the device cannot run is refused before any input is read.
-        precision = getattr(args, "precision", "fp32")
-        own_check = getattr(model, "check_precision", None)  # a scorer with a fixed precision
-        if own_check is not None:
-            own_check(precision)
-        check_precision(model.device, precision)
+        # A precision the scorer cannot run is refused before any input is read.
+        model.check_precision(args.precision)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return model
@@ -146,7 +149,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from qualiclip import engine
-    from qualiclip.images import list_image_paths
+    from qualiclip.inputs import list_image_paths
     from qualiclip.output import write_results
 
     if args.batch_size < 1 or args.workers < 1:
@@ -215,7 +218,7 @@ def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequenc
 
     Checked before the output is opened: opening truncates, and a truncated photo is lost.
     """
-    from qualiclip.images import IMAGE_EXTENSIONS
+    from qualiclip.inputs import IMAGE_EXTENSIONS
 
     target = os.path.realpath(output)
     if any(os.path.realpath(p) == target for p in paths):
@@ -454,15 +457,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--degrade-in", choices=["step", "loader"],
+    p.add_argument("--degrade-in", choices=DEGRADE_IN,
                    help="degrade crops in the training step (default) or in the DataLoader "
                    "workers, off the step's critical path")
     p.add_argument("--val-dir", help="held-out pristine images (default: every k-th image)")
     p.add_argument("--val-every", type=int, help="steps between validations")
     p.add_argument("--rated-csv", help="path,score CSV of human-rated images to validate on")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--bn", choices=["frozen", "train"], help="batch-norm statistics")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--bn", choices=BN_MODES, help="batch-norm statistics")
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS)
     p.add_argument("--device", help="auto, cpu, cuda, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -513,7 +516,7 @@ def _one_line(exc: BaseException) -> str:
 def _run_train(args: argparse.Namespace) -> int:
     import logging
 
-    from qualiclip import train
+    from qualiclip import checkpoints, train
 
     plan = _train_setup(args)
     if args.verbose:
@@ -539,9 +542,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if result["small"]:
         summary += f"; {len(result['small'])} smaller than the crop left out"
     if skipped:
-        names = ", ".join(name for name, _ in skipped[:10])
-        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        summary += f"; skipped {len(skipped)} unusable pristine files: {names}{more}"
+        listed = checkpoints.names([name for name, _ in skipped])
+        summary += f"; skipped {len(skipped)} unusable pristine files: {listed}"
     print(summary, file=sys.stderr)
     print(result["model_path"])
     return EXIT_FAILED if skipped else EXIT_OK
@@ -618,7 +620,7 @@ def _report_failures(failures: Sequence[tuple[str, str]], label: str) -> None:
 
 def _run_eval_synthetic(args: argparse.Namespace, scorers: list) -> int:
     from qualiclip import evaluate
-    from qualiclip.images import list_image_paths
+    from qualiclip.inputs import list_image_paths
 
     if args.root is None:
         raise UsageError("--dataset synthetic needs --root PRISTINE_DIR")
@@ -763,7 +765,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 13..20 (default 17)")
     p.add_argument("--no-check", action="store_true",
                    help="skip scoring a test batch with ONNX Runtime against PyTorch")
-    p.set_defaults(func=_run_export, device="cpu")
+    p.set_defaults(func=_run_export, device="cpu", precision="fp32")  # traced in fp32
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -782,7 +784,11 @@ def _run_export(args: argparse.Namespace) -> int:
     if opset not in onnx_export.OPSETS:
         raise UsageError(f"--opset must be in {onnx_export.OPSETS[0]}..{onnx_export.OPSETS[-1]}, "
                          f"got {opset}")
+    from qualiclip.model import QualiCLIP
+
     model = load_model_from_args(args)
+    if not isinstance(model, QualiCLIP):  # an ONNX graph (its name was refused above already)
+        raise UsageError(f"--model {args.model} is already an ONNX graph")
     try:
         result = onnx_export.export_onnx(
             model, target, input_kind=args.input, fp16=args.fp16, opset=opset,

@@ -11,11 +11,14 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from qualiclip.metrics import FloatArray, Metrics, compute_metrics, srcc
+
+if TYPE_CHECKING:
+    from qualiclip.model import Scorer
 
 # --- scorers -----------------------------------------------------------------------------------
 
@@ -31,8 +34,12 @@ class ScoreRow(Protocol):
     def error(self) -> str | None: ...
 
 
-class Scorer(Protocol):
-    """The interface the evaluation loop needs from a model: QualiCLIP, CLIP-IQA or NIQE."""
+class EvalScorer(Protocol):
+    """The interface the evaluation loop needs from a method: QualiCLIP, CLIP-IQA or NIQE.
+
+    (A :class:`qualiclip.model.Scorer`, what the engine scores with, becomes one through
+    :class:`ModelScorer`.)
+    """
 
     name: str
     higher_is_better: bool
@@ -45,11 +52,11 @@ class Scorer(Protocol):
 
 
 class ModelScorer:
-    """A :class:`qualiclip.model.QualiCLIP` behind the :class:`Scorer` interface.
+    """A :class:`qualiclip.model.Scorer` behind the :class:`EvalScorer` interface.
 
     Args:
         name: the label shown in tables and CSV columns.
-        model: the QualiCLIP module (scores in [0, 1], higher is better).
+        model: the scorer (QualiCLIP or an ONNX graph's; scores in [0, 1], higher is better).
         batch_size: images of equal size per forward pass.
         workers: decoding threads.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
@@ -60,7 +67,7 @@ class ModelScorer:
     def __init__(
         self,
         name: str,
-        model: Any,
+        model: Scorer,
         *,
         batch_size: int = 8,
         workers: int = 2,
@@ -105,7 +112,7 @@ def create_scorer(
     workers: int = 2,
     precision: str = "fp32",
     **model_options: Any,
-) -> Scorer:
+) -> EvalScorer:
     """A scorer by name: ``"niqe"``, or any name or checkpoint ``create_model`` accepts.
 
     Args:
@@ -126,10 +133,9 @@ def create_scorer(
 
         return NIQEScorer(workers=workers)
     from qualiclip.model import create_model
-    from qualiclip.precision import check_precision
 
     model = create_model(name, device=device, **model_options)
-    check_precision(model.device, precision)
+    model.check_precision(precision)
     return ModelScorer(name, model, batch_size=batch_size, workers=workers, precision=precision)
 
 
@@ -185,7 +191,7 @@ class EvalReport:
 
 def evaluate_items(
     items: Sequence[tuple[str, float]],
-    scorers: Sequence[Scorer],
+    scorers: Sequence[EvalScorer],
     *,
     dataset: str = "custom",
     mos_higher_is_better: bool = True,
@@ -199,7 +205,7 @@ def evaluate_items(
 
     Args:
         items: ``(image_path, mos)`` pairs.
-        scorers: the models (see :class:`Scorer`).
+        scorers: the models (see :class:`EvalScorer`).
         dataset: name for the report.
         mos_higher_is_better: False for DMOS labels.
         bootstrap: bootstrap resamples for the intervals (0: none).
@@ -313,7 +319,7 @@ def _center_crop(x: Any, size: int | None) -> Any:
 
 def evaluate_synthetic(
     paths: Sequence[str | os.PathLike[str]],
-    scorers: Sequence[Scorer],
+    scorers: Sequence[EvalScorer],
     *,
     crop: int | None = 512,
     seed: int = 0,

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from qualiclip import engine, heap, images
-from qualiclip.clip import AttentionPool2d
+from qualiclip.clip import AttentionPool2d, ModifiedResNet
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
-from qualiclip.model import QualiCLIP
+from qualiclip.model import QualiCLIP, Scorer
 from qualiclip.precision import autocast_context
 
 __all__ = [
@@ -113,7 +113,7 @@ class QualityMap:
 
 
 def quality_map(
-    model: QualiCLIP,
+    model: Scorer,
     image: Any,
     kind: MapKind | str = "dense",
     *,
@@ -206,13 +206,13 @@ def _float_crops(
 # --- dense -------------------------------------------------------------------------------------
 
 
-def _dense_map(model: QualiCLIP, pixels: np.ndarray | torch.Tensor, precision: str) -> QualityMap:
-    pool = getattr(getattr(model, "visual", None), "attnpool", None)
-    runner = engine.prepare(model, precision)
-    trunk = getattr(runner.visual, "trunk", None)
-    if not isinstance(pool, AttentionPool2d) or trunk is None:
+def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str) -> QualityMap:
+    if not (isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet)):
         raise ValueError("dense maps need a CLIP ResNet image tower (a feature map and an "
                          "attention pool); use kind='windows'")
+    pool = model.visual.attnpool
+    runner = engine.prepare(model, precision)
+    trunk = runner.visual.trunk  # the fused copy's (or, compiled or unfused, the tower's own)
     h, w = _size(pixels)
     x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
     x = model.normalize_input(x, inplace=True)
@@ -263,7 +263,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def _windows_map(
-    model: QualiCLIP, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
+    model: Scorer, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
     precision: str, max_batch_pixels: int,
 ) -> QualityMap:
     if window < model.min_size:
@@ -278,8 +278,7 @@ def _windows_map(
     ys, xs = _starts(h, ch, stride), _starts(w, cw, stride)
     boxes = [(t, l, ch, cw) for t in ys for l in xs]
     per_pass = max(1, max_batch_pixels // (ch * cw))
-    weight = next(model.parameters(), None)  # a scorer without parameters (ONNX) takes fp32
-    dtype = weight.dtype if weight is not None else torch.float32
+    dtype = model.input_dtype
     scores: list[torch.Tensor] = []
     for i in range(0, len(boxes), per_pass):
         # Crops are cut per pass: memory is one pass's crops, not all of them.
@@ -414,7 +413,7 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 
 def write_maps(
-    model: QualiCLIP,
+    model: Scorer,
     results: Iterable[ScoreResult],
     outdir: str | os.PathLike[str],
     *,

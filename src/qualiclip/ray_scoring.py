@@ -440,9 +440,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
     """Input paths as absolute strings (Ray workers run in other folders, or other machines).
 
     Folders, globs and ``.txt``/``.lst`` list files are expanded by
-    :func:`qualiclip.images.list_image_paths`, as for local scoring.
+    :func:`qualiclip.inputs.list_image_paths`, as for local scoring.
     """
-    from qualiclip.images import list_image_paths
+    from qualiclip.inputs import list_image_paths
 
     return [os.path.abspath(p) for p in list_image_paths(inputs, list_files=True)]
 

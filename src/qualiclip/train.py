@@ -79,7 +79,9 @@ from qualiclip.crops import (
 )
 from qualiclip.losses import LossConfig, qualiclip_losses
 from qualiclip.model import QualiCLIP
+from qualiclip.precision import train_autocast_dtype
 from qualiclip.prompts import PromptPair
+from qualiclip.train_choices import BN_MODES
 from qualiclip.train_config import (
     DataConfig,
     ModelConfig,
@@ -180,8 +182,8 @@ def build_model(
         ``(model, text_state)``: the QualiCLIP model (image tower trainable, prompt features a
         buffer) on ``device``, and the OpenAI-keyed non-image tensors to export with it.
     """
-    if cfg.bn not in ("frozen", "train"):
-        raise ValueError(f"model.bn must be 'frozen' or 'train', got {cfg.bn!r}")
+    if cfg.bn not in BN_MODES:
+        raise ValueError(f"model.bn must be one of {', '.join(BN_MODES)}, got {cfg.bn!r}")
     state = _init_state(cfg.init, cfg.init_seed)
     clip = build_clip(state)
     pairs: tuple[PromptPair, ...] = tuple((p, n) for p, n in cfg.prompt_pairs)
@@ -377,17 +379,6 @@ def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"optim.precision must be auto, fp32 or bf16, got {precision!r}")
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if cuda_bf16 else None
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -759,7 +750,7 @@ def _train(
     if run.step == 0:
         _validate(run, seqs, writer)
     set_train_mode(run.net, cfg.model.bn)
-    amp = _autocast_dtype(cfg.optim.precision, run.device)
+    amp = train_autocast_dtype(cfg.optim.precision, run.device)
     bar = tqdm(
         total=total,
         initial=run.step,

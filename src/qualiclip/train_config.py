@@ -19,13 +19,19 @@ from typing import Any
 from qualiclip import degradations
 from qualiclip.crops import MIN_SIDE, SCAN_MODES, SMALL_IMAGE_POLICIES
 from qualiclip.losses import LossConfig
+from qualiclip.precision import TRAIN_PRECISIONS, TrainPrecision
 from qualiclip.pretrained import PRETRAINED, RANDOM_MODELS
 from qualiclip.prompts import PROMPT_PAIRS
+from qualiclip.train_choices import (
+    BN_MODES,
+    DEGRADE_IN,
+    PROMPT_FEATURE_SOURCES,
+    BatchNormMode,
+    DegradeIn,
+    PromptFeatures,
+)
 
 # --- configuration -----------------------------------------------------------------------------
-
-#: Where a trained model's prompt features come from (:attr:`ModelConfig.prompt_features`).
-PROMPT_FEATURE_SOURCES = ("text", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,9 @@ class ModelConfig:
     """
 
     init: str = "clip-rn50"
-    bn: str = "frozen"
+    bn: BatchNormMode = "frozen"
     prompt_pairs: tuple[tuple[str, str], ...] = PROMPT_PAIRS
-    prompt_features: str = "text"
+    prompt_features: PromptFeatures = "text"
     init_seed: int = 0
 
 
@@ -93,7 +99,7 @@ class DataConfig:
     max_distortions: int = 4
     batch_size: int = 16
     workers: int = 4
-    degrade_in: str = "step"
+    degrade_in: DegradeIn = "step"
     small_images: str = "upscale"
     scan: str = "decode"
     strict: bool = False
@@ -119,7 +125,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    precision: str = "auto"
+    precision: TrainPrecision = "auto"
 
 
 @dataclass(frozen=True)
@@ -309,8 +315,8 @@ def load_config(
 
 def _config_problems(cfg: TrainConfig) -> Iterator[str]:
     m, d, o, sc, lg, v = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.log, cfg.validation
-    if m.bn not in ("frozen", "train"):
-        yield f"model.bn must be 'frozen' or 'train', got {m.bn!r}"
+    if m.bn not in BN_MODES:
+        yield f"model.bn must be one of {', '.join(BN_MODES)}, got {m.bn!r}"
     if m.prompt_features not in PROMPT_FEATURE_SOURCES:
         yield (f"model.prompt_features must be one of {', '.join(PROMPT_FEATURE_SOURCES)}, "
                f"got {m.prompt_features!r}")
@@ -336,8 +342,8 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
         range(1, top + 1)
     ):
         yield f"data.levels must be increasing levels in 1..{top}, got {list(d.levels)}"
-    if d.degrade_in not in ("step", "loader"):
-        yield f"data.degrade_in must be 'step' or 'loader', got {d.degrade_in!r}"
+    if d.degrade_in not in DEGRADE_IN:
+        yield f"data.degrade_in must be one of {', '.join(DEGRADE_IN)}, got {d.degrade_in!r}"
     groups = len(degradations.DISTORTION_GROUPS)
     if not 1 <= d.max_distortions <= groups:
         yield f"data.max_distortions must be in 1..{groups}, got {d.max_distortions}"
@@ -360,8 +366,8 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
         yield f"data.small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}"
     if d.scan not in SCAN_MODES:
         yield f"data.scan must be one of {', '.join(SCAN_MODES)}, got {d.scan!r}"
-    if o.precision not in ("auto", "fp32", "bf16"):
-        yield f"optim.precision must be auto, fp32 or bf16, got {o.precision!r}"
+    if o.precision not in TRAIN_PRECISIONS:
+        yield f"optim.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {o.precision!r}"
     if not o.lr > 0:
         yield f"optim.lr must be > 0, got {o.lr}"
     from qualiclip.model import resolve_device
