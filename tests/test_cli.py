@@ -337,3 +337,26 @@ def test_degrade_and_maps_never_write_over_inputs(tmp_path, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE
     assert twin.read_bytes() == twin_bytes
     assert "Traceback" not in capsys.readouterr().err
+
+
+# --- what a newcomer trips over --------------------------------------------------------------
+
+
+def test_output_format_follows_the_extension_unless_given(photos, tmp_path):
+    base = ("score", str(photos), "--model", "random-tiny", "--no-progress")
+    for suffix in ("csv", "json", "jsonl", "CSV"):
+        out = tmp_path / f"s.{suffix}"
+        assert _main(*base, "-o", str(out)) == 0
+        text = out.read_text()
+        if suffix.lower() == "csv":
+            assert text.startswith("path,score,error,"), text
+        elif suffix == "json":
+            assert [Path(r["path"]).name for r in json.loads(text)] == ["a.jpg", "b.jpg"]
+        else:
+            assert [json.loads(line)["score"] > 0 for line in text.splitlines()] == [True] * 2
+    explicit = tmp_path / "t.csv"
+    assert _main(*base, "--format", "table", "-o", str(explicit)) == 0  # --format wins
+    assert explicit.read_text().split()[:3] == ["path", "score", "error"]
+    other = tmp_path / "s.txt"
+    assert _main(*base, "-o", str(other)) == 0  # any other name: the table
+    assert other.read_text().split()[:3] == ["path", "score", "error"]

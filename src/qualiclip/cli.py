@@ -95,7 +95,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the image tower (once per image size; for long runs)")
     p.add_argument(
         "--format", choices=("table", "csv", "json", "jsonl", "parquet"), default=None,
-        help="local: table (default), csv, json, jsonl; --engine ray: parquet (default) or csv",
+        help="local: table, csv, json, jsonl (default: from the -o file's extension, else "
+        "table); --engine ray: parquet (default) or csv",
     )
     p.add_argument(
         "--output", "-o", default=None,
@@ -147,7 +148,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 def _run_score(args: argparse.Namespace) -> int:
     from qualiclip import engine
     from qualiclip.images import list_image_paths
-    from qualiclip.output import write_results
+    from qualiclip.output import format_from_name, write_results
 
     if args.batch_size < 1 or args.workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
@@ -162,7 +163,7 @@ def _run_score(args: argparse.Namespace) -> int:
         return _run_score_ray(args)
     if args.format == "parquet":
         raise UsageError("--format parquet needs --engine ray (locally: csv, json, jsonl, table)")
-    args.format = args.format or "table"
+    args.format = args.format or format_from_name(args.output) or "table"
     if args.output and os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a folder; give a file name for the results")
     paths = list_image_paths(args.inputs, stdin=sys.stdin)
