@@ -360,3 +360,18 @@ def test_output_format_follows_the_extension_unless_given(photos, tmp_path):
     other = tmp_path / "s.txt"
     assert _main(*base, "-o", str(other)) == 0  # any other name: the table
     assert other.read_text().split()[:3] == ["path", "score", "error"]
+
+
+def test_train_offline_says_where_the_weights_go_and_which_presets_need_none(
+    photos, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("QUALICLIP_OFFLINE", "1")
+    monkeypatch.setenv("QUALICLIP_HOME", str(tmp_path / "cache"))
+    code = _main("train", "--pristine", str(photos), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "sha256: " in err and str(tmp_path / "cache" / "RN50.pt") in err, err
+    assert "qualiclip models --add clip-rn50" in err
+    assert "--preset tiny" in err  # the presets that need no download
+    assert "OfflineError" not in err and "--verbose" not in err

@@ -510,16 +510,32 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _presets_without_download() -> str:
+    """One line naming the training presets that start from random weights (no download)."""
+    from qualiclip.pretrained import RANDOM_MODELS
+    from qualiclip.train_config import PRESETS
+
+    names = [n for n, cfg in PRESETS.items() if cfg.model.init in RANDOM_MODELS]
+    flags = ", ".join(f"--preset {n}" for n in names)
+    return f"Presets that need no download: {flags} (random initial weights)."
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import logging
 
     from qualiclip import train
+    from qualiclip.pretrained import ChecksumError, OfflineError
 
     cfg, resume = _train_setup(args)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = train.fit(cfg, resume=resume, overwrite=args.overwrite)
+    except (OfflineError, ChecksumError) as exc:
+        # The start point's weights cannot be had: the message says which file, its checksum and
+        # where to put it (as for 'score'); the presets that start from random weights need none.
+        print(f"qualiclip train: error: {exc}\n{_presets_without_download()}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # inside the run: a failure (1), not a usage error
         if args.verbose:
             import traceback
