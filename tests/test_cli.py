@@ -58,12 +58,12 @@ def mixed_folder(tmp_path_factory) -> Path:
     sub = root / "nested"
     sub.mkdir()
     Image.fromarray(photo(7)).save(sub / "deeper.png")
-    (root / "notes.txt").write_text("not an image")
+    (root / "notes.md").write_text("not an image")  # (a .txt input would be a list of paths)
     return root
 
 
 GOOD = {"plain.jpg", "alpha.png", "grey.png", "deep16.png", "rotated.jpg", "deeper.png"}
-BAD = {"corrupt.png", "truncated.jpg", "notes.txt"}
+BAD = {"corrupt.png", "truncated.jpg", "notes.md"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def model_file(golden_dir) -> Path:
 def test_folder_with_bad_files_every_input_gets_a_row(mixed_folder, model_file):
     # The text file is named explicitly (folders only yield image extensions).
     result = run_cli(
-        "score", str(mixed_folder), str(mixed_folder / "notes.txt"),
+        "score", str(mixed_folder), str(mixed_folder / "notes.md"),
         "--model", str(model_file), "--format", "json", "--device", "cpu",
     )
     assert result.returncode == 1, result.stderr
@@ -375,3 +375,13 @@ def test_train_offline_says_where_the_weights_go_and_which_presets_need_none(
     assert "qualiclip models --add clip-rn50" in err
     assert "--preset tiny" in err  # the presets that need no download
     assert "OfflineError" not in err and "--verbose" not in err
+
+
+def test_a_txt_input_is_a_list_of_paths_for_every_engine(photos, tmp_path):
+    """One rule for `score`, `score --engine ray` and `train --pristine`: .txt/.lst is a list."""
+    listing = photos / "list.txt"
+    listing.write_text("# two photos, relative to this file\nb.jpg\n\na.jpg\n")
+    out = tmp_path / "rows.json"
+    assert _main("score", str(listing), "--model", "random-tiny", "--no-progress",
+                 "-o", str(out)) == 0
+    assert [Path(r["path"]).name for r in json.loads(out.read_text())] == ["b.jpg", "a.jpg"]

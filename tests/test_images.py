@@ -557,7 +557,8 @@ def test_list_files_expand_relative_to_their_folder(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text(f"# chosen photos\nphotos/a.png\n\n{sub / 'b.png'}\nphotos/missing.png\n")
     got = list_image_paths([str(listing)], list_files=True)
-    assert list_image_paths([str(listing)]) == [listing]  # by default a file is a file
+    assert list_image_paths([str(listing)]) == got  # the default
+    assert list_image_paths([str(listing)], list_files=False) == [listing]
     assert got == [sub / "a.png", sub / "b.png", sub / "missing.png"]  # missing: an error row later
     from qualiclip.crops import find_images
     from qualiclip.ray_scoring import expand_inputs

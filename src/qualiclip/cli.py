@@ -83,7 +83,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         description="Score images with QualiCLIP: one row per input, with its score or error. "
         "Exit status: 0 all scored, 1 some input failed, 2 usage error.",
     )
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="files, folders, globs, or '-'")
+    p.add_argument("inputs", nargs="+", metavar="PATH",
+                   help="files, folders, globs, .txt/.lst lists of paths (one a line, relative "
+                   "to the list's folder), or '-' (paths on stdin)")
     _add_model_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
