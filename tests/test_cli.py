@@ -385,3 +385,18 @@ def test_a_txt_input_is_a_list_of_paths_for_every_engine(photos, tmp_path):
     assert _main("score", str(listing), "--model", "random-tiny", "--no-progress",
                  "-o", str(out)) == 0
     assert [Path(r["path"]).name for r in json.loads(out.read_text())] == ["b.jpg", "a.jpg"]
+
+
+def test_output_in_a_missing_folder_is_a_one_line_usage_error(photos, tmp_path, capsys):
+    target = tmp_path / "nodir" / "s.csv"
+    assert _main("score", str(photos), "--model", "random-tiny", "-o", str(target)) == 2
+    err = capsys.readouterr().err
+    assert err == f"qualiclip score: error: -o {target}: no folder {target.parent}\n"
+
+
+def test_csv_lines_end_in_lf(photos, tmp_path):
+    out = tmp_path / "s.csv"
+    assert _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                 "-o", str(out)) == 0
+    raw = out.read_bytes()
+    assert raw.count(b"\n") == 3 and b"\r" not in raw

@@ -213,3 +213,29 @@ def test_model_scorer_chunks_batches() -> None:
     x = torch.rand(5, 3, 8, 8)
     got = E.ModelScorer("t", Tiny(), batch_size=2).score_tensors(x)
     np.testing.assert_allclose(got, x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+
+
+def test_eval_help_and_failures_read_cleanly(tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "qualiclip.cli", "eval", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "95% intervals" in help_text and "%%" not in help_text
+    for i in range(3):
+        _photo(tmp_path / f"{i}.png", i)
+    table = tmp_path / "labels.csv"
+    table.write_text("path,score\n" + "".join(f"{i}.png,{i}\n" for i in range(3))
+                     + "gone.png,3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "0", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    (line,) = [ln for ln in proc.stderr.splitlines() if "gone.png" in ln]
+    assert line == f"random-tiny: failed: {tmp_path / 'gone.png'}: no such file"
+    out = tmp_path / "scores.csv"
+    subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "0", "--no-progress", "-o", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert b"\r" not in out.read_bytes()  # CSV lines end in LF

@@ -168,6 +168,8 @@ def _run_score(args: argparse.Namespace) -> int:
     args.format = args.format or format_from_name(args.output) or "table"
     if args.output and os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a folder; give a file name for the results")
+    if args.output and not os.path.isdir(os.path.dirname(args.output) or "."):
+        raise UsageError(f"-o {args.output}: no folder {os.path.dirname(args.output)}")
     paths = list_image_paths(args.inputs, stdin=sys.stdin)
     if args.output:
         _refuse_output_over_input(args.output, args.inputs, paths)
@@ -177,6 +179,12 @@ def _run_score(args: argparse.Namespace) -> int:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
     model = load_model_from_args(args)
+    if args.map is not None and args.map_kind == "dense":
+        from qualiclip.maps import dense_maps_unavailable
+
+        why = dense_maps_unavailable(model)
+        if why is not None:
+            raise UsageError(f"--map-kind dense: {why}; use --map-kind windows")
     try:
         results = engine.score_paths(
             model,
@@ -547,6 +555,8 @@ def _run_train(args: argparse.Namespace) -> int:
         hint = "" if args.verbose or isinstance(exc, ValueError) else " (--verbose for details)"
         print(f"qualiclip train: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_FAILED
+    if not result["main"]:  # under torchrun, rank 0 closes the run for all processes
+        return EXIT_FAILED if result["skipped"] else EXIT_OK
     val = result["validation"]
     if val:
         first, last = val[0], val[-1]
@@ -554,6 +564,8 @@ def _run_train(args: argparse.Namespace) -> int:
               f"{last['level_accuracy']:.3f} (step {last['step']})", file=sys.stderr)
     skipped = result["skipped"]
     summary = f"trained {result['step']} steps on {result['images']} images"
+    if result["held_out"]:
+        summary += f"; {result['held_out']} more held out for validation"
     if result["small"]:
         summary += f"; {len(result['small'])} smaller than the crop left out"
     if skipped:
@@ -573,7 +585,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="correlate scores with human opinion (SRCC/PLCC/KRCC)",
         description="Score a human-rated dataset with one or more models and report SRCC, PLCC "
-        "(raw and after a 4-parameter logistic fit) and KRCC with bootstrap 95%% intervals. "
+        "(raw and after a 4-parameter logistic fit) and KRCC with bootstrap 95% intervals. "
         "'--dataset synthetic' instead degrades pristine images at 24 types x 5 levels and "
         "reports per-type SRCC of quality against level. Exit status 1 when any image failed "
         "(the table still covers the images that were scored).",
@@ -629,7 +641,9 @@ def _eval_scorers(args: argparse.Namespace) -> list:
 
 def _report_failures(failures: Sequence[tuple[str, str]], label: str) -> None:
     for path, error in failures[:10]:
-        print(f"{label}: failed: {path}: {error}", file=sys.stderr)
+        # A decoder's message starts with the file's name: it is said once, here.
+        reason = error.removeprefix(f"{path}: ")
+        print(f"{label}: failed: {path}: {reason}", file=sys.stderr)
     if len(failures) > 10:
         print(f"{label}: ... and {len(failures) - 10} more failures", file=sys.stderr)
 

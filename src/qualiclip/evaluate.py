@@ -276,7 +276,7 @@ def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
     """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed)."""
     names = [m.name for m in report.models]
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")  # LF, as the other outputs
         writer.writerow(["path", "mos", *names, "error"])
         for i, (p, mos) in enumerate(report.items):
             vals = [report.scores[n][i] for n in names]

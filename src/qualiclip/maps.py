@@ -206,13 +206,22 @@ def _float_crops(
 # --- dense -------------------------------------------------------------------------------------
 
 
+_NO_DENSE = "dense maps need a CLIP ResNet image tower (a feature map and an attention pool)"
+
+
+def dense_maps_unavailable(model: object) -> str | None:
+    """Why ``model`` cannot draw dense maps (an ONNX graph, a ViT tower), or None if it can;
+    ``kind="windows"`` works with any scorer."""
+    pool = getattr(getattr(model, "visual", None), "attnpool", None)
+    return None if isinstance(pool, AttentionPool2d) else _NO_DENSE
+
+
 def _dense_map(model: QualiCLIP, pixels: np.ndarray | torch.Tensor, precision: str) -> QualityMap:
     pool = getattr(getattr(model, "visual", None), "attnpool", None)
     runner = engine.prepare(model, precision)
     trunk = getattr(runner.visual, "trunk", None)
     if not isinstance(pool, AttentionPool2d) or trunk is None:
-        raise ValueError("dense maps need a CLIP ResNet image tower (a feature map and an "
-                         "attention pool); use kind='windows'")
+        raise ValueError(f"{_NO_DENSE}; use kind='windows'")
     h, w = _size(pixels)
     x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
     x = model.normalize_input(x, inplace=True)

@@ -91,7 +91,9 @@ def _utf8_stdout() -> Iterator[TextIO]:
 def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name: str) -> int:
     failed = 0
     rows: list[dict[str, object]] = []
-    writer = csv.DictWriter(stream, fieldnames=FIELDS) if fmt == "csv" else None
+    # LF line ends (the csv module's default is CRLF), as every other output and tool here.
+    writer = (csv.DictWriter(stream, fieldnames=FIELDS, lineterminator="\n")
+              if fmt == "csv" else None)
     if writer is not None:
         writer.writeheader()
     try:
