@@ -107,8 +107,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     m = p.add_argument_group(
         "quality maps",
-        "Where quality is lost: per scored input, DIR/<stem>.map.png is the map in colour over "
-        "the image (its legend gives the values of the darkest and brightest colour).",
+        "Where quality is lost: per scored input, DIR/<stem>.map.png shows the image beside "
+        "its map, coloured over the image in grey (the legend gives the values of the darkest "
+        "and brightest colour, and says when the map is too flat to mean anything).",
     )
     m.add_argument("--map", metavar="DIR", default=None,
                    help="write each scored input's quality map into DIR (created if missing)")
