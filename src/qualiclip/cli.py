@@ -105,6 +105,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         help="write results here (default: stdout); with --engine ray a folder of part files",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--report", metavar="HTML", default=None,
+                   help="also write one self-contained HTML page: thumbnails sorted by score, "
+                   "a histogram, filters, the failed files (with --map, each map on hover)")
     m = p.add_argument_group(
         "quality maps",
         "Where quality is lost: per scored input, DIR/<stem>.map.png shows the image beside "
@@ -162,6 +165,8 @@ def _run_score(args: argparse.Namespace) -> int:
             raise UsageError(f"--map {args.map} exists and is not a folder")
         if args.map_window < 32 or args.map_stride < 1:
             raise UsageError("--map-window must be at least 32 and --map-stride at least 1")
+    if args.report is not None:
+        _check_report_target(args)
     if args.engine == "ray":
         return _run_score_ray(args)
     if args.format == "parquet":
@@ -199,16 +204,54 @@ def _run_score(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # --decode gpu where there is no GPU decoding
         raise UsageError(str(exc)) from None
+    collected = None
+    if args.report is not None:
+        from qualiclip.report import ReportRows
+
+        collected = ReportRows()
     if args.map is not None:
         from qualiclip.maps import write_maps
 
         results = write_maps(model, results, args.map, kind=args.map_kind, npy=args.map_npy,
                              window=args.map_window, stride=args.map_stride,
-                             precision=args.precision)
+                             precision=args.precision,
+                             on_map=collected.add_map if collected is not None else None)
+    if collected is not None:
+        results = collected.collect(results)
     failed = write_results(results, args.format, args.output, model_name=model.name)
+    if collected is not None:
+        _write_report(args, model, collected)
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _check_report_target(args: argparse.Namespace) -> None:
+    """A ``--report`` that cannot be written is refused before anything is scored."""
+    target = args.report
+    if args.engine == "ray":
+        raise UsageError("--report works with the local engine only")
+    if Path(target).suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--report {target}: the file name must end in .html")
+    if os.path.isdir(target):
+        raise UsageError(f"--report {target} is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(target) or "."):
+        raise UsageError(f"--report {target}: no folder {os.path.dirname(target)}")
+    if args.output and os.path.realpath(args.output) == os.path.realpath(target):
+        raise UsageError(f"--report {target} is also the -o file")
+
+
+def _write_report(args: argparse.Namespace, model: object, collected: object) -> None:
+    from qualiclip.report import ReportInfo, ReportRows, describe, write_report
+
+    assert isinstance(collected, ReportRows)
+    info = ReportInfo(model=str(getattr(model, "name", args.model)),
+                      weights_sha256=getattr(model, "weights_sha256", None),
+                      precision=args.precision,
+                      map_kind=args.map_kind if args.map is not None else None)
+    stats = write_report(collected.results, args.report, info, maps=collected.maps,
+                         workers=args.workers)
+    print(f"qualiclip score: {describe(stats)}", file=sys.stderr)
 
 
 def _scanned_folder_holding(path: str, inputs: Sequence[str]) -> str | None:

@@ -25,7 +25,7 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +44,7 @@ from qualiclip.precision import autocast_context
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "FLAT_RANGE", "MAP_KINDS", "MapKind", "QualityMap",
     "colorize", "display_range", "half_means", "overlay", "overlay_png", "quality_map",
-    "range_note", "upsample", "write_maps",
+    "range_note", "to_uint8", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -474,7 +474,8 @@ def overlay_png(
 # --- files -------------------------------------------------------------------------------------
 
 
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Decoded pixels at 8 bits for drawing: 16-bit values rounded to the nearest 8-bit one."""
     if pixels.dtype == np.uint16:
         return (pixels.astype(np.uint32) * 255 + 32767) // 65535  # rounded, exact integers
     return pixels
@@ -490,8 +491,11 @@ def write_maps(
     window: int = DEFAULT_WINDOW,
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
+    on_map: Callable[[ScoreResult, QualityMap], None] | None = None,
 ) -> Iterator[ScoreResult]:
     """Pass ``results`` through, writing each scored file's map into ``outdir`` on the way.
+
+    ``on_map(result, qmap)`` is called with each map drawn (the HTML report keeps them).
 
     For input ``photo.jpg`` the overlay is ``outdir/photo.map.png`` (and the raw values
     ``photo.map.npy`` with ``npy``); a second input with the same stem in this run gets
@@ -514,10 +518,12 @@ def write_maps(
             pixels = images.decode_rgb(result.path, min_size=model.min_size)
             qmap = quality_map(model, pixels, kind, window=window, stride=stride,
                                precision=precision)
-            overlay(_to_uint8(pixels), qmap, layout="side-by-side").save(
+            overlay(to_uint8(pixels), qmap, layout="side-by-side").save(
                 folder / f"{name}.map.png")
             if npy:
                 np.save(folder / f"{name}.map.npy", qmap.values)
+            if on_map is not None:
+                on_map(result, qmap)
         except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
             yield dataclasses.replace(
                 result, error=f"quality map failed: {type(exc).__name__}: {exc}"
