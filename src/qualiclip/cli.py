@@ -15,8 +15,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qualiclip.precision import PRECISIONS
+
+if TYPE_CHECKING:  # imported where used: the command starts without loading every module
+    from qualiclip.report import ReportRows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -241,10 +245,10 @@ def _check_report_target(args: argparse.Namespace) -> None:
         raise UsageError(f"--report {target} is also the -o file")
 
 
-def _write_report(args: argparse.Namespace, model: object, collected: object) -> None:
-    from qualiclip.report import ReportInfo, ReportRows, describe, write_report
+def _write_report(args: argparse.Namespace, model: object, collected: ReportRows) -> None:
+    """The HTML report of the rows ``collected`` while they streamed to the other outputs."""
+    from qualiclip.report import ReportInfo, describe, write_report
 
-    assert isinstance(collected, ReportRows)
     info = ReportInfo(model=str(getattr(model, "name", args.model)),
                       weights_sha256=getattr(model, "weights_sha256", None),
                       precision=args.precision,
