@@ -684,3 +684,32 @@ def test_training_precisions_choose_the_autocast_dtype() -> None:
     assert train_autocast_dtype("auto", cpu) is None  # bf16 by itself on CUDA only
     with pytest.raises(ValueError, match="optim.precision must be one of auto, fp32, bf16"):
         train_autocast_dtype("fp16", cpu)
+
+
+def test_cli_summary_names_the_held_out_images_and_only_rank_0_prints_it(
+    pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'preset = "tiny"\n[data]\nworkers = 0\nbatch_size = 2\ncrop_size = 64\nval_every_kth = 4\n'
+        "[validation]\nevery = 0\ncrops_per_image = 1\ncompositions_per_crop = 1\n"
+    )
+    argv = ["train", "--config", str(cfg), "--pristine", str(pristine), "--max-steps", "1",
+            "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    got = capsys.readouterr()
+    assert got.err.splitlines()[-1] == (
+        "trained 1 steps on 6 images; 2 more held out for validation")
+    assert got.out.strip() == str(tmp_path / "a" / "model.pth")
+
+    # Under torchrun every process runs the command: only rank 0 closes the run.
+    real_fit = train.fit
+
+    def fit_as_rank_1(*args: object, **kwargs: object) -> dict:
+        return {**real_fit(*args, **kwargs), "main": False}  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "fit", fit_as_rank_1)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    got = capsys.readouterr()
+    assert got.out == "" and "trained" not in got.err
