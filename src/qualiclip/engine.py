@@ -317,13 +317,8 @@ def score(model: Scorer, x: Any, *, precision: str = "fp32") -> float | torch.Te
     """
     batched = isinstance(x, torch.Tensor) and x.ndim == 4
     dtype = model.input_dtype
-    pixels: list[np.ndarray] | None = None
-    if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
-        pixels = [images.decode_rgb(x, min_size=model.min_size)]
-    elif (isinstance(x, np.ndarray) and x.dtype in (np.uint8, np.uint16) and x.ndim in (3, 4)
-          and x.shape[-1] == 3):
-        pixels = list(x) if x.ndim == 4 else [x]
-    if pixels is not None and dtype == torch.float32 and isinstance(model, QualiCLIP):
+    pixels = images.as_pixels(x, min_size=model.min_size)
+    if isinstance(pixels, list) and dtype == torch.float32 and isinstance(model, QualiCLIP):
         # Integer pixels take the engine's own conversion (uint8 to the device, converted there).
         outcomes, _ = score_arrays(model, pixels, precision=precision, batch_size=len(pixels))
         first = outcomes[0]
@@ -332,10 +327,10 @@ def score(model: Scorer, x: Any, *, precision: str = "fp32") -> float | torch.Te
                 raise out
         assert not isinstance(first, Exception)  # noqa: S101 - raised just above
         return float(first)
-    if pixels is not None:
+    if isinstance(pixels, list):
         batch = images.pixels_to_tensor(pixels)  # one image, or one array's equal-size images
     else:
-        batch = images.to_batch(x)
+        batch = pixels
     scores = score_tensors(model, batch.to(dtype=dtype), precision)
     return scores if batched else float(scores[0])
 

@@ -47,6 +47,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageSource",
     "as_decode_error",
+    "as_pixels",
     "decode_rgb",
     "load_image",
     "max_pixels_from_env",
@@ -675,3 +676,44 @@ def to_batch(x: object) -> torch.Tensor:
         "expected a path, bytes, PIL image, NumPy array or torch tensor, "
         f"got {type(x).__name__}"
     )
+
+
+# --- as_pixels ---------------------------------------------------------------------------------
+
+
+def as_pixels(image: object, *, min_size: int = 32) -> list[np.ndarray] | torch.Tensor:
+    """Any image input, as integer pixels where it has them, else as a float batch.
+
+    The one dispatch of inputs for the functions that take "an image" (:func:`qualiclip.score`,
+    :func:`qualiclip.quality_map`): files become their decoded pixels, integer arrays stay what
+    they are, and everything else is :func:`to_batch`'s. Integer pixels are 3 or 6 bytes a pixel
+    instead of float32's 12, and convert to the model's input by :func:`pixels_to_tensor`, the
+    one conversion, where the model runs.
+
+    Args:
+        image: a path (str or ``os.PathLike``), encoded bytes, a binary file object, a PIL
+            image, a NumPy array or a tensor (as :func:`to_batch` takes them).
+        min_size: shortest side a file may have (see :func:`decode_rgb`); other inputs are
+            checked by whoever scores them.
+
+    Returns:
+        ``H x W x 3`` uint8 or uint16 arrays (one for a file or an ``H x W x 3`` array, ``B``
+        for a ``B x H x W x 3`` array), or a float32 ``[B, 3, H, W]`` batch in [0, 1].
+
+    Raises:
+        ImageDecodeError: a file or bytes that cannot be decoded.
+        TypeError, ValueError: what :func:`to_batch` refuses.
+
+    Example:
+        >>> pixels = as_pixels(np.zeros((64, 80, 3), dtype=np.uint8))
+        >>> len(pixels), pixels[0].shape
+        (1, (64, 80, 3))
+        >>> as_pixels(torch.zeros(3, 64, 80)).shape
+        torch.Size([1, 3, 64, 80])
+    """
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)) or hasattr(image, "read"):
+        return [decode_rgb(image, min_size=min_size)]  # type: ignore[arg-type]
+    if (isinstance(image, np.ndarray) and image.dtype in (np.uint8, np.uint16)
+            and image.ndim in (3, 4) and image.shape[-1] == 3):
+        return list(image) if image.ndim == 4 else [image]
+    return to_batch(image)

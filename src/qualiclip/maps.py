@@ -180,21 +180,16 @@ def quality_map(
 
 
 def _pixels(image: Any, min_size: int) -> np.ndarray | torch.Tensor:
-    """Integer ``H x W x 3`` pixels (decoded files, integer arrays) or a float ``[3, H, W]``.
+    """Integer ``H x W x 3`` pixels (files, integer arrays) or a float ``[3, H, W]``, by
+    :func:`qualiclip.images.as_pixels`.
 
     Integer pixels stay integers until a crop is cut, so a large image costs 3 (or 6) bytes a
     pixel while its windows are scored.
     """
-    if isinstance(image, (str, os.PathLike, bytes, bytearray)) or hasattr(image, "read"):
-        pixels: np.ndarray | torch.Tensor = images.decode_rgb(image, min_size=min_size)
-    elif (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
-          and image.dtype in (np.uint8, np.uint16)):
-        pixels = image
-    else:
-        batch = images.to_batch(image)
-        if batch.shape[0] != 1:
-            raise ValueError(f"a quality map is of one image, got a batch of {batch.shape[0]}")
-        pixels = batch[0]
+    found = images.as_pixels(image, min_size=min_size)
+    if len(found) != 1:
+        raise ValueError(f"a quality map is of one image, got a batch of {len(found)}")
+    pixels = found[0]
     h, w = _size(pixels)
     if min(h, w) < min_size:
         raise ValueError(f"images must be at least {min_size} px on each side, got {(h, w)}")
@@ -208,17 +203,18 @@ def _size(pixels: np.ndarray | torch.Tensor) -> tuple[int, int]:
 
 
 def _float_crops(
-    pixels: np.ndarray | torch.Tensor, boxes: list[tuple[int, int, int, int]]
+    pixels: np.ndarray | torch.Tensor, boxes: list[tuple[int, int, int, int]],
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Float ``[B, 3, h, w]`` in [0, 1] of equal-size crops ``(top, left, h, w)``, converted
-    as :func:`qualiclip.images.load_image` converts (so a crop scores as the cropped file)."""
+    """Float ``[B, 3, h, w]`` in [0, 1] on ``device`` of equal-size crops ``(top, left, h, w)``.
+
+    Integer pixels convert by :func:`qualiclip.images.pixels_to_tensor`, the conversion of
+    every scored file (so a crop scores as the cropped file would).
+    """
     if isinstance(pixels, torch.Tensor):
-        return torch.stack([pixels[:, t:t + h, l:l + w] for t, l, h, w in boxes]).float()
-    crops = np.stack([pixels[t:t + h, l:l + w] for t, l, h, w in boxes])
-    planar = np.ascontiguousarray(np.moveaxis(crops, -1, -3))
-    if planar.dtype == np.uint16:
-        return torch.from_numpy(planar.astype(np.float32)).div_(65535.0)
-    return torch.from_numpy(planar).to(torch.float32).div_(255.0)
+        crops = torch.stack([pixels[:, t:t + h, l:l + w] for t, l, h, w in boxes])
+        return crops.to(device, torch.float32)
+    return images.pixels_to_tensor([pixels[t:t + h, l:l + w] for t, l, h, w in boxes], device)
 
 
 # --- dense -------------------------------------------------------------------------------------
@@ -242,7 +238,7 @@ def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str)
     runner = engine.prepare(model, precision)
     trunk = runner.visual.trunk  # the fused copy's (or, compiled or unfused, the tower's own)
     h, w = _size(pixels)
-    x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
+    x = _float_crops(pixels, [(0, 0, h, w)], model.device)
     x = model.normalize_input(x, inplace=True)
     with heap.forward_pass(model.device, h * w), torch.inference_mode():
         with autocast_context(model.device, precision):
@@ -310,7 +306,7 @@ def _windows_map(
     scores: list[torch.Tensor] = []
     for i in range(0, len(boxes), per_pass):
         # Crops are cut per pass: memory is one pass's crops, not all of them.
-        crops = _float_crops(pixels, boxes[i:i + per_pass]).to(dtype=dtype)
+        crops = _float_crops(pixels, boxes[i:i + per_pass], model.device).to(dtype=dtype)
         scores.append(engine.score_tensors(model, crops, precision,
                                            max_batch_pixels=max_batch_pixels))
     values = torch.cat(scores).reshape(len(ys), len(xs)).numpy().astype(np.float32)
