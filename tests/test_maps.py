@@ -308,6 +308,74 @@ def test_score_with_maps_writes_each_map_and_keeps_every_row(
         assert im.size == (2 * 128 + 4, 96 + 22 + (22 if flat else 0))
 
 
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+def test_score_map_decodes_each_file_once(
+    model: QualiCLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], kind: str,
+) -> None:
+    """``score --map`` decodes every file exactly once; a dense map's pass gives the score."""
+    from qualiclip import cli, images, reading
+
+    ckpt = tmp_path / "m.pth"
+    torch.save(model.official_state_dict(), ckpt)
+    photos = {tmp_path / f"p{i}.png": _photo(64 + 16 * i, 96, 20 + i) for i in range(3)}
+    for path, pixels in photos.items():
+        Image.fromarray(pixels).save(path)
+    expected = {str(p): quality_map(model, px, kind, window=64, stride=32)
+                for p, px in photos.items()}
+    counts: dict[str, int] = {}
+    real = images.decode_rgb
+
+    def counting(source: object, **kwargs: object) -> np.ndarray:
+        counts[os.fspath(source)] = counts.get(os.fspath(source), 0) + 1
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(images, "decode_rgb", counting)
+    monkeypatch.setattr(reading, "decode_rgb", counting)
+    code = cli.main(["score", *map(str, photos), "--model", str(ckpt), "--device", "cpu",
+                     "--format", "json", "--no-progress", "--map", str(tmp_path / "maps"),
+                     "--map-kind", kind, "--map-window", "64", "--map-stride", "32",
+                     "--map-npy"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert counts == {str(p): 1 for p in photos}
+    for row in rows:
+        qmap = expected[row["path"]]
+        np.testing.assert_allclose(np.load(tmp_path / "maps" / f"{Path(row['path']).stem}.map.npy"),
+                                   qmap.values, atol=1e-6)
+        assert row["score"] == pytest.approx(qualiclip.score(model, photos[Path(row["path"])]),
+                                             abs=1e-5)
+        if kind == "dense":
+            assert row["score"] == qmap.score
+
+
+def test_maps_of_files_decoded_on_the_device(
+    model: QualiCLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JPEGs decoded on the GPU arrive as uint8 ``[3, H, W]`` tensors: their maps, scores and
+    pictures are those of the same pixels decoded on the CPU (a CPU stand-in for nvJPEG)."""
+    from qualiclip.images import decode_rgb
+
+    path = tmp_path / "p.jpg"
+    Image.fromarray(_photo(96, 128, 12)).save(path, quality=95)
+    pixels = decode_rgb(path)
+
+    def on_device(data: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(decode_rgb(bytes(data.numpy()))).permute(2, 0, 1).contiguous()
+
+    monkeypatch.setattr(maps, "resolve_decoder", lambda decode, device: on_device)
+    for kind in maps.MAP_KINDS:
+        out = tmp_path / kind
+        (row,) = maps.score_paths_with_maps(model, [path], out, kind=kind, npy=True)
+        qmap = quality_map(model, pixels, kind)
+        assert row.ok and (row.width, row.height) == (128, 96)
+        assert row.score == pytest.approx(qualiclip.score(model, pixels), abs=1e-5)
+        np.testing.assert_allclose(np.load(out / "p.map.npy"), qmap.values, atol=1e-5)
+        with Image.open(out / "p.map.png") as drawn:
+            expected = maps.overlay(pixels, qmap, layout="side-by-side")
+            assert np.abs(np.asarray(drawn, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+
+
 def test_score_map_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     for extra in (["--map", str(tmp_path / "file")], ["--map", str(tmp_path), "--map-window",
@@ -332,6 +400,22 @@ def test_a_failed_map_keeps_the_score_and_fails_the_row(
     monkeypatch.setattr(maps, "quality_map", boom)
     (row,) = maps.write_maps(model, [result], tmp_path / "out")
     assert row.score == 0.5 and row.error == "quality map failed: RuntimeError: out of memory"
+
+
+def test_a_failed_map_pass_keeps_the_engines_score(
+    model: QualiCLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pixels = _photo(64, 80, 13)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(maps, "quality_map", boom)
+    (row,) = maps.score_paths_with_maps(model, [tmp_path / "x.png"], tmp_path / "out")
+    assert row.error == "quality map failed: RuntimeError: out of memory"
+    assert row.score == pytest.approx(qualiclip.score(model, pixels), abs=1e-6)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_half_means_split_the_image_at_its_middle() -> None:

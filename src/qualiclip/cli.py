@@ -121,7 +121,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         "and brightest colour, and says when the map is too flat to mean anything).",
     )
     m.add_argument("--map", metavar="DIR", default=None,
-                   help="write each scored input's quality map into DIR (created if missing)")
+                   help="write each scored input's quality map into DIR (created if missing); "
+                   "each file is decoded once (a dense map's pass gives its score too)")
     m.add_argument("--map-kind", choices=("dense", "windows"), default="dense",
                    help="dense: one pass, 1/32 resolution (default); windows: the scores of "
                    "overlapping crops (slower; each cell is a real score)")
@@ -197,31 +198,35 @@ def _run_score(args: argparse.Namespace) -> int:
         why = dense_maps_unavailable(model)
         if why is not None:
             raise UsageError(f"--map-kind dense: {why}; use --map-kind windows")
-    try:
-        results = engine.score_paths(
-            model,
-            paths,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            precision=args.precision,
-            progress=not args.no_progress,
-            decode=args.decode,
-            compile=args.compile,
-        )
-    except ValueError as exc:  # --decode gpu where there is no GPU decoding
-        raise UsageError(str(exc)) from None
     collected = None
     if args.report is not None:
         from qualiclip.report import ReportRows
 
         collected = ReportRows()
-    if args.map is not None:
-        from qualiclip.maps import write_maps
+    try:
+        if args.map is not None:
+            from qualiclip.maps import score_paths_with_maps
 
-        results = write_maps(model, results, args.map, kind=args.map_kind, npy=args.map_npy,
-                             window=args.map_window, stride=args.map_stride,
-                             precision=args.precision,
-                             on_map=collected.add_map if collected is not None else None)
+            # Each file decoded once; its score comes from its map's pass.
+            results = score_paths_with_maps(
+                model, paths, args.map, kind=args.map_kind, npy=args.map_npy,
+                window=args.map_window, stride=args.map_stride, precision=args.precision,
+                workers=args.workers, decode=args.decode, progress=not args.no_progress,
+                on_map=collected.add_map if collected is not None else None,
+            )
+        else:
+            results = engine.score_paths(
+                model,
+                paths,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                precision=args.precision,
+                progress=not args.no_progress,
+                decode=args.decode,
+                compile=args.compile,
+            )
+    except ValueError as exc:  # --decode gpu where there is no GPU decoding
+        raise UsageError(str(exc)) from None
     if collected is not None:
         results = collected.collect(results)
     failed = write_results(results, args.format, args.output, model_name=model.name)

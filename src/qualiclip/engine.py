@@ -561,7 +561,7 @@ def _score_paths(
     decoder: JpegDecoder | None = None,
 ) -> Iterator[ScoreResult]:
     total = len(paths) if isinstance(paths, Sized) else None
-    bar = _progress_bar(total) if progress else None
+    bar = progress_bar(total) if progress else None
     grouper = _Grouper(batch_size, max_batch_pixels, lookahead, DEFAULT_LOOKAHEAD_PIXELS)
     done: dict[int, ScoreResult] = {}
     queued: deque[tuple[list[Decoded], Callable[[], list[ScoreResult]]]] = deque()
@@ -603,7 +603,8 @@ def _score_paths(
         bar.close()
 
 
-def _progress_bar(total: int | None) -> Any:
+def progress_bar(total: int | None) -> Any:
+    """The progress bar of scoring on stderr (tqdm's): ``total`` images, or unknown."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", desc="scoring")

@@ -21,11 +21,12 @@ side by side as a PNG (and optionally the raw ``.npy``) for each scored file, fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,11 +41,12 @@ from qualiclip.clip import AttentionPool2d, ModifiedResNet
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
 from qualiclip.model import QualiCLIP, Scorer
 from qualiclip.precision import autocast_context
+from qualiclip.reading import Decode, decoded_in_order, resolve_decoder
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "FLAT_RANGE", "MAP_KINDS", "MapKind", "QualityMap",
     "colorize", "display_range", "half_means", "overlay", "overlay_png", "quality_map",
-    "range_note", "to_uint8", "upsample", "write_maps",
+    "range_note", "score_paths_with_maps", "to_uint8", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -477,6 +479,38 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+class _MapFiles:
+    """The files of a run's maps in one folder: ``photo.map.png`` (and ``photo.map.npy``) for
+    input ``photo.jpg``; a second input with the same stem gets ``photo-2.map.png``, and so on,
+    so no map overwrites another."""
+
+    def __init__(self, outdir: str | os.PathLike[str], npy: bool) -> None:
+        self.folder, self.npy = Path(outdir), npy
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.used: dict[str, int] = {}
+
+    def claim(self, path: str) -> str:
+        """The name of ``path``'s map files (without ``.map.png``), taken for this run."""
+        stem = Path(path).stem or "image"
+        n = self.used.get(stem, 0) + 1
+        self.used[stem] = n
+        return stem if n == 1 else f"{stem}-{n}"
+
+    def write(self, name: str, pixels: np.ndarray | torch.Tensor, qmap: QualityMap) -> None:
+        """The photo (decoded ``pixels``) beside its map, and the raw values with ``npy``."""
+        if isinstance(pixels, torch.Tensor):  # decoded on the GPU: uint8 [3, H, W]
+            drawable = pixels.permute(1, 2, 0).cpu().numpy()
+        else:
+            drawable = to_uint8(pixels)
+        overlay(drawable, qmap, layout="side-by-side").save(self.folder / f"{name}.map.png")
+        if self.npy:
+            np.save(self.folder / f"{name}.map.npy", qmap.values)
+
+
+def _map_failed(exc: Exception) -> str:
+    return f"quality map failed: {type(exc).__name__}: {exc}"
+
+
 def write_maps(
     model: Scorer,
     results: Iterable[ScoreResult],
@@ -498,34 +532,117 @@ def write_maps(
     ``photo-2.map.png``, and so on, so no map overwrites another. Rows that already carry an
     error pass unchanged; a file whose map fails keeps its score and gets the map's error, so
     it counts as failed.
+
+    Each file is decoded again here, after it was scored; :func:`score_paths_with_maps` scores
+    and maps files with one decoding each.
     """
-    folder = Path(outdir)
-    folder.mkdir(parents=True, exist_ok=True)
-    used: dict[str, int] = {}
+    files = _MapFiles(outdir, npy)
     for result in results:
         if not result.ok:
             yield result
             continue
-        stem = Path(result.path).stem or "image"
-        n = used.get(stem, 0) + 1
-        used[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
+        name = files.claim(result.path)
         try:
             pixels = images.decode_rgb(result.path, min_size=model.min_size)
             qmap = quality_map(model, pixels, kind, window=window, stride=stride,
                                precision=precision)
-            overlay(to_uint8(pixels), qmap, layout="side-by-side").save(
-                folder / f"{name}.map.png")
-            if npy:
-                np.save(folder / f"{name}.map.npy", qmap.values)
+            files.write(name, pixels, qmap)
             if on_map is not None:
                 on_map(result, qmap)
         except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
-            yield dataclasses.replace(
-                result, error=f"quality map failed: {type(exc).__name__}: {exc}"
-            )
+            yield dataclasses.replace(result, error=_map_failed(exc))
             continue
         yield result
+
+
+def score_paths_with_maps(
+    model: Scorer,
+    paths: Iterable[str | os.PathLike[str]],
+    outdir: str | os.PathLike[str],
+    *,
+    kind: MapKind | str = "dense",
+    npy: bool = False,
+    window: int = DEFAULT_WINDOW,
+    stride: int = DEFAULT_STRIDE,
+    precision: str = "fp32",
+    workers: int = 2,
+    decode: Decode = "auto",
+    progress: bool = False,
+    on_map: Callable[[ScoreResult, QualityMap], None] | None = None,
+) -> Iterator[ScoreResult]:
+    """Score image files and write their maps, decoding each file once (``score --map``).
+
+    Files are decoded in ``workers`` threads ahead of the model, as for
+    :func:`qualiclip.engine.score_paths` (``decode`` as there), and each file's map is computed
+    from its pixels. A ``"dense"`` map's pass gives the file's score as well (the attention
+    pool's global feature of the same feature map, :attr:`QualityMap.score`); a ``"windows"``
+    map's file is scored by the engine from the same pixels. Files, names and ``on_map`` are
+    as for :func:`write_maps`; a file that cannot be decoded gets a row with its error, and a
+    file whose map fails keeps its score (from the engine) and gets the map's error.
+
+    Returns:
+        one :class:`~qualiclip.engine.ScoreResult` per path, in input order; the work happens
+        as it is consumed.
+
+    Raises:
+        ValueError: an unknown ``kind``, ``workers < 1``, a precision the model's device cannot
+            run, or a ``decode`` that cannot be had here (as :func:`~qualiclip.engine.score_paths`).
+    """
+    if kind not in MAP_KINDS:
+        raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    engine.prepare(model, precision)  # validates the precision before any file is read
+    decoder = resolve_decoder(decode, model.device)
+    files = _MapFiles(outdir, npy)
+
+    def results() -> Iterator[ScoreResult]:
+        decoded = decoded_in_order((os.fspath(p) for p in paths), model.min_size, workers,
+                                   prefetch=max(2, 2 * workers), decoder=decoder)
+        for item in decoded:
+            if item.pixels is None:
+                yield ScoreResult(item.path, None, item.error)
+                continue
+            yield _score_and_map(model, item.path, item.pixels, files, kind, window, stride,
+                                 precision, on_map)
+
+    return _with_progress(results(), paths) if progress else results()
+
+
+def _score_and_map(
+    model: Scorer, path: str, pixels: np.ndarray | torch.Tensor, files: _MapFiles,
+    kind: str, window: int, stride: int, precision: str,
+    on_map: Callable[[ScoreResult, QualityMap], None] | None,
+) -> ScoreResult:
+    """One decoded file's row, its map written on the way."""
+    h, w = _size(pixels)
+    name = files.claim(path)
+    score: float | None = None
+    try:
+        qmap = quality_map(model, pixels, kind, window=window, stride=stride, precision=precision)
+        score = qmap.score
+        if score is None:  # a window map: the whole image's score, from the same pixels
+            score = float(engine.score(model, pixels, precision=precision))
+        result = ScoreResult(path, score, None, w, h)
+        files.write(name, pixels, qmap)
+        if on_map is not None:
+            on_map(result, qmap)
+    except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
+        if score is None:  # the row fails either way; it keeps a score if the engine gives one
+            with contextlib.suppress(Exception):
+                score = float(engine.score(model, pixels, precision=precision))
+        return ScoreResult(path, score, _map_failed(exc), w, h)
+    return result
+
+
+def _with_progress(
+    results: Iterator[ScoreResult], paths: Iterable[object]
+) -> Iterator[ScoreResult]:
+    bar = engine.progress_bar(len(paths) if isinstance(paths, Sized) else None)
+    for result in results:
+        bar.update(1)
+        yield result
+    bar.close()
 
 
 def half_means(qmap: QualityMap) -> tuple[float, float]:
