@@ -417,3 +417,14 @@ def test_csv_lines_end_in_lf(photos, tmp_path):
                  "-o", str(out)) == 0
     raw = out.read_bytes()
     assert raw.count(b"\n") == 3 and b"\r" not in raw
+
+
+def test_main_gives_the_warning_format_back(tmp_path):
+    """Warnings are one line while the command runs, Python's own format after it returns."""
+    import warnings
+
+    from qualiclip import cli
+
+    before = warnings.formatwarning
+    assert cli.main(["score", str(tmp_path), "--batch-size", "0"]) == 2
+    assert warnings.formatwarning is before

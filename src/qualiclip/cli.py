@@ -916,11 +916,23 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status instead of raising ``SystemExit``."""
+    """Run the command line; returns the exit status instead of raising ``SystemExit``.
+
+    Warnings are printed as one line while it runs (``qualiclip: warning: ...``); Python's own
+    format is back when it returns, so a program calling ``main`` keeps its own.
+    """
     import warnings
 
+    before = warnings.formatwarning
     # A warning is one line for the person at the terminal, not a source line for a developer.
     warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = before
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
