@@ -240,6 +240,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import warnings
 
     warnings.simplefilter("ignore", RuntimeWarning)  # the emulated-bf16 notice; printed by us
+    from qualiclip import heap
+
+    heap.reuse_freed_memory()  # as the command runs (QUALICLIP_REUSE_MEMORY=0 refuses it)
 
     load_s = None
     if spec["mode"] == "onnx":

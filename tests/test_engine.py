@@ -373,7 +373,29 @@ def test_freed_feature_maps_are_reused_unless_opted_out(env_value):
         assert applied and faults < pages // 20  # the freed block is reused (again)
 
 
+_LIBRARY_SCRIPT = """
+import sys, torch, qualiclip
+from qualiclip import cli, heap
+model = qualiclip.create_model("random-tiny")
+qualiclip.score(model, torch.rand(3, 64, 64))
+print(heap.reusing_freed_memory())
+cli.main(["score", sys.argv[1], "--model", "random-tiny", "--no-progress"])
+print(heap.reusing_freed_memory())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_the_allocator_is_tuned_by_the_command_not_by_a_library_call(tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    env = {k: v for k, v in os.environ.items() if k != heap.REUSE_MEMORY_ENV}
+    out = subprocess.run([sys.executable, "-c", _LIBRARY_SCRIPT, str(tmp_path / "a.png")],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"  # scoring through the library left malloc alone
+    assert out[-1] == "True"  # the command made the choice
+
+
 def test_very_large_passes_score_the_same(tiny, monkeypatch):
+    heap.reuse_freed_memory()  # as the command makes it: very large passes step around it
     x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         expected = tiny(x)

@@ -911,6 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that run many forward passes on a CPU: freed feature maps are kept for the next one
+#: (:func:`qualiclip.heap.reuse_freed_memory`).
+_FORWARD_PASS_COMMANDS = frozenset({"score", "eval", "train", "serve"})
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> str:
     return f"qualiclip: warning: {message}\n"
 
@@ -938,6 +943,11 @@ def _main(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse reports usage errors (2) and --help (0) this way
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command in _FORWARD_PASS_COMMANDS:
+        from qualiclip.heap import reuse_freed_memory
+
+        # A program's choice, made here for the whole process (the library never makes it).
+        reuse_freed_memory()
     try:
         return int(args.func(args))
     except UsageError as exc:

@@ -2,9 +2,12 @@
 
 By default glibc serves every block above 32 MiB (every feature map of a large image) with a
 fresh ``mmap`` and unmaps it when freed, so each forward pass pays again for the kernel to fault
-in and zero its feature maps. :func:`forward_pass` wraps one pass: freed maps go back to the heap
-for the next pass, what is kept is bounded by :class:`HeapValve`, and very large passes run with
-the allocator as it is. ``QUALICLIP_REUSE_MEMORY=0`` turns it all off.
+in and zero its feature maps. :func:`reuse_freed_memory` changes that for the whole process, so
+it is a choice of the program, never made behind a library user's back: the ``qualiclip``
+command, its service and Ray's scoring actors make it; a program using the library calls it
+once itself (``QUALICLIP_REUSE_MEMORY=0`` refuses it everywhere). Once it is made,
+:func:`forward_pass` wraps each pass: freed maps go back to the heap for the next pass, what is
+kept is bounded by :class:`HeapValve`, and very large passes run with the allocator as it is.
 
 For accelerators, :class:`StagingPool` keeps a few page-locked host buffers that decoded pixels
 cross to the device in, reused from batch to batch.
@@ -43,6 +46,13 @@ _reuse_memory: bool | None = None
 def reuse_freed_memory() -> bool:
     """Have glibc's ``malloc`` keep freed memory for reuse; once per process, Linux only.
 
+    A setting of the whole process, so the library never makes it by itself: the ``qualiclip``
+    command (score, eval, serve) and Ray's scoring actors call this; a program that scores many
+    images on a CPU through the library calls it once at its start::
+
+        from qualiclip import heap
+        heap.reuse_freed_memory()
+
     By default glibc serves every block above 32 MiB (every feature map of a large image) with a
     fresh ``mmap`` and unmaps it when freed, so each forward pass pays again for the kernel to
     fault in and zero its feature maps: about one page fault per 4 KiB, a tenth or more of the
@@ -50,7 +60,7 @@ def reuse_freed_memory() -> bool:
     the heap and the next pass reuses them. What the process keeps is bounded by
     :class:`HeapValve`: more than twice the largest working set of one pass, and the heap is
     trimmed. Set ``QUALICLIP_REUSE_MEMORY=0`` to leave the allocator alone (the call then does
-    nothing). Called before the engine's first forward pass on a CPU.
+    nothing). Until it is called, :func:`forward_pass` leaves the allocator alone.
 
     Returns:
         whether the setting is in effect (``False`` off glibc or when opted out).
@@ -68,6 +78,11 @@ def reuse_freed_memory() -> bool:
             except (OSError, AttributeError):
                 _reuse_memory = False
     return _reuse_memory
+
+
+def reusing_freed_memory() -> bool:
+    """Whether :func:`reuse_freed_memory` was called in this process and took effect."""
+    return bool(_reuse_memory)
 
 
 def _resident_bytes() -> int:
@@ -146,7 +161,7 @@ _HEAP_VALVE = HeapValve()
 
 @contextlib.contextmanager
 def _allocator_as_is() -> Iterator[None]:
-    if not reuse_freed_memory():  # nothing was changed
+    if not reusing_freed_memory():  # nothing was changed
         yield
         return
     _malloc_trim()
@@ -163,12 +178,12 @@ def _allocator_as_is() -> Iterator[None]:
 def forward_pass(device: torch.device, pixels: int) -> Iterator[None]:
     """The allocator policy around one forward pass over ``pixels`` pixels on ``device``.
 
-    On a CPU with glibc (unless opted out): a pass up to :data:`LARGE_PASS_PIXELS` reuses freed
-    maps and its working set is measured by the process-wide :class:`HeapValve` when the block
-    ends (so the caller drops the pass's tensors inside it); a larger pass runs with the
-    allocator as it is. Elsewhere this does nothing.
+    On a CPU, once :func:`reuse_freed_memory` took effect: a pass up to
+    :data:`LARGE_PASS_PIXELS` reuses freed maps and its working set is measured by the
+    process-wide :class:`HeapValve` when the block ends (so the caller drops the pass's tensors
+    inside it); a larger pass runs with the allocator as it is. Otherwise this does nothing.
     """
-    reuse = device.type == "cpu" and reuse_freed_memory()
+    reuse = device.type == "cpu" and reusing_freed_memory()
     if not reuse:
         yield
         return

@@ -307,8 +307,10 @@ class _ActorScorer:
     """Ray Data callable class: loads the model once per actor, scores batches of paths."""
 
     def __init__(self, config: RayScoreConfig) -> None:
+        from qualiclip.heap import reuse_freed_memory
         from qualiclip.model import create_model
 
+        reuse_freed_memory()  # the actor's process scores and nothing else: keep freed maps
         self.config = config
         self.model = create_model(
             config.model,
