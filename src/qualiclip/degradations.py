@@ -431,18 +431,72 @@ def _d_color_saturation2(x: Tensor, v: Tensor, p: Params) -> Tensor:
 # --- compression (real codecs) -----------------------------------------------------------------
 
 
-_thread_pool: tuple[int, ThreadPoolExecutor] | None = None
+class CodecWorkers:
+    """The workers that code a batch's samples in parallel: JPEG in threads, JPEG 2000 (whose
+    codec holds the GIL) in processes.
 
+    Both are made on first use and belong to the process that made them: a copy inherited
+    through fork (a DataLoader worker) has no threads or processes behind it, and work handed
+    to it would never run, so a forked child makes its own. One instance serves the module
+    (:data:`CODEC_WORKERS`); :func:`set_codec_processes` is its public setting.
+    """
 
-def _threads() -> ThreadPoolExecutor:
-    # Pillow's JPEG codec and torch's samplers release the GIL: threads scale over samples.
-    # One pool per process: a pool inherited through fork (a DataLoader worker) has no threads
-    # behind it, and work handed to it would never run.
-    global _thread_pool
-    if _thread_pool is None or _thread_pool[0] != os.getpid():
-        pool = ThreadPoolExecutor(max_workers=_cpu_count(), thread_name_prefix="qualiclip-degrade")
-        _thread_pool = (os.getpid(), pool)
-    return _thread_pool[1]
+    def __init__(self) -> None:
+        self.processes: int | None = None  # None: $QUALICLIP_CODEC_PROCESSES, else CPU count
+        self._pid = 0
+        self._threads: ThreadPoolExecutor | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_size = 0
+
+    def _own(self) -> None:
+        """Forget workers inherited through fork: they are the parent's."""
+        if self._pid != os.getpid():
+            self._threads, self._pool, self._pool_size = None, None, 0
+            self._pid = os.getpid()
+
+    def threads(self) -> ThreadPoolExecutor:
+        """The threads: Pillow's JPEG codec and torch's samplers release the GIL."""
+        self._own()
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=_cpu_count(),
+                                               thread_name_prefix="qualiclip-degrade")
+        return self._threads
+
+    def process_count(self) -> int:
+        """How many JPEG 2000 processes are wanted (0 or 1: code in this process)."""
+        if self.processes is not None:
+            return self.processes
+        env = os.environ.get("QUALICLIP_CODEC_PROCESSES", "").strip()
+        if env:
+            try:
+                return max(0, int(env))
+            except ValueError:
+                raise ValueError(
+                    f"QUALICLIP_CODEC_PROCESSES must be an integer, got {env!r}") from None
+        return _cpu_count()
+
+    def j2k_pool(self, n_jobs: int) -> ProcessPoolExecutor | None:
+        """Processes for ``n_jobs`` JPEG 2000 samples, or None to code them in this process."""
+        n = min(self.process_count(), n_jobs)
+        if n <= 1 or multiprocessing.current_process().daemon:
+            return None
+        self._own()
+        if self._pool is None or self._pool_size < n:
+            self.shutdown_processes()
+            # fork, as torch's DataLoader, on Linux: nothing is re-imported (spawn and forkserver
+            # run the main script again, which breaks scripts without a __main__ guard) and the
+            # children only run Pillow. Elsewhere fork is unsafe and spawn is the only choice.
+            fork = sys.platform.startswith("linux")
+            ctx = multiprocessing.get_context("fork" if fork else "spawn")
+            self._pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+            self._pool_size = n
+        return self._pool
+
+    def shutdown_processes(self) -> None:
+        """Stop the JPEG 2000 processes (new ones are made when next needed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool, self._pool_size = None, 0
 
 
 def _cpu_count() -> int:
@@ -452,10 +506,8 @@ def _cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-_J2K_PROCESSES: int | None = None  # None: $QUALICLIP_CODEC_PROCESSES, else the CPU count
-_j2k_pool: ProcessPoolExecutor | None = None
-_j2k_pool_size = 0
-_j2k_pool_pid = 0  # a pool belongs to the process that made it, not to forked children
+#: The module's codec workers.
+CODEC_WORKERS = CodecWorkers()
 
 
 def set_codec_processes(processes: int | None) -> None:
@@ -474,49 +526,22 @@ def set_codec_processes(processes: int | None) -> None:
         processes: the number of worker processes; 0 or 1 codes in this process; ``None``
             restores the default: ``$QUALICLIP_CODEC_PROCESSES`` if set, else the CPU count.
     """
-    global _J2K_PROCESSES
     if processes is not None and processes < 0:
         raise ValueError(f"processes must be >= 0, got {processes}")
-    _J2K_PROCESSES = processes
-    _shutdown_j2k_pool()
+    CODEC_WORKERS.processes = processes
+    CODEC_WORKERS.shutdown_processes()
+
+
+def _threads() -> ThreadPoolExecutor:
+    return CODEC_WORKERS.threads()
 
 
 def _j2k_processes() -> int:
-    if _J2K_PROCESSES is not None:
-        return _J2K_PROCESSES
-    env = os.environ.get("QUALICLIP_CODEC_PROCESSES", "").strip()
-    if env:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            raise ValueError(f"QUALICLIP_CODEC_PROCESSES must be an integer, got {env!r}") from None
-    return _cpu_count()
-
-
-def _shutdown_j2k_pool() -> None:
-    global _j2k_pool, _j2k_pool_size
-    if _j2k_pool is not None:
-        _j2k_pool.shutdown(wait=False, cancel_futures=True)
-    _j2k_pool, _j2k_pool_size = None, 0
+    return CODEC_WORKERS.process_count()
 
 
 def _get_j2k_pool(n_jobs: int) -> ProcessPoolExecutor | None:
-    global _j2k_pool, _j2k_pool_size
-    n = min(_j2k_processes(), n_jobs)
-    global _j2k_pool_pid
-    if n <= 1 or multiprocessing.current_process().daemon:
-        return None
-    if _j2k_pool is not None and _j2k_pool_pid != os.getpid():
-        _j2k_pool, _j2k_pool_size = None, 0  # inherited through fork: its workers are not ours
-    if _j2k_pool is None or _j2k_pool_size < n:
-        _shutdown_j2k_pool()
-        # fork, as torch's DataLoader, on Linux: nothing is re-imported (spawn and forkserver
-        # run the main script again, which breaks scripts without a __main__ guard) and the
-        # children only run Pillow. Elsewhere fork is unsafe and spawn is the only choice.
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        _j2k_pool, _j2k_pool_size = ProcessPoolExecutor(max_workers=n, mp_context=ctx), n
-        _j2k_pool_pid = os.getpid()
-    return _j2k_pool
+    return CODEC_WORKERS.j2k_pool(n_jobs)
 
 
 def _codec(x: Tensor, v: Tensor, fmt: str) -> Tensor:
