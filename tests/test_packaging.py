@@ -1,4 +1,5 @@
-"""A wheel built from the repository carries the run-time package data (offline installs work)."""
+"""A wheel built from the repository carries the run-time package data (offline installs work)
+and ``py.typed``, so type checkers read qualiclip's hints (PEP 561)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def test_wheel_ships_the_vocabulary_niqe_model_web_page_and_report(tmp_path: Pat
     (wheel,) = (tmp_path / "dist").glob("qualiclip-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith("qualiclip/assets/")}
+        typed = "qualiclip/py.typed" in zf.namelist()
+    assert typed, f"py.typed is not in {wheel.name}: type checkers would ignore qualiclip's hints"
     web = sorted(p.relative_to(ASSETS).as_posix() for folder in ("web", "report")
                  for p in (ASSETS / folder).iterdir())
     assert web, "the web page's and report's files are missing from the repository"
