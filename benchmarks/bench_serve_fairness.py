@@ -115,7 +115,7 @@ def main() -> int:
             print("server log (last lines):", *tail, sep="\n  ")
 
 
-def _measure(httpx, proc, url, big, small, args) -> int:  # noqa: ANN001
+def _measure(httpx, proc, url, big, small, args) -> int:
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
@@ -131,7 +131,7 @@ def _measure(httpx, proc, url, big, small, args) -> int:  # noqa: ANN001
             return 1
         time.sleep(0.2)
 
-    def small_request(client) -> float:  # noqa: ANN001
+    def small_request(client) -> float:
         start = time.perf_counter()
         r = client.post(f"{url}/score", content=small, headers={"Content-Type": "image/png"})
         r.raise_for_status()

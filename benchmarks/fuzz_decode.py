@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzz_images import Mutant, Tally, decode_one, make_seeds, mutants, score_folder  # noqa: E402
+from fuzz_images import Mutant, Tally, decode_one, make_seeds, mutants, score_folder
 
 
 def main() -> int:

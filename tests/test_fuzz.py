@@ -20,11 +20,11 @@ MAX_PIXELS = 4_000_000  # a mutated size field must not turn one try into a larg
 
 
 @pytest.fixture(scope="module")
-def seeds():  # noqa: ANN201
+def seeds():
     return make_seeds()
 
 
-def test_every_seed_is_a_valid_image_of_the_seed_size(seeds) -> None:  # noqa: ANN001
+def test_every_seed_is_a_valid_image_of_the_seed_size(seeds) -> None:
     formats = {s.name.split("-")[0] for s in seeds}
     # The formats every Pillow build writes; the others are a bonus of this build.
     assert {"png", "jpeg", "bmp", "gif", "tiff", "ppm", "pgm", "ico", "tga"} <= formats
@@ -35,7 +35,7 @@ def test_every_seed_is_a_valid_image_of_the_seed_size(seeds) -> None:  # noqa: A
         assert arr.dtype in (np.uint8, np.uint16)
 
 
-def test_mutants_are_deterministic_and_actually_mutated(seeds) -> None:  # noqa: ANN001
+def test_mutants_are_deterministic_and_actually_mutated(seeds) -> None:
     first = [m.data for m in mutants(3, 60, seeds)]
     assert first == [m.data for m in mutants(3, 60, seeds)]
     originals = {s.name: s.data for s in seeds}
@@ -44,7 +44,7 @@ def test_mutants_are_deterministic_and_actually_mutated(seeds) -> None:  # noqa:
 
 
 @pytest.mark.filterwarnings("ignore")  # Pillow warns about each damaged EXIF block it skips
-def test_decoder_raises_only_its_own_error(seeds) -> None:  # noqa: ANN001
+def test_decoder_raises_only_its_own_error(seeds) -> None:
     tally = Tally()
     for mutant in mutants(11, 20 * len(seeds), seeds):
         decode_one(mutant, tally, MAX_PIXELS)
@@ -55,7 +55,7 @@ def test_decoder_raises_only_its_own_error(seeds) -> None:  # noqa: ANN001
 
 
 def test_score_cli_gives_each_mutant_one_row(
-    seeds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    seeds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("QUALICLIP_MAX_PIXELS", str(MAX_PIXELS))
     tally = Tally()

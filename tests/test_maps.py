@@ -88,7 +88,7 @@ def test_dense_cell_is_the_pool_attending_to_that_cell_alone(model: QualiCLIP) -
 def test_dense_never_forms_the_n_by_n_attention(model: QualiCLIP, monkeypatch) -> None:
     """The map and its global score come from the first-token path and per-cell projections:
     the projected (N x N capable) attention and scaled_dot_product_attention are never called."""
-    def forbidden(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def forbidden(*args, **kwargs):
         raise AssertionError("full attention was called")
 
     image = torch.rand(3, 160, 192)
@@ -149,7 +149,7 @@ def test_windows_are_batched_within_the_pixel_bound(model: QualiCLIP, monkeypatc
     seen: list[int] = []
     real = engine.score_tensors
 
-    def spy(m, batch, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def spy(m, batch, *args, **kwargs):
         seen.append(batch.shape[0])
         return real(m, batch, *args, **kwargs)
 
@@ -394,7 +394,7 @@ def test_a_failed_map_keeps_the_score_and_fails_the_row(
     Image.fromarray(_photo(64, 64, 8)).save(tmp_path / "x.png")
     result = engine.ScoreResult(str(tmp_path / "x.png"), 0.5, None, 64, 64)
 
-    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def boom(*args, **kwargs):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(maps, "quality_map", boom)

@@ -27,7 +27,7 @@ ATOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 
 
-def _require_ray():  # noqa: ANN202
+def _require_ray():
     try:
         return ray_scoring.require_ray()
     except ImportError as exc:
@@ -37,7 +37,7 @@ def _require_ray():  # noqa: ANN202
 
 
 @pytest.fixture(scope="module")
-def ray_local():  # noqa: ANN201
+def ray_local():
     ray = _require_ray()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -38,7 +38,7 @@ MAX_PIXELS = 200_000
 REQUEST_TIMEOUT = 3.0
 
 
-def _require_serve():  # noqa: ANN202
+def _require_serve():
     from qualiclip import serve
 
     try:
@@ -110,7 +110,7 @@ def server(checkpoint: Path, server_log: Path) -> Iterator[str]:
         yield url
 
 
-def _post_raw(url: str, data: bytes, ctype: str = "image/png"):  # noqa: ANN202
+def _post_raw(url: str, data: bytes, ctype: str = "image/png"):
     import httpx
 
     return httpx.post(f"{url}/score", content=data, headers={"Content-Type": ctype}, timeout=30)
@@ -476,7 +476,7 @@ def test_pixel_budget_waits_in_order_and_cancels_cleanly() -> None:
     assert asyncio.run(run()) == ["a6", "b6", "c1"]
 
 
-def _app_client(checkpoint: Path, config: object):  # noqa: ANN202
+def _app_client(checkpoint: Path, config: object):
     _require_serve()
     from starlette.testclient import TestClient
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for tor
 
 if TYPE_CHECKING:  # imported where used: the command starts without loading every module
     from qualiclip.report import ReportRows
+    from qualiclip.train import RunPlan
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -553,7 +554,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def _train_setup(args: argparse.Namespace):  # noqa: ANN202
+def _train_setup(args: argparse.Namespace) -> RunPlan:
     """Configuration, checkpoint and output folder, all checked: any problem is a usage error."""
     from qualiclip import train
 
@@ -602,7 +603,7 @@ def _run_train(args: argparse.Namespace) -> int:
         # where to put it (as for 'score'); the presets that start from random weights need none.
         print(f"qualiclip train: error: {exc}\n{_presets_without_download()}", file=sys.stderr)
         return EXIT_FAILED
-    except Exception as exc:  # inside the run: a failure (1), not a usage error
+    except Exception as exc:  # noqa: BLE001 - inside the run: a failure (1), not a usage error
         if args.verbose:
             import traceback
 

@@ -363,7 +363,7 @@ def evaluate_synthetic(
     for k, path in iterator:
         try:
             x = _center_crop(load_image(path), crop).unsqueeze(0).expand(NUM_LEVELS, -1, -1, -1)
-        except Exception as exc:  # every unreadable image is reported, never dropped silently
+        except Exception as exc:  # noqa: BLE001 - every unreadable image is reported, never dropped
             for s in scorers:
                 fails[s.name].append((str(path), f"{type(exc).__name__}: {exc}"))
             continue
@@ -374,7 +374,7 @@ def evaluate_synthetic(
             try:
                 batches.append(apply_distortion(x.contiguous(), name, levels, gen))
                 kinds.append(name)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed distortion is reported per image
                 for s in scorers:
                     fails[s.name].append((f"{path} [{name}]", f"{type(exc).__name__}: {exc}"))
         if not batches:
@@ -383,7 +383,7 @@ def evaluate_synthetic(
         for s in scorers:
             try:
                 scores = np.asarray(s.score_tensors(batch), dtype=np.float64)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a scorer's failure is reported per image
                 fails[s.name].append((str(path), f"{type(exc).__name__}: {exc}"))
                 continue
             quality = scores if s.higher_is_better else -scores

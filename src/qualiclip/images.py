@@ -233,7 +233,7 @@ def _open(
                     f"{name}: cannot read file: {exc.strerror}", "unreadable"
                 ) from exc
             raise as_decode_error(name, exc, header=True) from exc
-        except Exception as exc:  # noqa: BLE001 - plugins raise ValueError, SyntaxError, ...
+        except Exception as exc:  # plugins raise ValueError, SyntaxError, ... (raised again)
             # Whatever a format plugin raises on a malformed header is this file's error.
             raise as_decode_error(name, exc, header=True) from exc
 
@@ -446,7 +446,7 @@ def decode_rgb(
                 raise
             except _PixelError as exc:
                 raise ImageDecodeError(f"{name}: {exc}", "malformed") from exc
-            except Exception as exc:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ...
+            except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ... (raised again)
                 raise as_decode_error(name, exc, im=im) from exc
         finally:
             if owned:

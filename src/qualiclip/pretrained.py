@@ -351,8 +351,9 @@ def _urlopen(url: str, timeout: float) -> Any:
     Returns:
         a response with ``read(n)`` and ``close()`` (``urllib``'s, following redirects).
     """
-    request = urllib.request.Request(url, headers={"User-Agent": "qualiclip"})
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (https URLs from the table)
+    # Only the https URLs of the weight table (its mirrors) reach here, never a file: URL.
+    request = urllib.request.Request(url, headers={"User-Agent": "qualiclip"})  # noqa: S310
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
 
 
 def _stream_to(response: Any, out: BinaryIO, file: RemoteFile, progress: bool) -> str:

@@ -144,7 +144,7 @@ def require_ray() -> Any:
     try:
         import pyarrow  # noqa: F401
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as exc:
         raise ImportError(f"{RAY_INSTALL_HINT} ({exc})") from exc
     return ray
