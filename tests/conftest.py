@@ -9,6 +9,7 @@ skipped with the reason.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -120,3 +121,15 @@ def running_server(args: Sequence[str], port: int, log: Path, timeout: float) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=20)
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess[str]:
+    """``qualiclip ARGS`` run in this process (``cli.main``), its output captured: for usage
+    errors and help texts, which need no fresh interpreter (a subprocess pays for importing
+    torch again). Returns what :func:`subprocess.run` would."""
+    from qualiclip import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(["qualiclip", *args], code, out.getvalue(), err.getvalue())

@@ -1,4 +1,5 @@
-"""The ``qualiclip`` command run as a user runs it: a subprocess on real files."""
+"""The ``qualiclip`` command run as a user runs it: a subprocess on real files (usage errors,
+which need no fresh interpreter, in this process)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_main
 from qualiclip import engine
 from qualiclip.model import create_model
 
@@ -115,10 +117,10 @@ def test_paths_from_stdin_and_output_file(mixed_folder, model_file, tmp_path):
 
 
 def test_usage_errors_exit_2(mixed_folder):
-    assert run_cli("score", str(mixed_folder), "--model", "no-such-model").returncode == 2
-    assert run_cli("score", str(mixed_folder), "--batch-size", "0").returncode == 2
-    assert run_cli("score").returncode == 2
-    assert run_cli("no-such-command").returncode == 2
+    assert run_main("score", str(mixed_folder), "--model", "no-such-model").returncode == 2
+    assert run_main("score", str(mixed_folder), "--batch-size", "0").returncode == 2
+    assert run_main("score").returncode == 2
+    assert run_main("no-such-command").returncode == 2
 
 
 def test_models_lists_the_table(tmp_path):
@@ -149,7 +151,7 @@ def test_models_add_verifies_and_caches(tmp_path, golden_dir):
     result = run_cli("models", "--add", "qualiclip", str(bad), "--cache-dir", str(tmp_path / "c"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "c" / "QualiCLIP.pth").exists()
-    assert run_cli("models", "--add", "nope", str(bad)).returncode == 2
+    assert run_main("models", "--add", "nope", str(bad)).returncode == 2
 
 
 # --- hostile inputs: malformed files, special files, odd names, -o, pipes, interrupts ------------

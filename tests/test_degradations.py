@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import run_main
 from qualiclip import color as C
 from qualiclip import degradations as D
 from qualiclip.degradations import (
@@ -454,7 +455,8 @@ def test_cli_sheet_and_single(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     with Image.open(out) as im:
         assert im.size == (80, 60)
-    r = _cli(str(src), "--type", "blurr", "-o", str(out))
+    r = run_main("degrade", str(src), "--type", "blurr", "-o", str(out))  # usage errors: in here
     assert r.returncode == 2 and "gaussian_blur" in r.stderr
-    assert _cli(str(src)).returncode == 2
-    assert _cli(str(src), "--type", "jpeg", "--level", "9", "-o", str(out)).returncode == 2
+    assert run_main("degrade", str(src)).returncode == 2
+    assert run_main("degrade", str(src), "--type", "jpeg", "--level", "9",
+                    "-o", str(out)).returncode == 2

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
+from conftest import run_main
 from qualiclip import evaluate as E
 from qualiclip import metrics as M
 from qualiclip.niqe import NIQEResult
@@ -216,8 +217,7 @@ def test_model_scorer_chunks_batches() -> None:
 
 
 def test_eval_help_and_failures_read_cleanly(tmp_path: Path) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "qualiclip.cli", "eval", "--help"],
-                               capture_output=True, text=True, timeout=120).stdout
+    help_text = run_main("eval", "--help").stdout
     assert "95% intervals" in help_text and "%%" not in help_text
     for i in range(3):
         _photo(tmp_path / f"{i}.png", i)

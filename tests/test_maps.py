@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import qualiclip
-from conftest import perturb_batch_norms
+from conftest import perturb_batch_norms, run_main
 from qualiclip import engine, maps
 from qualiclip.clip import AttentionPool2d
 from qualiclip.maps import QualityMap, quality_map
@@ -380,10 +380,7 @@ def test_score_map_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     for extra in (["--map", str(tmp_path / "file")], ["--map", str(tmp_path), "--map-window",
                                                        "8"]):
-        run = subprocess.run(
-            [sys.executable, "-m", "qualiclip.cli", "score", str(tmp_path), "--model",
-             "random-tiny", *extra], capture_output=True, text=True, timeout=120,
-        )
+        run = run_main("score", str(tmp_path), "--model", "random-tiny", *extra)
         assert run.returncode == 2, run.stderr
         assert "Traceback" not in run.stderr and "--map" in run.stderr
 
