@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: lint, type-check and the offline test suite.
+# The test command: lint, type-check, the offline test suite and the package's docstring
+# examples (pyproject.toml's pytest settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python

@@ -5,7 +5,7 @@ images, evaluate against human opinion scores, and scale scoring out.
 
 Example:
     >>> import qualiclip
-    >>> model = qualiclip.create_model("qualiclip")      # downloads once, verified, cached
+    >>> model = qualiclip.create_model("qualiclip")  # downloads once, verified  # doctest: +SKIP
     >>> qualiclip.score(model, "photo.jpg")               # doctest: +SKIP
     0.71
 """
