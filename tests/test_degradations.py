@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -298,7 +299,7 @@ def test_jpeg2000_codes_in_process_where_processes_cannot_start(
         codec_processes: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # A DataLoader worker is daemonic and may not start processes of its own.
     D.set_codec_processes(4)
-    monkeypatch.setattr(D.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
     assert D._get_j2k_pool(8) is None
 
 
@@ -325,7 +326,7 @@ def test_jpeg2000_pool_is_not_reused_by_a_forked_child(codec_processes: None,
     D.set_codec_processes(2)
     parent_pool = D._get_j2k_pool(4)
     assert parent_pool is not None and D._get_j2k_pool(4) is parent_pool
-    monkeypatch.setattr(D.os, "getpid", lambda: -1)  # as seen from a forked child
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a forked child
     child_pool = D._get_j2k_pool(4)
     assert child_pool is not None and child_pool is not parent_pool
     monkeypatch.undo()
