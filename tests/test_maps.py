@@ -271,12 +271,13 @@ def test_score_with_maps_writes_each_map_and_keeps_every_row(
     assert [Path(r["path"]).name for r in rows] == ["photo.png", "broken.png", "photo.jpg"]
     assert rows[1]["score"] is None and rows[1]["error"]
     assert rows[0]["error"] is None and rows[2]["error"] is None
-    assert sorted(p.name for p in out.iterdir()) == [
-        "photo-2.map.npy", "photo-2.map.png", "photo.map.npy", "photo.map.png"]
-    values = np.load(out / "photo.map.npy")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "a/photo.png.map.npy", "a/photo.png.map.png", "b/photo.jpg.map.npy",
+        "b/photo.jpg.map.png"]
+    values = np.load(out / "a" / "photo.png.map.npy")
     expected = quality_map(model, tmp_path / "a" / "photo.png").values
     np.testing.assert_allclose(values, expected, atol=1e-6)
-    with Image.open(out / "photo.map.png") as im:
+    with Image.open(out / "a" / "photo.png.map.png") as im:
         assert im.size == (128, 96 + 22)
 
 

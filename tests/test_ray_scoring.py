@@ -309,3 +309,22 @@ def test_quiet_ray_core_survives_a_closed_stderr(tmp_path: Path) -> None:
     proc.stderr.close()  # the reader of stderr is gone
     out, _ = proc.communicate(timeout=60)
     assert out.strip() == b"done"
+
+
+# --- foreign files, full disks, SIGTERM (hostile input, round 3) --------------------------------
+
+
+def test_a_full_disk_while_writing_parts_is_one_line(
+    ray_local, checkpoint: Path, inputs: list[str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from conftest import fill_disk_after
+
+    fill_disk_after(monkeypatch, 0)
+    out = tmp_path / "parts"
+    code = main(["score", *inputs[:4], "--engine", "ray", "--model", str(checkpoint),
+                 "--device", "cpu", "--format", "csv", "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device (ENOSPC)" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == []  # no part, no temporary file
+
+

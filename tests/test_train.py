@@ -684,3 +684,35 @@ def test_training_precisions_choose_the_autocast_dtype() -> None:
     assert train_autocast_dtype("auto", cpu) is None  # bf16 by itself on CUDA only
     with pytest.raises(ValueError, match="optim.precision must be one of auto, fp32, bf16"):
         train_autocast_dtype("fp16", cpu)
+
+
+# --- hostile input, round 3: a full disk during a checkpoint -----------------------------------
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_temporary_file(
+    pristine: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from conftest import fill_disk_after
+    from qualiclip import output_files
+
+    out = tmp_path / "run"
+    real = output_files._write
+
+    def full_for_checkpoints(fd: int, data) -> int:  # noqa: ANN001
+        if "ckpt-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, os.strerror(28))
+        return real(fd, data)
+
+    if not Path("/proc/self/fd").is_dir():
+        fill_disk_after(monkeypatch, 0)
+    else:
+        monkeypatch.setattr(output_files, "_write", full_for_checkpoints)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('preset = "tiny"\n[data]\nworkers = 0\nbatch_size = 2\ncrop_size = 64\n'
+                   "val_every_kth = 0\n[log]\ncheckpoint_every = 2\n")
+    code = main(["train", "--config", str(cfg), "--pristine", str(pristine), "--out", str(out),
+                 "--max-steps", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "ckpt-000002.pt: No space left on device (ENOSPC)" in err, err
+    assert "unexpected pos" not in err and "Traceback" not in err
+    assert not out.exists()  # failed before its first checkpoint: nothing left, no temporary file

@@ -9,7 +9,6 @@ continues exactly and a model can be rebuilt from the file alone.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +20,7 @@ import torch
 
 from qualiclip.clip import load_visual
 from qualiclip.model import QualiCLIP
+from qualiclip.output_files import open_output
 from qualiclip.train_config import config_from_dict
 from qualiclip.weight_files import load_tensors
 
@@ -68,9 +68,15 @@ def set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` whole or not at all, durably (a checkpoint a crash right
+    after must still find).
+
+    Raises:
+        OutputError: the file could not be written (a full disk: "No space left on device",
+            not torch's "unexpected pos"); no temporary file is left.
+    """
+    with open_output(path, durable=True) as stream:
+        torch.save(obj, stream)
 
 
 def checkpoint_paths(out: str | Path) -> list[Path]:
@@ -128,12 +134,18 @@ def existing_run_files(out: str | Path) -> list[Path]:
         return []
     named = [folder / n for n in RUN_FILES if (folder / n).exists()]
     ckpts = checkpoint_paths(folder)
-    temps = [
-        p
-        for p in folder.glob("*.tmp")
-        if p.name[: -len(".tmp")] in RUN_FILES or re.fullmatch(r"ckpt-\d+\.pt\.tmp", p.name)
-    ]
+    temps = [p for p in folder.glob("*.tmp") if _is_run_temp(p.name)]
     return [*named, *ckpts, *sorted(temps)]
+
+
+def _is_run_temp(name: str) -> bool:
+    """A temporary file of a run's file, left by a killed process: ``.config.json.1a2b3c4d.tmp``
+    (:mod:`qualiclip.output_files`), or ``ckpt-000010.pt.tmp`` from earlier versions."""
+    found = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", name) or re.fullmatch(r"(.+)\.tmp", name)
+    if found is None:
+        return False
+    base = found.group(1)
+    return base in RUN_FILES or re.fullmatch(r"ckpt-\d+\.pt", base) is not None
 
 
 def clear_run(out: str | Path) -> list[Path]:

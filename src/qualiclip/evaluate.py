@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from qualiclip.metrics import FloatArray, Metrics, compute_metrics, srcc
+from qualiclip.output_files import InputFiles, open_output
 
 if TYPE_CHECKING:
     from qualiclip.model import Scorer
+
 
 # --- scorers -----------------------------------------------------------------------------------
 
@@ -274,10 +276,19 @@ def format_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
-    """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed)."""
+def write_scores_csv(
+    report: EvalReport, path: str | os.PathLike[str], *, inputs: InputFiles | None = None
+) -> None:
+    """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed).
+
+    Written whole or not at all (:func:`qualiclip.output_files.open_output`), never over one
+    of ``inputs``.
+
+    Raises:
+        OutputError: the file could not be written (the message names it and the errno).
+    """
     names = [m.name for m in report.models]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open_output(path, "w", newline="", encoding="utf-8", inputs=inputs) as f:
         writer = csv.writer(f)
         writer.writerow(["path", "mos", *names, "error"])
         for i, (p, mos) in enumerate(report.items):

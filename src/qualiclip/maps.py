@@ -19,6 +19,7 @@ overlay PNG (and optionally the raw ``.npy``) of each scored file, for ``qualicl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -37,11 +38,13 @@ from qualiclip import engine, heap, images
 from qualiclip.clip import AttentionPool2d, ModifiedResNet
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
 from qualiclip.model import QualiCLIP, Scorer
+from qualiclip.output_files import InputFiles, OutputError, make_folder, open_output
 from qualiclip.precision import autocast_context
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "MAP_KINDS", "MapKind", "QualityMap", "colorize",
-    "half_means", "overlay", "overlay_png", "quality_map", "upsample", "write_maps",
+    "half_means", "map_files", "map_name", "map_root", "overlay", "overlay_png", "quality_map",
+    "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -412,6 +415,60 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def map_root(paths: Iterable[str | os.PathLike[str]]) -> Path | None:
+    """The folder that map names are relative to: the deepest one holding every input.
+
+    None when there is no such folder (inputs on different drives) or no input.
+    """
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if not folders:
+        return None
+    try:
+        return Path(os.path.commonpath(sorted(folders)))
+    except ValueError:
+        return None
+
+
+def map_name(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The relative name of an input's maps, without suffix: its path below ``root``.
+
+    ``a/photo.png`` gives ``a/photo.png.map`` (files ``.map.png`` and ``.map.npy``): the whole
+    relative path, file extension included, so two inputs never share a map (``a/photo.png``,
+    ``b/photo.png`` and ``a/photo.jpg`` get three) and each map names its input. Without a
+    ``root`` (or for a path outside it) the input's absolute path is mirrored.
+    """
+    absolute = Path(os.path.abspath(path))
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            rel = absolute.relative_to(os.path.abspath(root))
+            if rel.parts:
+                return rel.with_name(rel.name + ".map")
+    drive = absolute.drive.rstrip(":\\/")
+    rel = Path(drive, *absolute.parts[1:]) if absolute.parts[1:] else Path("image")
+    return rel.with_name(rel.name + ".map")
+
+
+def map_files(
+    paths: Iterable[str | os.PathLike[str]], outdir: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None, *, npy: bool = False,
+) -> list[Path]:
+    """Every file :func:`write_maps` may write for ``paths`` (to check them before scoring)."""
+    suffixes = (".png", ".npy") if npy else (".png",)
+    names = [Path(outdir) / map_name(p, root) for p in paths]
+    return [n.with_name(n.name + s) for n in names for s in suffixes]
+
+
+def _map_folder(outdir: Path, name: Path) -> Path:
+    """``outdir``'s sub-folder for ``name``, created; never through a symlink inside ``outdir``."""
+    folder = outdir
+    for part in name.parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a symlink; maps are never written through links")
+        make_folder(folder)
+    return folder
+
+
 def write_maps(
     model: Scorer,
     results: Iterable[ScoreResult],
@@ -422,33 +479,44 @@ def write_maps(
     window: int = DEFAULT_WINDOW,
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
+    root: str | os.PathLike[str] | None = None,
+    inputs: InputFiles | None = None,
 ) -> Iterator[ScoreResult]:
     """Pass ``results`` through, writing each scored file's map into ``outdir`` on the way.
 
-    For input ``photo.jpg`` the overlay is ``outdir/photo.map.png`` (and the raw values
-    ``photo.map.npy`` with ``npy``); a second input with the same stem in this run gets
-    ``photo-2.map.png``, and so on, so no map overwrites another. Rows that already carry an
-    error pass unchanged; a file whose map fails keeps its score and gets the map's error, so
-    it counts as failed.
+    For input ``root/a/photo.jpg`` the overlay is ``outdir/a/photo.jpg.map.png`` (and the raw
+    values ``photo.jpg.map.npy`` with ``npy``): :func:`map_name` mirrors the input's path below
+    ``root`` (default: its absolute path), so no two inputs share a map and each map names its
+    input. Files are written by :func:`qualiclip.output_files.open_output`: complete or not at
+    all, never through a symlink, never over one of ``inputs``.
+
+    Rows that already carry an error pass unchanged; a file whose map fails keeps its score and
+    gets the map's error, so it counts as failed.
+
+    Raises:
+        OutputError: a map could not be written (a full disk, a read-only folder): the run
+            stops, as every later map would fail the same way.
     """
     folder = Path(outdir)
-    folder.mkdir(parents=True, exist_ok=True)
-    used: dict[str, int] = {}
+    make_folder(folder)
     for result in results:
         if not result.ok:
             yield result
             continue
-        stem = Path(result.path).stem or "image"
-        n = used.get(stem, 0) + 1
-        used[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
+        name = map_name(result.path, root)
         try:
+            place = _map_folder(folder, name)
             pixels = images.decode_rgb(result.path, min_size=model.min_size)
             qmap = quality_map(model, pixels, kind, window=window, stride=stride,
                                precision=precision)
-            overlay(_to_uint8(pixels), qmap).save(folder / f"{name}.map.png")
+            picture = overlay(_to_uint8(pixels), qmap)
+            with open_output(place / f"{name.name}.png", inputs=inputs) as f:
+                picture.save(f, format="PNG")
             if npy:
-                np.save(folder / f"{name}.map.npy", qmap.values)
+                with open_output(place / f"{name.name}.npy", inputs=inputs) as f:
+                    np.save(f, qmap.values)
+        except OutputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
             yield dataclasses.replace(
                 result, error=f"quality map failed: {type(exc).__name__}: {exc}"

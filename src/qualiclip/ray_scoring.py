@@ -239,21 +239,20 @@ def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
 
 
 def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
-    """Write ``table`` to ``folder/name`` atomically: a temporary name, then a rename."""
+    """Write ``table`` to ``folder/name`` whole or not at all
+    (:func:`qualiclip.output_files.open_output`: a temporary name, then a rename)."""
+    from qualiclip.output_files import open_output
+
     final = folder / name
-    tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with open_output(final) as stream:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(table, tmp)
+            pq.write_table(table, stream)
         else:
             import pyarrow.csv as pcsv
 
-            pcsv.write_csv(table, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+            pcsv.write_csv(table, stream)
     return final
 
 

@@ -79,6 +79,7 @@ from qualiclip.crops import (
 )
 from qualiclip.losses import LossConfig, qualiclip_losses
 from qualiclip.model import QualiCLIP
+from qualiclip.output_files import open_output
 from qualiclip.precision import train_autocast_dtype
 from qualiclip.prompts import PromptPair
 from qualiclip.train_choices import BN_MODES
@@ -700,7 +701,8 @@ def fit(
             gone = clear_run(out)
             if gone:
                 logger.warning("overwrite: removed %d files of the run in %s", len(gone), out)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        with open_output(out / "config.json", "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(asdict(cfg), indent=1) + "\n")
     writer = RunWriter(out, run.info.main, run.step)
     try:
         result = _train(run, cfg, writer, loader, seqs, total, images, text_state)
