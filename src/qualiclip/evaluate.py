@@ -356,6 +356,7 @@ def evaluate_synthetic(
 
     from qualiclip.degradations import DISTORTION_TYPES, NUM_LEVELS, apply_distortion
     from qualiclip.images import load_image
+    from qualiclip.model import NON_FINITE_SCORE
 
     levels = list(range(1, NUM_LEVELS + 1))
     per: dict[str, dict[str, list[float]]] = {s.name: {t: [] for t in DISTORTION_TYPES}
@@ -396,7 +397,9 @@ def evaluate_synthetic(
             quality = scores if s.higher_is_better else -scores
             for i, name in enumerate(kinds):
                 q = quality[i * NUM_LEVELS : (i + 1) * NUM_LEVELS]
-                if np.isfinite(q).all() and np.ptp(q) > 0:
+                if not np.isfinite(q).all():  # the rule of every score: NaN is an error
+                    fails[s.name].append((f"{path} [{name}]", NON_FINITE_SCORE))
+                elif np.ptp(q) > 0:
                     per[s.name][name].append(srcc(q, -np.asarray(levels, dtype=np.float64)))
     return tuple(
         SyntheticResult(

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from qualiclip import engine, heap, images
 from qualiclip.clip import AttentionPool2d, ModifiedResNet
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
-from qualiclip.model import QualiCLIP, Scorer
+from qualiclip.model import NonFiniteScoreError, QualiCLIP, Scorer
 from qualiclip.output_files import InputFiles, OutputError, make_folder, open_output
 from qualiclip.precision import autocast_context
 
@@ -144,6 +144,7 @@ def quality_map(
     Raises:
         ValueError: unknown kind, a window or stride under the model's minimum side or 1, an
             image too small, or a ``"dense"`` map of a tower without a feature map.
+        NonFiniteScoreError: the model produced NaN or infinity for a cell or the score.
         ImageDecodeError: a path or bytes that cannot be decoded.
 
     Example:
@@ -157,8 +158,14 @@ def quality_map(
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     pixels = _pixels(image, model.min_size)
     if kind == "dense":
-        return _dense_map(model, pixels, precision)
-    return _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+        qmap = _dense_map(model, pixels, precision)
+    else:
+        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+    # The scores' rule holds for every cell: NaN is no quality (nor a colour to draw).
+    if not np.isfinite(qmap.values).all() or (qmap.score is not None
+                                               and not math.isfinite(qmap.score)):
+        raise NonFiniteScoreError()
+    return qmap
 
 
 # --- inputs ------------------------------------------------------------------------------------
