@@ -470,6 +470,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "config.json and validation.json; other files stay)")
     p.add_argument("--strict", action="store_true",
                    help="refuse to start when any pristine file is unusable (default: skip it)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the pristine files differ from the checkpoint's: "
+                   "train on the files found now, keep the held-out set as recorded")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow an --init that is a TorchScript archive of unknown checksum "
+                   "(loading one runs code stored in the file)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides epochs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="pristine images per step and process")
@@ -517,6 +523,7 @@ def _train_setup(args: argparse.Namespace):  # noqa: ANN202
         return train.plan_run(
             config=args.config, preset=args.preset, overrides=_train_overrides(args),
             out=args.out, resume=args.resume, overwrite=args.overwrite,
+            allow_data_change=args.allow_data_change, trust_torchscript=args.trust_torchscript,
         )
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(str(exc)) from None
@@ -542,6 +549,8 @@ def _run_train(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = train.fit(plan)
+    except train.DataChangedError as exc:  # refused unless asked for: a usage error
+        raise UsageError(str(exc)) from None
     except Exception as exc:  # inside the run: a failure (1), not a usage error
         if args.verbose:
             import traceback
