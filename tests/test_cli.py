@@ -418,6 +418,58 @@ def test_map_names_are_unique_and_name_their_input(tmp_path):
         assert written == inputs  # one map per input, its relative path in the name
 
 
+_MARKED_SLOW_RUN = """
+import sys, time
+from qualiclip import cli, output, reading
+decode = reading.decode_file
+def slow(index, path, min_size):
+    if "slow" in path:
+        time.sleep(600)  # a decode that never ends in time
+    return decode(index, path, min_size)
+reading.decode_file = slow
+row = output.result_row
+def marked(result, model_name):
+    with open(sys.argv[1], "a") as f:
+        f.write(result.path + "\\n")
+    return row(result, model_name)
+output.result_row = marked
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX-only here")
+@pytest.mark.parametrize("fmt", ["json", "table"])
+def test_sigterm_keeps_the_finished_rows_and_exits_143(photos, tmp_path, fmt):
+    import signal
+    import time
+
+    Image.fromarray(photo(40)).save(photos / "c_slow.jpg")
+    marks, out = tmp_path / "marks", tmp_path / f"rows.{fmt}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MARKED_SLOW_RUN, str(marks), "score", str(photos),
+         "--model", "random-tiny", "--no-progress", "--format", fmt, "--batch-size", "1",
+         "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (marks.exists() and len(marks.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == 143, proc.stderr.read() if proc.stderr else ""
+    text = out.read_text()
+    if fmt == "json":
+        assert [Path(r["path"]).name for r in json.loads(text)] == ["a.jpg", "b.jpg"]
+    else:
+        assert text.splitlines()[0].startswith("path") and len(text.splitlines()) == 3
+    assert "terminated" in (proc.stderr.read() if proc.stderr else "")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def _fill_disk(monkeypatch, budget: int) -> None:
     """Every output write fails with ENOSPC after ``budget`` bytes (the one write primitive)."""
     from conftest import fill_disk_after

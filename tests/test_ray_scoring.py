@@ -328,3 +328,19 @@ def test_a_full_disk_while_writing_parts_is_one_line(
     assert [p.name for p in out.iterdir()] == []  # no part, no temporary file
 
 
+def test_ray_init_keeps_the_sigterm_rule(monkeypatch) -> None:
+    """``ray.init`` installs its own SIGTERM handler (exit 15 at once); ours stays in force."""
+    import signal
+    import types
+
+    from qualiclip import stopping
+
+    def init(**_: object) -> None:
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setattr(ray_scoring, "require_ray", lambda: fake)
+    with stopping.terminate_as_interrupt():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert ray_scoring.init_ray(None) is True
+        assert signal.getsignal(signal.SIGTERM) is ours

@@ -687,7 +687,7 @@ def test_training_precisions_choose_the_autocast_dtype() -> None:
         train_autocast_dtype("fp16", cpu)
 
 
-# --- hostile input, round 3: settings, non-finite losses, data changes, torn files, full disks --
+# --- hostile input, round 3: settings, non-finite losses, data changes, torn files, signals ------
 
 
 def _numeric_keys() -> list[str]:
@@ -961,3 +961,38 @@ def test_train_offers_the_trust_flag_its_torchscript_message_names(
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code != 0 and "--trust-torchscript" in err and "Traceback" not in err
+
+
+_TRAIN_UNTIL_STOPPED = ["--preset", "tiny", "--crop-size", "64", "--batch-size", "2",
+                        "--workers", "0", "--max-steps", "100000", "--checkpoint-every", "2",
+                        "--val-every", "0", "--no-progress"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX-only here")
+def test_sigterm_stops_training_cleanly_with_143(pristine: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qualiclip.cli", "train", "--pristine", str(pristine),
+         "--out", str(out), *_TRAIN_UNTIL_STOPPED],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "ckpt-000004.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert code == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    for line in (out / "history.jsonl").read_text().splitlines():
+        _strict_json(line)
+    last = checkpoints.checkpoint_paths(out)[-1]
+    assert checkpoints.load_training_checkpoint(last)["step"] >= 4

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qualiclip import stopping
 from qualiclip.output_files import InputFiles, OutputError, SameFileError
 from qualiclip.precision import PRECISIONS, TRAIN_PRECISIONS
 from qualiclip.train_choices import BN_MODES, DEGRADE_IN
@@ -877,7 +878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse reports usage errors (2) and --help (0) this way
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        return int(args.func(args))
+        with stopping.terminate_as_interrupt():
+            return int(args.func(args))
     except UsageError as exc:
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -892,9 +894,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Weights that cannot be had: the message says which file and where to put it.
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"qualiclip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): outputs are complete
+        stopped = "terminated" if isinstance(exc, stopping.Terminated) else "interrupted"
+        print(f"qualiclip {args.command}: {stopped}", file=sys.stderr)
+        return stopping.exit_status(exc)
     except BrokenPipeError:
         # The reader went away (``| head``): what it wanted is written; stop quietly. stdout is
         # pointed at /dev/null so that flushing it at exit does not fail again.

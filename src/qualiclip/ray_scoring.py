@@ -165,16 +165,21 @@ def init_ray(
     Returns:
         whether this call initialised Ray (the caller may then shut it down).
     """
+    from qualiclip.stopping import keeping_handlers
+
     ray = require_ray()
     if ray.is_initialized():
         return False
     # Ray's start-up lines, its workers' log lines and Ray Data's plan messages flood a terminal
     # that only wants the summary; they are shown with verbose=True.
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
-    if address:
-        ray.init(address=address, **{"log_to_driver": True, **quiet})
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    # ray.init makes SIGTERM exit at once (status 15); the caller's rule (qualiclip.stopping:
+    # finish the parts written, exit 143) stays in force.
+    with keeping_handlers():
+        if address:
+            ray.init(address=address, **{"log_to_driver": True, **quiet})
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
     return True
 
 
