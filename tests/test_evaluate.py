@@ -182,3 +182,33 @@ def test_model_scorer_chunks_batches() -> None:
     x = torch.rand(5, 3, 8, 8)
     got = E.ModelScorer("t", Tiny(), batch_size=2).score_tensors(x)
     np.testing.assert_allclose(got, x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+
+
+def test_three_or_four_points_give_metrics_without_a_logistic_fit() -> None:
+    for n in (3, 4):
+        pred, mos = np.linspace(0, 1, n), np.arange(n, dtype=float)
+        m = M.compute_metrics(pred, mos, bootstrap=10)
+        assert m.n == n and m.srcc == pytest.approx(1.0) and not m.logistic_converged
+        assert np.isfinite(m.plcc_logistic)
+
+
+def test_eval_cli_on_exactly_three_images_and_on_bad_labels(tmp_path: Path) -> None:
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{i}")
+    (tmp_path / "three.csv").write_text("path,score\n" + "\n".join(rows) + "\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(tmp_path / "three.csv"),
+         "--model", "random-tiny", "--no-progress", "--bootstrap", "10"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    (tmp_path / "nan.csv").write_text("path,score\n0.png,1\n1.png,nan\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(tmp_path / "nan.csv"),
+         "--model", "random-tiny", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2 and "nan.csv row 3" in run.stderr and "Traceback" not in run.stderr

@@ -123,7 +123,8 @@ def fit_logistic(pred: ArrayLike, mos: ArrayLike, *, maxfev: int = 20000) -> Log
     prediction, width one standard deviation of the predictions. When ``scipy.optimize.curve_fit``
     does not converge, the fallback is a near-linear logistic (midpoint at the mean, width ten
     standard deviations, asymptotes set so that its slope matches the least-squares line), whose
-    PLCC equals the raw PLCC to within a fraction of a percent.
+    PLCC equals the raw PLCC to within a fraction of a percent. With four points or fewer (no
+    more than the logistic's parameters) no fit is attempted and the fallback stands in.
 
     Args:
         pred: model predictions, shape (N,).
@@ -138,6 +139,10 @@ def fit_logistic(pred: ArrayLike, mos: ArrayLike, *, maxfev: int = 20000) -> Log
     increasing = np.corrcoef(x, y)[0, 1] >= 0 if x.std() > 0 and y.std() > 0 else True
     hi, lo = float(y.max()), float(y.min())
     p0 = (hi, lo, float(x.mean()), sx) if increasing else (lo, hi, float(x.mean()), sx)
+    if x.size <= _LOGISTIC_PARAMETERS:
+        # Four parameters through four points (or fewer) fit them exactly, or not at all:
+        # no fit is a fit here, and the near-linear fallback stands in for it.
+        return _linear_fallback(x, y, sx)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -145,9 +150,18 @@ def fit_logistic(pred: ArrayLike, mos: ArrayLike, *, maxfev: int = 20000) -> Log
         if np.all(np.isfinite(params)):
             b1, b2, b3, b4 = (float(v) for v in params)
             return LogisticFit(b1, b2, b3, abs(b4), converged=True)
-    except (RuntimeError, ValueError, optimize.OptimizeWarning):
+    except (RuntimeError, ValueError, TypeError, optimize.OptimizeWarning):
         pass
-    # Fallback: the logistic is linear near its midpoint with slope (b1 - b2) / (4 |b4|).
+    return _linear_fallback(x, y, sx)
+
+
+#: Parameters of the logistic: a fit needs more points than this.
+_LOGISTIC_PARAMETERS = 4
+
+
+def _linear_fallback(x: FloatArray, y: FloatArray, sx: float) -> LogisticFit:
+    """The logistic that is the least-squares line near its midpoint (``converged=False``)."""
+    # The logistic is linear near its midpoint with slope (b1 - b2) / (4 |b4|).
     slope = float(np.polyfit(x, y, 1)[0])
     width = 10.0 * sx
     half = 2.0 * slope * width
