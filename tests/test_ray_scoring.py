@@ -314,6 +314,28 @@ def test_quiet_ray_core_survives_a_closed_stderr(tmp_path: Path) -> None:
 # --- foreign files, full disks, SIGTERM (hostile input, round 3) --------------------------------
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_foreign_part_file_is_a_clean_usage_error(tmp_path: Path, capsys, fmt: str) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    _require_ray()
+    foreign = pa.table({"name": ["x.png"], "value": [1.0]})
+    part = tmp_path / f"part-0001.{fmt}"
+    if fmt == "csv":
+        pcsv.write_csv(foreign, part)
+    else:
+        pq.write_table(foreign, part)
+    config = ray_scoring.RayScoreConfig(model="random-tiny", output_format=fmt)
+    with pytest.raises(ValueError, match=rf"part-0001\.{fmt} is not a qualiclip part file"):
+        ray_scoring.scored_paths(tmp_path, config)
+    code = main(["score", str(tmp_path), "--engine", "ray", "--model", "random-tiny",
+                 "--format", fmt, "-o", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a qualiclip part file" in err and "Traceback" not in err
+
+
 def test_a_full_disk_while_writing_parts_is_one_line(
     ray_local, checkpoint: Path, inputs: list[str], tmp_path: Path, monkeypatch, capsys
 ) -> None:

@@ -228,19 +228,33 @@ def read_results(output: str | Path, fmt: OutputFormat = "parquet") -> Any:
 
 
 def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
+    """The ``columns`` of one part file.
+
+    Raises:
+        ValueError: the file is not one of ours (other columns, not CSV or Parquet at all).
+    """
+    import pyarrow as pa
+
     schema = _schema()
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
 
-        return pq.read_table(path, columns=list(columns), schema=schema)
-    import pyarrow.csv as pcsv
+            return pq.read_table(path, columns=list(columns), schema=schema)
+        import pyarrow.csv as pcsv
 
-    convert = pcsv.ConvertOptions(
-        column_types={name: schema.field(name).type for name in columns},
-        include_columns=list(columns),
-        strings_can_be_null=True,  # an empty error / checksum field is a null, as written
-    )
-    return pcsv.read_csv(path, convert_options=convert)
+        convert = pcsv.ConvertOptions(
+            column_types={name: schema.field(name).type for name in columns},
+            include_columns=list(columns),
+            strings_can_be_null=True,  # an empty error / checksum field is a null, as written
+        )
+        return pcsv.read_csv(path, convert_options=convert)
+    except pa.ArrowException as exc:  # ArrowInvalid, ArrowKeyError (a missing column), ...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path} is not a qualiclip part file ({detail}); move it, or write to another "
+            "folder"
+        ) from None
 
 
 def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
