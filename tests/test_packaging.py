@@ -36,7 +36,7 @@ def test_wheel_ships_the_vocabulary_niqe_model_web_page_and_report(tmp_path: Pat
                  for p in (ASSETS / folder).iterdir())
     assert web, "the web page's and report's files are missing from the repository"
     for name in ("bpe_simple_vocab_16e6.txt.gz", "niqe_matlab_params.npz",
-                 "LICENSE-openai-clip.txt", "README.md", *web):
+                 "LICENSE-openai-clip.txt", "README.md", "qualiclip-open.pth", *web):
         data = shipped.get(f"qualiclip/assets/{name}")
         assert data is not None, f"{name} is not in {wheel.name}"
         expected = hashlib.sha256((ASSETS / name).read_bytes()).hexdigest()

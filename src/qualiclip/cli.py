@@ -386,8 +386,9 @@ def _run_models(args: argparse.Namespace) -> int:
     for name, entry in pretrained.PRETRAINED.items():
         cached = pretrained.is_cached(name, args.cache_dir)
         size = f"{entry.file.size / 1e6:.1f} MB" if entry.file.size else "?"
+        where = "packaged" if entry.file.packaged else "yes" if cached else "no"
         rows.append(
-            (name, "yes" if cached else "no", size, entry.licence, entry.file.sha256[:12],
+            (name, where, size, entry.licence, entry.file.sha256[:12],
              entry.description)
         )
     for name in pretrained.RANDOM_MODELS:
