@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "output": 5, "evaluate": 5, "train_config": 5, "batcher": 5, "maps": 5,
     # 6, 7 - training
     "checkpoints": 6, "validation": 6, "train": 7,
+    "report": 6,  # the HTML report: draws maps (layer 5) beside thumbnails
     # 8, 9 - front ends
     "serve": 8, "ray_scoring": 8, "cli": 9,
     "__init__": 10,  # lazy re-exports of the public API

@@ -58,12 +58,12 @@ def mixed_folder(tmp_path_factory) -> Path:
     sub = root / "nested"
     sub.mkdir()
     Image.fromarray(photo(7)).save(sub / "deeper.png")
-    (root / "notes.txt").write_text("not an image")
+    (root / "notes.md").write_text("not an image")  # (a .txt input would be a list of paths)
     return root
 
 
 GOOD = {"plain.jpg", "alpha.png", "grey.png", "deep16.png", "rotated.jpg", "deeper.png"}
-BAD = {"corrupt.png", "truncated.jpg", "notes.txt"}
+BAD = {"corrupt.png", "truncated.jpg", "notes.md"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def model_file(golden_dir) -> Path:
 def test_folder_with_bad_files_every_input_gets_a_row(mixed_folder, model_file):
     # The text file is named explicitly (folders only yield image extensions).
     result = run_cli(
-        "score", str(mixed_folder), str(mixed_folder / "notes.txt"),
+        "score", str(mixed_folder), str(mixed_folder / "notes.md"),
         "--model", str(model_file), "--format", "json", "--device", "cpu",
     )
     assert result.returncode == 1, result.stderr
@@ -550,3 +550,66 @@ def test_a_real_full_disk_and_a_read_only_folder(photos, tmp_path, capsys):
                      "--format", "json", "-o", str(ro / "rows.json"))
         err = capsys.readouterr().err
         assert code == 1 and "Read-only file system (EROFS)" in err, err
+
+
+# --- what a newcomer trips over --------------------------------------------------------------
+
+
+def test_output_format_follows_the_extension_unless_given(photos, tmp_path):
+    base = ("score", str(photos), "--model", "random-tiny", "--no-progress")
+    for suffix in ("csv", "json", "jsonl", "CSV"):
+        out = tmp_path / f"s.{suffix}"
+        assert _main(*base, "-o", str(out)) == 0
+        text = out.read_text()
+        if suffix.lower() == "csv":
+            assert text.startswith("path,score,error,"), text
+        elif suffix == "json":
+            assert [Path(r["path"]).name for r in json.loads(text)] == ["a.jpg", "b.jpg"]
+        else:
+            assert [json.loads(line)["score"] > 0 for line in text.splitlines()] == [True] * 2
+    explicit = tmp_path / "t.csv"
+    assert _main(*base, "--format", "table", "-o", str(explicit)) == 0  # --format wins
+    assert explicit.read_text().split()[:3] == ["path", "score", "error"]
+    other = tmp_path / "s.txt"
+    assert _main(*base, "-o", str(other)) == 0  # any other name: the table
+    assert other.read_text().split()[:3] == ["path", "score", "error"]
+
+
+def test_train_offline_says_where_the_weights_go_and_which_presets_need_none(
+    photos, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("QUALICLIP_OFFLINE", "1")
+    monkeypatch.setenv("QUALICLIP_HOME", str(tmp_path / "cache"))
+    code = _main("train", "--pristine", str(photos), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "sha256: " in err and str(tmp_path / "cache" / "RN50.pt") in err, err
+    assert "qualiclip models --add clip-rn50" in err
+    assert "--preset tiny" in err  # the presets that need no download
+    assert "OfflineError" not in err and "--verbose" not in err
+
+
+def test_a_txt_input_is_a_list_of_paths_for_every_engine(photos, tmp_path):
+    """One rule for `score`, `score --engine ray` and `train --pristine`: .txt/.lst is a list."""
+    listing = photos / "list.txt"
+    listing.write_text("# two photos, relative to this file\nb.jpg\n\na.jpg\n")
+    out = tmp_path / "rows.json"
+    assert _main("score", str(listing), "--model", "random-tiny", "--no-progress",
+                 "-o", str(out)) == 0
+    assert [Path(r["path"]).name for r in json.loads(out.read_text())] == ["b.jpg", "a.jpg"]
+
+
+def test_output_in_a_missing_folder_is_a_one_line_usage_error(photos, tmp_path, capsys):
+    target = tmp_path / "nodir" / "s.csv"
+    assert _main("score", str(photos), "--model", "random-tiny", "-o", str(target)) == 2
+    err = capsys.readouterr().err
+    assert err == f"qualiclip score: error: -o {target}: no folder {target.parent}\n"
+
+
+def test_csv_lines_end_in_lf(photos, tmp_path):
+    out = tmp_path / "s.csv"
+    assert _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                 "-o", str(out)) == 0
+    raw = out.read_bytes()
+    assert raw.count(b"\n") == 3 and b"\r" not in raw

@@ -642,3 +642,21 @@ def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ImportError, match=r"pip install 'qualiclip\[serve\]'"):
         serve.require_serve()
     assert main(["serve", "--model", "random-tiny"]) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_docs_page_loads_its_assets_from_the_service(checkpoint: Path) -> None:
+    """/docs works offline: every script, style sheet and icon it names is served by us."""
+    import re
+
+    from qualiclip.serve import ServeConfig
+
+    with _app_client(checkpoint, ServeConfig()) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+        urls += re.findall(r"""url: ?['"]([^'"]+)['"]""", page.text)
+        assert urls and any(u.endswith(".js") for u in urls), page.text
+        for url in urls:
+            assert not re.match(r"^(https?:)?//", url), f"/docs loads {url} from elsewhere"
+            assert client.get(url).status_code == 200, url

@@ -996,3 +996,32 @@ def test_sigterm_stops_training_cleanly_with_143(pristine: Path, tmp_path: Path)
         _strict_json(line)
     last = checkpoints.checkpoint_paths(out)[-1]
     assert checkpoints.load_training_checkpoint(last)["step"] >= 4
+
+
+def test_cli_summary_names_the_held_out_images_and_only_rank_0_prints_it(
+    pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'preset = "tiny"\n[data]\nworkers = 0\nbatch_size = 2\ncrop_size = 64\nval_every_kth = 4\n'
+        "[validation]\nevery = 0\ncrops_per_image = 1\ncompositions_per_crop = 1\n"
+    )
+    argv = ["train", "--config", str(cfg), "--pristine", str(pristine), "--max-steps", "1",
+            "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    got = capsys.readouterr()
+    assert got.err.splitlines()[-1] == (
+        "trained 1 steps on 6 images; 2 more held out for validation")
+    assert got.out.strip() == str(tmp_path / "a" / "model.pth")
+
+    # Under torchrun every process runs the command: only rank 0 closes the run.
+    real_fit = train.fit
+
+    def fit_as_rank_1(*args: object, **kwargs: object) -> dict:
+        return {**real_fit(*args, **kwargs), "main": False}  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "fit", fit_as_rank_1)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    got = capsys.readouterr()
+    assert got.out == "" and "trained" not in got.err

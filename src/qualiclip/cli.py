@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for tor
     from qualiclip.model import QualiCLIP
     from qualiclip.onnx_scorer import OnnxScorer
 
+if TYPE_CHECKING:  # imported where used: the command starts without loading every module
+    from qualiclip.report import ReportRows
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -88,7 +91,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         description="Score images with QualiCLIP: one row per input, with its score or error. "
         "Exit status: 0 all scored, 1 some input failed, 2 usage error.",
     )
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="files, folders, globs, or '-'")
+    p.add_argument("inputs", nargs="+", metavar="PATH",
+                   help="files, folders, globs, .txt/.lst lists of paths (one a line, relative "
+                   "to the list's folder), or '-' (paths on stdin)")
     _add_model_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
@@ -100,17 +105,23 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the image tower (once per image size; for long runs)")
     p.add_argument(
         "--format", choices=("table", "csv", "json", "jsonl", "parquet"), default=None,
-        help="local: table (default), csv, json, jsonl; --engine ray: parquet (default) or csv",
+        help="local: table, csv, json, jsonl (default: from the -o file's extension, else "
+        "table); --engine ray: parquet (default) or csv",
     )
     p.add_argument(
         "--output", "-o", default=None,
         help="write results here (default: stdout); with --engine ray a folder of part files",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--report", metavar="HTML", default=None,
+                   help="also write one self-contained HTML page: thumbnails sorted by score, "
+                   "a histogram, filters, the failed files (with --map, each map on hover)")
     m = p.add_argument_group(
         "quality maps",
-        "Where quality is lost: per scored input, DIR/<stem>.map.png is the map in colour over "
-        "the image (its legend gives the values of the darkest and brightest colour).",
+        "Where quality is lost: per scored input, DIR/<its path>.map.png (the path below the "
+        "inputs' common folder, so every input gets its own) shows the image beside "
+        "its map, coloured over the image in grey (the legend gives the values of the darkest "
+        "and brightest colour, and says when the map is too flat to mean anything).",
     )
     m.add_argument("--map", metavar="DIR", default=None,
                    help="write each scored input's quality map into DIR (created if missing)")
@@ -118,7 +129,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    help="dense: one pass, 1/32 resolution (default); windows: the scores of "
                    "overlapping crops (slower; each cell is a real score)")
     m.add_argument("--map-npy", action="store_true",
-                   help="also write the raw map values as DIR/<stem>.map.npy")
+                   help="also write the raw map values as DIR/<its path>.map.npy")
     m.add_argument("--map-window", type=int, default=224, metavar="PX",
                    help="windows: crop side (default 224)")
     m.add_argument("--map-stride", type=int, default=112, metavar="PX",
@@ -152,7 +163,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 def _run_score(args: argparse.Namespace) -> int:
     from qualiclip import engine
     from qualiclip.inputs import list_image_paths
-    from qualiclip.output import write_results
+    from qualiclip.output import format_from_name, write_results
 
     if args.batch_size < 1 or args.workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
@@ -163,17 +174,26 @@ def _run_score(args: argparse.Namespace) -> int:
             raise UsageError(f"--map {args.map} exists and is not a folder")
         if args.map_window < 32 or args.map_stride < 1:
             raise UsageError("--map-window must be at least 32 and --map-stride at least 1")
+    if args.report is not None:
+        _check_report_target(args)
     if args.engine == "ray":
         return _run_score_ray(args)
     if args.format == "parquet":
         raise UsageError("--format parquet needs --engine ray (locally: csv, json, jsonl, table)")
-    args.format = args.format or "table"
+    args.format = args.format or format_from_name(args.output) or "table"
     if args.output and os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a folder; give a file name for the results")
+    if args.output and not os.path.isdir(os.path.dirname(args.output) or "."):
+        raise UsageError(f"-o {args.output}: no folder {os.path.dirname(args.output)}")
     paths = list_image_paths(args.inputs, stdin=sys.stdin)
     inputs = InputFiles.of(paths)
     if args.output:
         _refuse_output_over_input(args.output, args.inputs, inputs)
+    if args.report is not None:
+        try:
+            inputs.refuse(args.report, "--report")
+        except SameFileError as exc:
+            raise UsageError(str(exc)) from None
     root = None
     if args.map is not None:
         from qualiclip.maps import map_root
@@ -184,6 +204,12 @@ def _run_score(args: argparse.Namespace) -> int:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
     model = load_model_from_args(args)
+    if args.map is not None and args.map_kind == "dense":
+        from qualiclip.maps import dense_maps_unavailable
+
+        why = dense_maps_unavailable(model)
+        if why is not None:
+            raise UsageError(f"--map-kind dense: {why}; use --map-kind windows")
     try:
         results = engine.score_paths(
             model,
@@ -197,17 +223,57 @@ def _run_score(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # --decode gpu where there is no GPU decoding
         raise UsageError(str(exc)) from None
+    collected = None
+    if args.report is not None:
+        from qualiclip.report import ReportRows
+
+        collected = ReportRows()
     if args.map is not None:
         from qualiclip.maps import write_maps
 
         results = write_maps(model, results, args.map, kind=args.map_kind, npy=args.map_npy,
                              window=args.map_window, stride=args.map_stride,
-                             precision=args.precision, root=root, inputs=inputs)
+                             precision=args.precision, root=root, inputs=inputs,
+                             on_map=collected.add_map if collected is not None else None)
+    if collected is not None:
+        results = collected.collect(results)
     failed = write_results(results, args.format, args.output, model_name=model.name,
                            inputs=inputs)
+    if collected is not None:
+        _write_report(args, model, collected, inputs)
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _check_report_target(args: argparse.Namespace) -> None:
+    """A ``--report`` that cannot be written is refused before anything is scored."""
+    target = args.report
+    if args.engine == "ray":
+        raise UsageError("--report works with the local engine only")
+    if Path(target).suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--report {target}: the file name must end in .html")
+    if os.path.isdir(target):
+        raise UsageError(f"--report {target} is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(target) or "."):
+        raise UsageError(f"--report {target}: no folder {os.path.dirname(target)}")
+    if args.output and os.path.realpath(args.output) == os.path.realpath(target):
+        raise UsageError(f"--report {target} is also the -o file")
+
+
+def _write_report(
+    args: argparse.Namespace, model: object, collected: ReportRows, inputs: InputFiles
+) -> None:
+    """The HTML report of the rows ``collected`` while they streamed to the other outputs."""
+    from qualiclip.report import ReportInfo, describe, write_report
+
+    info = ReportInfo(model=str(getattr(model, "name", args.model)),
+                      weights_sha256=getattr(model, "weights_sha256", None),
+                      precision=args.precision,
+                      map_kind=args.map_kind if args.map is not None else None)
+    stats = write_report(collected.results, args.report, info, maps=collected.maps,
+                         workers=args.workers, inputs=inputs)
+    print(f"qualiclip score: {describe(stats)}", file=sys.stderr)
 
 
 def _refuse_output_over_input(output: str, given: Sequence[str], inputs: InputFiles) -> None:
@@ -331,8 +397,9 @@ def _run_models(args: argparse.Namespace) -> int:
     for name, entry in pretrained.PRETRAINED.items():
         cached = pretrained.is_cached(name, args.cache_dir)
         size = f"{entry.file.size / 1e6:.1f} MB" if entry.file.size else "?"
+        where = "packaged" if entry.file.packaged else "yes" if cached else "no"
         rows.append(
-            (name, "yes" if cached else "no", size, entry.licence, entry.file.sha256[:12],
+            (name, where, size, entry.licence, entry.file.sha256[:12],
              entry.description)
         )
     for name in pretrained.RANDOM_MODELS:
@@ -540,10 +607,21 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _presets_without_download() -> str:
+    """One line naming the training presets that start from random weights (no download)."""
+    from qualiclip.pretrained import RANDOM_MODELS
+    from qualiclip.train_config import PRESETS
+
+    names = [n for n, cfg in PRESETS.items() if cfg.model.init in RANDOM_MODELS]
+    flags = ", ".join(f"--preset {n}" for n in names)
+    return f"Presets that need no download: {flags} (random initial weights)."
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import logging
 
     from qualiclip import checkpoints, train
+    from qualiclip.pretrained import ChecksumError, OfflineError
 
     plan = _train_setup(args)
     if args.verbose:
@@ -552,6 +630,11 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train.fit(plan)
     except train.DataChangedError as exc:  # refused unless asked for: a usage error
         raise UsageError(str(exc)) from None
+    except (OfflineError, ChecksumError) as exc:
+        # The start point's weights cannot be had: the message says which file, its checksum and
+        # where to put it (as for 'score'); the presets that start from random weights need none.
+        print(f"qualiclip train: error: {exc}\n{_presets_without_download()}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # inside the run: a failure (1), not a usage error
         if args.verbose:
             import traceback
@@ -562,6 +645,8 @@ def _run_train(args: argparse.Namespace) -> int:
         hint = "" if args.verbose or plain else " (--verbose for details)"
         print(f"qualiclip train: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_FAILED
+    if not result["main"]:  # under torchrun, rank 0 closes the run for all processes
+        return EXIT_FAILED if result["skipped"] else EXIT_OK
     val = result["validation"]
     if val:
         first, last = val[0], val[-1]
@@ -569,6 +654,8 @@ def _run_train(args: argparse.Namespace) -> int:
               f"{last['level_accuracy']:.3f} (step {last['step']})", file=sys.stderr)
     skipped = result["skipped"]
     summary = f"trained {result['step']} steps on {result['images']} images"
+    if result["held_out"]:
+        summary += f"; {result['held_out']} more held out for validation"
     if result["small"]:
         summary += f"; {len(result['small'])} smaller than the crop left out"
     if skipped:
@@ -587,7 +674,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="correlate scores with human opinion (SRCC/PLCC/KRCC)",
         description="Score a human-rated dataset with one or more models and report SRCC, PLCC "
-        "(raw and after a 4-parameter logistic fit) and KRCC with bootstrap 95%% intervals. "
+        "(raw and after a 4-parameter logistic fit) and KRCC with bootstrap 95% intervals. "
         "'--dataset synthetic' instead degrades pristine images at 24 types x 5 levels and "
         "reports per-type SRCC of quality against level. Exit status 1 when any image failed "
         "(the table still covers the images that were scored).",
@@ -643,7 +730,9 @@ def _eval_scorers(args: argparse.Namespace) -> list:
 
 def _report_failures(failures: Sequence[tuple[str, str]], label: str) -> None:
     for path, error in failures[:10]:
-        print(f"{label}: failed: {path}: {error}", file=sys.stderr)
+        # A decoder's message starts with the file's name: it is said once, here.
+        reason = error.removeprefix(f"{path}: ")
+        print(f"{label}: failed: {path}: {reason}", file=sys.stderr)
     if len(failures) > 10:
         print(f"{label}: ... and {len(failures) - 10} more failures", file=sys.stderr)
 

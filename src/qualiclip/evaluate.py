@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from qualiclip.metrics import FloatArray, Metrics, compute_metrics, srcc
+from qualiclip.metrics import LOGISTIC_MIN_POINTS, FloatArray, Metrics, compute_metrics, srcc
 from qualiclip.output_files import InputFiles, open_output
 
 if TYPE_CHECKING:
@@ -266,13 +266,17 @@ def format_table(report: EvalReport) -> str:
         if m is None:
             rows.append((r.name, str(r.n_used), str(r.n_failed), "-", "", "-", "", "-", "-"))
             continue
-        log = f"{m.plcc_logistic:.3f}" + ("" if m.logistic_converged else "*")
+        log = ("n/a" if math.isnan(m.plcc_logistic)
+               else f"{m.plcc_logistic:.3f}" + ("" if m.logistic_converged else "*"))
         rows.append((r.name, str(r.n_used), str(r.n_failed), f"{m.srcc:.3f}", _ci(m.srcc_ci),
                      f"{m.plcc:.3f}", _ci(m.plcc_ci), log, f"{m.krcc:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(r.metrics is not None and math.isnan(r.metrics.plcc_logistic) for r in report.models):
+        lines.append(f"n/a: PLCC-log needs at least {LOGISTIC_MIN_POINTS} scored images (its "
+                     "4-parameter curve passes through fewer exactly)")
     return "\n".join(lines)
 
 
@@ -289,7 +293,7 @@ def write_scores_csv(
     """
     names = [m.name for m in report.models]
     with open_output(path, "w", newline="", encoding="utf-8", inputs=inputs) as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")  # LF, as the other outputs
         writer.writerow(["path", "mos", *names, "error"])
         for i, (p, mos) in enumerate(report.items):
             vals = [report.scores[n][i] for n in names]

@@ -654,7 +654,10 @@ def pixels_to_tensor(
             if arr.dtype == np.uint16:  # torch has few uint16 kernels; NumPy converts exactly
                 batch[i].copy_(torch.from_numpy(arr.astype(np.float32))).div_(65535.0)
             else:
-                batch[i].copy_(torch.from_numpy(arr)).div_(255.0)
+                # Written through NumPy: the array may be read-only (np.asarray of a PIL image),
+                # which torch.from_numpy warns about; uint8 -> float32 is exact either way.
+                batch[i].numpy()[...] = arr
+                batch[i].div_(255.0)
         # [B, H, W, 3] viewed as [B, 3, H, W] is exactly the channels-last layout.
         return batch.permute(0, 3, 1, 2)
     if any(a.dtype != first.dtype for a in arrays):
@@ -672,7 +675,7 @@ def pixels_to_tensor(
             f"does not fit {shape} {dtype}"
         )
     for i, arr in enumerate(arrays):
-        staging[i].copy_(torch.from_numpy(arr.view(np.int16) if wide else arr))
+        staging[i].numpy()[...] = arr.view(np.int16) if wide else arr  # read-only arrays too
     raw = staging.to(device, non_blocking=True)  # the conversions below copy: staging is kept
     if wide:
         values = raw.to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32).div_(65535.0)
@@ -712,7 +715,9 @@ def _numpy_to_batch(x: np.ndarray) -> torch.Tensor:
     if x.dtype in (np.uint8, np.uint16):
         return _array_to_tensor(x)
     if np.issubdtype(x.dtype, np.floating):
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        # A copy when the array is read-only (torch.from_numpy warns about those).
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t = torch.from_numpy(x if x.flags.writeable else x.copy())
         return _check_float_range(t, what).movedim(-1, -3).contiguous()
     raise TypeError(f"{what}: dtype must be uint8, uint16 or floating point in [0, 1]")
 

@@ -121,7 +121,7 @@ def list_image_paths(
     *,
     stdin: TextIO | None = None,
     recursive: bool = True,
-    list_files: bool = False,
+    list_files: bool = True,
 ) -> list[Path]:
     """Expand command-line inputs into the list of image paths to score.
 
@@ -135,9 +135,10 @@ def list_image_paths(
     * a pattern containing ``*``, ``?`` or ``[`` that is not an existing path is expanded as a glob
       (``**`` matches any depth); matched folders are walked, matched files kept if they have an
       image extension; a pattern with no match is kept as given;
-    * with ``list_files``, a file ending in ``.txt`` or ``.lst`` is a list: one path per line
-      (relative to the list's folder; blank lines and ``#`` comments skipped), each taken as a
-      literal path (Ray scoring and training data read lists so; the local CLI has ``-``);
+    * a file ending in ``.txt`` or ``.lst`` is a list: one path per line (relative to the
+      list's folder; blank lines and ``#`` comments skipped), each taken as a literal path. One
+      rule for local and Ray scoring, evaluation and training data; ``list_files=False`` takes
+      such a file as an image path instead;
     * ``-`` reads one path per line from ``stdin`` (default ``sys.stdin``), as bytes decoded like
       the OS decodes file names; blank lines are skipped and each line is taken literally (a
       folder is walked, no glob expansion).
@@ -148,7 +149,7 @@ def list_image_paths(
         inputs: paths, folders, globs and ``-`` as typed on the command line.
         stdin: where ``-`` reads from.
         recursive: walk sub-folders.
-        list_files: read ``.txt``/``.lst`` inputs as lists of paths.
+        list_files: read ``.txt``/``.lst`` inputs as lists of paths (default).
 
     Returns:
         Paths in input order (sorted within each folder or glob).

@@ -79,6 +79,12 @@ def krcc(pred: ArrayLike, mos: ArrayLike) -> float:
     return float(stats.kendalltau(x, y).statistic)
 
 
+#: Fewest pairs the logistic PLCC is computed on. With four parameters, four points or fewer can
+#: be passed through exactly (its PLCC would be 1 by construction, not a measurement), and SciPy
+#: refuses fewer than four; below this the logistic PLCC is undefined (NaN).
+LOGISTIC_MIN_POINTS = 5
+
+
 def logistic4(x: ArrayLike, b1: float, b2: float, b3: float, b4: float) -> FloatArray:
     """The monotonic 4-parameter logistic of VQEG: ``(b1 - b2) / (1 + exp(-(x - b3)/|b4|)) + b2``.
 
@@ -123,8 +129,7 @@ def fit_logistic(pred: ArrayLike, mos: ArrayLike, *, maxfev: int = 20000) -> Log
     prediction, width one standard deviation of the predictions. When ``scipy.optimize.curve_fit``
     does not converge, the fallback is a near-linear logistic (midpoint at the mean, width ten
     standard deviations, asymptotes set so that its slope matches the least-squares line), whose
-    PLCC equals the raw PLCC to within a fraction of a percent. With four points or fewer (no
-    more than the logistic's parameters) no fit is attempted and the fallback stands in.
+    PLCC equals the raw PLCC to within a fraction of a percent.
 
     Args:
         pred: model predictions, shape (N,).
@@ -133,16 +138,18 @@ def fit_logistic(pred: ArrayLike, mos: ArrayLike, *, maxfev: int = 20000) -> Log
 
     Returns:
         The fitted :class:`LogisticFit`.
+
+    Raises:
+        ValueError: fewer than :data:`LOGISTIC_MIN_POINTS` pairs.
     """
     x, y = _pair(pred, mos)
+    if x.size < LOGISTIC_MIN_POINTS:
+        raise ValueError(f"the logistic fit needs at least {LOGISTIC_MIN_POINTS} pairs, "
+                         f"got {x.size}")
     sx = float(x.std()) or 1.0
     increasing = np.corrcoef(x, y)[0, 1] >= 0 if x.std() > 0 and y.std() > 0 else True
     hi, lo = float(y.max()), float(y.min())
     p0 = (hi, lo, float(x.mean()), sx) if increasing else (lo, hi, float(x.mean()), sx)
-    if x.size <= _LOGISTIC_PARAMETERS:
-        # Four parameters through four points (or fewer) fit them exactly, or not at all:
-        # no fit is a fit here, and the near-linear fallback stands in for it.
-        return _linear_fallback(x, y, sx)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -150,18 +157,9 @@ def fit_logistic(pred: ArrayLike, mos: ArrayLike, *, maxfev: int = 20000) -> Log
         if np.all(np.isfinite(params)):
             b1, b2, b3, b4 = (float(v) for v in params)
             return LogisticFit(b1, b2, b3, abs(b4), converged=True)
-    except (RuntimeError, ValueError, TypeError, optimize.OptimizeWarning):
+    except (RuntimeError, ValueError, optimize.OptimizeWarning):
         pass
-    return _linear_fallback(x, y, sx)
-
-
-#: Parameters of the logistic: a fit needs more points than this.
-_LOGISTIC_PARAMETERS = 4
-
-
-def _linear_fallback(x: FloatArray, y: FloatArray, sx: float) -> LogisticFit:
-    """The logistic that is the least-squares line near its midpoint (``converged=False``)."""
-    # The logistic is linear near its midpoint with slope (b1 - b2) / (4 |b4|).
+    # Fallback: the logistic is linear near its midpoint with slope (b1 - b2) / (4 |b4|).
     slope = float(np.polyfit(x, y, 1)[0])
     width = 10.0 * sx
     half = 2.0 * slope * width
@@ -173,8 +171,11 @@ def plcc_logistic(pred: ArrayLike, mos: ArrayLike) -> float:
     """PLCC between the labels and the 4-parameter logistic fitted to the predictions.
 
     Signed: negative when the fitted logistic decreases (the model disagrees with the labels).
+    NaN with fewer than :data:`LOGISTIC_MIN_POINTS` pairs.
     """
     x, y = _pair(pred, mos)
+    if x.size < LOGISTIC_MIN_POINTS:
+        return math.nan
     return _logistic_corr(fit_logistic(x, y), x, y)
 
 
@@ -241,9 +242,11 @@ class Metrics:
 
     Attributes:
         n: number of (prediction, label) pairs used.
-        srcc, plcc, plcc_logistic, krcc: the correlations.
+        srcc, plcc, plcc_logistic, krcc: the correlations; ``plcc_logistic`` is NaN with fewer
+            than :data:`LOGISTIC_MIN_POINTS` pairs.
         srcc_ci, plcc_ci: bootstrap percentile intervals, or None when not computed.
-        logistic_converged: whether the logistic fit behind ``plcc_logistic`` converged.
+        logistic_converged: whether the logistic fit behind ``plcc_logistic`` converged (False
+            when there was too little data to fit).
         flipped: whether predictions were negated before correlating.
     """
 
@@ -286,7 +289,7 @@ def compute_metrics(
     flipped = pred_higher_is_better != mos_higher_is_better
     if flipped:
         x = -x
-    fit = fit_logistic(x, y)
+    fit = fit_logistic(x, y) if x.size >= LOGISTIC_MIN_POINTS else None
     srcc_ci = plcc_ci = None
     if bootstrap > 0:
         srcc_ci = bootstrap_ci(x, y, "srcc", resamples=bootstrap, level=level, seed=seed)
@@ -295,10 +298,10 @@ def compute_metrics(
         n=int(x.size),
         srcc=srcc(x, y),
         plcc=plcc(x, y),
-        plcc_logistic=_logistic_corr(fit, x, y),
+        plcc_logistic=_logistic_corr(fit, x, y) if fit is not None else math.nan,
         krcc=krcc(x, y),
         srcc_ci=srcc_ci,
         plcc_ci=plcc_ci,
-        logistic_converged=fit.converged,
+        logistic_converged=fit is not None and fit.converged,
         flipped=flipped,
     )

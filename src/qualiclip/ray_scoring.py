@@ -285,6 +285,11 @@ def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
     return _existing_rows(output, config)[0]
 
 
+def _identity(name: str, sha: str | None) -> str:
+    """A model as the refusal names it: random weights have no checksum to show."""
+    return f"{name} (sha256 {sha})" if sha else f"{name} (random weights)"
+
+
 def _existing_rows(output: str | Path, config: RayScoreConfig) -> tuple[set[str], set[str]]:
     """``(paths with a row, paths whose row is an error)`` in ``output``, read in one pass; see
     :func:`scored_paths` for what is refused."""
@@ -305,8 +310,8 @@ def _existing_rows(output: str | Path, config: RayScoreConfig) -> tuple[set[str]
             same = old_sha == sha if (old_sha or sha) else old_name == name
             if not same:
                 raise ValueError(
-                    f"{part} holds scores of model {old_name} (sha256 {old_sha}), not of "
-                    f"{name} (sha256 {sha}); write to another folder"
+                    f"{part} holds scores of model {_identity(old_name, old_sha)}, not of "
+                    f"{_identity(name, sha)}; write to another folder"
                 )
         done.update(rows["path"])
         failed.update(p for p, e in zip(rows["path"], rows["error"], strict=True) if e)

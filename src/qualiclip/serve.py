@@ -14,7 +14,8 @@ Endpoints:
   maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
 * ``GET /models``: the model being served. ``GET /limits``: the upload limits.
   ``GET /healthz``: liveness, with batching counters.
-* ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI.
+* ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI; the Swagger UI page's
+  scripts are served from the package fastapi-offline, so it works without the internet.
 
 Status codes. A request-level problem answers with ``{"detail": "..."}``:
 
@@ -157,10 +158,11 @@ class ServeConfig:
 
 
 def require_serve() -> None:
-    """Raise an ``ImportError`` naming the extra when FastAPI, uvicorn or python-multipart is
-    missing."""
+    """Raise an ``ImportError`` naming the extra when FastAPI, uvicorn, python-multipart or
+    fastapi-offline (the /docs page's scripts) is missing."""
     try:
         import fastapi  # noqa: F401
+        import fastapi_offline  # noqa: F401
         import uvicorn  # noqa: F401
 
         _multipart_module()
@@ -366,11 +368,17 @@ def create_app(
         finally:
             await batcher.close()
 
-    app = FastAPI(
+    # FastAPI's own /docs loads Swagger UI from a CDN (a blank page offline); fastapi-offline
+    # serves the same page with the scripts it ships, from /docs-assets.
+    from fastapi_offline import FastAPIOffline
+
+    app: FastAPI = FastAPIOffline(
         title="qualiclip",
         version=__version__,
         description="No-reference image quality scores with QualiCLIP (higher is better).",
         lifespan=lifespan,
+        redoc_url=None,
+        static_url="/docs-assets",
     )
     _, score_response = _response_models()
 

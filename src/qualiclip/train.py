@@ -797,10 +797,12 @@ def fit(
             only, see :func:`clear_run`); without it (or ``resume``) such a folder is refused.
 
     Returns:
-        ``{"step", "last", "validation", "model_path", "images", "skipped", "small"}``: the
-        final step, the last logged training record, the validation history, the exported model
-        file, the number of training images, ``(path, reason)`` of every unusable file left out
-        (found by the scan or while training), and the images skipped as smaller than the crop.
+        ``{"step", "last", "validation", "model_path", "images", "held_out", "skipped",
+        "small", "main"}``: the final step, the last logged training record, the validation
+        history, the exported model file, the number of training images and of held-out ones,
+        ``(path, reason)`` of every unusable file left out (found by the scan or while
+        training), the images skipped as smaller than the crop, and whether this process is the
+        main one (rank 0; the others return the same but should not report it).
 
     Raises:
         ValueError: a bad configuration, a folder holding another run, a checkpoint that does
@@ -962,8 +964,10 @@ def _train(
         "validation": writer.validation,
         "model_path": str(model_path),
         "images": len({str(p) for p in images.train} - set(skipped)),
+        "held_out": len(images.val),
         "skipped": sorted(bad.items()),
         "small": images.small,
+        "main": run.info.main,
     }
 
 
