@@ -514,6 +514,24 @@ def test_full_disk_in_eval_and_degrade(photos, tmp_path, monkeypatch, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_map_name_too_long_is_that_inputs_error_only(tmp_path, capsys):
+    """A 249-byte file name is a valid input; its map name (8 bytes more) is not a valid name."""
+    src = tmp_path / "in"
+    src.mkdir()
+    long = src / ("x" * 245 + ".png")
+    Image.fromarray(photo(80)).save(long)
+    Image.fromarray(photo(81)).save(src / "short.png")
+    out = tmp_path / "rows.json"
+    code = _main("score", str(src), "--model", "random-tiny", "--no-progress",
+                 "--format", "json", "-o", str(out), "--map", str(tmp_path / "maps"))
+    assert code == 1 and "Traceback" not in capsys.readouterr().err
+    rows = {Path(r["path"]).name: r for r in json.loads(out.read_text())}
+    assert rows["short.png"]["error"] is None
+    assert rows[long.name]["score"] is not None
+    assert "File name too long" in rows[long.name]["error"]
+    assert (tmp_path / "maps" / "short.png.map.png").is_file()
+
+
 def test_outputs_in_a_globs_folder_are_refused_the_first_time(photos, tmp_path, capsys):
     pattern = str(photos / "*.jpg")
     assert _main("score", pattern, "--model", "random-tiny", "--no-progress",

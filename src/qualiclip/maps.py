@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import math
 import os
@@ -544,6 +545,12 @@ def _map_folder(outdir: Path, name: Path) -> Path:
     return folder
 
 
+#: Write failures that belong to one map's name, not to the folder or the disk: that input's
+#: error row, while the others are still mapped (a 250-byte file name is a valid input whose
+#: map name, 8 bytes longer, is not).
+_ONE_FILES_ERRNOS = frozenset({errno.ENAMETOOLONG})
+
+
 def write_maps(
     model: Scorer,
     results: Iterable[ScoreResult],
@@ -572,7 +579,8 @@ def write_maps(
 
     Raises:
         OutputError: a map could not be written (a full disk, a read-only folder): the run
-            stops, as every later map would fail the same way.
+            stops, as every later map would fail the same way. A map whose name alone is
+            refused (too long) is that input's error instead.
     """
     folder = Path(outdir)
     make_folder(folder)
@@ -594,8 +602,11 @@ def write_maps(
                     np.save(f, qmap.values)
             if on_map is not None:
                 on_map(result, qmap)
-        except OutputError:
-            raise
+        except OutputError as exc:
+            if exc.errno not in _ONE_FILES_ERRNOS:
+                raise  # the folder or the disk: every later map would fail the same way
+            yield dataclasses.replace(result, error=f"quality map failed: {exc}")
+            continue
         except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
             yield dataclasses.replace(
                 result, error=f"quality map failed: {type(exc).__name__}: {exc}"
