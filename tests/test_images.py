@@ -631,13 +631,13 @@ def test_rgb_float_tiff_decodes_with_the_same_rule(tmp_path: Path, layout: str) 
     rgb = rng.random((40, 50, 3), dtype=np.float32)
     path = tmp_path / "rgb.tif"
     if layout == "contig":
-        tifffile.imwrite(path, rgb)
+        tifffile.imwrite(path, rgb, photometric="rgb")
     elif layout == "separate":
         tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), photometric="rgb",
                          planarconfig="separate")
     elif layout == "float16":
         rgb = rgb.astype(np.float16).astype(np.float32)
-        tifffile.imwrite(path, rgb.astype(np.float16))
+        tifffile.imwrite(path, rgb.astype(np.float16), photometric="rgb")
     else:
         alpha = np.ones((40, 50, 1), np.float32)
         tifffile.imwrite(path, np.concatenate([rgb, alpha], -1), photometric="rgb",
@@ -647,7 +647,7 @@ def test_rgb_float_tiff_decodes_with_the_same_rule(tmp_path: Path, layout: str) 
     np.testing.assert_allclose(arr / 65535.0, rgb, atol=1 / 65535)
     x = load_image(path)
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), rgb, atol=1 / 65535)
-    tifffile.imwrite(path, rgb * 2)
+    tifffile.imwrite(path, rgb * 2, photometric="rgb")
     with pytest.raises(ImageDecodeError, match=r"float values must be in \[0, 1\]"):
         decode_rgb(path)
 

@@ -530,7 +530,9 @@ def _decode_other_tiff(tiff: _OtherTiff, name: str, limit: int, min_size: int) -
             f"{tiff}; if it is a float RGB TIFF, reading it needs tifffile: "
             "pip install 'qualiclip[tiff]'", tiff.reason) from None
     try:
-        with tifffile.TiffFile(tiff.fp) as tif:
+        # A name of our own: tifffile takes a stream's from its .name, which for a file opened
+        # from a descriptor (as the decoder opens regular files) is an int it cannot split.
+        with tifffile.TiffFile(tiff.fp, name="image.tif") as tif:
             page: Any = tif.pages[0]
             samples = int(page.samplesperpixel)
             if page.dtype is None or page.dtype.kind != "f" or samples not in (3, 4):
