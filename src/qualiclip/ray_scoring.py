@@ -240,6 +240,11 @@ def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
+            # Reading with our schema would fill a foreign file's missing columns with nulls
+            # (rows of "model None"): its own columns say whether it is one of ours.
+            missing = [c for c in columns if c not in pq.read_schema(path).names]
+            if missing:
+                raise _not_ours(path, f"no column {', '.join(missing)}")
             return pq.read_table(path, columns=list(columns), schema=schema)
         import pyarrow.csv as pcsv
 
@@ -251,10 +256,13 @@ def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
         return pcsv.read_csv(path, convert_options=convert)
     except pa.ArrowException as exc:  # ArrowInvalid, ArrowKeyError (a missing column), ...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"{path} is not a qualiclip part file ({detail}); move it, or write to another "
-            "folder"
-        ) from None
+        raise _not_ours(path, detail) from None
+
+
+def _not_ours(path: Path, detail: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a qualiclip part file ({detail}); move it, or write to another folder"
+    )
 
 
 def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
