@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "prompts": 0, "precision": 0, "heap": 0, "images": 0, "inputs": 0, "clip": 0, "losses": 0,
     "metrics": 0, "uploads": 0, "_codec": 0, "weight_files": 0, "color": 0,
     "train_choices": 0,  # torch-free, so the command line offers them without loading torch
+    "output_files": 0, "stopping": 0,  # how outputs are written and how runs stop: torch-free
     # 1 - building blocks on the leaves
     "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "degradations": 1,
     "onnx_scorer": 1,  # ONNX Runtime scorer: the model factory returns it for .onnx files

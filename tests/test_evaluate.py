@@ -215,6 +215,18 @@ def test_model_scorer_chunks_batches() -> None:
     np.testing.assert_allclose(got, x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
 
 
+def test_eval_cli_refuses_bad_labels_before_scoring(tmp_path: Path) -> None:
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "nan.csv").write_text("path,score\n0.png,1\n1.png,nan\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(tmp_path / "nan.csv"),
+         "--model", "random-tiny", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2 and "nan.csv row 3" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_eval_help_and_failures_read_cleanly(tmp_path: Path) -> None:
     help_text = subprocess.run([sys.executable, "-m", "qualiclip.cli", "eval", "--help"],
                                capture_output=True, text=True, timeout=120).stdout

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qualiclip import stopping
+from qualiclip.output_files import InputFiles, OutputError, SameFileError
 from qualiclip.precision import PRECISIONS, TRAIN_PRECISIONS
 from qualiclip.train_choices import BN_MODES, DEGRADE_IN
 
@@ -116,7 +118,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    "a histogram, filters, the failed files (with --map, each map on hover)")
     m = p.add_argument_group(
         "quality maps",
-        "Where quality is lost: per scored input, DIR/<stem>.map.png shows the image beside "
+        "Where quality is lost: per scored input, DIR/<its path>.map.png (the path below the "
+        "inputs' common folder, so every input gets its own) shows the image beside "
         "its map, coloured over the image in grey (the legend gives the values of the darkest "
         "and brightest colour, and says when the map is too flat to mean anything).",
     )
@@ -126,7 +129,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    help="dense: one pass, 1/32 resolution (default); windows: the scores of "
                    "overlapping crops (slower; each cell is a real score)")
     m.add_argument("--map-npy", action="store_true",
-                   help="also write the raw map values as DIR/<stem>.map.npy")
+                   help="also write the raw map values as DIR/<its path>.map.npy")
     m.add_argument("--map-window", type=int, default=224, metavar="PX",
                    help="windows: crop side (default 224)")
     m.add_argument("--map-stride", type=int, default=112, metavar="PX",
@@ -183,10 +186,20 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.output and not os.path.isdir(os.path.dirname(args.output) or "."):
         raise UsageError(f"-o {args.output}: no folder {os.path.dirname(args.output)}")
     paths = list_image_paths(args.inputs, stdin=sys.stdin)
+    inputs = InputFiles.of(paths)
     if args.output:
-        _refuse_output_over_input(args.output, args.inputs, paths)
+        _refuse_output_over_input(args.output, args.inputs, inputs)
+    if args.report is not None:
+        try:
+            inputs.refuse(args.report, "--report")
+        except SameFileError as exc:
+            raise UsageError(str(exc)) from None
+    root = None
     if args.map is not None:
-        _refuse_maps_over_inputs(args.map, args.inputs, paths)
+        from qualiclip.maps import map_root
+
+        root = map_root(paths)
+        _refuse_maps_over_inputs(args, paths, root, inputs)
     if not paths:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
@@ -220,13 +233,14 @@ def _run_score(args: argparse.Namespace) -> int:
 
         results = write_maps(model, results, args.map, kind=args.map_kind, npy=args.map_npy,
                              window=args.map_window, stride=args.map_stride,
-                             precision=args.precision,
+                             precision=args.precision, root=root, inputs=inputs,
                              on_map=collected.add_map if collected is not None else None)
     if collected is not None:
         results = collected.collect(results)
-    failed = write_results(results, args.format, args.output, model_name=model.name)
+    failed = write_results(results, args.format, args.output, model_name=model.name,
+                           inputs=inputs)
     if collected is not None:
-        _write_report(args, model, collected)
+        _write_report(args, model, collected, inputs)
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
@@ -247,7 +261,9 @@ def _check_report_target(args: argparse.Namespace) -> None:
         raise UsageError(f"--report {target} is also the -o file")
 
 
-def _write_report(args: argparse.Namespace, model: object, collected: ReportRows) -> None:
+def _write_report(
+    args: argparse.Namespace, model: object, collected: ReportRows, inputs: InputFiles
+) -> None:
     """The HTML report of the rows ``collected`` while they streamed to the other outputs."""
     from qualiclip.report import ReportInfo, describe, write_report
 
@@ -256,53 +272,48 @@ def _write_report(args: argparse.Namespace, model: object, collected: ReportRows
                       precision=args.precision,
                       map_kind=args.map_kind if args.map is not None else None)
     stats = write_report(collected.results, args.report, info, maps=collected.maps,
-                         workers=args.workers)
+                         workers=args.workers, inputs=inputs)
     print(f"qualiclip score: {describe(stats)}", file=sys.stderr)
 
 
-def _scanned_folder_holding(path: str, inputs: Sequence[str]) -> str | None:
-    """The input folder (as given) whose scan covers ``path``, if any."""
-    target = os.path.realpath(path)
-    for item in inputs:
-        if item != "-" and os.path.isdir(item):
-            folder = os.path.realpath(item)
-            if os.path.commonpath([folder, target]) == folder:
-                return item
-    return None
-
-
-def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
+def _refuse_output_over_input(output: str, given: Sequence[str], inputs: InputFiles) -> None:
     """Refuse an ``-o`` that is one of the inputs, or that a scan of the inputs would pick up.
 
-    Checked before the output is opened: opening truncates, and a truncated photo is lost.
+    Checked before anything is written: the same file by device and inode (a link to an input
+    counts), and any file a folder or glob among the inputs would list next time.
     """
-    from qualiclip.inputs import IMAGE_EXTENSIONS
+    from qualiclip.inputs import scanned_by
 
-    target = os.path.realpath(output)
-    if any(os.path.realpath(p) == target for p in paths):
-        raise UsageError(f"-o {output} is one of the inputs; writing it would destroy it")
-    if Path(target).suffix.lower() not in IMAGE_EXTENSIONS or Path(target).name.startswith("."):
-        return
-    folder = _scanned_folder_holding(output, inputs)
-    if folder is not None:
+    try:
+        inputs.refuse(output, "-o")
+    except SameFileError as exc:
+        raise UsageError(str(exc)) from None
+    source = scanned_by(output, given)
+    if source is not None:
         raise UsageError(
-            f"-o {output} lies in the scanned folder {folder} and has an image extension: "
-            "it would be read as an input; write the results elsewhere"
+            f"-o {output} would be read as an input by {source} next time (an image name in "
+            "what it scans); write the results elsewhere"
         )
 
 
-def _refuse_maps_over_inputs(maps: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
-    """Refuse a ``--map`` folder whose files could replace an input or be scanned as inputs."""
-    folder = _scanned_folder_holding(maps, inputs)
-    if folder is not None:
-        raise UsageError(
-            f"--map {maps} lies in the scanned folder {folder}: its overlays would be read as "
-            "inputs next time; write the maps elsewhere"
-        )
-    target = os.path.realpath(maps)
-    for p in paths:
-        if os.path.dirname(os.path.realpath(p)) == target and ".map." in Path(p).name:
-            raise UsageError(f"--map {maps} holds the input {p}, which a map could replace")
+def _refuse_maps_over_inputs(
+    args: argparse.Namespace, paths: Sequence[Path], root: Path | None, inputs: InputFiles
+) -> None:
+    """Refuse a ``--map`` folder where a map file would be an input, or be scanned as one."""
+    from qualiclip.inputs import scanned_by
+    from qualiclip.maps import map_files
+
+    for target in map_files(paths, args.map, root, npy=args.map_npy):
+        try:
+            inputs.refuse(target, "--map: the map file")
+        except SameFileError as exc:
+            raise UsageError(str(exc)) from None
+        source = scanned_by(target, args.inputs)
+        if source is not None:
+            raise UsageError(
+                f"--map {args.map}: its map {target} would be read as an input by {source} "
+                "next time; write the maps elsewhere"
+            )
 
 
 def _ray_output_format(args: argparse.Namespace) -> str:
@@ -425,6 +436,7 @@ def _run_degrade(args: argparse.Namespace) -> int:
 
     from qualiclip.degradations import DISTORTION_TYPES, apply_distortion
     from qualiclip.images import ImageDecodeError, load_image
+    from qualiclip.output_files import open_output
     from qualiclip.sheet import contact_sheet, to_pil
 
     if bool(args.sheet) == bool(args.dist_type or args.output):
@@ -436,8 +448,12 @@ def _run_degrade(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 5 or args.size < 16:
         raise UsageError("--level must be in 1..5 and --size at least 16")
     written = args.sheet or args.output
-    if os.path.realpath(written) == os.path.realpath(args.image):
-        raise UsageError(f"{written} is the input image; writing it would destroy it")
+    inputs = InputFiles.of([args.image])
+    try:
+        inputs.refuse(written)
+    except SameFileError as exc:
+        raise UsageError(str(exc)) from None
+    fmt = _image_format(written)
     try:
         image = load_image(args.image)
     except ImageDecodeError as exc:  # every decoder failure, with its reason
@@ -445,18 +461,30 @@ def _run_degrade(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.sheet:
         result = contact_sheet(image, size=args.size, seed=args.seed)
-        target = args.sheet
     else:
         g = torch.Generator().manual_seed(args.seed)
         out = apply_distortion(image[None], args.dist_type, args.level, g)
-        result, target = to_pil(out[0]), args.output
+        result = to_pil(out[0])
     try:
-        result.save(target)
-    except (OSError, ValueError) as exc:
-        print(f"qualiclip degrade: cannot write {target}: {exc}", file=sys.stderr)
+        with open_output(written, inputs=inputs) as stream:
+            result.save(stream, format=fmt)
+    except ValueError as exc:  # an option the format refuses
+        print(f"qualiclip degrade: cannot write {written}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(target)
+    print(written)
     return EXIT_OK
+
+
+def _image_format(path: str) -> str:
+    """Pillow's format for the file name's extension; an unknown one is a usage error."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{path}: no image format to write for the extension {ext or '(none)'!r}"
+                         " (use .png, .jpg, .tif, .webp, ...)")
+    return fmt
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -510,6 +538,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "config.json and validation.json; other files stay)")
     p.add_argument("--strict", action="store_true",
                    help="refuse to start when any pristine file is unusable (default: skip it)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the pristine files differ from the checkpoint's: "
+                   "train on the files found now, keep the held-out set as recorded")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow an --init that is a TorchScript archive of unknown checksum "
+                   "(loading one runs code stored in the file)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides epochs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="pristine images per step and process")
@@ -557,6 +591,7 @@ def _train_setup(args: argparse.Namespace):  # noqa: ANN202
         return train.plan_run(
             config=args.config, preset=args.preset, overrides=_train_overrides(args),
             out=args.out, resume=args.resume, overwrite=args.overwrite,
+            allow_data_change=args.allow_data_change, trust_torchscript=args.trust_torchscript,
         )
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(str(exc)) from None
@@ -567,7 +602,7 @@ def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     if "Original Traceback" in str(exc) and lines:
         return lines[-1]  # "TypeName: message", as the worker raised it
-    if isinstance(exc, ValueError | OSError) and lines:
+    if isinstance(exc, ValueError | OSError | OutputError) and lines:
         return lines[0]
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
@@ -593,6 +628,8 @@ def _run_train(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = train.fit(plan)
+    except train.DataChangedError as exc:  # refused unless asked for: a usage error
+        raise UsageError(str(exc)) from None
     except (OfflineError, ChecksumError) as exc:
         # The start point's weights cannot be had: the message says which file, its checksum and
         # where to put it (as for 'score'); the presets that start from random weights need none.
@@ -604,7 +641,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
             traceback.print_exc()
         # A ValueError of ours says all there is; others may need their traceback.
-        hint = "" if args.verbose or isinstance(exc, ValueError) else " (--verbose for details)"
+        plain = isinstance(exc, ValueError | OutputError)
+        hint = "" if args.verbose or plain else " (--verbose for details)"
         print(f"qualiclip train: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_FAILED
     if not result["main"]:  # under torchrun, rank 0 closes the run for all processes
@@ -737,6 +775,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         ds = ds.head(args.limit)
     except (OSError, ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
+    inputs = InputFiles.of(p for p, _ in ds.items)
+    if args.output:
+        try:
+            inputs.refuse(args.output, "-o")
+        except SameFileError as exc:
+            raise UsageError(str(exc)) from None
     scorers = _eval_scorers(args)
     report = evaluate.evaluate_items(
         [(str(p), m) for p, m in ds.items], scorers, dataset=ds.info.name,
@@ -748,7 +792,7 @@ def _run_eval(args: argparse.Namespace) -> int:
           "correlations signed so that positive = agrees with people)")
     print(evaluate.format_table(report))
     if args.output:
-        evaluate.write_scores_csv(report, args.output)
+        evaluate.write_scores_csv(report, args.output, inputs=inputs)
         print(f"per-image scores written to {args.output}", file=sys.stderr)
     for r in report.models:
         _report_failures(r.failures, r.name)
@@ -923,10 +967,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse reports usage errors (2) and --help (0) this way
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        return int(args.func(args))
+        with stopping.terminate_as_interrupt():
+            return int(args.func(args))
     except UsageError as exc:
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as exc:  # a full disk, a read-only folder: the path and the errno
+        print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (RuntimeError, FileNotFoundError) as exc:
         from qualiclip.pretrained import ChecksumError, OfflineError
 
@@ -935,9 +983,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Weights that cannot be had: the message says which file and where to put it.
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"qualiclip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): outputs are complete
+        stopped = "terminated" if isinstance(exc, stopping.Terminated) else "interrupted"
+        print(f"qualiclip {args.command}: {stopped}", file=sys.stderr)
+        return stopping.exit_status(exc)
     except BrokenPipeError:
         # The reader went away (``| head``): what it wanted is written; stop quietly. stdout is
         # pointed at /dev/null so that flushing it at exit does not fail again.

@@ -56,7 +56,7 @@ from torch import nn
 from qualiclip import heap, images
 from qualiclip.clip import ModifiedResNet
 from qualiclip.fused import FusedResNet
-from qualiclip.model import QualiCLIP, Scorer
+from qualiclip.model import NonFiniteScoreError, QualiCLIP, Scorer, checked_scores
 from qualiclip.precision import (
     PRECISIONS,
     Precision,
@@ -410,7 +410,7 @@ def _launch(
                 box.clear()
                 release()
             if runner.device.type != "cuda":
-                ready = [float(s) for s in scores.cpu().tolist()]
+                ready = checked_scores([float(s) for s in scores.cpu().tolist()])
                 return lambda: list(ready)
             host = scores.to("cpu", non_blocking=True)
             done = torch.cuda.Event()
@@ -425,11 +425,16 @@ def _launch(
     def wait() -> Outcomes:
         try:
             done.synchronize()
-            return [float(s) for s in host.tolist()]
+            return checked_scores([float(s) for s in host.tolist()])
         except Exception as exc:  # noqa: BLE001 - an asynchronous failure, reported per image
             return [exc] * len(pixels)
 
     return wait
+
+
+def _error_text(exc: Exception) -> str:
+    """A failed image's error: the exception's type and message, or our own message alone."""
+    return str(exc) if isinstance(exc, NonFiniteScoreError) else f"{type(exc).__name__}: {exc}"
 
 
 def _in_flight(runner: InferenceModel) -> int:
@@ -447,7 +452,7 @@ def _run_batch(runner: InferenceModel, items: list[Decoded]) -> Callable[[], lis
 
     def rows() -> list[ScoreResult]:
         return [
-            ScoreResult(it.path, None, f"{type(out).__name__}: {out}", w, h)
+            ScoreResult(it.path, None, _error_text(out), w, h)
             if isinstance(out, Exception) else ScoreResult(it.path, out, None, w, h)
             for it, out in zip(items, wait(), strict=True)
         ]

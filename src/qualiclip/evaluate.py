@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from qualiclip.metrics import LOGISTIC_MIN_POINTS, FloatArray, Metrics, compute_metrics, srcc
+from qualiclip.output_files import InputFiles, open_output
 
 if TYPE_CHECKING:
     from qualiclip.model import Scorer
+
 
 # --- scorers -----------------------------------------------------------------------------------
 
@@ -278,10 +280,19 @@ def format_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
-    """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed)."""
+def write_scores_csv(
+    report: EvalReport, path: str | os.PathLike[str], *, inputs: InputFiles | None = None
+) -> None:
+    """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed).
+
+    Written whole or not at all (:func:`qualiclip.output_files.open_output`), never over one
+    of ``inputs``.
+
+    Raises:
+        OutputError: the file could not be written (the message names it and the errno).
+    """
     names = [m.name for m in report.models]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open_output(path, "w", newline="", encoding="utf-8", inputs=inputs) as f:
         writer = csv.writer(f, lineterminator="\n")  # LF, as the other outputs
         writer.writerow(["path", "mos", *names, "error"])
         for i, (p, mos) in enumerate(report.items):
@@ -349,6 +360,7 @@ def evaluate_synthetic(
 
     from qualiclip.degradations import DISTORTION_TYPES, NUM_LEVELS, apply_distortion
     from qualiclip.images import load_image
+    from qualiclip.model import NON_FINITE_SCORE
 
     levels = list(range(1, NUM_LEVELS + 1))
     per: dict[str, dict[str, list[float]]] = {s.name: {t: [] for t in DISTORTION_TYPES}
@@ -389,7 +401,9 @@ def evaluate_synthetic(
             quality = scores if s.higher_is_better else -scores
             for i, name in enumerate(kinds):
                 q = quality[i * NUM_LEVELS : (i + 1) * NUM_LEVELS]
-                if np.isfinite(q).all() and np.ptp(q) > 0:
+                if not np.isfinite(q).all():  # the rule of every score: NaN is an error
+                    fails[s.name].append((f"{path} [{name}]", NON_FINITE_SCORE))
+                elif np.ptp(q) > 0:
                     per[s.name][name].append(srcc(q, -np.asarray(levels, dtype=np.float64)))
     return tuple(
         SyntheticResult(

@@ -36,6 +36,26 @@ from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair, fla
 Formula = Literal["official", "pyiqa"]
 FORMULAS: tuple[str, ...] = ("official", "pyiqa")
 
+#: The error of an input whose score came out NaN or infinite.
+NON_FINITE_SCORE = "model produced a non-finite score"
+
+
+class NonFiniteScoreError(ValueError):
+    """A score that is not a finite number: broken weights, or arithmetic that overflowed
+    (fp16 on some inputs). Reported as that input's error, never as a score."""
+
+    def __init__(self) -> None:
+        super().__init__(NON_FINITE_SCORE)
+
+
+def checked_scores(scores: Sequence[float]) -> list[float | Exception]:
+    """Each score, or a :class:`NonFiniteScoreError` in place of one that is NaN or infinite.
+
+    The one rule for what counts as a score: every row-producing path (files, arrays, the
+    service, maps, evaluation) goes through it.
+    """
+    return [s if math.isfinite(s) else NonFiniteScoreError() for s in scores]
+
 
 class Scorer(Protocol):
     """What every scorer offers the engine, the maps and the front ends.
@@ -133,6 +153,13 @@ class QualiCLIP(nn.Module):
         if prompt_pairs is not None and len(prompt_pairs) != prompt_features.shape[0]:
             raise ValueError(
                 f"{len(prompt_pairs)} prompt pairs for {prompt_features.shape[0]} feature pairs"
+            )
+        width = getattr(visual, "output_dim", None)
+        if isinstance(width, int) and prompt_features.shape[-1] != width:
+            pairs = prompt_features.shape[0]
+            raise ValueError(
+                f"prompt features of shape {(2 * pairs, prompt_features.shape[-1])} do not fit "
+                f"the image tower, whose features are {width} wide: expected {(2 * pairs, width)}"
             )
         self.visual = visual
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -349,18 +376,35 @@ def create_model(
         name=weights.name,
         weights_sha256=weights.sha256,
     )
-    if stored is not None and prompt_pairs is None and stored.shape[0] == 2 * len(pairs):
-        model = QualiCLIP(load_visual(state, mode), stored, prompt_pairs=pairs, **common)
-    elif "text_projection" in state:
-        clip = build_clip(state, mode)
-        model = QualiCLIP.from_clip(clip, pairs, **common)
-        del clip
-    else:
-        raise ValueError(
-            f"{weights.name}: the checkpoint has no text tower and no prompt features for "
-            f"{len(pairs)} prompt pairs; cannot build the scorer"
-        )
+    try:
+        model = _build(state, stored, pairs, mode, prompt_pairs is None, common)
+    except ValueError as exc:  # the file's tensors do not make a model: say which file
+        raise ValueError(f"{weights.name}: {exc}") from None
     return model.to(resolve_device(device)).eval()
+
+
+def _build(
+    state: dict[str, torch.Tensor],
+    stored: torch.Tensor | None,
+    pairs: tuple[PromptPair, ...],
+    mode: Pooling,
+    use_stored: bool,
+    common: dict[str, Any],
+) -> QualiCLIP:
+    """The scorer from checked tensors: stored prompt features, or the text tower's."""
+    if stored is not None and use_stored and stored.shape[0] == 2 * len(pairs):
+        visual = load_visual(state, mode)
+        try:
+            return QualiCLIP(visual, stored, prompt_pairs=pairs, **common)
+        except ValueError as exc:
+            raise ValueError(f"prompts_features: {exc}") from None
+    if "text_projection" in state:
+        clip = build_clip(state, mode)
+        return QualiCLIP.from_clip(clip, pairs, **common)
+    raise ValueError(
+        f"the checkpoint has no text tower and no prompt features for {len(pairs)} prompt "
+        "pairs; cannot build the scorer"
+    )
 
 
 def _onnx_scorer(

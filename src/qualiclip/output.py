@@ -15,9 +15,10 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TextIO
+from typing import IO, TextIO
 
 from qualiclip.engine import ScoreResult
+from qualiclip.output_files import InputFiles, open_output
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "jsonl")
 FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model")
@@ -54,16 +55,28 @@ def write_results(
     output: str | None = None,
     *,
     model_name: str = "",
+    inputs: InputFiles | None = None,
 ) -> int:
     """Write ``results`` in ``fmt`` to ``output`` (a path) or stdout; return how many failed.
 
-    CSV and JSON lines are written row by row as results arrive, so a long run's output is usable
-    while it goes on and nothing scored is lost if it is interrupted.
+    CSV and JSON lines are written row by row as results arrive (to stdout, a pipe sees each row
+    at once). A file is written by :func:`qualiclip.output_files.open_output`: beside it under a
+    hidden temporary name, renamed to ``output`` when the run ends, so ``output`` is always a
+    complete file. An interrupted run (Ctrl-C, SIGTERM) completes the file with the rows it has
+    (the JSON array closed, the table aligned) and keeps it; a failed one (a full disk) leaves
+    ``output`` as it was.
+
+    Args:
+        inputs: files ``output`` must never be (it is refused with ``SameFileError``).
+
+    Raises:
+        OutputError: the file could not be written (its message names the path and the errno).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if output:
-        with open(output, "w", newline="", encoding="utf-8", errors=NAME_ERRORS) as stream:
+        with open_output(output, "w", newline="", encoding="utf-8", errors=NAME_ERRORS,
+                         inputs=inputs, keep_on_interrupt=True) as stream:
             return _write(results, fmt, stream, model_name)
     with _utf8_stdout() as stream:
         return _write(results, fmt, stream, model_name)
@@ -88,7 +101,7 @@ def _utf8_stdout() -> Iterator[TextIO]:
         stream.detach()  # leaves sys.stdout's buffer open
 
 
-def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name: str) -> int:
+def _write(results: Iterable[ScoreResult], fmt: str, stream: IO[str], model_name: str) -> int:
     failed = 0
     rows: list[dict[str, object]] = []
     # LF line ends (the csv module's default is CRLF), as every other output and tool here.
@@ -115,7 +128,7 @@ def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name:
     return failed
 
 
-def _write_collected(rows: list[dict[str, object]], fmt: str, stream: TextIO) -> None:
+def _write_collected(rows: list[dict[str, object]], fmt: str, stream: IO[str]) -> None:
     """The formats written at the end: JSON (one array) and the table (aligned columns)."""
     if fmt == "json":
         json.dump(rows, stream, indent=2)
@@ -125,7 +138,7 @@ def _write_collected(rows: list[dict[str, object]], fmt: str, stream: TextIO) ->
     stream.flush()
 
 
-def _write_table(rows: list[dict[str, object]], stream: TextIO) -> None:
+def _write_table(rows: list[dict[str, object]], stream: IO[str]) -> None:
     width = max([len("path")] + [len(str(r["path"])) for r in rows])
     stream.write(f"{'path'.ljust(width)}  {'score':>8}  error\n")
     for r in rows:

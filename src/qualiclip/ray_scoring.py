@@ -165,16 +165,21 @@ def init_ray(
     Returns:
         whether this call initialised Ray (the caller may then shut it down).
     """
+    from qualiclip.stopping import keeping_handlers
+
     ray = require_ray()
     if ray.is_initialized():
         return False
     # Ray's start-up lines, its workers' log lines and Ray Data's plan messages flood a terminal
     # that only wants the summary; they are shown with verbose=True.
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
-    if address:
-        ray.init(address=address, **{"log_to_driver": True, **quiet})
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    # ray.init makes SIGTERM exit at once (status 15); the caller's rule (qualiclip.stopping:
+    # finish the parts written, exit 143) stays in force.
+    with keeping_handlers():
+        if address:
+            ray.init(address=address, **{"log_to_driver": True, **quiet})
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
     return True
 
 
@@ -223,37 +228,50 @@ def read_results(output: str | Path, fmt: OutputFormat = "parquet") -> Any:
 
 
 def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
+    """The ``columns`` of one part file.
+
+    Raises:
+        ValueError: the file is not one of ours (other columns, not CSV or Parquet at all).
+    """
+    import pyarrow as pa
+
     schema = _schema()
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path, columns=list(columns), schema=schema)
-    import pyarrow.csv as pcsv
-
-    convert = pcsv.ConvertOptions(
-        column_types={name: schema.field(name).type for name in columns},
-        include_columns=list(columns),
-        strings_can_be_null=True,  # an empty error / checksum field is a null, as written
-    )
-    return pcsv.read_csv(path, convert_options=convert)
-
-
-def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
-    """Write ``table`` to ``folder/name`` atomically: a temporary name, then a rename."""
-    final = folder / name
-    tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(table, tmp)
+            return pq.read_table(path, columns=list(columns), schema=schema)
+        import pyarrow.csv as pcsv
+
+        convert = pcsv.ConvertOptions(
+            column_types={name: schema.field(name).type for name in columns},
+            include_columns=list(columns),
+            strings_can_be_null=True,  # an empty error / checksum field is a null, as written
+        )
+        return pcsv.read_csv(path, convert_options=convert)
+    except pa.ArrowException as exc:  # ArrowInvalid, ArrowKeyError (a missing column), ...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path} is not a qualiclip part file ({detail}); move it, or write to another "
+            "folder"
+        ) from None
+
+
+def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
+    """Write ``table`` to ``folder/name`` whole or not at all
+    (:func:`qualiclip.output_files.open_output`: a temporary name, then a rename)."""
+    from qualiclip.output_files import open_output
+
+    final = folder / name
+    with open_output(final) as stream:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, stream)
         else:
             import pyarrow.csv as pcsv
 
-            pcsv.write_csv(table, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+            pcsv.write_csv(table, stream)
     return final
 
 
