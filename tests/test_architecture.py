@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     # 1 - building blocks on the leaves
     "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "degradations": 1,
     "onnx_scorer": 1,  # ONNX Runtime scorer: the model factory returns it for .onnx files
+    "prompt_learning": 1,  # learned prompt context and pyiqa's prompt files (QualiCLIP+)
     # 2 - on those
     "sheet": 2, "tokenizer": 2,
     # 3 - the model and its factory

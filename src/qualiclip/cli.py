@@ -41,8 +41,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="positional embedding in attention pooling (default: none, as QualiCLIP)",
     )
     p.add_argument(
-        "--formula", choices=("official", "pyiqa"), default="official",
-        help="score formula: the authors' (scale 100) or pyiqa's (default: official)",
+        "--formula", choices=("official", "pyiqa"), default=None,
+        help="score formula: the authors' (scale 100) or pyiqa's (default: official; pyiqa's "
+        "with --prompts, the one they were learned with)",
+    )
+    p.add_argument(
+        "--prompts", default=None, metavar="FILE|NAME",
+        help="learned prompts (QualiCLIP+) on the --model base: a prompt file in pyiqa's format "
+        "(as 'qualiclip tune' writes) or a name such as qualiclip+ (see 'qualiclip models')",
     )
     p.add_argument(
         "--trust-torchscript", action="store_true",
@@ -62,6 +68,7 @@ def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # 
             device=args.device,
             pooling=args.pooling,
             formula=args.formula,
+            prompts=args.prompts,
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
@@ -272,7 +279,8 @@ def _run_score_ray(args: argparse.Namespace) -> int:
     try:
         config = ray_scoring.RayScoreConfig(
             model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
-            cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+            prompts=args.prompts, cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
             precision=args.precision, batch_size=args.batch_size, decode_threads=args.workers,
             concurrency=args.concurrency, num_cpus_per_actor=args.num_cpus_per_actor,
             num_gpus_per_actor=args.num_gpus_per_actor, rows_per_part=args.rows_per_part,
@@ -328,6 +336,13 @@ def _run_models(args: argparse.Namespace) -> int:
         rows.append(
             (name, "yes" if cached else "no", size, entry.licence, entry.file.sha256[:12],
              entry.description)
+        )
+    for name, plus in pretrained.PRETRAINED_PROMPTS.items():
+        cached = pretrained.is_cached(name, args.cache_dir)
+        size = f"{plus.file.size / 1e6:.1f} MB" if plus.file.size else "?"
+        rows.append(
+            (name, "yes" if cached else "no", size, plus.licence, plus.file.sha256[:12],
+             plus.description)
         )
     for name in pretrained.RANDOM_MODELS:
         rows.append((name, "-", "-", "-", "-", "random weights, for tests and benchmarks"))
@@ -599,6 +614,7 @@ def _eval_scorers(args: argparse.Namespace) -> list:
                 name, device=args.device, batch_size=args.batch_size, workers=args.workers,
                 precision=args.precision, pooling=args.pooling, formula=args.formula,
                 cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+                **({"prompts": args.prompts} if args.prompts and name.lower() != "niqe" else {}),
             )
             for name in names
         ]
