@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     # 5 - libraries of the front ends
     "output": 5, "evaluate": 5, "train_config": 5, "batcher": 5, "maps": 5,
     # 6, 7 - training
-    "checkpoints": 6, "validation": 6, "train": 7,
+    "checkpoints": 6, "validation": 6, "train": 7, "tune": 7,
     # 8, 9 - front ends
     "serve": 8, "ray_scoring": 8, "cli": 9,
     "__init__": 10,  # lazy re-exports of the public API
