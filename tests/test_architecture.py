@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "engine": 4, "onnx_export": 4,
     # 5 - libraries of the front ends
     "output": 5, "evaluate": 5, "train_config": 5, "batcher": 5, "maps": 5,
+    "quality_loss": 5, "quality_metric": 5,  # QualiCLIP in others' code: loss, metric
     # 6, 7 - training
     "checkpoints": 6, "validation": 6, "train": 7, "tune": 7,
     # 8, 9 - front ends
