@@ -16,7 +16,7 @@ ASSETS = REPO / "src" / "qualiclip" / "assets"
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_vocabulary_niqe_model_and_web_page(tmp_path: Path) -> None:
+def test_wheel_ships_the_vocabulary_niqe_model_web_page_and_report(tmp_path: Path) -> None:
     pytest.importorskip("setuptools", minversion="77")
     project = tmp_path / "project"
     project.mkdir()
@@ -32,8 +32,9 @@ def test_wheel_ships_the_vocabulary_niqe_model_and_web_page(tmp_path: Path) -> N
     (wheel,) = (tmp_path / "dist").glob("qualiclip-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith("qualiclip/assets/")}
-    web = sorted(p.relative_to(ASSETS).as_posix() for p in (ASSETS / "web").iterdir())
-    assert web, "the web page's files are missing from the repository"
+    web = sorted(p.relative_to(ASSETS).as_posix() for folder in ("web", "report")
+                 for p in (ASSETS / folder).iterdir())
+    assert web, "the web page's and report's files are missing from the repository"
     for name in ("bpe_simple_vocab_16e6.txt.gz", "niqe_matlab_params.npz",
                  "LICENSE-openai-clip.txt", "README.md", *web):
         data = shipped.get(f"qualiclip/assets/{name}")

@@ -1,24 +1,34 @@
-"""Inference precisions: which exist, what each device can run, and the autocast region.
+"""Precisions: which exist for scoring and for training, what each device can run, autocast.
 
-``fp32`` (default) runs everywhere. ``bf16`` runs on every CPU and on CUDA devices that support
-it; it is fast only where the hardware has bf16 arithmetic (AVX512-BF16/AMX CPUs, Ampere+ GPUs):
-elsewhere it is emulated, slower than fp32, and :func:`qualiclip.engine.prepare` warns. ``fp16``
-is CUDA only. The measured effect of each on scores is in ``docs/precision.md``.
+Scoring (:data:`PRECISIONS`): ``fp32`` (default) runs everywhere. ``bf16`` runs on every CPU and
+on CUDA devices that support it; it is fast only where the hardware has bf16 arithmetic
+(AVX512-BF16/AMX CPUs, Ampere+ GPUs): elsewhere it is emulated, slower than fp32, and
+:func:`qualiclip.engine.prepare` warns. ``fp16`` is CUDA only. The measured effect of each on
+scores is in ``docs/precision.md``.
+
+Training (:data:`TRAIN_PRECISIONS`, ``optim.precision``): ``auto`` (bf16 autocast on CUDA
+devices that support it, else fp32), ``fp32``, or ``bf16`` (autocast on any device, CPU
+included); see :func:`train_autocast_dtype`.
 
 A leaf module: it imports nothing of qualiclip's, and torch only when called, so the command
-line can offer :data:`PRECISIONS` without loading torch.
+line can offer :data:`PRECISIONS` and :data:`TRAIN_PRECISIONS` without loading torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
+#: A scoring precision.
 Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+#: A training precision (``optim.precision``).
+TrainPrecision = Literal["auto", "fp32", "bf16"]
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)
 
 
 class PrecisionError(ValueError):
@@ -85,3 +95,23 @@ def compute_dtype(precision: str) -> torch.dtype:
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
+
+
+def train_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training precision ``precision`` on ``device``; None for fp32.
+
+    Raises:
+        ValueError: ``precision`` is not one of :data:`TRAIN_PRECISIONS`.
+    """
+    import torch
+
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(
+            f"optim.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {precision!r}"
+        )
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda_bf16 else None

@@ -10,7 +10,7 @@ Cache folder, first match wins: the ``cache_dir`` argument (``--cache-dir``), ``
 fetched: a missing file raises :class:`OfflineError` whose message says what to download and
 exactly where to put it.
 
-Checkpoint files are read by :mod:`qualiclip.checkpoint_formats`; :func:`resolve_weights` is the
+Weight files are read by :mod:`qualiclip.weight_files`; :func:`resolve_weights` is the
 one place that turns a name or path into weights, with one rule for trusting TorchScript.
 """
 
@@ -33,9 +33,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from qualiclip.checkpoint_formats import is_torchscript_archive, load_checkpoint
 from qualiclip.clip import CLIP, RN50, TINY_RN, CLIPConfig, Pooling
 from qualiclip.prompts import CLIP_IQA_PAIRS, CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair
+from qualiclip.weight_files import is_torchscript_archive, load_checkpoint
 
 __all__ = [
     "BPE_VOCAB",
@@ -188,6 +188,8 @@ BPE_VOCAB = RemoteFile(
 RANDOM_MODELS: dict[str, CLIPConfig] = {
     "random-tiny": TINY_RN,
     "random-micro": dataclasses.replace(TINY_RN, vision_width=8, embed_dim=32),
+    # qualiclip-open's shape: the tiny model's text tower, an image tower twice as wide.
+    "random-small": dataclasses.replace(TINY_RN, vision_width=32),
     "random-rn50": RN50,
 }
 

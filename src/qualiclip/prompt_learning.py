@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qualiclip.checkpoint_formats import load_tensors
 from qualiclip.clip import CLIP
 from qualiclip.prompts import PROMPT_PAIRS, PromptPair
+from qualiclip.weight_files import load_tensors
 
 __all__ = [
     "CTX_KEY", "PREFIX_KEY", "SUFFIX_KEY", "LearnedPrompts", "PromptFile", "read_prompt_file",

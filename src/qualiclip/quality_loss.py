@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qualiclip.model import QualiCLIP, create_model
+from qualiclip.model import QualiCLIP, Scorer, create_model
 from qualiclip.precision import PRECISIONS, autocast_context, native_bf16
 
 __all__ = ["QualityLoss", "QualityScore", "create_metric"]
@@ -32,17 +32,19 @@ __all__ = ["QualityLoss", "QualityScore", "create_metric"]
 def _scorer(model: QualiCLIP | str | Path, device: str | torch.device | None,
             options: dict[str, Any]) -> QualiCLIP:
     if isinstance(model, (str, Path)):
-        model = create_model(model, device or "auto", **options)
+        built: Scorer = create_model(model, device or "auto", **options)
     elif options:
         raise TypeError(f"model options {sorted(options)} apply to a name, not to a built model")
-    if not isinstance(model, QualiCLIP):
+    else:
+        built = model
+    if not isinstance(built, QualiCLIP):
         raise TypeError(
-            f"a differentiable score needs a QualiCLIP model, got {type(model).__name__} "
+            f"a differentiable score needs a QualiCLIP model, got {type(built).__name__} "
             "(an ONNX graph has no gradients: use the checkpoint it was exported from)"
         )
     if device is not None:
-        model = model.to(device)
-    return model.eval().requires_grad_(False)
+        built = built.to(device)
+    return built.eval().requires_grad_(False)
 
 
 def _precision(precision: str, device: torch.device) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 try:
     from torchmetrics import Metric
@@ -27,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     ) from exc
 
 from qualiclip.engine import score_tensors
-from qualiclip.model import QualiCLIP, create_model
+from qualiclip.model import Scorer, create_model
 from qualiclip.precision import PRECISIONS
 
 __all__ = ["QualiCLIPMetric"]
@@ -37,7 +38,8 @@ class QualiCLIPMetric(Metric):
     """Mean QualiCLIP score of the images passed to :meth:`update`.
 
     Args:
-        model: a :class:`QualiCLIP` or a name/checkpoint for :func:`create_model`
+        model: a scorer (:class:`qualiclip.model.QualiCLIP`, or what :func:`create_model`
+            gives for an exported ``.onnx`` graph) or a name/checkpoint for :func:`create_model`
             (``"qualiclip"``, ``"qualiclip+"``, ...); it moves with the metric (``.to()``).
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA).
         model_options: :func:`create_model` options for a name (``prompts``, ``formula``, ...).
@@ -60,7 +62,7 @@ class QualiCLIPMetric(Metric):
 
     def __init__(
         self,
-        model: QualiCLIP | str | Path = "qualiclip",
+        model: Scorer | str | Path = "qualiclip",
         *,
         precision: str = "fp32",
         model_options: dict[str, Any] | None = None,
@@ -69,9 +71,11 @@ class QualiCLIPMetric(Metric):
         super().__init__(**kwargs)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if isinstance(model, (str, Path)):
-            model = create_model(model, "cpu", **(model_options or {}))
-        self.model = model.eval().requires_grad_(False)
+        scorer = create_model(model, "cpu", **(model_options or {})) \
+            if isinstance(model, (str, Path)) else model
+        if isinstance(scorer, nn.Module):  # QualiCLIP and ONNX scorers are: they move with .to()
+            scorer.eval().requires_grad_(False)
+        self.model: Scorer = scorer
         self.precision = precision
         # float64 sums: a million float32 scores keep their digits.
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -80,7 +84,8 @@ class QualiCLIPMetric(Metric):
     def train(self, mode: bool = True) -> QualiCLIPMetric:
         """The scorer stays in eval mode (a training loop's ``.train()`` reaches metrics too)."""
         super().train(mode)
-        self.model.eval()
+        if isinstance(self.model, nn.Module):
+            self.model.eval()
         return self
 
     def update(self, images: torch.Tensor) -> None:

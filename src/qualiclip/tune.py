@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from qualiclip import datasets, images, metrics
-from qualiclip.checkpoint_formats import load_tensors
 from qualiclip.clip import CLIP, build_clip
 from qualiclip.losses import opinion_losses
 from qualiclip.model import QualiCLIP, create_model, resolve_device, scores_from_similarities
@@ -50,6 +49,7 @@ from qualiclip.pretrained import resolve_weights
 from qualiclip.prompt_learning import PYIQA_TEMPERATURE, LearnedPrompts, save_prompt_file
 from qualiclip.prompts import PROMPT_PAIRS, flatten_pairs
 from qualiclip.tokenizer import tokenize
+from qualiclip.weight_files import load_tensors
 
 STATE_FORMAT = "qualiclip-tune-1"
 #: Files ``tune`` writes in its folder (and ``--overwrite`` removes).
@@ -295,7 +295,11 @@ def build_tuner(cfg: TuneConfig) -> Tuner:
                          "scale, and this checkpoint holds the image tower only")
     clip = build_clip(weights.state).to(device).requires_grad_(False)
     base = create_model(cfg.model, device, cache_dir=cfg.cache_dir,
-                        trust_torchscript=cfg.trust_torchscript).requires_grad_(False)
+                        trust_torchscript=cfg.trust_torchscript)
+    if not isinstance(base, QualiCLIP):
+        raise ValueError(f"{cfg.model}: prompt learning needs a PyTorch checkpoint, not an "
+                         "exported graph")
+    base.requires_grad_(False)
     clip.visual = base.visual  # one image tower in memory: the scorer's
     tokens = tokenize(flatten_pairs(PROMPT_PAIRS), clip.context_length)
     learned = LearnedPrompts.initial(clip, tokens, cfg.n_ctx,
