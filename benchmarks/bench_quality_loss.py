@@ -71,7 +71,9 @@ def memory(args: argparse.Namespace) -> None:
         code = (f"import json, sys; sys.argv = ['x']; import bench_quality_loss as b; "
                 f"print(json.dumps(b._measure({args.model!r}, {size})))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              check=True, cwd=sys.path[0])
+                              cwd=sys.path[0])
+        if proc.returncode != 0:
+            sys.exit(f"the {size}x{size} measurement failed:\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{size:>5}x{size:<4} {r['resident_mib']:8.0f} {r['loaded_mib']:8.0f} "
               f"{r['inference_mib']:8.0f} "

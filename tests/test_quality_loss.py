@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import perturb_batch_norms
 from qualiclip.engine import score
-from qualiclip.model import create_model
+from qualiclip.model import create_model, resolve_device
 from qualiclip.quality_loss import QualityLoss, QualityScore, create_metric
 
 
@@ -122,6 +122,15 @@ def test_create_metric_like_pyiqa(tmp_path: Path, tiny) -> None:
     out = as_loss(y)
     out.sum().backward()
     assert y.grad is not None and y.grad.abs().max() > 0
+
+
+def test_the_default_device_auto_is_resolved_for_names_and_built_models() -> None:
+    """``device="auto"`` (create_metric's default) means resolve_device's choice, never a
+    device string handed to ``Module.to``."""
+    expected = resolve_device("auto")
+    assert next(create_metric("random-tiny").model.parameters()).device.type == expected.type
+    loss = QualityLoss(create_model("random-tiny", "cpu"), device="auto")
+    assert next(loss.model.parameters()).device.type == expected.type
 
 
 def test_package_exports() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qualiclip.model import QualiCLIP, Scorer, create_model
+from qualiclip.model import QualiCLIP, Scorer, create_model, resolve_device
 from qualiclip.precision import PRECISIONS, autocast_context, native_bf16
 
 __all__ = ["QualityLoss", "QualityScore", "create_metric"]
@@ -43,7 +43,7 @@ def _scorer(model: QualiCLIP | str | Path, device: str | torch.device | None,
             "(an ONNX graph has no gradients: use the checkpoint it was exported from)"
         )
     if device is not None:
-        built = built.to(device)
+        built = built.to(resolve_device(device))
     return built.eval().requires_grad_(False)
 
 
