@@ -1,4 +1,4 @@
-"""The ``qualiclip`` command line: score, models, degrade, train, eval and serve.
+"""The ``qualiclip`` command line: score, models, degrade, train, tune, eval, serve and export.
 
 Each subcommand has an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 function that does the work and returns the exit status: 0 success, 1 when some input failed,
@@ -52,8 +52,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="positional embedding in attention pooling (default: none, as QualiCLIP)",
     )
     p.add_argument(
-        "--formula", choices=("official", "pyiqa"), default="official",
-        help="score formula: the authors' (scale 100) or pyiqa's (default: official)",
+        "--formula", choices=("official", "pyiqa"), default=None,
+        help="score formula: the authors' (scale 100) or pyiqa's (default: official; pyiqa's "
+        "with --prompts, the one they were learned with)",
+    )
+    p.add_argument(
+        "--prompts", default=None, metavar="FILE|NAME",
+        help="learned prompts (QualiCLIP+) on the --model base: a prompt file in pyiqa's format "
+        "(as 'qualiclip tune' writes) or a name such as qualiclip+ (see 'qualiclip models')",
     )
     p.add_argument(
         "--trust-torchscript", action="store_true",
@@ -74,6 +80,7 @@ def load_model_from_args(
             device=args.device,
             pooling=args.pooling,
             formula=args.formula,
+            prompts=args.prompts,
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
@@ -344,7 +351,8 @@ def _run_score_ray(args: argparse.Namespace) -> int:
     try:
         config = ray_scoring.RayScoreConfig(
             model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
-            cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+            prompts=args.prompts, cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
             precision=args.precision, batch_size=args.batch_size, decode_threads=args.workers,
             concurrency=args.concurrency, num_cpus_per_actor=args.num_cpus_per_actor,
             num_gpus_per_actor=args.num_gpus_per_actor, rows_per_part=args.rows_per_part,
@@ -401,6 +409,13 @@ def _run_models(args: argparse.Namespace) -> int:
         rows.append(
             (name, where, size, entry.licence, entry.file.sha256[:12],
              entry.description)
+        )
+    for name, plus in pretrained.PRETRAINED_PROMPTS.items():
+        cached = pretrained.is_cached(name, args.cache_dir)
+        size = f"{plus.file.size / 1e6:.1f} MB" if plus.file.size else "?"
+        rows.append(
+            (name, "yes" if cached else "no", size, plus.licence, plus.file.sha256[:12],
+             plus.description)
         )
     for name in pretrained.RANDOM_MODELS:
         rows.append((name, "-", "-", "-", "-", "random weights, for tests and benchmarks"))
@@ -719,6 +734,7 @@ def _eval_scorers(args: argparse.Namespace) -> list:
                 name, device=args.device, batch_size=args.batch_size, workers=args.workers,
                 precision=args.precision, pooling=args.pooling, formula=args.formula,
                 cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+                **({"prompts": args.prompts} if args.prompts and name.lower() != "niqe" else {}),
             )
             for name in names
         ]
@@ -936,6 +952,93 @@ def _run_export(args: argparse.Namespace) -> int:
 # --- entry point -------------------------------------------------------------------------------
 
 
+# --- tune --------------------------------------------------------------------------------------
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="learn prompt context on opinion scores (QualiCLIP+)",
+        description="Learn 16 context vectors per prompt on a rated dataset, the image and text "
+        "towers frozen (pyiqa's QualiCLIP+ recipe by default), on a random training split; "
+        "report SRCC/PLCC on the held-out split before and after. Writes DIR/prompts.pth "
+        "(pyiqa's format: qualiclip score --model BASE --prompts DIR/prompts.pth), "
+        "split.json, history.jsonl, evaluation.json and tune-state.pt (--resume). Exit "
+        "status: 0 done, 1 a failure or unreadable images, 2 a usage error.",
+    )
+    p.add_argument("--model", default="qualiclip",
+                   help="base weights with a text tower (default: qualiclip)")
+    p.add_argument("--dataset", required=True,
+                   help="a dataset name (koniq, clive, spaq, biq2021, ...; with --root) or a "
+                   "path,score CSV")
+    p.add_argument("--root", default=None, help="the dataset's folder")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--epochs", type=int, default=50, help="default 50 (pyiqa's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N steps (the schedule still spans --epochs; --resume goes on)")
+    p.add_argument("--batch-size", type=int, default=8, help="default 8")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam, cosine per epoch (default 2e-3)")
+    p.add_argument("--n-ctx", type=int, default=16, help="context vectors per prompt (default 16)")
+    p.add_argument("--crop", type=int, default=384, help="random crop side (default 384)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of images held out (default 0.2)")
+    p.add_argument("--seed", type=int, default=123, help="split, init, batches (default 123)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--dmos", action="store_true", help="a CSV's scores are lower-is-better")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (default 2)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the final 95%% intervals (default 1000)")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $QUALICLIP_HOME)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow a TorchScript archive as --model FILE")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from qualiclip import tune
+
+    try:
+        cfg = tune.TuneConfig(
+            model=args.model, dataset=args.dataset, root=args.root, out=args.out,
+            n_ctx=args.n_ctx, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            crop=args.crop, flip=not args.no_flip, val_fraction=args.val_fraction,
+            seed=args.seed, limit=args.limit, max_steps=args.max_steps, dmos=args.dmos,
+            device=args.device, workers=args.workers, bootstrap=args.bootstrap,
+            progress=not args.no_progress, cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
+        )
+        result = tune.tune(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        # Checked before the first step: the dataset, the split, the base, the folder.
+        raise UsageError(_one_line(exc)) from None
+    except (RuntimeError, OSError) as exc:
+        from qualiclip.pretrained import ChecksumError, OfflineError
+
+        if isinstance(exc, (OfflineError, ChecksumError)):
+            raise
+        print(f"qualiclip tune: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    ev = result.evaluation
+    print(f"held-out split: {ev['images']} images; SRCC [95% interval] without learned prompts "
+          f"{_with_ci(ev['before'], 'srcc')}, with them {_with_ci(ev['after'], 'srcc')}; PLCC "
+          f"{_with_ci(ev['before'], 'plcc')} -> {_with_ci(ev['after'], 'plcc')}",
+          file=sys.stderr)
+    for failure in result.failures[:10]:
+        print(f"qualiclip tune: skipped: {failure}", file=sys.stderr)
+    print(result.prompts)
+    return EXIT_FAILED if result.failures else EXIT_OK
+
+
+def _with_ci(m: dict, key: str) -> str:
+    ci = m.get(f"{key}_ci")
+    return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qualiclip",
@@ -945,8 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"qualiclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_eval, _add_serve,
-                _add_export):
+    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_tune, _add_eval,
+                _add_serve, _add_export):
         add(sub)
     return parser
 

@@ -61,7 +61,8 @@ class RayScoreConfig:
         model: weight name or checkpoint path (as for :func:`qualiclip.model.create_model`); a
             path must be readable on every node.
         device: device inside each actor; ``"auto"`` uses the actor's GPU when it has one.
-        pooling, formula, cache_dir, trust_torchscript: as for ``create_model``.
+        pooling, formula, prompts, cache_dir, trust_torchscript: as for ``create_model``
+            (a prompt file, like a checkpoint, must be readable on every node).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
         batch_size: paths per actor call (Ray Data batch) and most images per forward pass.
         decode_threads: image-decoding threads inside each actor.
@@ -76,7 +77,8 @@ class RayScoreConfig:
     model: str = "qualiclip"
     device: str = "auto"
     pooling: str | None = None
-    formula: str = "official"
+    formula: str | None = None
+    prompts: str | None = None
     cache_dir: str | None = None
     trust_torchscript: bool = False
     precision: str = "fp32"
@@ -300,7 +302,7 @@ def _existing_rows(output: str | Path, config: RayScoreConfig) -> tuple[set[str]
         )
     from qualiclip.pretrained import weights_identity
 
-    name, sha = weights_identity(config.model)
+    name, sha = weights_identity(config.model, config.prompts)
     done: set[str] = set()
     failed: set[str] = set()
     columns = ("path", "error", "model", "weights_sha256")
@@ -333,6 +335,7 @@ class _ActorScorer:
             device=config.device,
             pooling=config.pooling,  # type: ignore[arg-type]
             formula=config.formula,  # type: ignore[arg-type]
+            prompts=config.prompts,
             cache_dir=config.cache_dir,
             trust_torchscript=config.trust_torchscript,
         )
