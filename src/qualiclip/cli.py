@@ -193,7 +193,8 @@ def _run_score(args: argparse.Namespace) -> int:
         results = write_maps(model, results, args.map, kind=args.map_kind, npy=args.map_npy,
                              window=args.map_window, stride=args.map_stride,
                              precision=args.precision)
-    failed = write_results(results, args.format, args.output, model_name=model.name)
+    failed = write_results(results, args.format, args.output, model_name=model.name,
+                           precision=args.precision)
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK

@@ -36,6 +36,7 @@ class Scorer(Protocol):
 
     name: str
     higher_is_better: bool
+    precision: str | None = None
 
     def score_paths(
         self, paths: Sequence[str | os.PathLike[str]], *, progress: bool = False
@@ -147,6 +148,7 @@ class ModelResult:
         n_failed: images that could not be scored (missing, undecodable, too small...).
         failures: ``(path, error)`` of each failed image.
         higher_is_better: the model's own score direction.
+        precision: the precision a CLIP model ran in; None for other scorers (NIQE).
     """
 
     name: str
@@ -155,6 +157,7 @@ class ModelResult:
     n_failed: int
     failures: tuple[tuple[str, str], ...]
     higher_is_better: bool
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ def evaluate_items(
         failures = tuple((paths[i], err[i]) for i in range(len(paths)) if err[i])
         results.append(
             ModelResult(scorer.name, metrics, int(ok.sum()), len(failures), failures,
-                        scorer.higher_is_better)
+                        scorer.higher_is_better, getattr(scorer, "precision", None))
         )
         scores[scorer.name] = tuple(float(v) for v in col)
         errors[scorer.name] = tuple(err)
@@ -251,16 +254,18 @@ def _ci(ci: tuple[float, float] | None) -> str:
 
 def format_table(report: EvalReport) -> str:
     """The results as an aligned text table, one row per model."""
-    head = ("model", "n", "failed", "SRCC", "95% CI", "PLCC", "95% CI", "PLCC-log", "KRCC")
+    head = ("model", "precision", "n", "failed", "SRCC", "95% CI", "PLCC", "95% CI", "PLCC-log",
+            "KRCC")
     rows = [head]
     for r in report.models:
         m = r.metrics
+        who = (r.name, r.precision or "-", str(r.n_used), str(r.n_failed))
         if m is None:
-            rows.append((r.name, str(r.n_used), str(r.n_failed), "-", "", "-", "", "-", "-"))
+            rows.append((*who, "-", "", "-", "", "-", "-"))
             continue
         log = f"{m.plcc_logistic:.3f}" + ("" if m.logistic_converged else "*")
-        rows.append((r.name, str(r.n_used), str(r.n_failed), f"{m.srcc:.3f}", _ci(m.srcc_ci),
-                     f"{m.plcc:.3f}", _ci(m.plcc_ci), log, f"{m.krcc:.3f}"))
+        rows.append((*who, f"{m.srcc:.3f}", _ci(m.srcc_ci), f"{m.plcc:.3f}", _ci(m.plcc_ci), log,
+                     f"{m.krcc:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -269,16 +274,19 @@ def format_table(report: EvalReport) -> str:
 
 
 def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
-    """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed)."""
+    """Per-image scores: ``path, mos, <one column per model>, error, precision`` (empty score =
+    failed; ``precision``: ``model: precision`` of each model that has one, as ``error`` names
+    each model's error, so every row says what computed its scores)."""
     names = [m.name for m in report.models]
+    precisions = "; ".join(f"{m.name}: {m.precision}" for m in report.models if m.precision)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "mos", *names, "error"])
+        writer.writerow(["path", "mos", *names, "error", "precision"])
         for i, (p, mos) in enumerate(report.items):
             vals = [report.scores[n][i] for n in names]
             errs = [f"{n}: {report.errors[n][i]}" for n in names if report.errors[n][i]]
             writer.writerow([p, repr(mos), *("" if math.isnan(v) else f"{v:.6g}" for v in vals),
-                             "; ".join(errs)])
+                             "; ".join(errs), precisions])
 
 
 # --- synthetic benchmark -----------------------------------------------------------------------

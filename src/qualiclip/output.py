@@ -19,10 +19,11 @@ from typing import TextIO
 from qualiclip.engine import ScoreResult
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "jsonl")
-FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model")
+FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model", "precision")
 
 
-def result_row(result: ScoreResult, model_name: str) -> dict[str, object]:
+def result_row(result: ScoreResult, model_name: str, precision: str = "") -> dict[str, object]:
+    """One output row: the result, and the model and precision that scored it."""
     return {
         "path": result.path,
         "score": result.score,
@@ -30,6 +31,7 @@ def result_row(result: ScoreResult, model_name: str) -> dict[str, object]:
         "width": result.width,
         "height": result.height,
         "model": model_name,
+        "precision": precision,
     }
 
 
@@ -39,19 +41,21 @@ def write_results(
     output: str | None = None,
     *,
     model_name: str = "",
+    precision: str = "",
 ) -> int:
     """Write ``results`` in ``fmt`` to ``output`` (a path) or stdout; return how many failed.
 
     CSV and JSON lines are written row by row as results arrive, so a long run's output is usable
-    while it goes on and nothing scored is lost if it is interrupted.
+    while it goes on and nothing scored is lost if it is interrupted. Every row names the model
+    and the precision (as resolved: never ``auto``) that scored it.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if output:
         with open(output, "w", newline="", encoding="utf-8", errors=NAME_ERRORS) as stream:
-            return _write(results, fmt, stream, model_name)
+            return _write(results, fmt, stream, model_name, precision)
     with _utf8_stdout() as stream:
-        return _write(results, fmt, stream, model_name)
+        return _write(results, fmt, stream, model_name, precision)
 
 
 #: How names that are not valid UTF-8 are written: their raw bytes (see the module docstring).
@@ -73,7 +77,8 @@ def _utf8_stdout() -> Iterator[TextIO]:
         stream.detach()  # leaves sys.stdout's buffer open
 
 
-def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name: str) -> int:
+def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name: str,
+           precision: str) -> int:
     failed = 0
     rows: list[dict[str, object]] = []
     writer = csv.DictWriter(stream, fieldnames=FIELDS) if fmt == "csv" else None
@@ -82,7 +87,7 @@ def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name:
     try:
         for result in results:
             failed += not result.ok
-            row = result_row(result, model_name)
+            row = result_row(result, model_name, precision)
             if writer is not None:
                 writer.writerow(row)
             elif fmt == "jsonl":

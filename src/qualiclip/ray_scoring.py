@@ -49,7 +49,7 @@ OUTPUT_FORMATS: tuple[str, ...] = ("parquet", "csv")
 
 #: Columns of every part file, in order.
 COLUMNS: tuple[str, ...] = (
-    "path", "score", "error", "width", "height", "model", "weights_sha256",
+    "path", "score", "error", "width", "height", "model", "weights_sha256", "precision",
 )
 
 
@@ -203,7 +203,7 @@ def _schema() -> Any:
         [
             ("path", pa.string()), ("score", pa.float64()), ("error", pa.string()),
             ("width", pa.int64()), ("height", pa.int64()), ("model", pa.string()),
-            ("weights_sha256", pa.string()),
+            ("weights_sha256", pa.string()), ("precision", pa.string()),
         ]
     )
 
@@ -234,6 +234,7 @@ def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
         column_types={name: schema.field(name).type for name in columns},
         include_columns=list(columns),
         strings_can_be_null=True,  # an empty error / checksum field is a null, as written
+        include_missing_columns=True,  # parts written before a column existed: nulls
     )
     return pcsv.read_csv(path, convert_options=convert)
 
@@ -340,7 +341,8 @@ class _ActorScorer:
             rows = [(display_path(p), None, message, None, None) for p in paths]
         n = len(paths)
         columns: list[list[Any]] = [[row[i] for row in rows] for i in range(5)]
-        data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n]
+        data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n,
+                [self.config.precision] * n]
         return pa.Table.from_arrays(
             [pa.array(col, type=f.type) for col, f in zip(data, _schema(), strict=True)],
             schema=_schema(),

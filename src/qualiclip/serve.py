@@ -4,8 +4,9 @@ Endpoints:
 
 * ``POST /score``: the image bytes as the body (``Content-Type: image/*`` or
   ``application/octet-stream``), or ``multipart/form-data`` with one or many files. The answer is
-  ``{"model", "weights_sha256", "results": [{"filename", "score", "error", "width", "height"}]}``,
-  one result per file, in order. File names may be any Unicode: raw UTF-8 in ``filename="..."``
+  ``{"model", "weights_sha256", "precision", "results": [{"filename", "score", "error", "width",
+  "height"}]}``, one result per file, in order (``precision``: the one the scores were computed
+  in). File names may be any Unicode: raw UTF-8 in ``filename="..."``
   (RFC 7578) or the ``filename*=UTF-8''...`` form (RFC 5987/6266, preferred when both are sent).
 * ``POST /map?kind=dense|windows``: as ``/score``, each result also carrying its quality map
   (``map``: values and grid, see :class:`qualiclip.maps.QualityMap`) and the map drawn over the
@@ -312,6 +313,7 @@ def _response_models() -> tuple[type, type]:
     class ScoreResponse(BaseModel):
         model: str
         weights_sha256: str | None = None
+        precision: str = Field(description="the precision the scores were computed in")
         results: list[ScoreRow]
         detail: str | None = Field(None, description="the first error, when every file failed")
 
@@ -450,7 +452,7 @@ def create_app(
         )
         body: dict[str, Any] = {
             "model": scorer.name, "weights_sha256": scorer.weights_sha256,
-            "results": [row for row, _ in outcomes],
+            "precision": cfg.precision, "results": [row for row, _ in outcomes],
         }
         statuses = [status for _, status in outcomes]
         if 200 in statuses:
