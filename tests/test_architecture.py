@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "onnx_scorer": 1,  # ONNX Runtime scorer: the model factory returns it for .onnx files
     # 2 - on those
     "sheet": 2, "tokenizer": 2,
+    "quantize": 2,  # the int8 tower: takes the model as a protocol, below the engine that runs it
     # 3 - the model and its factory
     "model": 3,
     # 4 - the engine (files and tensors in, scores out), and the ONNX export beside it

@@ -36,7 +36,6 @@ class Scorer(Protocol):
 
     name: str
     higher_is_better: bool
-    precision: str | None = None
 
     def score_paths(
         self, paths: Sequence[str | os.PathLike[str]], *, progress: bool = False
@@ -53,7 +52,8 @@ class ModelScorer:
         model: the QualiCLIP module (scores in [0, 1], higher is better).
         batch_size: images of equal size per forward pass.
         workers: decoding threads.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) or ``"int8"`` (CPU): a resolved
+            precision (:func:`create_scorer` resolves ``"auto"``), shown in the results table.
     """
 
     higher_is_better = True
@@ -114,7 +114,8 @@ def create_scorer(
         device: torch device for CLIP models (NIQE runs on CPU processes).
         batch_size: batch size for CLIP models.
         workers: NIQE processes, or decoding threads for CLIP models.
-        precision: precision of CLIP models (see :mod:`qualiclip.precision`).
+        precision: precision of CLIP models (see :mod:`qualiclip.precision`); ``"auto"`` is
+            resolved here, once per model, and announced.
         model_options: further :func:`qualiclip.model.create_model` options (pooling, formula,
             cache_dir, trust_torchscript).
 
@@ -126,11 +127,11 @@ def create_scorer(
         from qualiclip.niqe import NIQEScorer
 
         return NIQEScorer(workers=workers)
+    from qualiclip.engine import resolve_precision
     from qualiclip.model import create_model
-    from qualiclip.precision import check_precision
 
     model = create_model(name, device=device, **model_options)
-    check_precision(model.device, precision)
+    precision = resolve_precision(model, precision)
     return ModelScorer(name, model, batch_size=batch_size, workers=workers, precision=precision)
 
 
