@@ -52,7 +52,8 @@ Then peak memory for one ``--memory-size`` image: the engine against the referen
 under an address-space cap (``--memory-cap-gib``), retried at smaller sizes if it does not survive.
 
 Photos: ``$QUALICLIP_SHARED/data/pristine`` or ``../shared/data/pristine`` (Kodak and LIVE,
-768x512), scaled to cover ``--size`` and centre-cropped; scikit-image's sample photos otherwise.
+768x512), scaled to cover ``--size`` and centre-cropped; the built-in set of ``builtin_photos.py``
+otherwise.
 Targets (issue 6): engine fp32 >= 1.1x the reference and >= 70% of the matmul peak; engine bf16
 >= 2x the reference. Issue 21 (ratios to the engine's fp32): int8 >= 1.5x on AVX2-only CPUs and
 >= 2x with VNNI or AMX; on AMX the fastest precision >= 4x.
@@ -75,7 +76,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from builtin_photos import photo_paths
+
 FP32_SPEEDUP, FP32_PEAK_FRACTION, BF16_SPEEDUP = 1.1, 0.70, 2.0
 INT8_SPEEDUP_AVX2, INT8_SPEEDUP_VNNI, AMX_FASTEST_SPEEDUP = 1.5, 2.0, 4.0
 #: CPU flags worth printing beside the figures (what the precisions' kernels use).
@@ -87,17 +89,10 @@ SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", 
 
 
 def _sources() -> list[np.ndarray]:
-    env = os.environ.get("QUALICLIP_SHARED")
-    roots = [Path(env)] if env else []
-    roots.append(REPO.parent / "shared")
-    for root in roots:
-        folder = root / "data" / "pristine"
-        files = sorted(folder.glob("*.png")) if folder.is_dir() else []
-        if files:
-            return [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    from skimage import data
-
-    return [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    with tempfile.TemporaryDirectory() as scratch:
+        paths, which = photo_paths(None, Path(scratch), count=8)
+        print(which, flush=True)
+        return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
 def _cover_crop(arr: np.ndarray, width: int, height: int) -> Image.Image:
@@ -266,10 +261,10 @@ def run_decode(files: list[str], spec: dict[str, Any]) -> list[float]:
             out = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
             sizes += [float(t.shape[-1]) for t in out]
         return sizes
-    from qualiclip.engine import _decoded_in_order
+    from qualiclip.reading import decoded_in_order
 
     workers = spec["workers"]
-    items = _decoded_in_order(files, 32, workers, prefetch=max(2, 2 * workers))
+    items = decoded_in_order(files, 32, workers, prefetch=max(2, 2 * workers))
     return [float(it.pixels.shape[1]) if it.pixels is not None else 0.0 for it in items]
 
 

@@ -3,25 +3,30 @@
 Every module of ``src/qualiclip`` has a layer here; an import, at module level or inside a
 function, may only reach a strictly lower layer. So the import graph has no cycles, the model
 never reaches up into the engine, and the front ends stay on top. A new module must be given
-its layer here (and a line in docs/architecture.md).
+its layer here and in docs/architecture.md, whose drawing and table of modules are checked
+against this one.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "qualiclip"
+ARCHITECTURE_DOC = PACKAGE.parents[1] / "docs" / "architecture.md"
 
 LAYERS: dict[str, int] = {
     # 0 - leaves: import nothing of qualiclip's
-    "prompts": 0, "precision": 0, "heap": 0, "images": 0, "clip": 0, "losses": 0,
-    "metrics": 0, "uploads": 0, "_codec": 0, "checkpoint_formats": 0,
+    "prompts": 0, "precision": 0, "heap": 0, "images": 0, "inputs": 0, "clip": 0, "losses": 0,
+    "metrics": 0, "uploads": 0, "_codec": 0, "weight_files": 0, "color": 0,
+    "train_choices": 0,  # torch-free, so the command line offers them without loading torch
     # 1 - building blocks on the leaves
     "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "degradations": 1,
     "onnx_scorer": 1,  # ONNX Runtime scorer: the model factory returns it for .onnx files
+    "reading": 1,  # files to decoded pixels in threads (and JPEGs on the GPU), for the engine
     # 2 - on those
     "sheet": 2, "tokenizer": 2,
     "quantize": 2,  # the int8 tower: takes the model as a protocol, below the engine that runs it
@@ -33,6 +38,7 @@ LAYERS: dict[str, int] = {
     "output": 5, "evaluate": 5, "train_config": 5, "batcher": 5, "maps": 5,
     # 6, 7 - training
     "checkpoints": 6, "validation": 6, "train": 7,
+    "report": 6,  # the HTML report: draws maps (layer 5) beside thumbnails
     # 8, 9 - front ends
     "serve": 8, "ray_scoring": 8, "cli": 9,
     "__init__": 10,  # lazy re-exports of the public API
@@ -81,3 +87,46 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     source.write_text("def f():\n    from qualiclip.engine import score\n"
                       "    import qualiclip.cli\n")
     assert _imports(source) == {"engine", "cli"}
+
+
+def _documented_layers(text: str) -> dict[str, int]:
+    """Module -> layer as docs/architecture.md draws them: the first code block, one line per
+    layer (number, names two spaces apart, then a wider gap before any description), a line
+    without a number continuing the layer above it."""
+    block = text.split("```", 2)[1]
+    layers: dict[str, int] = {}
+    layer = None
+    for line in block.splitlines()[3:]:  # after the opening fence, the heading and its rule
+        head = re.match(r"\s*(\d+)\s", line)
+        if head:
+            layer = int(head.group(1))
+            line = line[head.end():]
+        names_part = re.split(r"\s{3,}", line.strip())[0]
+        for name in names_part.split():
+            assert layer is not None, f"module {name} drawn before any layer number"
+            layers[name] = layer
+    return layers
+
+
+def test_architecture_doc_draws_every_module_in_its_layer() -> None:
+    text = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+    drawn = _documented_layers(text)
+    missing = [m for m in _modules() if m not in drawn]
+    assert not missing, f"docs/architecture.md does not draw these modules: {missing}"
+    moved = {m: (drawn[m], LAYERS[m]) for m in _modules() if m in drawn and drawn[m] != LAYERS[m]}
+    assert not moved, f"docs/architecture.md draws these in other layers (doc, test): {moved}"
+    stale = [m for m in drawn if m not in _modules()]
+    assert not stale, f"docs/architecture.md draws modules that no longer exist: {stale}"
+
+
+def test_architecture_doc_has_a_line_for_every_module() -> None:
+    rows = set(re.findall(r"^\| `(\w+)` \|", ARCHITECTURE_DOC.read_text(encoding="utf-8"), re.M))
+    missing = [m for m in _modules() if m not in rows]
+    assert not missing, f"add these modules to docs/architecture.md's table of modules: {missing}"
+
+
+def test_the_doc_check_reads_the_drawing() -> None:
+    """The parser itself: numbered lines, continuation lines, descriptions ignored."""
+    text = ("intro\n```\n layer  modules\n ─────  ───\n"
+            "   2    b  c" + " " * 42 + "what b does\n        d\n   0    a\n```\n")
+    assert _documented_layers(text) == {"b": 2, "c": 2, "d": 2, "a": 0}

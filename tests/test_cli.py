@@ -58,12 +58,12 @@ def mixed_folder(tmp_path_factory) -> Path:
     sub = root / "nested"
     sub.mkdir()
     Image.fromarray(photo(7)).save(sub / "deeper.png")
-    (root / "notes.txt").write_text("not an image")
+    (root / "notes.md").write_text("not an image")  # (a .txt input would be a list of paths)
     return root
 
 
 GOOD = {"plain.jpg", "alpha.png", "grey.png", "deep16.png", "rotated.jpg", "deeper.png"}
-BAD = {"corrupt.png", "truncated.jpg", "notes.txt"}
+BAD = {"corrupt.png", "truncated.jpg", "notes.md"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def model_file(golden_dir) -> Path:
 def test_folder_with_bad_files_every_input_gets_a_row(mixed_folder, model_file):
     # The text file is named explicitly (folders only yield image extensions).
     result = run_cli(
-        "score", str(mixed_folder), str(mixed_folder / "notes.txt"),
+        "score", str(mixed_folder), str(mixed_folder / "notes.md"),
         "--model", str(model_file), "--format", "json", "--device", "cpu",
     )
     assert result.returncode == 1, result.stderr
@@ -278,13 +278,13 @@ def test_closed_pipe_ends_quietly(photos):
 
 _SLOW_RUN = """
 import sys, time
-from qualiclip import cli, engine
-decode = engine._decode
+from qualiclip import cli, reading
+decode = reading.decode_file
 def slow(index, path, min_size):
     if "slow" in path:
         time.sleep(600)  # a decode that never ends in time
     return decode(index, path, min_size)
-engine._decode = slow
+reading.decode_file = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -337,3 +337,83 @@ def test_degrade_and_maps_never_write_over_inputs(tmp_path, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE
     assert twin.read_bytes() == twin_bytes
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_help_does_not_load_torch():
+    """Every subcommand's flags, choices included, are declared without importing torch."""
+    code = (
+        "import sys\n"
+        "from qualiclip import cli\n"
+        "for argv in (['--help'], ['train', '--help'], ['score', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stderr.strip() == "False" and "--bn {frozen,train}" in out.stdout
+
+
+# --- what a newcomer trips over --------------------------------------------------------------
+
+
+def test_output_format_follows_the_extension_unless_given(photos, tmp_path):
+    base = ("score", str(photos), "--model", "random-tiny", "--no-progress")
+    for suffix in ("csv", "json", "jsonl", "CSV"):
+        out = tmp_path / f"s.{suffix}"
+        assert _main(*base, "-o", str(out)) == 0
+        text = out.read_text()
+        if suffix.lower() == "csv":
+            assert text.startswith("path,score,error,"), text
+        elif suffix == "json":
+            assert [Path(r["path"]).name for r in json.loads(text)] == ["a.jpg", "b.jpg"]
+        else:
+            assert [json.loads(line)["score"] > 0 for line in text.splitlines()] == [True] * 2
+    explicit = tmp_path / "t.csv"
+    assert _main(*base, "--format", "table", "-o", str(explicit)) == 0  # --format wins
+    assert explicit.read_text().split()[:3] == ["path", "score", "error"]
+    other = tmp_path / "s.txt"
+    assert _main(*base, "-o", str(other)) == 0  # any other name: the table
+    assert other.read_text().split()[:3] == ["path", "score", "error"]
+
+
+def test_train_offline_says_where_the_weights_go_and_which_presets_need_none(
+    photos, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("QUALICLIP_OFFLINE", "1")
+    monkeypatch.setenv("QUALICLIP_HOME", str(tmp_path / "cache"))
+    code = _main("train", "--pristine", str(photos), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "sha256: " in err and str(tmp_path / "cache" / "RN50.pt") in err, err
+    assert "qualiclip models --add clip-rn50" in err
+    assert "--preset tiny" in err  # the presets that need no download
+    assert "OfflineError" not in err and "--verbose" not in err
+
+
+def test_a_txt_input_is_a_list_of_paths_for_every_engine(photos, tmp_path):
+    """One rule for `score`, `score --engine ray` and `train --pristine`: .txt/.lst is a list."""
+    listing = photos / "list.txt"
+    listing.write_text("# two photos, relative to this file\nb.jpg\n\na.jpg\n")
+    out = tmp_path / "rows.json"
+    assert _main("score", str(listing), "--model", "random-tiny", "--no-progress",
+                 "-o", str(out)) == 0
+    assert [Path(r["path"]).name for r in json.loads(out.read_text())] == ["b.jpg", "a.jpg"]
+
+
+def test_output_in_a_missing_folder_is_a_one_line_usage_error(photos, tmp_path, capsys):
+    target = tmp_path / "nodir" / "s.csv"
+    assert _main("score", str(photos), "--model", "random-tiny", "-o", str(target)) == 2
+    err = capsys.readouterr().err
+    assert err == f"qualiclip score: error: -o {target}: no folder {target.parent}\n"
+
+
+def test_csv_lines_end_in_lf(photos, tmp_path):
+    out = tmp_path / "s.csv"
+    assert _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                 "-o", str(out)) == 0
+    raw = out.read_bytes()
+    assert raw.count(b"\n") == 3 and b"\r" not in raw

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from qualiclip import color as C
 from qualiclip import degradations as D
 from qualiclip.degradations import (
     DISTORTION_GROUPS,
@@ -213,13 +214,13 @@ def test_colour_conversions_match_skimage(photos: torch.Tensor) -> None:
 
     x = photos[:2]
     hwc = x.permute(0, 2, 3, 1).double().numpy()
-    lab = D.rgb_to_lab(x).permute(0, 2, 3, 1).numpy()
+    lab = C.rgb_to_lab(x).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(lab, color.rgb2lab(hwc), atol=0.05)
-    hsv = D.rgb_to_hsv(x).permute(0, 2, 3, 1).numpy()
+    hsv = C.rgb_to_hsv(x).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(hsv, color.rgb2hsv(hwc), atol=1e-4)
-    torch.testing.assert_close(D.lab_to_rgb(D.rgb_to_lab(x)), x, atol=1e-4, rtol=0)
-    torch.testing.assert_close(D.hsv_to_rgb(D.rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
-    torch.testing.assert_close(D.ycbcr_to_rgb(D.rgb_to_ycbcr(x)), x, atol=2e-3, rtol=0)
+    torch.testing.assert_close(C.lab_to_rgb(C.rgb_to_lab(x)), x, atol=1e-4, rtol=0)
+    torch.testing.assert_close(C.hsv_to_rgb(C.rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(C.ycbcr_to_rgb(C.rgb_to_ycbcr(x)), x, atol=2e-3, rtol=0)
 
 
 def test_hand_computed_cases(photos: torch.Tensor) -> None:

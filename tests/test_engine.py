@@ -21,6 +21,7 @@ from qualiclip import engine, fused, heap, precision
 from qualiclip.clip import CLIPConfig, build_visual
 from qualiclip.images import load_image
 from qualiclip.model import QualiCLIP, create_model
+from qualiclip.reading import Decoded
 
 ATOL = 1e-5  # the engine's promise: fp32 scores equal the reference pipeline's to 1e-5
 
@@ -326,7 +327,7 @@ def test_grouper_batches_equal_sizes_within_bounds(sizes, batch_size, lookahead)
     seen: list[int] = []
     batches = []
     for i, (h, w) in enumerate(sizes):
-        item = engine._Decoded(i, str(i), np.zeros((h, w, 3), np.uint8), None)
+        item = Decoded(i, str(i), np.zeros((h, w, 3), np.uint8), None)
         batches += list(grouper.add(item))
         assert grouper.count < lookahead
     batches += list(grouper.drain())

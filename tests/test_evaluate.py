@@ -82,6 +82,37 @@ def test_lower_is_better_flips_sign_once() -> None:
     assert anti.srcc < 0 and anti.plcc_logistic < 0
 
 
+@pytest.mark.parametrize("n", [3, 4])
+def test_logistic_plcc_is_undefined_below_the_points_a_fit_needs(n: int) -> None:
+    # Four parameters through four points or fewer: the curve can pass through them all, so its
+    # PLCC would be 1 by construction (or the fit would refuse to run at all).
+    m = M.compute_metrics(PRED[:n], MOS[:n], bootstrap=0)
+    assert np.isnan(m.plcc_logistic) and not m.logistic_converged
+    assert m.srcc == pytest.approx(M.srcc(PRED[:n], MOS[:n]))
+    assert np.isnan(M.plcc_logistic(PRED[:n], MOS[:n]))
+    five = M.compute_metrics(PRED[:M.LOGISTIC_MIN_POINTS], MOS[:M.LOGISTIC_MIN_POINTS],
+                             bootstrap=0)
+    assert np.isfinite(five.plcc_logistic)
+
+
+def test_cli_eval_on_three_images_reports_logistic_plcc_as_undefined(tmp_path: Path) -> None:
+    for i in range(3):
+        _photo(tmp_path / f"{i}.png", i)
+    table = tmp_path / "labels.csv"
+    table.write_text("path,score\n" + "".join(f"{i}.png,{i + 1}\n" for i in range(3)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "10", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    row = next(line.split() for line in proc.stdout.splitlines()
+               if line.startswith("random-tiny"))
+    assert "n/a" in row
+    assert f"PLCC-log needs at least {M.LOGISTIC_MIN_POINTS}" in proc.stdout
+
+
 class FakeScorer:
     """Scores = a known function of the MOS, or an error for chosen paths."""
 
@@ -201,3 +232,29 @@ def test_model_scorer_chunks_batches() -> None:
     x = torch.rand(5, 3, 8, 8)
     got = E.ModelScorer("t", Tiny(), batch_size=2).score_tensors(x)
     np.testing.assert_allclose(got, x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+
+
+def test_eval_help_and_failures_read_cleanly(tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "qualiclip.cli", "eval", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "95% intervals" in help_text and "%%" not in help_text
+    for i in range(3):
+        _photo(tmp_path / f"{i}.png", i)
+    table = tmp_path / "labels.csv"
+    table.write_text("path,score\n" + "".join(f"{i}.png,{i}\n" for i in range(3))
+                     + "gone.png,3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "0", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    (line,) = [ln for ln in proc.stderr.splitlines() if "gone.png" in ln]
+    assert line == f"random-tiny: failed: {tmp_path / 'gone.png'}: no such file"
+    out = tmp_path / "scores.csv"
+    subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "0", "--no-progress", "-o", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert b"\r" not in out.read_bytes()  # CSV lines end in LF

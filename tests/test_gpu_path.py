@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import perturb_batch_norms
-from qualiclip import engine, heap, images
+from qualiclip import engine, heap, images, reading
 from qualiclip.cli import main
 from qualiclip.model import QualiCLIP, create_model
 
@@ -191,7 +191,7 @@ def test_decode_gpu_without_cuda_is_refused(tiny, tmp_path):
 @pytest.mark.skipif(CUDA, reason="the fallback is what a machine without CUDA does")
 def test_decode_auto_falls_back_to_cpu_threads(tiny, tmp_path):
     paths = _files(tmp_path)
-    assert engine.gpu_jpeg_decoder("cpu") is None
+    assert reading.gpu_jpeg_decoder("cpu") is None
     auto = list(engine.score_paths(tiny, paths, decode="auto"))
     cpu = list(engine.score_paths(tiny, paths, decode="cpu"))
     assert auto == cpu
@@ -231,7 +231,7 @@ def test_device_decoding_plumbing_with_a_stand_in_decoder(tiny, tmp_path):
 
 
 def test_cli_decode_gpu_without_cuda_is_a_usage_error(tmp_path, capsys):
-    if CUDA and engine.gpu_jpeg_decoder("cuda") is not None:
+    if CUDA and reading.gpu_jpeg_decoder("cuda") is not None:
         pytest.skip("GPU decoding is available here")
     (path, *_) = _files(tmp_path)
     assert main(["score", "--model", "random-tiny", str(path), "--decode", "gpu",
@@ -291,7 +291,7 @@ def test_cuda_scores_equal_cpu_scores(tiny, tmp_path):
 @needs_cuda
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision")
 def test_nvjpeg_scores_are_close_to_libjpeg_scores(tiny, tmp_path):
-    if engine.gpu_jpeg_decoder("cuda") is None:
+    if reading.gpu_jpeg_decoder("cuda") is None:
         pytest.skip("torchvision has no working CUDA decode_jpeg here")
     paths = _files(tmp_path)
     gpu_model = create_model("random-tiny", device="cuda")

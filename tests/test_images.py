@@ -1,4 +1,5 @@
-"""Tests for qualiclip.images: decoding every mode safely, to_batch, and input path expansion.
+"""Tests for qualiclip.images and qualiclip.inputs: decoding every mode safely, to_batch, and
+input path expansion.
 
 Real photographs from scikit-image are written by PIL in each mode and read back; expected pixels
 are computed independently (NumPy on the original array), never taken from our own output.
@@ -20,13 +21,12 @@ from PIL import Image, ImageFile
 
 from qualiclip import images
 from qualiclip.images import (
-    IMAGE_EXTENSIONS,
     ImageDecodeError,
     decode_rgb,
-    list_image_paths,
     load_image,
     to_batch,
 )
+from qualiclip.inputs import IMAGE_EXTENSIONS, list_image_paths
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -245,6 +245,48 @@ def test_too_small_names_minimum(tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError, match=r"s.png: too small: 40x20 .*at least 32 pixels"):
         load_image(path)
     assert load_image(path, min_size=20).shape == (3, 20, 40)
+
+
+def test_each_failure_carries_its_reason(tmp_path: Path, astronaut: np.ndarray) -> None:
+    """Programs read ``reason`` (the service maps it to a status), never the message."""
+    import pickle
+
+    buf = io.BytesIO()
+    Image.fromarray(astronaut).save(buf, "JPEG", quality=90)
+    (tmp_path / "notes.txt").write_text("hello")
+    cases: list[tuple[Any, dict[str, Any], str]] = [
+        (tmp_path / "nope.jpg", {}, "unreadable"),
+        (tmp_path, {}, "unreadable"),
+        (tmp_path / "notes.txt", {}, "not_an_image"),
+        (buf.getvalue()[: len(buf.getvalue()) // 2], {}, "malformed"),
+        (b"P6\n4x 48\n255\n", {}, "malformed"),
+        (_png_header_only(50_000, 50_000), {}, "too_large"),
+        (buf.getvalue(), {"max_pixels": 10_000}, "too_large"),
+        (buf.getvalue(), {"min_size": 512}, "too_small"),
+    ]
+    for source, options, reason in cases:
+        with pytest.raises(ImageDecodeError) as info:
+            decode_rgb(source, **options)
+        assert info.value.reason == reason, (source, str(info.value))
+        assert info.value.reason in images.DECODE_FAILURES
+        again = pickle.loads(pickle.dumps(info.value))  # from a worker process, as it was
+        assert (str(again), again.reason) == (str(info.value), reason)
+
+
+def test_exceptions_around_the_decoder_get_its_wording_and_reason() -> None:
+    from PIL import UnidentifiedImageError
+
+    for exc, reason, words in (
+        (MemoryError(), "out_of_memory", "x.png: out of memory while decoding"),
+        (EOFError(), "malformed", "x.png: truncated or incomplete image data (EOFError)"),
+        (ValueError("Truncated IHDR chunk"), "malformed", "(ValueError: Truncated IHDR chunk)"),
+        (KeyError("tile"), "malformed", "x.png: corrupt or unsupported image data (KeyError"),
+        (UnidentifiedImageError("?"), "not_an_image", "x.png: cannot identify image file"),
+    ):
+        err = images.as_decode_error("x.png", exc)
+        assert err.reason == reason and words in str(err), (exc, str(err))
+    same = ImageDecodeError("x.png: too small", "too_small")
+    assert images.as_decode_error("x.png", same) is same
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -557,10 +599,40 @@ def test_list_files_expand_relative_to_their_folder(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text(f"# chosen photos\nphotos/a.png\n\n{sub / 'b.png'}\nphotos/missing.png\n")
     got = list_image_paths([str(listing)], list_files=True)
-    assert list_image_paths([str(listing)]) == [listing]  # by default a file is a file
+    assert list_image_paths([str(listing)]) == got  # the default
+    assert list_image_paths([str(listing)], list_files=False) == [listing]
     assert got == [sub / "a.png", sub / "b.png", sub / "missing.png"]  # missing: an error row later
     from qualiclip.crops import find_images
     from qualiclip.ray_scoring import expand_inputs
 
     assert expand_inputs([str(listing)]) == [str(p) for p in got]
     assert find_images(listing) == sorted(got)
+
+
+def test_read_only_arrays_convert_without_a_warning() -> None:
+    """np.asarray(PIL image) is read-only; PyTorch warns (once per process) when such an array
+    is wrapped, so this runs in a fresh interpreter with warnings as errors."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, torch
+from PIL import Image
+import qualiclip
+from qualiclip.images import pixels_to_tensor, to_batch
+
+pil = np.asarray(Image.new("RGB", (64, 48), (10, 200, 30)))
+assert not pil.flags.writeable
+model = qualiclip.create_model("random-tiny", device="cpu")
+qualiclip.score(model, pil)
+wide = np.full((48, 64, 3), 40000, np.uint16); wide.setflags(write=False)
+flt = np.full((48, 64, 3), 0.5, np.float32); flt.setflags(write=False)
+for x in (pil, wide, flt):
+    to_batch(x)
+staged = torch.empty((1, 48, 64, 3), dtype=torch.uint8)
+got = pixels_to_tensor([pil], "cpu", staging=staged)
+assert torch.allclose(got[0, :, 0, 0], torch.tensor([10, 200, 30]) / 255.0)
+"""
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

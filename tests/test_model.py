@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from qualiclip import engine
-from qualiclip.model import QualiCLIP, create_model, list_models
+from qualiclip.model import QualiCLIP, Scorer, create_model, list_models
+from qualiclip.precision import PrecisionError
 from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
 
 SCORE_ATOL = 1e-5  # the golden README's tolerance for scores
@@ -144,6 +145,26 @@ def test_model_moves_with_its_buffers():
     assert model.prompt_features.dtype == torch.float64 and model.mean.dtype == torch.float64
     with torch.no_grad():
         assert model(torch.rand(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+def scorer_members() -> list[str]:
+    """What the :class:`Scorer` protocol promises (properties and methods, ``forward`` included)."""
+    return sorted(n for n in vars(Scorer) if not n.startswith("_"))
+
+
+def test_qualiclip_is_a_scorer_whose_input_dtype_follows_its_weights():
+    model = create_model("random-tiny")
+    assert {"name", "weights_sha256", "min_size", "device", "input_dtype", "check_precision",
+            "forward"} <= set(scorer_members())
+    for member in scorer_members():
+        assert hasattr(model, member), member
+    assert model.input_dtype == torch.float32 and model.device == torch.device("cpu")
+    model.check_precision("fp32")
+    with pytest.raises(PrecisionError, match="fp16"):
+        model.check_precision("fp16")  # CUDA only
+    with pytest.raises(PrecisionError, match="int8"):
+        model.check_precision("int8")
+    assert model.double().input_dtype == torch.float64
 
 
 def test_named_weights_download_once_then_score(monkeypatch, tmp_path, golden_dir, io):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ else:
 
 import qualiclip
 from qualiclip import cli, engine
-from qualiclip.model import create_model
+from qualiclip.model import Scorer, create_model
 from qualiclip.onnx_export import DEFAULT_OPSET, OPSETS, export_onnx
 from qualiclip.onnx_scorer import OnnxScorer
 from qualiclip.precision import PrecisionError
@@ -245,6 +246,17 @@ def test_bf16_under_autocast_is_refused(tiny_onnx):
         engine.score_tensors(create_model(tiny_onnx), torch.rand(1, 3, 64, 64), precision="bf16")
 
 
+def test_the_onnx_scorer_is_a_scorer(tiny_onnx):
+    scorer = create_model(tiny_onnx)
+    assert isinstance(scorer, OnnxScorer)
+    for member in sorted(n for n in vars(Scorer) if not n.startswith("_")):
+        assert hasattr(scorer, member), member
+    assert scorer.input_dtype == torch.float32 and scorer.device == torch.device("cpu")
+    scorer.check_precision("fp32")
+    with pytest.raises(PrecisionError, match="ONNX model"):
+        scorer.check_precision("bf16")
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter
 def test_unusable_files_are_value_errors(tmp_path):
     bad = tmp_path / "bad.onnx"
@@ -350,3 +362,21 @@ def test_http_service_scores_with_an_onnx_model(tiny, tiny_onnx, folder):
     (row,) = reply.json()["results"]
     assert row["score"] == pytest.approx(qualiclip.score(tiny, folder / "p0.png"), abs=ATOL)
     assert small.status_code == 400 and small.json()["results"][0]["error"]
+
+
+def test_exported_file_follows_the_umask_and_maps_name_the_flag(tiny_file, folder, tmp_path,
+                                                               capsys):
+    graph = tmp_path / "tiny.onnx"
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["export", "--model", str(tiny_file), "--onnx", str(graph),
+                         "--no-check"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(graph.stat().st_mode) == 0o644  # as any file written with umask 022
+    capsys.readouterr()
+    code = cli.main(["score", str(folder), "--model", str(graph), "--map",
+                     str(tmp_path / "maps"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--map-kind windows" in err and "kind='windows'" not in err, err
+    assert err.count("\n") == 1

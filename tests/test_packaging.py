@@ -18,7 +18,7 @@ ASSETS = REPO / "src" / "qualiclip" / "assets"
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_vocabulary_niqe_model_and_web_page(tmp_path: Path) -> None:
+def test_wheel_ships_the_vocabulary_niqe_model_web_page_and_report(tmp_path: Path) -> None:
     pytest.importorskip("setuptools", minversion="77")
     project = tmp_path / "project"
     project.mkdir()
@@ -34,11 +34,13 @@ def test_wheel_ships_the_vocabulary_niqe_model_and_web_page(tmp_path: Path) -> N
     (wheel,) = (tmp_path / "dist").glob("qualiclip-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith("qualiclip/assets/")}
-    web = sorted(p.relative_to(ASSETS).as_posix() for p in (ASSETS / "web").iterdir())
-    assert web, "the web page's files are missing from the repository"
+    web = sorted(p.relative_to(ASSETS).as_posix() for folder in ("web", "report")
+                 for p in (ASSETS / folder).iterdir())
+    assert web, "the web page's and report's files are missing from the repository"
     calibration = [f"calibration/{name}" for name in CALIBRATION_PHOTOS]
     for name in ("bpe_simple_vocab_16e6.txt.gz", "niqe_matlab_params.npz",
-                 "LICENSE-openai-clip.txt", "README.md", *web, *calibration):
+                 "LICENSE-openai-clip.txt", "README.md", "qualiclip-open.pth", *web,
+                 *calibration):
         data = shipped.get(f"qualiclip/assets/{name}")
         assert data is not None, f"{name} is not in {wheel.name}"
         expected = hashlib.sha256((ASSETS / name).read_bytes()).hexdigest()

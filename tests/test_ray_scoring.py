@@ -310,3 +310,19 @@ def test_quiet_ray_core_survives_a_closed_stderr(tmp_path: Path) -> None:
     proc.stderr.close()  # the reader of stderr is gone
     out, _ = proc.communicate(timeout=60)
     assert out.strip() == b"done"
+
+
+def test_refusal_of_another_model_never_prints_none(checkpoint: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    _require_ray()
+    row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
+           "model": ["random-tiny"], "weights_sha256": [None]}
+    table = pa.Table.from_pydict(row, schema=ray_scoring._schema())
+    ray_scoring._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
+    with pytest.raises(ValueError) as refused:
+        ray_scoring.scored_paths(tmp_path, ray_scoring.RayScoreConfig(model=str(checkpoint)))
+    message = str(refused.value)
+    assert "None" not in message and "random-tiny (random weights)" in message, message
+    sha = create_model(str(checkpoint)).weights_sha256
+    assert f"(sha256 {sha})" in message

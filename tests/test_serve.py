@@ -186,6 +186,16 @@ def test_non_images_get_415(server: str, images: dict[str, Path]) -> None:
     assert r.status_code == 415, r.text
 
 
+def test_every_decode_failure_has_its_status() -> None:
+    from qualiclip import serve
+    from qualiclip.images import DECODE_FAILURES
+
+    assert {reason: serve.decode_status(reason) for reason in DECODE_FAILURES} == {
+        "unreadable": 400, "not_an_image": 415, "malformed": 400, "too_large": 413,
+        "out_of_memory": 413, "too_small": 400,
+    }
+
+
 def test_truncated_and_too_small_get_400(server: str, images: dict[str, Path]) -> None:
     jpeg = next(p for n, p in images.items() if n.endswith(".jpeg")).read_bytes()
     r = _post_raw(server, jpeg[: len(jpeg) // 2], "image/jpeg")
@@ -634,3 +644,21 @@ def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ImportError, match=r"pip install 'qualiclip\[serve\]'"):
         serve.require_serve()
     assert main(["serve", "--model", "random-tiny"]) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_docs_page_loads_its_assets_from_the_service(checkpoint: Path) -> None:
+    """/docs works offline: every script, style sheet and icon it names is served by us."""
+    import re
+
+    from qualiclip.serve import ServeConfig
+
+    with _app_client(checkpoint, ServeConfig()) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+        urls += re.findall(r"""url: ?['"]([^'"]+)['"]""", page.text)
+        assert urls and any(u.endswith(".js") for u in urls), page.text
+        for url in urls:
+            assert not re.match(r"^(https?:)?//", url), f"/docs loads {url} from elsewhere"
+            assert client.get(url).status_code == 200, url

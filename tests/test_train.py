@@ -601,3 +601,115 @@ def test_resuming_from_a_corrupt_checkpoint_is_one_line(tmp_path, capsys) -> Non
     err = capsys.readouterr().err
     assert status == 2 and "is not a qualiclip training checkpoint" in err
     assert "Traceback" not in err and "weights_only" not in err
+
+
+def test_a_resume_reads_its_checkpoint_once(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    train.fit(_cfg(pristine, out, max_steps=2))
+    loads: list[str] = []
+    real = checkpoints.load_training_checkpoint
+
+    def counting(path: str | Path) -> dict:
+        loads.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(train, "load_training_checkpoint", counting)
+    plan = train.plan_run(
+        overrides={"schedule": {"max_steps": 4}}, out=out, resume="latest"
+    )
+    assert plan.checkpoint == out / "ckpt-000002.pt" and plan.config.schedule.max_steps == 4
+    result = train.fit(plan)
+    assert result["step"] == 4
+    assert loads == [str(out / "ckpt-000002.pt")]
+
+
+def test_orthogonal_prompt_features_train_without_a_text_tower(
+    pristine: Path, tmp_path: Path
+) -> None:
+    features = train.orthogonal_prompt_features(7, 64, seed=3)
+    assert torch.allclose(features @ features.T, torch.eye(14), atol=1e-5)
+    assert torch.equal(features, train.orthogonal_prompt_features(7, 64, seed=3))
+    with pytest.raises(ValueError, match="width"):
+        train.orthogonal_prompt_features(7, 8)
+    cfg = _cfg(pristine, tmp_path / "run", max_steps=2)
+    model_cfg = dataclasses.replace(cfg.model, prompt_features="orthogonal")
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    result = train.fit(cfg)
+    sd = torch.load(result["model_path"], weights_only=True)
+    # only the image tower, the logit scale and the fixed prompt features are exported
+    assert {k for k in sd if not k.startswith("clip_model.visual.")} == {
+        "clip_model.logit_scale", "prompts_features"
+    }
+    assert torch.allclose(sd["prompts_features"], train.orthogonal_prompt_features(7, 64, 0))
+    from qualiclip import create_model
+
+    model = create_model(result["model_path"])
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1,)
+    with pytest.raises(ValueError, match="prompt_features"):
+        train_config.check_config(dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, prompt_features="learned")))
+
+
+def test_training_choices_are_checked_against_their_one_list(tmp_path: Path) -> None:
+    """A flag offers what the configuration accepts, and the check names the same choices."""
+    from qualiclip.cli import build_parser
+    from qualiclip.precision import TRAIN_PRECISIONS
+    from qualiclip.train_choices import BN_MODES, DEGRADE_IN
+
+    parser = build_parser()
+    for flag, choices in (("--bn", BN_MODES), ("--degrade-in", DEGRADE_IN),
+                          ("--precision", TRAIN_PRECISIONS)):
+        for value in choices:
+            parser.parse_args(["train", "--out", "x", flag, value])
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--out", "x", flag, "none-of-these"])
+    base = dataclasses.replace(train_config.PRESETS["tiny"], data=dataclasses.replace(
+        train_config.PRESETS["tiny"].data, pristine=str(tmp_path)))
+    for section, key, bad in (("model", "bn", "thawed"), ("data", "degrade_in", "gpu"),
+                              ("optim", "precision", "fp16")):
+        cfg = train_config.config_from_dict({section: {key: bad}}, base)
+        with pytest.raises(ValueError, match=rf"{section}\.{key} must be one of .*{bad!r}"):
+            train_config.check_config(cfg)
+
+
+def test_training_precisions_choose_the_autocast_dtype() -> None:
+    from qualiclip.precision import TRAIN_PRECISIONS, train_autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert TRAIN_PRECISIONS == ("auto", "fp32", "bf16")
+    assert train_autocast_dtype("fp32", cpu) is None
+    assert train_autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert train_autocast_dtype("auto", cpu) is None  # bf16 by itself on CUDA only
+    with pytest.raises(ValueError, match="optim.precision must be one of auto, fp32, bf16"):
+        train_autocast_dtype("fp16", cpu)
+
+
+def test_cli_summary_names_the_held_out_images_and_only_rank_0_prints_it(
+    pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'preset = "tiny"\n[data]\nworkers = 0\nbatch_size = 2\ncrop_size = 64\nval_every_kth = 4\n'
+        "[validation]\nevery = 0\ncrops_per_image = 1\ncompositions_per_crop = 1\n"
+    )
+    argv = ["train", "--config", str(cfg), "--pristine", str(pristine), "--max-steps", "1",
+            "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    got = capsys.readouterr()
+    assert got.err.splitlines()[-1] == (
+        "trained 1 steps on 6 images; 2 more held out for validation")
+    assert got.out.strip() == str(tmp_path / "a" / "model.pth")
+
+    # Under torchrun every process runs the command: only rank 0 closes the run.
+    real_fit = train.fit
+
+    def fit_as_rank_1(*args: object, **kwargs: object) -> dict:
+        return {**real_fit(*args, **kwargs), "main": False}  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "fit", fit_as_rank_1)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    got = capsys.readouterr()
+    assert got.out == "" and "trained" not in got.err

@@ -22,7 +22,7 @@ import numpy as np
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, score_arrays
 
 if TYPE_CHECKING:
-    from qualiclip.model import QualiCLIP
+    from qualiclip.model import Scorer
 
 class PixelBudget:
     """An asyncio semaphore counted in pixels: ``async with budget.hold(n):``.
@@ -146,7 +146,7 @@ class MicroBatcher:
     """
 
     def __init__(
-        self, model: QualiCLIP, *, batch_size: int, max_wait_s: float, precision: str,
+        self, model: Scorer, *, batch_size: int, max_wait_s: float, precision: str,
         max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
     ) -> None:
         self.model, self.precision = model, precision

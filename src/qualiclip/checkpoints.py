@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from qualiclip.checkpoint_formats import load_tensors
 from qualiclip.clip import load_visual
 from qualiclip.model import QualiCLIP
 from qualiclip.train_config import config_from_dict
+from qualiclip.weight_files import load_tensors
 
 CHECKPOINT_FORMAT = "qualiclip-train-1"
 

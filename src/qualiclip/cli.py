@@ -15,8 +15,17 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qualiclip.precision import PRECISION_CHOICES
+from qualiclip.precision import PRECISION_CHOICES, TRAIN_PRECISIONS
+from qualiclip.train_choices import BN_MODES, DEGRADE_IN
+
+if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
+    from qualiclip.model import QualiCLIP
+    from qualiclip.onnx_scorer import OnnxScorer
+
+if TYPE_CHECKING:  # imported where used: the command starts without loading every module
+    from qualiclip.report import ReportRows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: ``--precision``'s help, shared by score, eval and serve.
@@ -56,7 +65,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_from_args(args: argparse.Namespace, name: str | None = None):  # noqa: ANN201
+def load_model_from_args(
+    args: argparse.Namespace, name: str | None = None
+) -> QualiCLIP | OnnxScorer:
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
     device or model cannot run, is a usage error. ``args.precision`` (where the subcommand has
     one) is resolved: ``auto`` becomes the precision it picks, announced once."""
@@ -87,7 +98,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         description="Score images with QualiCLIP: one row per input, with its score or error. "
         "Exit status: 0 all scored, 1 some input failed, 2 usage error.",
     )
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="files, folders, globs, or '-'")
+    p.add_argument("inputs", nargs="+", metavar="PATH",
+                   help="files, folders, globs, .txt/.lst lists of paths (one a line, relative "
+                   "to the list's folder), or '-' (paths on stdin)")
     _add_model_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
@@ -99,17 +112,22 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the image tower (once per image size; for long runs)")
     p.add_argument(
         "--format", choices=("table", "csv", "json", "jsonl", "parquet"), default=None,
-        help="local: table (default), csv, json, jsonl; --engine ray: parquet (default) or csv",
+        help="local: table, csv, json, jsonl (default: from the -o file's extension, else "
+        "table); --engine ray: parquet (default) or csv",
     )
     p.add_argument(
         "--output", "-o", default=None,
         help="write results here (default: stdout); with --engine ray a folder of part files",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--report", metavar="HTML", default=None,
+                   help="also write one self-contained HTML page: thumbnails sorted by score, "
+                   "a histogram, filters, the failed files (with --map, each map on hover)")
     m = p.add_argument_group(
         "quality maps",
-        "Where quality is lost: per scored input, DIR/<stem>.map.png is the map in colour over "
-        "the image (its legend gives the values of the darkest and brightest colour).",
+        "Where quality is lost: per scored input, DIR/<stem>.map.png shows the image beside "
+        "its map, coloured over the image in grey (the legend gives the values of the darkest "
+        "and brightest colour, and says when the map is too flat to mean anything).",
     )
     m.add_argument("--map", metavar="DIR", default=None,
                    help="write each scored input's quality map into DIR (created if missing)")
@@ -150,8 +168,8 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from qualiclip import engine
-    from qualiclip.images import list_image_paths
-    from qualiclip.output import write_results
+    from qualiclip.inputs import list_image_paths
+    from qualiclip.output import format_from_name, write_results
 
     if args.batch_size < 1 or args.workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
@@ -162,13 +180,17 @@ def _run_score(args: argparse.Namespace) -> int:
             raise UsageError(f"--map {args.map} exists and is not a folder")
         if args.map_window < 32 or args.map_stride < 1:
             raise UsageError("--map-window must be at least 32 and --map-stride at least 1")
+    if args.report is not None:
+        _check_report_target(args)
     if args.engine == "ray":
         return _run_score_ray(args)
     if args.format == "parquet":
         raise UsageError("--format parquet needs --engine ray (locally: csv, json, jsonl, table)")
-    args.format = args.format or "table"
+    args.format = args.format or format_from_name(args.output) or "table"
     if args.output and os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a folder; give a file name for the results")
+    if args.output and not os.path.isdir(os.path.dirname(args.output) or "."):
+        raise UsageError(f"-o {args.output}: no folder {os.path.dirname(args.output)}")
     paths = list_image_paths(args.inputs, stdin=sys.stdin)
     if args.output:
         _refuse_output_over_input(args.output, args.inputs, paths)
@@ -178,6 +200,12 @@ def _run_score(args: argparse.Namespace) -> int:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
     model = load_model_from_args(args)
+    if args.map is not None and args.map_kind == "dense":
+        from qualiclip.maps import dense_maps_unavailable
+
+        why = dense_maps_unavailable(model)
+        if why is not None:
+            raise UsageError(f"--map-kind dense: {why}; use --map-kind windows")
     try:
         results = engine.score_paths(
             model,
@@ -191,17 +219,55 @@ def _run_score(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # --decode gpu where there is no GPU decoding
         raise UsageError(str(exc)) from None
+    collected = None
+    if args.report is not None:
+        from qualiclip.report import ReportRows
+
+        collected = ReportRows()
     if args.map is not None:
         from qualiclip.maps import write_maps
 
         results = write_maps(model, results, args.map, kind=args.map_kind, npy=args.map_npy,
                              window=args.map_window, stride=args.map_stride,
-                             precision=args.precision)
+                             precision=args.precision,
+                             on_map=collected.add_map if collected is not None else None)
+    if collected is not None:
+        results = collected.collect(results)
     failed = write_results(results, args.format, args.output, model_name=model.name,
                            precision=args.precision)
+    if collected is not None:
+        _write_report(args, model, collected)
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _check_report_target(args: argparse.Namespace) -> None:
+    """A ``--report`` that cannot be written is refused before anything is scored."""
+    target = args.report
+    if args.engine == "ray":
+        raise UsageError("--report works with the local engine only")
+    if Path(target).suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--report {target}: the file name must end in .html")
+    if os.path.isdir(target):
+        raise UsageError(f"--report {target} is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(target) or "."):
+        raise UsageError(f"--report {target}: no folder {os.path.dirname(target)}")
+    if args.output and os.path.realpath(args.output) == os.path.realpath(target):
+        raise UsageError(f"--report {target} is also the -o file")
+
+
+def _write_report(args: argparse.Namespace, model: object, collected: ReportRows) -> None:
+    """The HTML report of the rows ``collected`` while they streamed to the other outputs."""
+    from qualiclip.report import ReportInfo, describe, write_report
+
+    info = ReportInfo(model=str(getattr(model, "name", args.model)),
+                      weights_sha256=getattr(model, "weights_sha256", None),
+                      precision=args.precision,
+                      map_kind=args.map_kind if args.map is not None else None)
+    stats = write_report(collected.results, args.report, info, maps=collected.maps,
+                         workers=args.workers)
+    print(f"qualiclip score: {describe(stats)}", file=sys.stderr)
 
 
 def _scanned_folder_holding(path: str, inputs: Sequence[str]) -> str | None:
@@ -220,7 +286,7 @@ def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequenc
 
     Checked before the output is opened: opening truncates, and a truncated photo is lost.
     """
-    from qualiclip.images import IMAGE_EXTENSIONS
+    from qualiclip.inputs import IMAGE_EXTENSIONS
 
     target = os.path.realpath(output)
     if any(os.path.realpath(p) == target for p in paths):
@@ -336,8 +402,9 @@ def _run_models(args: argparse.Namespace) -> int:
     for name, entry in pretrained.PRETRAINED.items():
         cached = pretrained.is_cached(name, args.cache_dir)
         size = f"{entry.file.size / 1e6:.1f} MB" if entry.file.size else "?"
+        where = "packaged" if entry.file.packaged else "yes" if cached else "no"
         rows.append(
-            (name, "yes" if cached else "no", size, entry.licence, entry.file.sha256[:12],
+            (name, where, size, entry.licence, entry.file.sha256[:12],
              entry.description)
         )
     for name in pretrained.RANDOM_MODELS:
@@ -447,7 +514,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pristine", help="folder or .txt list of pristine images")
     p.add_argument("--out", required=True, help="output folder (checkpoints, logs, model.pth)")
-    p.add_argument("--preset", help="paper (RN50 from clip-rn50, default) or tiny")
+    p.add_argument("--preset", help="paper (RN50 from clip-rn50, default), tiny, or open "
+                   "(qualiclip-open: a small model from random weights)")
     p.add_argument("--config", help="TOML file with [model] [data] [optim] [loss] ... tables")
     p.add_argument("--init", help="start point: clip-rn50, random-tiny, or a checkpoint file")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
@@ -464,15 +532,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--degrade-in", choices=["step", "loader"],
+    p.add_argument("--degrade-in", choices=DEGRADE_IN,
                    help="degrade crops in the training step (default) or in the DataLoader "
                    "workers, off the step's critical path")
     p.add_argument("--val-dir", help="held-out pristine images (default: every k-th image)")
     p.add_argument("--val-every", type=int, help="steps between validations")
     p.add_argument("--rated-csv", help="path,score CSV of human-rated images to validate on")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--bn", choices=["frozen", "train"], help="batch-norm statistics")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--bn", choices=BN_MODES, help="batch-norm statistics")
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS)
     p.add_argument("--device", help="auto, cpu, cuda, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -520,16 +588,32 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _presets_without_download() -> str:
+    """One line naming the training presets that start from random weights (no download)."""
+    from qualiclip.pretrained import RANDOM_MODELS
+    from qualiclip.train_config import PRESETS
+
+    names = [n for n, cfg in PRESETS.items() if cfg.model.init in RANDOM_MODELS]
+    flags = ", ".join(f"--preset {n}" for n in names)
+    return f"Presets that need no download: {flags} (random initial weights)."
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import logging
 
-    from qualiclip import train
+    from qualiclip import checkpoints, train
+    from qualiclip.pretrained import ChecksumError, OfflineError
 
-    cfg, resume = _train_setup(args)
+    plan = _train_setup(args)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = train.fit(cfg, resume=resume, overwrite=args.overwrite)
+        result = train.fit(plan)
+    except (OfflineError, ChecksumError) as exc:
+        # The start point's weights cannot be had: the message says which file, its checksum and
+        # where to put it (as for 'score'); the presets that start from random weights need none.
+        print(f"qualiclip train: error: {exc}\n{_presets_without_download()}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # inside the run: a failure (1), not a usage error
         if args.verbose:
             import traceback
@@ -539,6 +623,8 @@ def _run_train(args: argparse.Namespace) -> int:
         hint = "" if args.verbose or isinstance(exc, ValueError) else " (--verbose for details)"
         print(f"qualiclip train: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_FAILED
+    if not result["main"]:  # under torchrun, rank 0 closes the run for all processes
+        return EXIT_FAILED if result["skipped"] else EXIT_OK
     val = result["validation"]
     if val:
         first, last = val[0], val[-1]
@@ -546,12 +632,13 @@ def _run_train(args: argparse.Namespace) -> int:
               f"{last['level_accuracy']:.3f} (step {last['step']})", file=sys.stderr)
     skipped = result["skipped"]
     summary = f"trained {result['step']} steps on {result['images']} images"
+    if result["held_out"]:
+        summary += f"; {result['held_out']} more held out for validation"
     if result["small"]:
         summary += f"; {len(result['small'])} smaller than the crop left out"
     if skipped:
-        names = ", ".join(name for name, _ in skipped[:10])
-        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        summary += f"; skipped {len(skipped)} unusable pristine files: {names}{more}"
+        listed = checkpoints.names([name for name, _ in skipped])
+        summary += f"; skipped {len(skipped)} unusable pristine files: {listed}"
     print(summary, file=sys.stderr)
     print(result["model_path"])
     return EXIT_FAILED if skipped else EXIT_OK
@@ -565,7 +652,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="correlate scores with human opinion (SRCC/PLCC/KRCC)",
         description="Score a human-rated dataset with one or more models and report SRCC, PLCC "
-        "(raw and after a 4-parameter logistic fit) and KRCC with bootstrap 95%% intervals. "
+        "(raw and after a 4-parameter logistic fit) and KRCC with bootstrap 95% intervals. "
         "'--dataset synthetic' instead degrades pristine images at 24 types x 5 levels and "
         "reports per-type SRCC of quality against level. Exit status 1 when any image failed "
         "(the table still covers the images that were scored).",
@@ -621,14 +708,16 @@ def _eval_scorers(args: argparse.Namespace) -> list:
 
 def _report_failures(failures: Sequence[tuple[str, str]], label: str) -> None:
     for path, error in failures[:10]:
-        print(f"{label}: failed: {path}: {error}", file=sys.stderr)
+        # A decoder's message starts with the file's name: it is said once, here.
+        reason = error.removeprefix(f"{path}: ")
+        print(f"{label}: failed: {path}: {reason}", file=sys.stderr)
     if len(failures) > 10:
         print(f"{label}: ... and {len(failures) - 10} more failures", file=sys.stderr)
 
 
 def _run_eval_synthetic(args: argparse.Namespace, scorers: list) -> int:
     from qualiclip import evaluate
-    from qualiclip.images import list_image_paths
+    from qualiclip.inputs import list_image_paths
 
     if args.root is None:
         raise UsageError("--dataset synthetic needs --root PRISTINE_DIR")
@@ -773,7 +862,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 13..20 (default 17)")
     p.add_argument("--no-check", action="store_true",
                    help="skip scoring a test batch with ONNX Runtime against PyTorch")
-    p.set_defaults(func=_run_export, device="cpu")
+    p.set_defaults(func=_run_export, device="cpu", precision="fp32")  # traced in fp32
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -792,7 +881,11 @@ def _run_export(args: argparse.Namespace) -> int:
     if opset not in onnx_export.OPSETS:
         raise UsageError(f"--opset must be in {onnx_export.OPSETS[0]}..{onnx_export.OPSETS[-1]}, "
                          f"got {opset}")
+    from qualiclip.model import QualiCLIP
+
     model = load_model_from_args(args)
+    if not isinstance(model, QualiCLIP):  # an ONNX graph (its name was refused above already)
+        raise UsageError(f"--model {args.model} is already an ONNX graph")
     try:
         result = onnx_export.export_onnx(
             model, target, input_kind=args.input, fp16=args.fp16, opset=opset,

@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from qualiclip.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
+from qualiclip.images import ImageDecodeError, decode_rgb
+from qualiclip.inputs import IMAGE_EXTENSIONS, list_image_paths
 
 __all__ = [
     "MIN_SIDE",
@@ -68,7 +69,7 @@ def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
 
     Args:
         source: a directory, a ``.txt`` file with one path per line (relative to the file), or a
-            sequence of image paths; expanded by :func:`qualiclip.images.list_image_paths`.
+            sequence of image paths; expanded by :func:`qualiclip.inputs.list_image_paths`.
 
     Returns:
         Sorted image paths (sorting makes splits and sampling independent of the file system).
@@ -76,8 +77,6 @@ def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
     Raises:
         ValueError: when the source does not exist or holds no image.
     """
-    from qualiclip.images import list_image_paths
-
     items = [source] if isinstance(source, str | Path) else list(source)
     if isinstance(source, str | Path) and not Path(source).exists():
         raise ValueError(f"pristine image source not found: {source}")
@@ -169,7 +168,9 @@ def _header_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise ImageDecodeError(f"{path}: cannot identify image file (not an image?)") from exc
+        raise ImageDecodeError(
+            f"{path}: cannot identify image file (not an image?)", "not_an_image"
+        ) from exc
     return height, width
 
 
@@ -354,8 +355,8 @@ class PristineCropPairs(Dataset):
                     self._failed[candidate] = _reason(exc, self.paths[candidate])
                     logger.debug("cannot use %s: %s", self.paths[candidate], exc)
             failures.append(f"{self.paths[candidate]}: {self._failed[candidate]}")
-        raise ImageDecodeError(
-            f"none of the {n} pristine images can be decoded (first: {failures[0]})"
+        raise ImageDecodeError(  # (each file's own reason is in the message)
+            f"none of the {n} pristine images can be decoded (first: {failures[0]})", "malformed"
         )
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:

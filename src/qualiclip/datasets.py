@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qualiclip.images import IMAGE_EXTENSIONS
+from qualiclip.inputs import IMAGE_EXTENSIONS
 
 PathLike = str | os.PathLike[str]
 

@@ -11,9 +11,9 @@ What makes it fast (each measured by ``benchmarks/bench_score.py``):
 * **Channels-last** memory throughout (oneDNN's fast layout); decoded ``H x W x 3`` pixels are
   already channels-last, so no transpose is ever made.
 * **O(N) attention pooling** (the first token queries alone; :mod:`qualiclip.clip`).
-* **Decoding in threads** (PIL releases the GIL) ahead of the model, and **images of equal size
-  grouped** into one forward pass within a bounded look-ahead window; results are put back in
-  input order.
+* **Decoding in threads** (PIL releases the GIL) ahead of the model (:mod:`qualiclip.reading`),
+  and **images of equal size grouped** into one forward pass within a bounded look-ahead window;
+  results are put back in input order.
 * **Freed feature maps reused** on Linux (:mod:`qualiclip.heap`).
 * **Bounded memory**: batches are capped by pixels as well as count, so a 12-megapixel photo
   scores with RN50 in well under 4 GiB, at full resolution.
@@ -26,12 +26,13 @@ On a GPU (see ``docs/performance.md``):
 * **One pass in flight**: the next batch is staged and queued while the device computes this
   one; scores come back without stalling the queue.
 * **Optional JPEG decoding on the GPU** (``decode="gpu"``/``"auto"``; nvJPEG through
-  torchvision, the ``gpu`` extra), with CPU decoding in threads for everything else.
+  torchvision, the ``gpu`` extra; :mod:`qualiclip.reading`), with CPU decoding in threads for
+  everything else.
 
 The module is longer than most because tensors, decoded arrays and files all reach the same
-prepared model through the same grouping and pass launcher here; the tower, the allocator
-policy and the precisions it uses live in :mod:`qualiclip.fused`, :mod:`qualiclip.heap` and
-:mod:`qualiclip.precision`.
+prepared model through the same grouping and pass launcher here; reading files, the tower, the
+allocator policy and the precisions it uses live in :mod:`qualiclip.reading`,
+:mod:`qualiclip.fused`, :mod:`qualiclip.heap` and :mod:`qualiclip.precision`.
 
 Precisions are those of :mod:`qualiclip.precision`.
 """
@@ -39,30 +40,24 @@ Precisions are those of :mod:`qualiclip.precision`.
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 import sys
-import threading
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from queue import SimpleQueue
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from qualiclip import heap, images
 from qualiclip.clip import ModifiedResNet
 from qualiclip.fused import FusedResNet
-from qualiclip.model import QualiCLIP
+from qualiclip.model import QualiCLIP, Scorer
 from qualiclip.precision import (
     PRECISION_CHOICES,
     PRECISIONS,
@@ -76,19 +71,15 @@ from qualiclip.precision import (
     describe_cpu,
     native_bf16,
 )
+from qualiclip.reading import Decode, Decoded, JpegDecoder, decoded_in_order, resolve_decoder
 
 __all__ = [
-    "DECODE_MODES", "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "PRECISION_CHOICES", "Decode",
-    "InferenceModel", "Precision", "PrecisionChoice", "ScoreResult", "check_precision",
-    "gpu_jpeg_decoder", "prepare", "resolve_precision", "score", "score_arrays", "score_paths",
+    "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "PRECISION_CHOICES", "Decode", "InferenceModel",
+    "Precision", "PrecisionChoice", "ScoreResult", "check_precision", "prepare",
+    "resolve_precision", "score", "score_arrays", "score_paths",
     "score_tensors",
 ]
 
-#: Where image files are decoded: ``auto`` (JPEGs on the GPU when the model is on CUDA and
-#: torchvision's nvJPEG is there, the rest on the CPU), ``cpu`` (threads), ``gpu`` (as auto, but
-#: an error when GPU decoding is unavailable).
-Decode = Literal["auto", "cpu", "gpu"]
-DECODE_MODES: tuple[str, ...] = get_args(Decode)
 
 #: Most pixels in one forward pass (8 KonIQ-size 1024x768 images); larger images go one by one.
 DEFAULT_MAX_BATCH_PIXELS = 8 * 1024 * 768
@@ -117,27 +108,33 @@ class ScoreResult:
 
 
 class InferenceModel:
-    """A QualiCLIP model readied for fast inference in one precision.
+    """A scorer readied for fast inference in one precision.
 
-    Built by :func:`prepare` (cached per model and precision). ``fuse=False`` keeps the model's
-    own tower (used for non-ResNet towers and to measure what fusing gains). With ``int8`` the
-    tower is the quantised one of :mod:`qualiclip.quantize` (calibrated at first use).
+    Built by :func:`prepare` (cached per model and precision). A :class:`QualiCLIP` runs a fused
+    copy of its ResNet tower, or with ``int8`` the quantised one of :mod:`qualiclip.quantize`
+    (calibrated at first use); ``fuse=False`` keeps the model's own tower (used for non-ResNet
+    towers and to measure what fusing gains). Any other scorer (an ONNX graph's) is called as
+    it is.
     """
 
     def __init__(
-        self, model: QualiCLIP, precision: str = "fp32", fuse: bool = True, compile: bool = False
+        self, model: Scorer, precision: str = "fp32", fuse: bool = True, compile: bool = False
     ) -> None:
         autocast_context(model.device, precision)  # validates precision / device
         self.model = model
         self.precision = precision
         self.device = model.device
-        self.min_size = int(getattr(model, "min_size", 32))
-        visual = getattr(model, "visual", None)
+        # A QualiCLIP's tower can be fused or compiled; other scorers are called as they are.
+        visual = model.visual if isinstance(model, QualiCLIP) else None
+        training = isinstance(model, QualiCLIP) and model.training
         self.visual: Any = visual
         if precision == "int8":
             if compile:
                 raise PrecisionError("--compile applies to fp32, bf16 and fp16 towers; int8 runs "
                                      "in ONNX Runtime")
+            if not isinstance(model, QualiCLIP):
+                raise PrecisionError(f"int8 quantises a QualiCLIP model's ResNet tower, and this "
+                                     f"scorer is a {type(model).__name__}: use fp32")
             from qualiclip import quantize
 
             self.visual = quantize.int8_tower(model)
@@ -145,7 +142,7 @@ class InferenceModel:
             # Inductor does its own batch-norm folding and oneDNN fusions ("freezing"); it
             # compiles once per input size (tens of seconds for RN50 on two cores).
             self.visual = torch.compile(visual, dynamic=False, options={"freezing": True})
-        elif fuse and isinstance(visual, ModifiedResNet) and not model.training:
+        elif fuse and isinstance(visual, ModifiedResNet) and not training:
             # (A model in training mode is run as it is: its batch norms use batch statistics.)
             dtype = torch.float32 if self.device.type != "cpu" else compute_dtype(precision)
             # (Prepacking weights into oneDNN's blocked layout was measured and not kept: no
@@ -230,18 +227,22 @@ def _nothing() -> None:
     return None
 
 
-_PREPARED: weakref.WeakKeyDictionary[QualiCLIP, dict[tuple[Any, ...], tuple[Any, InferenceModel]]]
+_PREPARED: weakref.WeakKeyDictionary[Scorer, dict[tuple[Any, ...], tuple[Any, InferenceModel]]]
 _PREPARED = weakref.WeakKeyDictionary()
 
 
-def _state_key(model: nn.Module) -> tuple[Any, ...]:
+def _state_key(model: Scorer) -> tuple[Any, ...]:
+    """What a prepared copy depends on: a module's tensors and mode (a scorer that is no
+    module has no state of ours to follow)."""
+    if not isinstance(model, nn.Module):
+        return ()
     # In-place updates (optimiser steps, load_state_dict) bump a tensor's version; .to() moves it.
     tensors = (*model.parameters(), *model.buffers())
     return (*((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), model.training)
 
 
 def prepare(
-    model: QualiCLIP, precision: str = "fp32", *, fuse: bool = True, compile: bool = False
+    model: Scorer, precision: str = "fp32", *, fuse: bool = True, compile: bool = False
 ) -> InferenceModel:
     """The :class:`InferenceModel` of ``model``: built once, reused while its weights are unchanged.
 
@@ -277,7 +278,7 @@ def prepare(
 _ANNOUNCED: set[tuple[str, str, str]] = set()
 
 
-def resolve_precision(model: QualiCLIP, precision: str, *, compile: bool = False) -> str:
+def resolve_precision(model: Scorer, precision: str, *, compile: bool = False) -> str:
     """The precision that ``precision`` stands for with ``model``: itself, or what ``auto`` picks.
 
     ``auto`` takes the first of :func:`qualiclip.precision.auto_candidates` that holds for this
@@ -292,10 +293,7 @@ def resolve_precision(model: QualiCLIP, precision: str, *, compile: bool = False
         PrecisionError: ``precision`` is unknown, or one the model's device (or the model: an
             ONNX graph, a tower int8 cannot take) cannot run, or int8 with ``compile``.
     """
-    check_precision(model.device, precision)
-    own_check = getattr(model, "check_precision", None)  # a scorer with a fixed precision (ONNX)
-    if own_check is not None:
-        own_check(precision)
+    model.check_precision(precision)  # the device's, or an ONNX graph's own, limits
     if precision == "int8":
         if compile:
             raise PrecisionError("--compile applies to fp32, bf16 and fp16 towers, and int8 runs "
@@ -306,17 +304,19 @@ def resolve_precision(model: QualiCLIP, precision: str, *, compile: bool = False
     if precision != "auto":
         return precision
     chosen, notes = "fp32", []
-    for candidate in (auto_candidates(model.device) if isinstance(model, QualiCLIP) else ()):
-        if candidate == "int8":
+    # A scorer other than a QualiCLIP module (an ONNX graph) runs as it was exported: fp32.
+    qualiclip = model if isinstance(model, QualiCLIP) else None
+    for candidate in (auto_candidates(model.device) if qualiclip is not None else ()):
+        if candidate == "int8" and qualiclip is not None:
             if compile:
                 notes.append("int8 passed over: --compile applies to float towers")
                 continue
-            if not isinstance(model.visual, ModifiedResNet):
+            if not isinstance(qualiclip.visual, ModifiedResNet):
                 notes.append("int8 passed over: not a ResNet tower")
                 continue
             from qualiclip import quantize
 
-            report = quantize.int8_report(model)
+            report = quantize.int8_report(qualiclip)
             budget = f"the budget is Spearman >= {quantize.FIDELITY_MIN_SPEARMAN}"
             notes.append(f"int8 {'met' if report.holds else 'passed over'}: "
                          f"{report.describe()}; {budget}")
@@ -334,7 +334,7 @@ def resolve_precision(model: QualiCLIP, precision: str, *, compile: bool = False
 
 
 def score_tensors(
-    model: QualiCLIP,
+    model: Scorer,
     batch: torch.Tensor,
     precision: str = "fp32",
     *,
@@ -374,7 +374,7 @@ def score_tensors(
 
 
 @torch.inference_mode()
-def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch.Tensor:
+def score(model: Scorer, x: Any, *, precision: str = "fp32") -> float | torch.Tensor:
     """Score one image or a batch with the fast path.
 
     A model in eval mode runs its fused inference copy (:func:`prepare`, built once and reused
@@ -401,8 +401,7 @@ def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch
         True
     """
     batched = isinstance(x, torch.Tensor) and x.ndim == 4
-    weight = next(model.parameters(), None)  # a scorer without parameters (ONNX) takes fp32
-    dtype = weight.dtype if weight is not None else torch.float32
+    dtype = model.input_dtype
     pixels: list[np.ndarray] | None = None
     if isinstance(x, (str, Path, bytes, bytearray)) or hasattr(x, "read"):
         pixels = [images.decode_rgb(x, min_size=model.min_size)]
@@ -429,182 +428,19 @@ def score(model: QualiCLIP, x: Any, *, precision: str = "fp32") -> float | torch
 # --- scoring files -----------------------------------------------------------------------------
 
 
-@dataclass
-class _Decoded:
-    index: int
-    path: str
-    pixels: np.ndarray | torch.Tensor | None  # H x W x 3 uint8/uint16, or 3 x H x W uint8 (GPU)
-    error: str | None
-
-    @property
-    def key(self) -> tuple[int, int, str]:
-        """What images must share to run in one pass: height, width, and the kind of pixels
-        (decoded on the device, uint8 or uint16 arrays: each kind crosses as it is)."""
-        assert self.pixels is not None  # noqa: S101 - internal invariant, not input validation
-        if isinstance(self.pixels, torch.Tensor):
-            return (self.pixels.shape[1], self.pixels.shape[2], "device")
-        return (self.pixels.shape[0], self.pixels.shape[1], str(self.pixels.dtype))
-
-
-def _decode(index: int, path: str, min_size: int) -> _Decoded:
-    from qualiclip.images import ImageDecodeError, decode_rgb
-
-    try:
-        return _Decoded(index, path, decode_rgb(path, min_size=min_size), None)
-    except ImageDecodeError as exc:  # its message names the file and says what is wrong
-        return _Decoded(index, path, None, str(exc))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes this input's error row
-        return _Decoded(index, path, None, f"{type(exc).__name__}: {exc}")
-
-
-#: EXIF tag of the orientation (1: as stored).
-_EXIF_ORIENTATION = 0x0112
-
-JpegDecoder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def gpu_jpeg_decoder(device: torch.device | str) -> JpegDecoder | None:
-    """A JPEG decoder on ``device`` (nvJPEG through torchvision), or None where there is none.
-
-    torchvision is imported here only, and any failure to import it (missing, or built for
-    another torch) means no GPU decoding: qualiclip itself never needs it.
-
-    Returns:
-        ``decode(data)``: encoded bytes (a uint8 CPU tensor) to RGB uint8 ``[3, H, W]`` on
-        ``device``. Calls are serialised (one nvJPEG decoder state).
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg  # the optional "gpu" extra
-    except Exception:  # noqa: BLE001 - absent or incompatible: CPU decoding it is
-        return None
-    lock = threading.Lock()
-
-    def decode(data: torch.Tensor) -> torch.Tensor:
-        with lock:
-            out: torch.Tensor = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        return out
-
-    return decode
-
-
-def _resolve_decoder(decode: str, device: torch.device) -> JpegDecoder | None:
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    if decode == "cpu":
-        return None
-    decoder = gpu_jpeg_decoder(device)
-    if decoder is None and decode == "gpu":
-        why = (
-            f"the model runs on {device.type}" if device.type != "cuda"
-            else "torchvision's decode_jpeg could not be imported (pip install 'qualiclip[gpu]')"
-        )
-        raise ValueError(f"GPU decoding needs a CUDA model and torchvision's nvJPEG: {why}")
-    return decoder
-
-
-def _decode_jpeg_on_device(
-    index: int, path: str, min_size: int, decoder: JpegDecoder
-) -> _Decoded:
-    """``path`` decoded on the GPU when it is a plain JPEG; on the CPU otherwise.
-
-    Only files that :func:`qualiclip.images.decode_rgb` would turn into the same picture go to
-    the GPU: regular files, baseline RGB or greyscale JPEGs, no EXIF rotation, within the size
-    limits. Anything else, and any failure on the GPU, is decoded (or refused, with its reason)
-    by the CPU path.
-    """
-    try:
-        if stat.S_ISREG(os.stat(path).st_mode):
-            with Image.open(path) as im:
-                width, height = im.size
-                plain = (
-                    im.format == "JPEG" and im.mode in ("RGB", "L")
-                    and min(width, height) >= min_size
-                    and width * height <= images.max_pixels_from_env()
-                    and im.getexif().get(_EXIF_ORIENTATION, 1) == 1
-                )
-            if plain:
-                data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-                pixels = decoder(data)
-                if tuple(pixels.shape) == (3, height, width) and pixels.dtype == torch.uint8:
-                    return _Decoded(index, path, pixels, None)
-    except Exception:  # noqa: BLE001, S110 - the CPU decoder gives the verdict on this file
-        pass
-    return _decode(index, path, min_size)
-
-
-def _decoded_in_order(
-    paths: Iterable[str],
-    min_size: int,
-    workers: int,
-    prefetch: int,
-    decoder: JpegDecoder | None = None,
-) -> Iterator[_Decoded]:
-    """Decode ``paths`` in ``workers`` threads, at most ``prefetch`` ahead, yielding in order.
-
-    PIL's decoders release the GIL, so threads decode while the model computes. The threads are
-    daemons told to stop as soon as the consumer stops (Ctrl-C, an error, a closed generator): a
-    decode still running then neither delays the exit nor keeps the process alive, as a thread
-    pool's workers would (the interpreter joins those at exit). With a ``decoder``, plain JPEGs
-    are decoded on the GPU (see :func:`_decode_jpeg_on_device`).
-    """
-    jobs: SimpleQueue[tuple[Future[_Decoded], int, str] | None] = SimpleQueue()
-    stop = threading.Event()
-
-    def decode_one(index: int, path: str) -> _Decoded:
-        if decoder is not None:
-            return _decode_jpeg_on_device(index, path, min_size, decoder)
-        return _decode(index, path, min_size)
-
-    def work() -> None:
-        while (job := jobs.get()) is not None and not stop.is_set():
-            future, index, path = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(decode_one(index, path))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, never lost
-                future.set_exception(exc)
-
-    threads = [
-        threading.Thread(target=work, name=f"qualiclip-decode-{i}", daemon=True)
-        for i in range(workers)
-    ]
-    for thread in threads:
-        thread.start()
-    pending: deque[Future[_Decoded]] = deque()
-    try:
-        for index, path in enumerate(paths):
-            future: Future[_Decoded] = Future()
-            jobs.put((future, index, path))
-            pending.append(future)
-            if len(pending) > prefetch:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        stop.set()
-        for future in pending:
-            future.cancel()
-        for _ in threads:
-            jobs.put(None)
-
-
 class _Grouper:
     """Holds decoded images by size until a batch is full or the look-ahead window is."""
 
     def __init__(self, batch_size: int, max_batch_pixels: int, lookahead: int, max_pixels: int):
         self.batch_size, self.max_batch_pixels = batch_size, max_batch_pixels
         self.lookahead, self.max_pixels = lookahead, max_pixels
-        self.groups: dict[tuple[int, int, str], list[_Decoded]] = {}
+        self.groups: dict[tuple[int, int, str], list[Decoded]] = {}
         self.count = self.pixels = 0
 
     def capacity(self, key: tuple[int, int, str]) -> int:
         return max(1, min(self.batch_size, self.max_batch_pixels // (key[0] * key[1])))
 
-    def add(self, item: _Decoded) -> Iterator[list[_Decoded]]:
+    def add(self, item: Decoded) -> Iterator[list[Decoded]]:
         """Take ``item``; yield the batches that must run now."""
         key = item.key
         group = self.groups.setdefault(key, [])
@@ -616,14 +452,14 @@ class _Grouper:
         while self.count and (self.count >= self.lookahead or self.pixels >= self.max_pixels):
             yield self._take(self._oldest())
 
-    def drain(self) -> Iterator[list[_Decoded]]:
+    def drain(self) -> Iterator[list[Decoded]]:
         while self.count:
             yield self._take(self._oldest())
 
     def _oldest(self) -> tuple[int, int, str]:
         return min(self.groups, key=lambda key: self.groups[key][0].index)
 
-    def _take(self, key: tuple[int, int, str]) -> list[_Decoded]:
+    def _take(self, key: tuple[int, int, str]) -> list[Decoded]:
         group = self.groups[key]
         batch, rest = group[: self.capacity(key)], group[self.capacity(key) :]
         if rest:
@@ -681,18 +517,13 @@ def _launch(
     return wait
 
 
-def _score_group(runner: InferenceModel, arrays: list[np.ndarray]) -> Outcomes:
-    """Scores of equal-size decoded images in one pass, or each one's exception."""
-    return _launch(runner, arrays)()
-
-
 def _in_flight(runner: InferenceModel) -> int:
     """Passes queued ahead of the one waited for: one on CUDA (stage the next while this one
     computes), none elsewhere (a CPU's cores are all busy with the pass)."""
     return 1 if runner.device.type == "cuda" else 0
 
 
-def _run_batch(runner: InferenceModel, items: list[_Decoded]) -> Callable[[], list[ScoreResult]]:
+def _run_batch(runner: InferenceModel, items: list[Decoded]) -> Callable[[], list[ScoreResult]]:
     """Start the pass over ``items``; the returned function gives their rows."""
     pixels = [it.pixels for it in items if it.pixels is not None]
     key = items[0].key
@@ -710,7 +541,7 @@ def _run_batch(runner: InferenceModel, items: list[_Decoded]) -> Callable[[], li
 
 
 def score_arrays(
-    model: QualiCLIP,
+    model: Scorer,
     arrays: list[np.ndarray],
     *,
     precision: str = "fp32",
@@ -731,10 +562,10 @@ def score_arrays(
     runner = prepare(model, precision)
     everything = sum(a.shape[0] * a.shape[1] for a in arrays) + 1  # no look-ahead bound here
     grouper = _Grouper(batch_size, max_batch_pixels, len(arrays) + 1, everything)
-    items = [_Decoded(i, "", arr, None) for i, arr in enumerate(arrays)]
+    items = [Decoded(i, "", arr, None) for i, arr in enumerate(arrays)]
     batches = [b for it in items for b in grouper.add(it)] + list(grouper.drain())
     outcomes: list[float | Exception] = [0.0] * len(arrays)
-    queued: deque[tuple[list[_Decoded], Callable[[], Outcomes]]] = deque()
+    queued: deque[tuple[list[Decoded], Callable[[], Outcomes]]] = deque()
     for i, batch in enumerate(batches):
         queued.append((batch, _launch(runner, [it.pixels for it in batch
                                                if it.pixels is not None])))
@@ -746,7 +577,7 @@ def score_arrays(
 
 
 def score_paths(
-    model: QualiCLIP,
+    model: Scorer,
     paths: Iterable[str | Path],
     *,
     batch_size: int = 8,
@@ -804,7 +635,7 @@ def score_paths(
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     runner = prepare(model, precision, fuse=fuse, compile=compile)  # validates early
-    decoder = _resolve_decoder(decode, runner.device)
+    decoder = resolve_decoder(decode, runner.device)
     return _score_paths(runner, paths, batch_size, workers, progress, lookahead,
                         max_batch_pixels, threads, decoder)
 
@@ -824,7 +655,7 @@ def _score_paths(
     bar = _progress_bar(total) if progress else None
     grouper = _Grouper(batch_size, max_batch_pixels, lookahead, DEFAULT_LOOKAHEAD_PIXELS)
     done: dict[int, ScoreResult] = {}
-    queued: deque[tuple[list[_Decoded], Callable[[], list[ScoreResult]]]] = deque()
+    queued: deque[tuple[list[Decoded], Callable[[], list[ScoreResult]]]] = deque()
     next_index = 0
 
     def settle(keep: int) -> None:
@@ -832,7 +663,7 @@ def _score_paths(
             batch, rows = queued.popleft()
             done.update(zip((it.index for it in batch), rows(), strict=True))
 
-    def run_and_emit(batches: Iterable[list[_Decoded]], keep: int) -> Iterator[ScoreResult]:
+    def run_and_emit(batches: Iterable[list[Decoded]], keep: int) -> Iterator[ScoreResult]:
         """Start ``batches``, leaving at most ``keep`` passes unfinished, then yield every
         result whose turn (input order) has come."""
         nonlocal next_index
@@ -846,8 +677,8 @@ def _score_paths(
             yield done.pop(next_index)
             next_index += 1
 
-    decoded = _decoded_in_order(
-        (str(p) for p in paths), runner.min_size, workers, prefetch=max(2, 2 * workers),
+    decoded = decoded_in_order(
+        (str(p) for p in paths), runner.model.min_size, workers, prefetch=max(2, 2 * workers),
         decoder=decoder,
     )
     keep = _in_flight(runner)

@@ -11,11 +11,14 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from qualiclip.metrics import FloatArray, Metrics, compute_metrics, srcc
+from qualiclip.metrics import LOGISTIC_MIN_POINTS, FloatArray, Metrics, compute_metrics, srcc
+
+if TYPE_CHECKING:
+    from qualiclip.model import Scorer
 
 # --- scorers -----------------------------------------------------------------------------------
 
@@ -31,8 +34,12 @@ class ScoreRow(Protocol):
     def error(self) -> str | None: ...
 
 
-class Scorer(Protocol):
-    """The interface the evaluation loop needs from a model: QualiCLIP, CLIP-IQA or NIQE."""
+class EvalScorer(Protocol):
+    """The interface the evaluation loop needs from a method: QualiCLIP, CLIP-IQA or NIQE.
+
+    (A :class:`qualiclip.model.Scorer`, what the engine scores with, becomes one through
+    :class:`ModelScorer`.)
+    """
 
     name: str
     higher_is_better: bool
@@ -45,11 +52,11 @@ class Scorer(Protocol):
 
 
 class ModelScorer:
-    """A :class:`qualiclip.model.QualiCLIP` behind the :class:`Scorer` interface.
+    """A :class:`qualiclip.model.Scorer` behind the :class:`EvalScorer` interface.
 
     Args:
         name: the label shown in tables and CSV columns.
-        model: the QualiCLIP module (scores in [0, 1], higher is better).
+        model: the scorer (QualiCLIP or an ONNX graph's; scores in [0, 1], higher is better).
         batch_size: images of equal size per forward pass.
         workers: decoding threads.
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) or ``"int8"`` (CPU): a resolved
@@ -61,7 +68,7 @@ class ModelScorer:
     def __init__(
         self,
         name: str,
-        model: Any,
+        model: Scorer,
         *,
         batch_size: int = 8,
         workers: int = 2,
@@ -106,7 +113,7 @@ def create_scorer(
     workers: int = 2,
     precision: str = "fp32",
     **model_options: Any,
-) -> Scorer:
+) -> EvalScorer:
     """A scorer by name: ``"niqe"``, or any name or checkpoint ``create_model`` accepts.
 
     Args:
@@ -131,7 +138,7 @@ def create_scorer(
     from qualiclip.model import create_model
 
     model = create_model(name, device=device, **model_options)
-    precision = resolve_precision(model, precision)
+    precision = resolve_precision(model, precision)  # checks it; auto resolved, announced
     return ModelScorer(name, model, batch_size=batch_size, workers=workers, precision=precision)
 
 
@@ -189,7 +196,7 @@ class EvalReport:
 
 def evaluate_items(
     items: Sequence[tuple[str, float]],
-    scorers: Sequence[Scorer],
+    scorers: Sequence[EvalScorer],
     *,
     dataset: str = "custom",
     mos_higher_is_better: bool = True,
@@ -203,7 +210,7 @@ def evaluate_items(
 
     Args:
         items: ``(image_path, mos)`` pairs.
-        scorers: the models (see :class:`Scorer`).
+        scorers: the models (see :class:`EvalScorer`).
         dataset: name for the report.
         mos_higher_is_better: False for DMOS labels.
         bootstrap: bootstrap resamples for the intervals (0: none).
@@ -264,13 +271,17 @@ def format_table(report: EvalReport) -> str:
         if m is None:
             rows.append((*who, "-", "", "-", "", "-", "-"))
             continue
-        log = f"{m.plcc_logistic:.3f}" + ("" if m.logistic_converged else "*")
+        log = ("n/a" if math.isnan(m.plcc_logistic)
+               else f"{m.plcc_logistic:.3f}" + ("" if m.logistic_converged else "*"))
         rows.append((*who, f"{m.srcc:.3f}", _ci(m.srcc_ci), f"{m.plcc:.3f}", _ci(m.plcc_ci), log,
                      f"{m.krcc:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(r.metrics is not None and math.isnan(r.metrics.plcc_logistic) for r in report.models):
+        lines.append(f"n/a: PLCC-log needs at least {LOGISTIC_MIN_POINTS} scored images (its "
+                     "4-parameter curve passes through fewer exactly)")
     return "\n".join(lines)
 
 
@@ -281,7 +292,7 @@ def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
     names = [m.name for m in report.models]
     precisions = "; ".join(f"{m.name}: {m.precision}" for m in report.models if m.precision)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")  # LF, as the other outputs
         writer.writerow(["path", "mos", *names, "error", "precision"])
         for i, (p, mos) in enumerate(report.items):
             vals = [report.scores[n][i] for n in names]
@@ -322,7 +333,7 @@ def _center_crop(x: Any, size: int | None) -> Any:
 
 def evaluate_synthetic(
     paths: Sequence[str | os.PathLike[str]],
-    scorers: Sequence[Scorer],
+    scorers: Sequence[EvalScorer],
     *,
     crop: int | None = 512,
     seed: int = 0,

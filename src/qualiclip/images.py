@@ -13,8 +13,8 @@ about getting exactly the pixels a viewer sees, or refusing with a message that 
 
 Batch engines call :func:`decode_rgb` (integer pixels, cheap to queue) and convert them per
 batch; :func:`load_image` is the one-image convenience. This is the one image path of the
-package (scoring, the service, training crops and NIQE all decode here, and every input list is
-expanded by :func:`list_image_paths`), which is why the module is longer than most.
+package (scoring, the service, training crops and NIQE all decode here), which is why the module
+is longer than most. Which files to read is :mod:`qualiclip.inputs`' concern.
 
 Example:
     >>> from qualiclip.images import load_image
@@ -27,27 +27,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import io
 import os
 import stat
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import IO, Any, TextIO
+from collections.abc import Sequence
+from typing import IO, Any, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "DECODE_FAILURES",
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
+    "DecodeFailure",
+    "EXIF_ORIENTATION",
     "ImageDecodeError",
     "ImageSource",
+    "as_decode_error",
     "decode_rgb",
-    "list_image_paths",
     "load_image",
     "max_pixels_from_env",
     "pixels_to_tensor",
@@ -58,20 +58,41 @@ __all__ = [
 #: of that size takes 540 MB, its float32 tensor 2.2 GB; raise it with ``QUALICLIP_MAX_PIXELS``.
 DEFAULT_MAX_PIXELS = 180_000_000
 
-#: File extensions picked up when walking folders or expanding globs (compared case-insensitively).
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-)
-
 #: What :func:`decode_rgb` and :func:`load_image` accept.
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Image.Image
 
-_GLOB_CHARS = frozenset("*?[")
+#: EXIF tag of the orientation (value 1: the pixels are stored as they are shown).
+EXIF_ORIENTATION = 0x0112
+
 _WHITE = (255, 255, 255, 255)
 
 
+#: Why an input is not an image we can score (:attr:`ImageDecodeError.reason`):
+#: ``unreadable`` (missing, not a regular file, no permission), ``not_an_image`` (no decoder
+#: knows the format), ``malformed`` (a bad header, truncated or corrupt data, NaN pixels),
+#: ``too_large`` (over the pixel limit), ``out_of_memory`` (no room to decode it), ``too_small``
+#: (a side under the model's minimum).
+DecodeFailure = Literal[
+    "unreadable", "not_an_image", "malformed", "too_large", "out_of_memory", "too_small"
+]
+DECODE_FAILURES: tuple[str, ...] = get_args(DecodeFailure)
+
+
 class ImageDecodeError(ValueError):
-    """An input could not be turned into an RGB image; the message names it and the reason."""
+    """An input could not be turned into an RGB image; the message names it and says why.
+
+    Args:
+        message: ``"<input>: <what is wrong>"``, for people.
+        reason: the kind of failure, for programs (the HTTP service maps it to a status).
+    """
+
+    def __init__(self, message: str, reason: DecodeFailure) -> None:
+        super().__init__(message)
+        self.reason: DecodeFailure = reason
+
+    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[str, DecodeFailure]]:
+        # Unpickled (from a worker process) with its reason, not by ``cls(*args)``.
+        return type(self), (str(self), self.reason)
 
 
 def max_pixels_from_env() -> int:
@@ -148,20 +169,20 @@ def _open_regular_file(path: str | os.PathLike[str], name: str) -> IO[bytes]:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}") from exc
+        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}", "unreadable") from exc
     except ValueError as exc:  # e.g. an embedded NUL byte
-        raise ImageDecodeError(f"{name}: invalid path ({exc})") from exc
+        raise ImageDecodeError(f"{name}: invalid path ({exc})", "unreadable") from exc
     if not stat.S_ISREG(mode):
-        raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}")
+        raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}", "unreadable")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}") from exc
+        raise ImageDecodeError(f"{name}: {_os_error_text(exc)}", "unreadable") from exc
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}")
+            raise ImageDecodeError(f"{name}: {_not_regular_text(path, mode)}", "unreadable")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -199,23 +220,21 @@ def _open(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             return Image.open(fp), True
-        except UnidentifiedImageError as exc:
-            raise ImageDecodeError(f"{name}: cannot identify image file (not an image?)") from exc
         except Image.DecompressionBombError as exc:
             # PIL's own check ran first (inside Image.open); say which limit is ours.
             raise ImageDecodeError(
                 f"{name}: too large: {exc} (limit: {max_pixels} pixels; raise it with "
-                "QUALICLIP_MAX_PIXELS or max_pixels=)"
+                "QUALICLIP_MAX_PIXELS or max_pixels=)", "too_large"
             ) from exc
-        except MemoryError as exc:
-            raise ImageDecodeError(f"{name}: out of memory while reading the header") from exc
         except OSError as exc:
             if exc.errno is not None:  # a real I/O error (permissions, disk), not bad data
-                raise ImageDecodeError(f"{name}: cannot read file: {exc.strerror}") from exc
-            raise ImageDecodeError(f"{name}: {_classify(exc, header=True)}") from exc
+                raise ImageDecodeError(
+                    f"{name}: cannot read file: {exc.strerror}", "unreadable"
+                ) from exc
+            raise as_decode_error(name, exc, header=True) from exc
         except Exception as exc:  # noqa: BLE001 - plugins raise ValueError, SyntaxError, ...
             # Whatever a format plugin raises on a malformed header is this file's error.
-            raise ImageDecodeError(f"{name}: {_classify(exc, header=True)}") from exc
+            raise as_decode_error(name, exc, header=True) from exc
 
 
 def _raise_pil_limit_to(max_pixels: int) -> None:
@@ -237,12 +256,13 @@ def _check_size(im: Image.Image, name: str, max_pixels: int, min_size: int) -> N
     if pixels > max_pixels:
         raise ImageDecodeError(
             f"{name}: too large: {width}x{height} = {pixels} pixels > limit of {max_pixels} pixels "
-            "(possible decompression bomb; raise it with QUALICLIP_MAX_PIXELS or max_pixels=)"
+            "(possible decompression bomb; raise it with QUALICLIP_MAX_PIXELS or max_pixels=)",
+            "too_large",
         )
     if min(width, height) < min_size:
         raise ImageDecodeError(
             f"{name}: too small: {width}x{height} pixels; the shorter side must be at least "
-            f"{min_size} pixels"
+            f"{min_size} pixels", "too_small",
         )
 
 
@@ -317,7 +337,7 @@ def _apply_exif_orientation(im: Image.Image, owned: bool) -> Image.Image:
     if owned:
         ImageOps.exif_transpose(im, in_place=True)
         return im
-    if im.getexif().get(0x0112, 1) in (None, 1):
+    if im.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
         return im  # nothing to do: avoid exif_transpose's full copy
     out = ImageOps.exif_transpose(im)
     return im if out is None else out
@@ -337,16 +357,40 @@ def _plugin_format(exc: BaseException, im: Image.Image | None = None) -> str | N
     return found
 
 
-def _classify(exc: BaseException, *, header: bool = False, im: Image.Image | None = None) -> str:
-    """Human wording for a decoder exception, naming the format where it can be told."""
-    text = str(exc) or type(exc).__name__
+def as_decode_error(
+    name: str, exc: BaseException, *, header: bool = False, im: Image.Image | None = None
+) -> ImageDecodeError:
+    """What an exception raised while decoding ``name`` means, as an :class:`ImageDecodeError`.
+
+    The decoder's one wording of failures, also for exceptions raised around it (a decoder
+    swapped in, a worker): an :class:`ImageDecodeError` is returned as it is; an unknown
+    format, running out of memory, truncated data and anything else a format plugin raises
+    each get their reason and a message naming the format where it can be told.
+
+    Args:
+        name: the input, as messages name it.
+        exc: what was raised.
+        header: raised while reading the header (nothing decoded yet).
+        im: the image being decoded, to name its format.
+    """
+    if isinstance(exc, ImageDecodeError):
+        return exc
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageDecodeError(f"{name}: cannot identify image file (not an image?)",
+                                "not_an_image")
+    if isinstance(exc, MemoryError):
+        stage = "reading the header" if header else "decoding"
+        return ImageDecodeError(f"{name}: out of memory while {stage}", "out_of_memory")
+    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     fmt = _plugin_format(exc, im)
     what = f"{fmt} " if fmt else ""
-    if isinstance(exc, EOFError) or "truncated" in text.lower():
-        return f"truncated or incomplete {what}image data ({text})"
-    if header:
-        return f"malformed {what}image header ({type(exc).__name__}: {text})"
-    return f"corrupt or unsupported {what}image data ({type(exc).__name__}: {text})"
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+        detail = f"truncated or incomplete {what}image data ({cause})"
+    elif header:
+        detail = f"malformed {what}image header ({cause})"
+    else:
+        detail = f"corrupt or unsupported {what}image data ({cause})"
+    return ImageDecodeError(f"{name}: {detail}", "malformed")
 
 
 class _PixelError(ValueError):
@@ -400,11 +444,9 @@ def decode_rgb(
             except ImageDecodeError:
                 raise
             except _PixelError as exc:
-                raise ImageDecodeError(f"{name}: {exc}") from exc
-            except MemoryError as exc:
-                raise ImageDecodeError(f"{name}: out of memory while decoding") from exc
+                raise ImageDecodeError(f"{name}: {exc}", "malformed") from exc
             except Exception as exc:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ...
-                raise ImageDecodeError(f"{name}: {_classify(exc, im=im)}") from exc
+                raise as_decode_error(name, exc, im=im) from exc
         finally:
             if owned:
                 im.close()
@@ -511,7 +553,10 @@ def pixels_to_tensor(
             if arr.dtype == np.uint16:  # torch has few uint16 kernels; NumPy converts exactly
                 batch[i].copy_(torch.from_numpy(arr.astype(np.float32))).div_(65535.0)
             else:
-                batch[i].copy_(torch.from_numpy(arr)).div_(255.0)
+                # Written through NumPy: the array may be read-only (np.asarray of a PIL image),
+                # which torch.from_numpy warns about; uint8 -> float32 is exact either way.
+                batch[i].numpy()[...] = arr
+                batch[i].div_(255.0)
         # [B, H, W, 3] viewed as [B, 3, H, W] is exactly the channels-last layout.
         return batch.permute(0, 3, 1, 2)
     if any(a.dtype != first.dtype for a in arrays):
@@ -529,7 +574,7 @@ def pixels_to_tensor(
             f"does not fit {shape} {dtype}"
         )
     for i, arr in enumerate(arrays):
-        staging[i].copy_(torch.from_numpy(arr.view(np.int16) if wide else arr))
+        staging[i].numpy()[...] = arr.view(np.int16) if wide else arr  # read-only arrays too
     raw = staging.to(device, non_blocking=True)  # the conversions below copy: staging is kept
     if wide:
         values = raw.to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32).div_(65535.0)
@@ -573,7 +618,9 @@ def _numpy_to_batch(x: np.ndarray) -> torch.Tensor:
     if x.dtype in (np.uint8, np.uint16):
         return _array_to_tensor(x)
     if np.issubdtype(x.dtype, np.floating):
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        # A copy when the array is read-only (torch.from_numpy warns about those).
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t = torch.from_numpy(x if x.flags.writeable else x.copy())
         return _check_float_range(t, what).movedim(-1, -3).contiguous()
     raise TypeError(f"{what}: dtype must be uint8, uint16 or floating point in [0, 1]")
 
@@ -628,169 +675,3 @@ def to_batch(x: object) -> torch.Tensor:
         "expected a path, bytes, PIL image, NumPy array or torch tensor, "
         f"got {type(x).__name__}"
     )
-
-
-# --- input paths -------------------------------------------------------------------------------
-
-
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _walk_folder(folder: Path, recursive: bool) -> list[Path]:
-    """Image files under ``folder``, sorted; hidden entries (".*", e.g. macOS "._x.jpg") skipped.
-
-    A sub-folder that cannot be listed is kept as an entry of its own, so the scorer reports it
-    ("folder cannot be read") instead of its images silently missing from the results.
-    """
-    found: list[Path] = []
-
-    def unreadable(exc: OSError) -> None:
-        if exc.filename is not None:
-            found.append(Path(os.fsdecode(exc.filename)))
-
-    for root, dirs, files in os.walk(folder, onerror=unreadable):
-        dirs[:] = [] if not recursive else [d for d in dirs if not d.startswith(".")]
-        root_path = Path(root)
-        found.extend(
-            root_path / f for f in files if not f.startswith(".") and _is_image_name(Path(f))
-        )
-    return sorted(found)
-
-
-def _is_dir(path: Path) -> bool | None:
-    """``path.is_dir()``, or None when the path cannot even be looked at (the scorer says why)."""
-    try:
-        return path.is_dir()
-    except (OSError, ValueError):  # a name too long, an embedded NUL, ...
-        return None
-
-
-def _expand_glob(pattern: str, recursive: bool) -> list[Path]:
-    """Glob matches: image files, and image files inside matched folders; sorted."""
-    out: list[Path] = []
-    for match in sorted(glob.glob(pattern, recursive=True)):
-        path = Path(match)
-        if _is_dir(path):
-            out.extend(_walk_folder(path, recursive))
-        elif _is_image_name(path):
-            out.append(path)
-    return out
-
-
-def _expand_one(item: str, recursive: bool) -> Iterator[Path]:
-    path = Path(item)
-    is_dir = _is_dir(path)
-    if is_dir:
-        yield from _walk_folder(path, recursive)
-    elif is_dir is None or os.path.lexists(path) or not (_GLOB_CHARS & set(item)):
-        # An explicit file is kept whatever its extension (a non-image named on purpose gets an
-        # error row later), and so is a missing or unreachable one (a symlink loop, a name too
-        # long): the scorer reports it rather than us failing before anything is scored.
-        yield path
-    else:
-        try:
-            matches = _expand_glob(item, recursive)
-        except (OSError, ValueError):
-            matches = []
-        # A pattern that matches nothing is kept as given, so the user sees it reported (as a
-        # shell without nullglob would pass it on).
-        yield from matches if matches else [path]
-
-
-def _stdin_lines(stream: TextIO) -> Iterator[str]:
-    """Lines of ``stream`` as file names: raw bytes decoded as the OS decodes names.
-
-    Reading the bytes (not the locale's text) means a name that is not valid UTF-8, or not valid
-    in a strict locale, still names the same file (``os.fsdecode``'s surrogate escapes).
-    """
-    raw = getattr(stream, "buffer", None)
-    if raw is not None:
-        for line in raw:
-            yield os.fsdecode(line.rstrip(b"\r\n"))
-    else:
-        for text in stream:
-            yield text.rstrip("\r\n")
-
-
-def list_image_paths(
-    inputs: Sequence[str | os.PathLike[str]],
-    *,
-    stdin: TextIO | None = None,
-    recursive: bool = True,
-    list_files: bool = False,
-) -> list[Path]:
-    """Expand command-line inputs into the list of image paths to score.
-
-    * a file is kept whatever its extension; a path that does not exist or cannot be looked at
-      (a symlink loop, a name too long) is kept too (the scorer reports it as an error row), so
-      nothing here raises for bad inputs;
-    * a folder is walked (recursively unless ``recursive=False``) for files with an extension in
-      :data:`IMAGE_EXTENSIONS`, case-insensitively, in sorted order; hidden files and folders
-      (names starting with ".") are skipped; a sub-folder that cannot be listed is kept as an
-      entry (the scorer reports it);
-    * a pattern containing ``*``, ``?`` or ``[`` that is not an existing path is expanded as a glob
-      (``**`` matches any depth); matched folders are walked, matched files kept if they have an
-      image extension; a pattern with no match is kept as given;
-    * with ``list_files``, a file ending in ``.txt`` or ``.lst`` is a list: one path per line
-      (relative to the list's folder; blank lines and ``#`` comments skipped), each taken as a
-      literal path (Ray scoring and training data read lists so; the local CLI has ``-``);
-    * ``-`` reads one path per line from ``stdin`` (default ``sys.stdin``), as bytes decoded like
-      the OS decodes file names; blank lines are skipped and each line is taken literally (a
-      folder is walked, no glob expansion).
-
-    Duplicates (the same absolute path) are dropped, keeping the first occurrence.
-
-    Args:
-        inputs: paths, folders, globs and ``-`` as typed on the command line.
-        stdin: where ``-`` reads from.
-        recursive: walk sub-folders.
-        list_files: read ``.txt``/``.lst`` inputs as lists of paths.
-
-    Returns:
-        Paths in input order (sorted within each folder or glob).
-    """
-    seen: set[str] = set()
-    out: list[Path] = []
-    for raw in inputs:
-        item = os.fspath(raw)
-        if item == "-":
-            stream = sys.stdin if stdin is None else stdin
-            lines = _stdin_lines(stream)
-            paths = [p for line in lines if line.strip() for p in _expand_literal(line, recursive)]
-        elif list_files and Path(item).suffix.lower() in LIST_SUFFIXES and _is_regular(Path(item)):
-            paths = [p for line in _list_file_lines(Path(item))
-                     for p in _expand_literal(line, recursive)]
-        else:
-            paths = list(_expand_one(item, recursive))
-        for path in paths:
-            key = os.path.abspath(path)
-            if key not in seen:
-                seen.add(key)
-                out.append(path)
-    return out
-
-
-#: A file with one of these suffixes, given as an input, is a list of paths (one per line).
-LIST_SUFFIXES: frozenset[str] = frozenset({".txt", ".lst"})
-
-
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except OSError:
-        return False
-
-
-def _list_file_lines(path: Path) -> list[str]:
-    """The paths a list file names: one per line, relative ones taken from the file's folder;
-    blank lines and ``#`` comments skipped. Lines are decoded as the OS decodes file names."""
-    base = path.parent
-    lines = [os.fsdecode(b.strip()) for b in path.read_bytes().splitlines()]
-    return [str(base / ln) if not os.path.isabs(ln) else ln
-            for ln in lines if ln and not ln.startswith("#")]
-
-
-def _expand_literal(item: str, recursive: bool) -> list[Path]:
-    path = Path(item)
-    return _walk_folder(path, recursive) if _is_dir(path) else [path]

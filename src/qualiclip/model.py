@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,58 @@ from qualiclip.clip import (
     build_clip,
     load_visual,
 )
+from qualiclip.onnx_scorer import OnnxScorer
+from qualiclip.precision import check_precision
 from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair, flatten_pairs
 
 Formula = Literal["official", "pyiqa"]
 FORMULAS: tuple[str, ...] = ("official", "pyiqa")
+
+
+class Scorer(Protocol):
+    """What every scorer offers the engine, the maps and the front ends.
+
+    :class:`QualiCLIP` and :class:`qualiclip.onnx_scorer.OnnxScorer` (what :func:`create_model`
+    returns for an ``.onnx`` file) both are scorers. Code that needs more than this (the image
+    tower, the prompt features) asks ``isinstance(model, QualiCLIP)``.
+
+    Shape:
+        ``forward``: ``[B, 3, H, W]`` RGB in [0, 1] (of :attr:`input_dtype`) -> ``[B]`` scores
+        in [0, 1], higher is better.
+    """
+
+    @property
+    def name(self) -> str:
+        """A label carried into outputs (the weights' name or file name)."""
+        ...
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """Checksum of the weight file, carried into outputs; None when unknown."""
+        ...
+
+    @property
+    def min_size(self) -> int:
+        """Smallest image side, in pixels, the scorer takes."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs must be."""
+        ...
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The float dtype inputs must have (float32 unless the weights were cast)."""
+        ...
+
+    def check_precision(self, precision: str) -> None:
+        """Raise :class:`qualiclip.precision.PrecisionError` for a precision it cannot run."""
+        ...
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 
@@ -99,6 +147,21 @@ class QualiCLIP(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.mean.device
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The float dtype of the tower's weights, which inputs must match (float32 unless the
+        model was cast, e.g. with ``.half()``)."""
+        weight = next(self.visual.parameters(), None)
+        return weight.dtype if weight is not None else torch.float32
+
+    def check_precision(self, precision: str) -> None:
+        """Refuse an unknown precision, or one this model's device cannot run.
+
+        Raises:
+            PrecisionError: see :func:`qualiclip.precision.check_precision`.
+        """
+        check_precision(self.device, precision)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalise RGB in [0, 1]."""
@@ -181,7 +244,7 @@ class QualiCLIP(nn.Module):
                 file is a complete CLIP checkpoint; without them only the image tower is saved.
         """
         visual = self.visual.state_dict()
-        out = {f"clip_model.visual.{k}": v.detach().cpu() for k, v in visual.items()}
+        out = {f"clip_model.visual.{k}": v.detach().cpu().contiguous() for k, v in visual.items()}
         for k, v in (text_state or {}).items():
             if not k.startswith("visual."):
                 out[f"clip_model.{k}"] = v.detach().cpu()
@@ -227,7 +290,7 @@ def create_model(
     prompt_pairs: Sequence[PromptPair] | None = None,
     cache_dir: str | Path | None = None,
     trust_torchscript: bool = False,
-) -> QualiCLIP:
+) -> QualiCLIP | OnnxScorer:
     """Build a QualiCLIP scorer from a named weight set or a checkpoint file.
 
     Weights come from :func:`qualiclip.pretrained.resolve_weights`; named weights carry their
@@ -252,7 +315,8 @@ def create_model(
         trust_torchscript: allow loading a TorchScript archive given by path.
 
     Returns:
-        the model in eval mode on ``device``.
+        the model in eval mode on ``device``: a :class:`QualiCLIP`, or for an ``.onnx`` file an
+        :class:`~qualiclip.onnx_scorer.OnnxScorer`; both are a :class:`Scorer`.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), or an unusable checkpoint.
@@ -305,10 +369,8 @@ def _onnx_scorer(
     pooling: Pooling | None,
     formula: Formula,
     prompt_pairs: Sequence[PromptPair] | None,
-) -> QualiCLIP:
+) -> OnnxScorer:
     """An exported graph's scorer; options the graph fixed must agree with it."""
-    from qualiclip.onnx_scorer import OnnxScorer
-
     if prompt_pairs is not None:
         raise ValueError(f"{path}: an ONNX graph's prompts are fixed at export; re-export instead")
     scorer = OnnxScorer(path, device)
@@ -319,6 +381,4 @@ def _onnx_scorer(
                 f"{path} was exported with {option} {fixed!r}, not {asked!r}: pass {fixed!r} "
                 f"or export again with {option} {asked!r}"
             )
-    # The scorer is a scorer module as the engine takes it (forward, name, weights_sha256,
-    # min_size, device), not a QualiCLIP with its tower and prompt features.
-    return scorer  # type: ignore[return-value]
+    return scorer

@@ -207,6 +207,11 @@ def export_onnx(
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
         diff = _check(model, tmp, input_kind, fp16) if check else None
+        # mkstemp makes the file 0600; an export is an output like the others, so it gets the
+        # mode a plain open() would give it under the user's umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

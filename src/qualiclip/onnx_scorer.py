@@ -1,8 +1,8 @@
 """Scoring with an exported ONNX graph through ONNX Runtime.
 
-:class:`OnnxScorer` is a scorer module like :class:`qualiclip.model.QualiCLIP` as far as the
-engine is concerned: ``forward`` maps float RGB ``[B, 3, H, W]`` in [0, 1] to scores ``[B]``, and
-it carries ``name``, ``weights_sha256``, ``min_size`` and ``device``. So
+:class:`OnnxScorer` is a :class:`qualiclip.model.Scorer`, as :class:`qualiclip.model.QualiCLIP`
+is: ``forward`` maps float RGB ``[B, 3, H, W]`` in [0, 1] to scores ``[B]``, and it carries
+``name``, ``weights_sha256``, ``min_size``, ``device``, ``input_dtype`` and ``check_precision``. So
 ``create_model("model.onnx")`` plugs into :func:`qualiclip.engine.score_paths`, the HTTP service
 and Ray scoring, with their decoding, batching and error rows.
 
@@ -128,6 +128,11 @@ class OnnxScorer(nn.Module):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """Float inputs are float32 whatever the graph's own precision (it converts them)."""
+        return torch.float32
 
     def extra_repr(self) -> str:
         return (f"{str(self.path)!r}, name={self.name!r}, input={self.input_kind}, "

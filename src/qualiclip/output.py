@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO
@@ -20,6 +21,20 @@ from qualiclip.engine import ScoreResult
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "jsonl")
 FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model", "precision")
+
+
+def format_from_name(path: str | None) -> str | None:
+    """The format a file name asks for by its extension (``.csv``, ``.json``, ``.jsonl``,
+    case-insensitively), or None: the caller's default (the table) then applies.
+
+    Example:
+        >>> format_from_name("scores.CSV"), format_from_name("scores.txt")
+        ('csv', None)
+    """
+    if not path:
+        return None
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    return suffix if suffix in ("csv", "json", "jsonl") else None
 
 
 def result_row(result: ScoreResult, model_name: str, precision: str = "") -> dict[str, object]:
@@ -81,7 +96,9 @@ def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name:
            precision: str) -> int:
     failed = 0
     rows: list[dict[str, object]] = []
-    writer = csv.DictWriter(stream, fieldnames=FIELDS) if fmt == "csv" else None
+    # LF line ends (the csv module's default is CRLF), as every other output and tool here.
+    writer = (csv.DictWriter(stream, fieldnames=FIELDS, lineterminator="\n")
+              if fmt == "csv" else None)
     if writer is not None:
         writer.writeheader()
     try:

@@ -1,11 +1,12 @@
-"""Inference precisions: which exist, what each device can run, and the autocast region.
+"""Precisions: which exist for scoring and for training, what each device can run, autocast.
 
-``fp32`` (default) runs everywhere. ``bf16`` runs on every CPU and on CUDA devices that support
-it; it is fast only where the hardware has bf16 arithmetic (AVX512-BF16/AMX CPUs, Ampere+ GPUs):
-elsewhere it is emulated, slower than fp32, and :func:`qualiclip.engine.prepare` warns. ``fp16``
-is CUDA only. ``int8`` runs the ResNet tower's convolutions in 8-bit integers through ONNX
-Runtime (:mod:`qualiclip.quantize`): CPUs only, with AVX2 or better (x86) or any 64-bit Arm, and
-the ``onnx`` extra installed. ``auto`` stands for the fastest precision a device runs natively
+Scoring (:data:`PRECISIONS`; :data:`PRECISION_CHOICES` adds ``auto``): ``fp32`` (default) runs
+everywhere. ``bf16`` runs on every CPU and on CUDA devices that support it; it is fast only where
+the hardware has bf16 arithmetic (AVX512-BF16/AMX CPUs, Ampere+ GPUs): elsewhere it is emulated,
+slower than fp32, and :func:`qualiclip.engine.prepare` warns. ``fp16`` is CUDA only. ``int8``
+runs the ResNet tower's convolutions in 8-bit integers through ONNX Runtime
+(:mod:`qualiclip.quantize`): CPUs only, with AVX2 or better (x86) or any 64-bit Arm, and the
+``onnx`` extra installed. ``auto`` stands for the fastest precision a device runs natively
 (:func:`auto_candidates`; :func:`qualiclip.engine.resolve_precision` makes the choice). The
 measured effect of each on scores is in ``docs/precision.md``.
 
@@ -13,8 +14,12 @@ What a CPU has is probed, never assumed: its feature flags as the kernel reports
 (:func:`cpu_flags`) and PyTorch's own dispatch level. Tests replace these probes to run every
 path's code on any machine.
 
+Training (:data:`TRAIN_PRECISIONS`, ``optim.precision``): ``auto`` (bf16 autocast on CUDA
+devices that support it, else fp32), ``fp32``, or ``bf16`` (autocast on any device, CPU
+included); see :func:`train_autocast_dtype`.
+
 A leaf module: it imports nothing of qualiclip's, and torch only when called, so the command
-line can offer :data:`PRECISION_CHOICES` without loading torch.
+line can offer :data:`PRECISION_CHOICES` and :data:`TRAIN_PRECISIONS` without loading torch.
 """
 
 from __future__ import annotations
@@ -23,17 +28,21 @@ import contextlib
 import functools
 import importlib.util
 import platform
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
+#: A scoring precision.
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
-#: A precision, or ``auto``.
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+#: What a user may ask for when scoring: a precision, or ``auto`` (see :func:`auto_candidates`).
 PrecisionChoice = Literal["fp32", "bf16", "fp16", "int8", "auto"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
-#: What a user may ask for: a precision, or ``auto`` (see :func:`auto_candidates`).
-PRECISION_CHOICES: tuple[str, ...] = (*PRECISIONS, "auto")
+PRECISION_CHOICES: tuple[str, ...] = get_args(PrecisionChoice)
+
+#: A training precision (``optim.precision``).
+TrainPrecision = Literal["auto", "fp32", "bf16"]
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)
 
 
 class PrecisionError(ValueError):
@@ -213,3 +222,22 @@ def auto_candidates(device: torch.device | str) -> tuple[str, ...]:
         return (*bf16, *int8, "fp32")
     return (*int8, *bf16, "fp32")
 
+
+def train_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training precision ``precision`` on ``device``; None for fp32.
+
+    Raises:
+        ValueError: ``precision`` is not one of :data:`TRAIN_PRECISIONS`.
+    """
+    import torch
+
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(
+            f"optim.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {precision!r}"
+        )
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda_bf16 else None

@@ -10,7 +10,7 @@ Cache folder, first match wins: the ``cache_dir`` argument (``--cache-dir``), ``
 fetched: a missing file raises :class:`OfflineError` whose message says what to download and
 exactly where to put it.
 
-Checkpoint files are read by :mod:`qualiclip.checkpoint_formats`; :func:`resolve_weights` is the
+Weight files are read by :mod:`qualiclip.weight_files`; :func:`resolve_weights` is the
 one place that turns a name or path into weights, with one rule for trusting TorchScript.
 """
 
@@ -33,9 +33,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from qualiclip.checkpoint_formats import is_torchscript_archive, load_checkpoint
 from qualiclip.clip import CLIP, RN50, TINY_RN, CLIPConfig, Pooling
 from qualiclip.prompts import CLIP_IQA_PAIRS, CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair
+from qualiclip.weight_files import is_torchscript_archive, load_checkpoint
 
 __all__ = [
     "BPE_VOCAB",
@@ -49,6 +49,7 @@ __all__ = [
     "add_to_cache",
     "cache_dir",
     "cached_path",
+    "packaged_path",
     "download",
     "is_cached",
     "is_torchscript_archive",
@@ -83,6 +84,8 @@ class RemoteFile:
         filename: name of the file in the cache folder.
         licence: licence of the file's content.
         description: one line for listings.
+        packaged: the file ships inside qualiclip (``qualiclip/assets/<filename>``): it is
+            never downloaded nor cached, and is verified against ``sha256`` at every load.
     """
 
     name: str
@@ -92,12 +95,13 @@ class RemoteFile:
     filename: str
     licence: str
     description: str = ""
+    packaged: bool = False
 
     def __post_init__(self) -> None:
         digest = self.sha256.lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"{self.name}: sha256 must be 64 hex digits, got {self.sha256!r}")
-        if not self.urls:
+        if not self.urls and not self.packaged:
             raise ValueError(f"{self.name}: at least one URL is needed")
         if Path(self.filename).name != self.filename or self.filename in ("", ".", ".."):
             raise ValueError(f"{self.name}: filename must be a bare file name: {self.filename!r}")
@@ -177,16 +181,38 @@ BPE_VOCAB = RemoteFile(
     description="OpenAI CLIP byte-pair-encoding vocabulary",
 )
 
+#: qualiclip's own model, trained from random weights by ``qualiclip train --preset open`` on
+#: openly licensed photos; shipped in the package (docs/models/qualiclip-open.md).
+QUALICLIP_OPEN_FILE = RemoteFile(
+    name="qualiclip-open weights",
+    urls=(),
+    sha256="018639869d9330c06019ffb0029fb9e062f40006d6f200b56d384f0c4c73534e",
+    size=10620506,
+    filename="qualiclip-open.pth",
+    licence="CC BY-SA 4.0",
+    description="qualiclip-open: a small QualiCLIP trained by qualiclip on open photos",
+    packaged=True,
+)
+
 #: Random-weight models: CLIP shapes initialised from a seed, for tests and speed benchmarks
 #: (speed does not depend on weights), and as training start points.
 RANDOM_MODELS: dict[str, CLIPConfig] = {
     "random-tiny": TINY_RN,
     "random-micro": dataclasses.replace(TINY_RN, vision_width=8, embed_dim=32),
+    # qualiclip-open's shape: the tiny model's text tower, an image tower twice as wide.
+    "random-small": dataclasses.replace(TINY_RN, vision_width=32),
     "random-rn50": RN50,
 }
 
 #: Named weights for :func:`qualiclip.create_model`.
 PRETRAINED: dict[str, PretrainedWeights] = {
+    "qualiclip-open": PretrainedWeights(
+        name="qualiclip-open",
+        file=QUALICLIP_OPEN_FILE,
+        prompt_pairs=PROMPT_PAIRS,
+        description="qualiclip's own QualiCLIP (small ResNet, open photos; offline, "
+        "commercial use allowed)",
+    ),
     "qualiclip": PretrainedWeights(
         name="qualiclip",
         file=QUALICLIP_FILE,
@@ -252,8 +278,38 @@ def _resolve_file(file_or_name: RemoteFile | PretrainedWeights | str) -> RemoteF
 def cached_path(
     name: str | RemoteFile | PretrainedWeights, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Where the file of ``name`` lives (or will live) in the cache; it may not exist yet."""
-    return _cache_root(cache_dir) / _resolve_file(name).filename
+    """Where the file of ``name`` lives (or will live) in the cache; it may not exist yet.
+
+    A packaged file lives in the package, whatever the cache.
+    """
+    file = _resolve_file(name)
+    return packaged_path(file) if file.packaged else _cache_root(cache_dir) / file.filename
+
+
+def packaged_path(file: RemoteFile) -> Path:
+    """Where a packaged file (``RemoteFile.packaged``) sits in this install."""
+    return Path(__file__).parent / "assets" / file.filename
+
+
+def _verified_package_file(file: RemoteFile) -> Path:
+    """The packaged file, hashed now (no sidecar: the package folder is not ours to write).
+
+    Raises:
+        ChecksumError: the file is missing from this install or differs from the table.
+    """
+    path = packaged_path(file)
+    if not path.is_file():
+        raise ChecksumError(
+            f"{file.filename} ({file.name}) is missing from this qualiclip install ({path}); "
+            "reinstall qualiclip"
+        )
+    actual = sha256_file(path)
+    if actual != file.sha256 or (file.size is not None and path.stat().st_size != file.size):
+        raise ChecksumError(
+            f"{path} ({file.name}): sha256 mismatch: expected {file.sha256}, got {actual}; "
+            "the packaged weights were changed: reinstall qualiclip"
+        )
+    return path
 
 
 def is_cached(
@@ -323,6 +379,17 @@ def _offline_text(file: RemoteFile, target: Path, reason: str, details: str = ""
         f"or let qualiclip verify it and copy it there:\n"
         f"    qualiclip models --add {_add_name(file)} PATH\n"
         f"(QUALICLIP_HOME or --cache-dir choose another cache folder)"
+        f"{_offline_alternative(file)}"
+    )
+
+
+def _offline_alternative(file: RemoteFile) -> str:
+    """A model that needs no download, offered where a download of QualiCLIP's weights fails."""
+    if file != QUALICLIP_FILE:
+        return ""
+    return (
+        "\nTo score without downloading anything: --model qualiclip-open, qualiclip's own "
+        "model, shipped with it (docs/models/qualiclip-open.md)"
     )
 
 
@@ -446,6 +513,8 @@ def download(
         ValueError: unknown name.
     """
     file = _resolve_file(file_or_name)
+    if file.packaged:
+        return _verified_package_file(file)
     target = _cache_root(cache_dir) / file.filename
     stale = ""
     if target.is_file():
@@ -499,6 +568,8 @@ def add_to_cache(
         FileNotFoundError: ``path`` does not exist.
     """
     file = _resolve_file(name_or_file)
+    if file.packaged:
+        raise ValueError(f"{file.filename} ships with qualiclip: there is nothing to add")
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file")

@@ -270,6 +270,11 @@ def scored_paths(output: str | Path, config: RayScoreConfig) -> set[str]:
     return _existing_rows(output, config)[0]
 
 
+def _identity(name: str, sha: str | None) -> str:
+    """A model as the refusal names it: random weights have no checksum to show."""
+    return f"{name} (sha256 {sha})" if sha else f"{name} (random weights)"
+
+
 def _existing_rows(output: str | Path, config: RayScoreConfig) -> tuple[set[str], set[str]]:
     """``(paths with a row, paths whose row is an error)`` in ``output``, read in one pass; see
     :func:`scored_paths` for what is refused."""
@@ -290,8 +295,8 @@ def _existing_rows(output: str | Path, config: RayScoreConfig) -> tuple[set[str]
             same = old_sha == sha if (old_sha or sha) else old_name == name
             if not same:
                 raise ValueError(
-                    f"{part} holds scores of model {old_name} (sha256 {old_sha}), not of "
-                    f"{name} (sha256 {sha}); write to another folder"
+                    f"{part} holds scores of model {_identity(old_name, old_sha)}, not of "
+                    f"{_identity(name, sha)}; write to another folder"
                 )
         done.update(rows["path"])
         failed.update(p for p, e in zip(rows["path"], rows["error"], strict=True) if e)
@@ -447,9 +452,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
     """Input paths as absolute strings (Ray workers run in other folders, or other machines).
 
     Folders, globs and ``.txt``/``.lst`` list files are expanded by
-    :func:`qualiclip.images.list_image_paths`, as for local scoring.
+    :func:`qualiclip.inputs.list_image_paths`, as for local scoring.
     """
-    from qualiclip.images import list_image_paths
+    from qualiclip.inputs import list_image_paths
 
     return [os.path.abspath(p) for p in list_image_paths(inputs, list_files=True)]
 

@@ -15,7 +15,8 @@ Endpoints:
   maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
 * ``GET /models``: the model being served. ``GET /limits``: the upload limits.
   ``GET /healthz``: liveness, with batching counters.
-* ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI.
+* ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI; the Swagger UI page's
+  scripts are served from the package fastapi-offline, so it works without the internet.
 
 Status codes. A request-level problem answers with ``{"detail": "..."}``:
 
@@ -87,7 +88,8 @@ from qualiclip.precision import PRECISION_CHOICES
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
-    from qualiclip.model import QualiCLIP
+    from qualiclip.images import DecodeFailure
+    from qualiclip.model import Scorer
 
 SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qualiclip[serve]'"
 
@@ -159,10 +161,11 @@ class ServeConfig:
 
 
 def require_serve() -> None:
-    """Raise an ``ImportError`` naming the extra when FastAPI, uvicorn or python-multipart is
-    missing."""
+    """Raise an ``ImportError`` naming the extra when FastAPI, uvicorn, python-multipart or
+    fastapi-offline (the /docs page's scripts) is missing."""
     try:
         import fastapi  # noqa: F401
+        import fastapi_offline  # noqa: F401
         import uvicorn  # noqa: F401
 
         _multipart_module()
@@ -173,33 +176,14 @@ def require_serve() -> None:
 # --- scoring one upload ------------------------------------------------------------------------
 
 
-def decode_status(exc: Exception) -> int:
-    """HTTP status for an image that failed to decode, whatever was raised: 415 not an image,
-    413 too many pixels (or too large to decode in memory), 400 truncated, corrupt or too small."""
-    from PIL import Image, UnidentifiedImageError
-
-    from qualiclip.images import ImageDecodeError
-
-    cause = exc.__cause__ if isinstance(exc, ImageDecodeError) else exc
-    if isinstance(cause, UnidentifiedImageError):
+def decode_status(reason: DecodeFailure) -> int:
+    """HTTP status for an image that failed to decode: 415 not an image, 413 too many pixels
+    (or too large to decode in memory), 400 unreadable, malformed or too small."""
+    if reason == "not_an_image":
         return 415
-    if isinstance(cause, (Image.DecompressionBombError, MemoryError)) or ": too large" in str(exc):
+    if reason in ("too_large", "out_of_memory"):
         return 413
     return 400
-
-
-def _failure_message(name: str, exc: Exception) -> str:
-    """What is wrong with one file, for any exception its decoding raised."""
-    from qualiclip.images import ImageDecodeError
-
-    if isinstance(exc, ImageDecodeError):
-        return str(exc)
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, MemoryError):
-        return f"{name}: out of memory while decoding"
-    if isinstance(exc, EOFError) or "truncated" in text.lower():
-        return f"{name}: truncated or incomplete image data ({type(exc).__name__}: {text})"
-    return f"{name}: corrupt or unsupported image data ({type(exc).__name__}: {text})"
 
 
 def header_pixels(data: bytes) -> tuple[int, int] | None:
@@ -233,7 +217,7 @@ class _Budgets:
 
 
 async def score_upload(
-    upload: Upload, model: QualiCLIP, batcher: MicroBatcher, config: ServeConfig,
+    upload: Upload, model: Scorer, batcher: MicroBatcher, config: ServeConfig,
     budgets: _Budgets, owner: object = None,
     mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], int]:
@@ -245,7 +229,7 @@ async def score_upload(
     Decoding and scoring happen while ``budgets`` hold the image's pixels (from its header);
     whatever the decoder raises for this file is this file's 400/413/415.
     """
-    from qualiclip.images import decode_rgb
+    from qualiclip.images import as_decode_error, decode_rgb
 
     row: dict[str, Any] = {
         "filename": upload.filename, "score": None, "error": None, "width": None, "height": None
@@ -278,12 +262,12 @@ async def score_upload(
                 decode_rgb, source, max_pixels=config.max_pixels, min_size=model.min_size
             )
         except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is this file's
-            status = decode_status(exc)
-            row["error"] = _failure_message(name, exc)
-            if status == 413 and ": too large" in row["error"]:  # name the server's option
+            failure = as_decode_error(name, exc)
+            row["error"] = str(failure)
+            if failure.reason == "too_large":  # name the server's option
                 row["error"] = (f"{name}: too large (limit: {config.max_pixels} pixels, the "
                                 "server's --max-pixels)")
-            return row, status
+            return row, decode_status(failure.reason)
         row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
         try:
             if mapper is not None:
@@ -345,7 +329,7 @@ _ERROR = {
 
 
 def create_app(
-    model: QualiCLIP | Callable[[], QualiCLIP], config: ServeConfig | None = None
+    model: Scorer | Callable[[], Scorer], config: ServeConfig | None = None
 ) -> FastAPI:
     """The FastAPI application serving ``model``.
 
@@ -368,9 +352,13 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A module is the scorer (QualiCLIP, or an ONNX graph's); anything else builds one.
-        scorer = (cast("QualiCLIP", model) if isinstance(model, nn.Module)
-                  else await asyncio.to_thread(model))
-        scorer.eval()
+        # (Both are callable, so only the runtime check tells them apart.)
+        if isinstance(model, nn.Module):
+            scorer = cast("Scorer", model.eval())
+        else:
+            scorer = await asyncio.to_thread(cast("Callable[[], Scorer]", model))
+            if isinstance(scorer, nn.Module):
+                scorer.eval()
         precision = await asyncio.to_thread(_warm_up, scorer, cfg.precision)
         batcher = MicroBatcher(
             scorer, batch_size=cfg.batch_size, max_wait_s=cfg.max_wait_ms / 1000,
@@ -385,11 +373,17 @@ def create_app(
         finally:
             await batcher.close()
 
-    app = FastAPI(
+    # FastAPI's own /docs loads Swagger UI from a CDN (a blank page offline); fastapi-offline
+    # serves the same page with the scripts it ships, from /docs-assets.
+    from fastapi_offline import FastAPIOffline
+
+    app: FastAPI = FastAPIOffline(
         title="qualiclip",
         version=__version__,
         description="No-reference image quality scores with QualiCLIP (higher is better).",
         lifespan=lifespan,
+        redoc_url=None,
+        static_url="/docs-assets",
     )
     _, score_response = _response_models()
 
@@ -432,7 +426,7 @@ def create_app(
     ) -> JSONResponse:
         from starlette.requests import ClientDisconnect
 
-        scorer: QualiCLIP = state["model"]
+        scorer: Scorer = state["model"]
         try:
             uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
         except RequestError as exc:
@@ -465,7 +459,7 @@ def create_app(
 
     @app.get("/models", summary="The model being served")
     async def models() -> dict[str, Any]:
-        scorer: QualiCLIP = state["model"]
+        scorer: Scorer = state["model"]
         return {"models": [{
             "name": scorer.name, "weights_sha256": scorer.weights_sha256,
             "min_size": scorer.min_size, "device": str(scorer.device),
@@ -508,7 +502,7 @@ def _web_asset(name: str) -> bytes:
     return files("qualiclip").joinpath("assets", "web", name).read_bytes()
 
 
-def _map_row(model: QualiCLIP, pixels: Any, kind: str, precision: str) -> dict[str, Any]:
+def _map_row(model: Scorer, pixels: Any, kind: str, precision: str) -> dict[str, Any]:
     """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL) of one image."""
     import base64
 
@@ -521,7 +515,7 @@ def _map_row(model: QualiCLIP, pixels: Any, kind: str, precision: str) -> dict[s
             "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
 
 
-def _warm_up(model: QualiCLIP, precision: str) -> str:
+def _warm_up(model: Scorer, precision: str) -> str:
     """One forward pass, so the first request does not pay for building the inference copy;
     returns the precision it ran in (``auto`` resolved)."""
     import torch
@@ -592,7 +586,7 @@ def timed_protocol(request_timeout: float) -> type:
 
 
 def run(
-    model: QualiCLIP | Callable[[], QualiCLIP],
+    model: Scorer | Callable[[], Scorer],
     config: ServeConfig | None = None,
     *,
     host: str = "127.0.0.1",

@@ -79,7 +79,9 @@ from qualiclip.crops import (
 )
 from qualiclip.losses import LossConfig, qualiclip_losses
 from qualiclip.model import QualiCLIP
+from qualiclip.precision import train_autocast_dtype
 from qualiclip.prompts import PromptPair
+from qualiclip.train_choices import BN_MODES
 from qualiclip.train_config import (
     DataConfig,
     ModelConfig,
@@ -98,6 +100,7 @@ __all__ = [
     "fit",
     "lr_factor",
     "make_optimizer",
+    "RunPlan",
     "plan_run",
     "set_train_mode",
     "train_step",
@@ -123,6 +126,9 @@ class SimilarityModel(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
+        # Channels-last matches the tower's layout (see build_model): oneDNN and cuDNN run
+        # its convolutions without reordering (1.5x a training step of the tiny tower on a CPU).
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.model.similarities(self.model.image_features(x))
 
 
@@ -133,33 +139,76 @@ def _init_state(init: str, seed: int) -> dict[str, Tensor]:
     return resolve_weights(init, seed=seed).state
 
 
+def orthogonal_prompt_features(pairs: int, dim: int, seed: int = 0) -> Tensor:
+    """Fixed prompt features for a model trained from random weights: ``2P`` orthonormal rows.
+
+    A random text tower's features carry no meaning, and the angles between them are arbitrary
+    (a random tiny tower put one pair's positive prompt at cosine 0.83 to another pair's
+    negative one), so the ranking losses of different pairs pull an image's feature in
+    conflicting directions. With mutually orthogonal prompts, moving toward every positive and
+    away from every negative prompt is one consistent direction.
+
+    Args:
+        pairs: number of (positive, negative) prompt pairs P.
+        dim: feature width D (at least ``2 * pairs``).
+        seed: the rows are a function of ``(pairs, dim, seed)`` only.
+
+    Returns:
+        ``[2P, D]`` float32, positive first in each pair, rows orthonormal.
+
+    Example:
+        >>> f = orthogonal_prompt_features(7, 64)
+        >>> torch.allclose(f @ f.T, torch.eye(14), atol=1e-5)
+        True
+    """
+    if dim < 2 * pairs:
+        raise ValueError(f"{2 * pairs} orthogonal prompt features need a width >= that, got {dim}")
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, 2 * pairs, generator=g, dtype=torch.float64))
+    return q.T.float().contiguous()
+
+
 def build_model(
     cfg: ModelConfig, device: torch.device | str = "cpu"
 ) -> tuple[QualiCLIP, dict[str, Tensor]]:
     """Build the trainable model from its start point.
 
-    The text tower computes the prompt features once, then only its tensors are kept, on the
-    CPU, for the final export in the authors' format.
+    The prompt features are computed once (by the text tower, or fixed orthogonal ones, see
+    :attr:`ModelConfig.prompt_features`); the text tower's tensors are then kept on the CPU
+    for the final export in the authors' format (only ``logit_scale`` with orthogonal
+    features, which no text tower produced). The image tower is channels-last.
 
     Returns:
         ``(model, text_state)``: the QualiCLIP model (image tower trainable, prompt features a
-        buffer) on ``device``, and the OpenAI-keyed non-image tensors of the start point.
+        buffer) on ``device``, and the OpenAI-keyed non-image tensors to export with it.
     """
-    if cfg.bn not in ("frozen", "train"):
-        raise ValueError(f"model.bn must be 'frozen' or 'train', got {cfg.bn!r}")
+    if cfg.bn not in BN_MODES:
+        raise ValueError(f"model.bn must be one of {', '.join(BN_MODES)}, got {cfg.bn!r}")
     state = _init_state(cfg.init, cfg.init_seed)
     clip = build_clip(state)
-    if not clip.config.has_text:
-        raise ValueError(f"init {cfg.init!r} has no text tower to compute prompt features with")
     pairs: tuple[PromptPair, ...] = tuple((p, n) for p, n in cfg.prompt_pairs)
-    model = QualiCLIP.from_clip(clip, pairs, name="trained")
-    text_state = {k: v.detach().clone() for k, v in state.items() if not k.startswith("visual.")}
+    if cfg.prompt_features == "orthogonal":
+        features = orthogonal_prompt_features(len(pairs), clip.config.embed_dim, cfg.init_seed)
+        model = QualiCLIP(clip.visual, features, prompt_pairs=pairs, name="trained")
+        text_state = {k: v.detach().clone() for k, v in state.items() if k == "logit_scale"}
+    else:
+        if not clip.config.has_text:
+            raise ValueError(
+                f"init {cfg.init!r} has no text tower to compute prompt features with "
+                "(model.prompt_features = 'orthogonal' needs none)"
+            )
+        model = QualiCLIP.from_clip(clip, pairs, name="trained")
+        text_state = {
+            k: v.detach().clone() for k, v in state.items() if not k.startswith("visual.")
+        }
     del clip, state
     for name, p in model.visual.named_parameters():
         # QualiCLIP pools without the positional embedding: it gets no gradient, so it is
         # frozen (DistributedDataParallel also requires every trainable parameter to be used).
         p.requires_grad_(name != "attnpool.positional_embedding")
-    return model.to(device), text_state
+    # Module.to takes memory_format at run time; its type stubs do not list it.
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model, text_state
 
 
 def set_train_mode(model: nn.Module, bn: str) -> None:
@@ -221,16 +270,7 @@ def train_step(
     ):
         sims = model(x.flatten(0, 2))  # [B*L*2, P, 2]
     sims = sims.float().view(b, n_lv, 2, -1, 2)  # [B, L, crop, P, (pos, neg)]
-    loss = loss or LossConfig()
-    terms = qualiclip_losses(
-        sims[..., 0],
-        sims[..., 1],
-        margin_cons=loss.margin_cons,
-        margin_rank=loss.margin_rank,
-        weight_cons=loss.weight_cons,
-        weight_pos=loss.weight_pos,
-        weight_neg=loss.weight_neg,
-    )
+    terms = qualiclip_losses(sims[..., 0], sims[..., 1], **asdict(loss or LossConfig()))
 
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
@@ -339,17 +379,6 @@ def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"optim.precision must be auto, fp32 or bf16, got {precision!r}")
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if cuda_bf16 else None
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -468,7 +497,7 @@ class _Run:
         }
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
-        check_resumable(ckpt["config"], self.cfg)
+        """Continue from a checkpoint whose configuration was checked (:func:`plan_run`)."""
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -527,6 +556,41 @@ def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], _Images, int]:
     return run, text_state, images, total
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A run checked before anything runs: what :func:`plan_run` returns and :func:`fit` takes.
+
+    Attributes:
+        config: the run's configuration (checked, and matching ``checkpoint`` where resumed).
+        checkpoint: the file a resumed run continues, or None.
+        state: that checkpoint, loaded once (model, optimizer, RNG, position), or None.
+        overwrite: replace the run the output folder holds.
+    """
+
+    config: TrainConfig
+    checkpoint: Path | None = None
+    state: Mapping[str, Any] | None = None
+    overwrite: bool = False
+
+
+def _checked_plan(
+    cfg: TrainConfig,
+    checkpoint: Path | None,
+    state: Mapping[str, Any] | None,
+    overwrite: bool,
+) -> RunPlan:
+    """Check ``cfg``, the output folder and the resumed checkpoint, each once."""
+    check_config(cfg)
+    out = Path(cfg.log.out)
+    check_out(out, resume=checkpoint, overwrite=overwrite)
+    if state is not None:
+        check_resumable(state["config"], cfg, f"from {checkpoint}")
+        if (out / "config.json").is_file():  # a checkpoint from elsewhere, into a run's folder
+            held = json.loads((out / "config.json").read_text())
+            check_resumable(held, cfg, f"into {out}, whose config.json is another run's")
+    return RunPlan(cfg, checkpoint, state, overwrite)
+
+
 def plan_run(
     *,
     config: str | Path | None = None,
@@ -535,13 +599,14 @@ def plan_run(
     out: str | Path | None = None,
     resume: str | Path | None = None,
     overwrite: bool = False,
-) -> tuple[TrainConfig, Path | None]:
+) -> RunPlan:
     """The configuration and the checkpoint of a run, checked before anything runs.
 
     Which configuration wins: resuming without ``config`` or ``preset`` continues the
     checkpoint's own configuration (with ``overrides`` on top); otherwise the file or preset,
     then ``overrides``. The result must pass :func:`check_config`, the output folder
-    :func:`check_out`, and a resumed run :func:`check_resumable`.
+    :func:`check_out`, and a resumed run :func:`check_resumable`. The checkpoint is read
+    here, once; :func:`fit` uses the plan as it is.
 
     Args:
         config: a TOML file.
@@ -553,7 +618,7 @@ def plan_run(
         overwrite: replace the run the folder holds.
 
     Returns:
-        ``(config, checkpoint to resume from or None)``.
+        the :class:`RunPlan` to give :func:`fit`.
 
     Raises:
         ValueError: any of the checks above, or no checkpoint to resume from.
@@ -568,56 +633,57 @@ def plan_run(
             checkpoint = found[-1]
         if checkpoint is None or not checkpoint.is_file():
             raise ValueError(f"no checkpoint to resume from ({resume}, in {out})")
-    saved = load_training_checkpoint(checkpoint)["config"] if checkpoint else None
-    if saved is not None and config is None and preset is None:
-        cfg = config_from_dict(overrides, config_from_dict(saved))
+    state = load_training_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and config is None and preset is None:
+        cfg = config_from_dict(overrides, config_from_dict(state["config"]))
     else:
         cfg = load_config(config, preset=preset, overrides=overrides)
-    check_config(cfg)
-    check_out(cfg.log.out, resume=checkpoint, overwrite=overwrite)
-    if saved is not None:
-        check_resumable(saved, cfg, f"from {checkpoint}")
-    return cfg, checkpoint
+    return _checked_plan(cfg, checkpoint, state, overwrite)
 
 
 def fit(
-    cfg: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False
+    plan: RunPlan | TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train QualiCLIP as configured; write checkpoints, logs and ``model.pth`` to ``cfg.log.out``.
+    """Train QualiCLIP as planned; write checkpoints, logs and ``model.pth`` to ``log.out``.
 
     Nothing is written before the configuration, the images (see :class:`DataConfig` ``scan``
     and ``strict``), the model and the checkpoint to resume have all been checked; a run that
     fails before its first checkpoint removes the files it wrote.
 
     Args:
-        cfg: the run's configuration.
-        resume: a training checkpoint to continue from (its configuration must match ``cfg``
-            except for :data:`RESUME_MAY_CHANGE`).
-        overwrite: replace the run that ``cfg.log.out`` holds (its files only, see
-            :func:`clear_run`); without it (or ``resume``) such a folder is refused.
+        plan: a :class:`RunPlan` from :func:`plan_run` (used as it is: its checkpoint is not
+            read again), or a configuration, then checked here with ``resume`` and
+            ``overwrite``.
+        resume: with a configuration: a training checkpoint to continue from (its
+            configuration must match except for :data:`RESUME_MAY_CHANGE`).
+        overwrite: with a configuration: replace the run that ``log.out`` holds (its files
+            only, see :func:`clear_run`); without it (or ``resume``) such a folder is refused.
 
     Returns:
-        ``{"step", "last", "validation", "model_path", "images", "skipped", "small"}``: the
-        final step, the last logged training record, the validation history, the exported model
-        file, the number of training images, ``(path, reason)`` of every unusable file left out
-        (found by the scan or while training), and the images skipped as smaller than the crop.
+        ``{"step", "last", "validation", "model_path", "images", "held_out", "skipped",
+        "small", "main"}``: the final step, the last logged training record, the validation
+        history, the exported model file, the number of training images and of held-out ones,
+        ``(path, reason)`` of every unusable file left out (found by the scan or while
+        training), the images skipped as smaller than the crop, and whether this process is the
+        main one (rank 0; the others return the same but should not report it).
 
     Raises:
         ValueError: a bad configuration, a folder holding another run, a checkpoint that does
             not match, no usable image, or (``data.strict``) any unusable image.
     """
-    check_config(cfg)
-    out = Path(cfg.log.out)
-    check_out(out, resume=resume, overwrite=overwrite)
-    ckpt = load_training_checkpoint(resume) if resume is not None else None
-    if ckpt is not None:
-        check_resumable(ckpt["config"], cfg, f"from {resume}")
-        if (out / "config.json").is_file():  # a checkpoint from elsewhere, into a run's folder
-            held = json.loads((out / "config.json").read_text())
-            check_resumable(held, cfg, f"into {out}, whose config.json is another run's")
+    if isinstance(plan, TrainConfig):
+        checkpoint = Path(resume) if resume is not None else None
+        state = load_training_checkpoint(checkpoint) if checkpoint is not None else None
+        plan = _checked_plan(plan, checkpoint, state, overwrite)
+    elif resume is not None or overwrite:
+        raise ValueError("resume and overwrite belong to the plan: pass them to plan_run")
+    cfg, out = plan.config, Path(plan.config.log.out)
     run, text_state, images, total = _prepare(cfg)
-    if ckpt is not None:
-        run.restore(ckpt)
+    if plan.state is not None:
+        run.restore(plan.state)
     if run.info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -632,7 +698,7 @@ def fit(
     created = not out.exists()
     if run.info.main:
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
+        if plan.overwrite:
             gone = clear_run(out)
             if gone:
                 logger.warning("overwrite: removed %d files of the run in %s", len(gone), out)
@@ -641,7 +707,7 @@ def fit(
     try:
         result = _train(run, cfg, writer, loader, seqs, total, images, text_state)
     except BaseException:
-        if run.info.main and resume is None and not checkpoint_paths(out):
+        if run.info.main and plan.checkpoint is None and not checkpoint_paths(out):
             # Nothing to resume from: the files would only pass for a run that never was.
             clear_run(out)
             if created and not any(out.iterdir()):
@@ -686,7 +752,7 @@ def _train(
     if run.step == 0:
         _validate(run, seqs, writer)
     set_train_mode(run.net, cfg.model.bn)
-    amp = _autocast_dtype(cfg.optim.precision, run.device)
+    amp = train_autocast_dtype(cfg.optim.precision, run.device)
     bar = tqdm(
         total=total,
         initial=run.step,
@@ -756,8 +822,10 @@ def _train(
         "validation": writer.validation,
         "model_path": str(model_path),
         "images": len({str(p) for p in images.train} - set(skipped)),
+        "held_out": len(images.val),
         "skipped": sorted(bad.items()),
         "small": images.small,
+        "main": run.info.main,
     }
 
 

@@ -19,8 +19,17 @@ from typing import Any
 from qualiclip import degradations
 from qualiclip.crops import MIN_SIDE, SCAN_MODES, SMALL_IMAGE_POLICIES
 from qualiclip.losses import LossConfig
+from qualiclip.precision import TRAIN_PRECISIONS, TrainPrecision
 from qualiclip.pretrained import PRETRAINED, RANDOM_MODELS
 from qualiclip.prompts import PROMPT_PAIRS
+from qualiclip.train_choices import (
+    BN_MODES,
+    DEGRADE_IN,
+    PROMPT_FEATURE_SOURCES,
+    BatchNormMode,
+    DegradeIn,
+    PromptFeatures,
+)
 
 # --- configuration -----------------------------------------------------------------------------
 
@@ -36,12 +45,20 @@ class ModelConfig:
         bn: ``"frozen"`` keeps batch-norm statistics fixed (eval mode) while the rest trains;
             ``"train"`` updates them (needed from random initialisation).
         prompt_pairs: the (positive, negative) prompts trained and stored with the model.
-        init_seed: seed of a random initialisation.
+        prompt_features: where the prompt features come from: ``"text"`` (the start point's
+            text tower encodes ``prompt_pairs``, as in the paper) or ``"orthogonal"`` (fixed,
+            seeded, mutually orthogonal unit vectors, one per prompt; for a random start point,
+            whose text tower gives features with no meaning and arbitrary angles between
+            pairs, so that moving an image's feature toward every positive and away from every
+            negative prompt is one consistent direction). With ``"orthogonal"`` the exported
+            model holds no text tower.
+        init_seed: seed of a random initialisation (and of orthogonal prompt features).
     """
 
     init: str = "clip-rn50"
-    bn: str = "frozen"
+    bn: BatchNormMode = "frozen"
     prompt_pairs: tuple[tuple[str, str], ...] = PROMPT_PAIRS
+    prompt_features: PromptFeatures = "text"
     init_seed: int = 0
 
 
@@ -82,7 +99,7 @@ class DataConfig:
     max_distortions: int = 4
     batch_size: int = 16
     workers: int = 4
-    degrade_in: str = "step"
+    degrade_in: DegradeIn = "step"
     small_images: str = "upscale"
     scan: str = "decode"
     strict: bool = False
@@ -108,7 +125,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    precision: str = "auto"
+    precision: TrainPrecision = "auto"
 
 
 @dataclass(frozen=True)
@@ -188,7 +205,9 @@ class TrainConfig:
 #: ``paper``: the paper's setting as far as it is known (RN50 from OpenAI's weights, 224 px
 #: crops, L = 5, seven prompt pairs); batch size, learning rate, schedule and margins are ours.
 #: ``tiny``: a small CLIP-shaped ResNet from random initialisation, for CPU runs and tests
-#: (64 px crops, 1500 steps).
+#: (64 px crops, 1500 steps). ``open``: qualiclip-open, trained from random weights on
+#: openly licensed photos (``scripts/pristine_photos.py``) on CPUs: a CLIP-shaped ResNet of
+#: width 32 (``random-small``), 128 px crops, the text tower's prompt features.
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
@@ -198,6 +217,17 @@ PRESETS: dict[str, TrainConfig] = {
         schedule=ScheduleConfig(max_steps=1500, warmup_steps=30),
         log=LogConfig(log_every=10, checkpoint_every=200),
         validation=ValidationConfig(every=100, batch_size=64),
+    ),
+    "open": TrainConfig(
+        model=ModelConfig(init="random-small", bn="train"),
+        data=DataConfig(
+            pristine="data/pristine-open", val_every_kth=5, crop_size=128, batch_size=8,
+            workers=2, degrade_in="loader",
+        ),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.01, precision="fp32"),
+        schedule=ScheduleConfig(max_steps=6000, warmup_steps=200),
+        log=LogConfig(log_every=10, checkpoint_every=250, keep_checkpoints=0),
+        validation=ValidationConfig(every=250, batch_size=32),
     ),
 }
 
@@ -285,8 +315,11 @@ def load_config(
 
 def _config_problems(cfg: TrainConfig) -> Iterator[str]:
     m, d, o, sc, lg, v = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.log, cfg.validation
-    if m.bn not in ("frozen", "train"):
-        yield f"model.bn must be 'frozen' or 'train', got {m.bn!r}"
+    if m.bn not in BN_MODES:
+        yield f"model.bn must be one of {', '.join(BN_MODES)}, got {m.bn!r}"
+    if m.prompt_features not in PROMPT_FEATURE_SOURCES:
+        yield (f"model.prompt_features must be one of {', '.join(PROMPT_FEATURE_SOURCES)}, "
+               f"got {m.prompt_features!r}")
     if m.init not in RANDOM_MODELS and not Path(m.init).is_file():
         if m.init not in PRETRAINED:
             valid = ", ".join([*PRETRAINED, *RANDOM_MODELS])
@@ -309,8 +342,8 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
         range(1, top + 1)
     ):
         yield f"data.levels must be increasing levels in 1..{top}, got {list(d.levels)}"
-    if d.degrade_in not in ("step", "loader"):
-        yield f"data.degrade_in must be 'step' or 'loader', got {d.degrade_in!r}"
+    if d.degrade_in not in DEGRADE_IN:
+        yield f"data.degrade_in must be one of {', '.join(DEGRADE_IN)}, got {d.degrade_in!r}"
     groups = len(degradations.DISTORTION_GROUPS)
     if not 1 <= d.max_distortions <= groups:
         yield f"data.max_distortions must be in 1..{groups}, got {d.max_distortions}"
@@ -333,8 +366,8 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
         yield f"data.small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}"
     if d.scan not in SCAN_MODES:
         yield f"data.scan must be one of {', '.join(SCAN_MODES)}, got {d.scan!r}"
-    if o.precision not in ("auto", "fp32", "bf16"):
-        yield f"optim.precision must be auto, fp32 or bf16, got {o.precision!r}"
+    if o.precision not in TRAIN_PRECISIONS:
+        yield f"optim.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {o.precision!r}"
     if not o.lr > 0:
         yield f"optim.lr must be > 0, got {o.lr}"
     from qualiclip.model import resolve_device

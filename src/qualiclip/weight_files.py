@@ -1,4 +1,7 @@
-"""Reading CLIP and QualiCLIP checkpoint files in the formats they are distributed in.
+"""Reading weight files: CLIP and QualiCLIP tensors in the formats they are distributed in.
+
+(Training checkpoints, with optimiser and RNG state, are :mod:`qualiclip.checkpoints`'; they are
+read through :func:`load_tensors` here, the one safe ``torch.load``.)
 
 Formats (docs/method.md §2):
 
