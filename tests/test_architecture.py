@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "reading": 1,  # files to decoded pixels in threads (and JPEGs on the GPU), for the engine
     # 2 - on those
     "sheet": 2, "tokenizer": 2,
+    "quantize": 2,  # the int8 tower: takes the model as a protocol, below the engine that runs it
     # 3 - the model and its factory
     "model": 3,
     # 4 - the engine (files and tensors in, scores out), and the ONNX export beside it

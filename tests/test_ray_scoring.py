@@ -109,6 +109,7 @@ def test_equals_local_engine_and_every_input_has_a_row(
     for row in rows:
         expected = local[row["path"]]
         assert row["model"] == str(checkpoint) and row["weights_sha256"] == sha
+        assert row["precision"] == "fp32"
         if expected.error is not None:
             assert row["score"] is None and row["error"], row
             continue

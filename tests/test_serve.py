@@ -124,6 +124,7 @@ def test_raw_body_scores_equal_local_engine(
         r = _post_raw(server, path.read_bytes(), ctype)
         assert r.status_code == 200, r.text
         body = r.json()
+        assert body["precision"] == "fp32"
         (row,) = body["results"]
         assert row["error"] is None
         assert abs(row["score"] - expected[name]) <= ATOL, name
@@ -343,6 +344,7 @@ def test_models_healthz_and_openapi(server: str, checkpoint: Path) -> None:
     (info,) = httpx.get(f"{server}/models", timeout=10).json()["models"]
     assert info["name"] == str(checkpoint)
     assert info["weights_sha256"] == create_model(str(checkpoint)).weights_sha256
+    assert info["precision"] == "fp32"
     assert httpx.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
     schema = httpx.get(f"{server}/openapi.json", timeout=10).json()
     body = schema["paths"]["/score"]["post"]["requestBody"]["content"]

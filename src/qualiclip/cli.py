@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from qualiclip import stopping
 from qualiclip.output_files import InputFiles, OutputError, SameFileError
-from qualiclip.precision import PRECISIONS, TRAIN_PRECISIONS
+from qualiclip.precision import PRECISION_CHOICES, TRAIN_PRECISIONS
 from qualiclip.train_choices import BN_MODES, DEGRADE_IN
 
 if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
@@ -30,6 +30,12 @@ if TYPE_CHECKING:  # imported where used: the command starts without loading eve
     from qualiclip.report import ReportRows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: ``--precision``'s help, shared by score, eval and serve.
+PRECISION_HELP = (
+    "fp32 (default), bf16 (fast only with AMX or AVX512-BF16), fp16 (CUDA), int8 (CPU; the "
+    "tower quantised once per model, needs the 'onnx' extra), or auto: the fastest this device "
+    "runs natively whose fidelity holds (printed once)"
+)
 
 
 class UsageError(Exception):
@@ -71,7 +77,9 @@ def load_model_from_args(
     args: argparse.Namespace, name: str | None = None
 ) -> QualiCLIP | OnnxScorer:
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
-    device cannot run, is a usage error."""
+    device or model cannot run, is a usage error. ``args.precision`` (where the subcommand has
+    one) is resolved: ``auto`` becomes the precision it picks, announced once."""
+    from qualiclip.engine import resolve_precision
     from qualiclip.model import create_model
 
     try:
@@ -84,8 +92,9 @@ def load_model_from_args(
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
-        # A precision the scorer cannot run is refused before any input is read.
-        model.check_precision(args.precision)
+        # A precision the device or model cannot run is refused before any input is read.
+        args.precision = resolve_precision(model, getattr(args, "precision", "fp32"),
+                                           compile=getattr(args, "compile", False))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return model
@@ -104,7 +113,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                    help="JPEG decoding: auto (on the GPU with CUDA and torchvision's nvJPEG, "
                    "else CPU threads; default), cpu, gpu (an error where unavailable)")
@@ -245,7 +254,7 @@ def _run_score(args: argparse.Namespace) -> int:
     if collected is not None:
         results = collected.collect(results)
     failed = write_results(results, args.format, args.output, model_name=model.name,
-                           inputs=inputs)
+                           inputs=inputs, precision=args.precision)
     if collected is not None:
         _write_report(args, model, collected, inputs)
     if failed:
@@ -348,6 +357,12 @@ def _run_score_ray(args: argparse.Namespace) -> int:
             check_precision("cpu", args.precision)
         except PrecisionError as exc:
             raise UsageError(f"{exc} (actors without --num-gpus-per-actor run on CPUs)") from None
+    elif args.precision == "int8":
+        raise UsageError("int8 runs on CPUs only: drop --num-gpus-per-actor, or use fp16, bf16 "
+                         "or fp32 on GPU actors")
+    if args.precision == "auto":
+        print("qualiclip score: precision auto: each actor picks for its own device; the "
+              "precision column of the output says which", file=sys.stderr)
     try:
         config = ray_scoring.RayScoreConfig(
             model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
@@ -709,8 +724,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples for the 95%% intervals (0: none; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and distortions")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="precision of the QualiCLIP models (fp16: CUDA only; default fp32)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help="precision of the QualiCLIP models: " + PRECISION_HELP)
     p.add_argument("--workers", type=int, default=2,
                    help="NIQE processes / image decoding threads (default 2)")
     p.add_argument("--dmos", action="store_true",
@@ -849,7 +864,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long to wait for more images to batch (default 5 ms)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")

@@ -152,7 +152,7 @@ def quality_map(
         kind: ``"dense"`` (one pass, 1/32 resolution) or ``"windows"`` (scores of crops).
         window: side of a crop in pixels (``"windows"``; clamped to the image's sides).
         stride: step between crops in pixels (``"windows"``).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA), as for scoring.
+        precision: as for scoring (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``, ``"auto"``).
         max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
 
     Returns:
@@ -254,7 +254,7 @@ def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str)
     x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
     x = model.normalize_input(x, inplace=True)
     with heap.forward_pass(model.device, h * w), torch.inference_mode():
-        with autocast_context(model.device, precision):
+        with autocast_context(model.device, runner.precision):  # "auto" resolved
             fmap = trunk(x.contiguous(memory_format=torch.channels_last))  # [1, C, gh, gw]
             del x
             rows, cols = int(fmap.shape[-2]), int(fmap.shape[-1])

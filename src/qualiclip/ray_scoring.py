@@ -49,7 +49,7 @@ OUTPUT_FORMATS: tuple[str, ...] = ("parquet", "csv")
 
 #: Columns of every part file, in order.
 COLUMNS: tuple[str, ...] = (
-    "path", "score", "error", "width", "height", "model", "weights_sha256",
+    "path", "score", "error", "width", "height", "model", "weights_sha256", "precision",
 )
 
 
@@ -63,7 +63,8 @@ class RayScoreConfig:
         device: device inside each actor; ``"auto"`` uses the actor's GPU when it has one.
         pooling, formula, prompts, cache_dir, trust_torchscript: as for ``create_model``
             (a prompt file, like a checkpoint, must be readable on every node).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA), ``"int8"`` (CPU) or ``"auto"``
+            (each actor picks for its own device; the ``precision`` column says what it ran).
         batch_size: paths per actor call (Ray Data batch) and most images per forward pass.
         decode_threads: image-decoding threads inside each actor.
         concurrency: number of scoring actors (each holds one model).
@@ -101,10 +102,11 @@ class RayScoreConfig:
             raise ValueError(
                 f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}"
             )
-        from qualiclip.precision import PRECISIONS
+        from qualiclip.precision import PRECISION_CHOICES
 
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(
+                f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ def _schema() -> Any:
         [
             ("path", pa.string()), ("score", pa.float64()), ("error", pa.string()),
             ("width", pa.int64()), ("height", pa.int64()), ("model", pa.string()),
-            ("weights_sha256", pa.string()),
+            ("weights_sha256", pa.string()), ("precision", pa.string()),
         ]
     )
 
@@ -249,6 +251,7 @@ def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
             column_types={name: schema.field(name).type for name in columns},
             include_columns=list(columns),
             strings_can_be_null=True,  # an empty error / checksum field is a null, as written
+            include_missing_columns=True,  # parts written before a column existed: nulls
         )
         return pcsv.read_csv(path, convert_options=convert)
     except pa.ArrowException as exc:  # ArrowInvalid, ArrowKeyError (a missing column), ...
@@ -327,6 +330,7 @@ class _ActorScorer:
     """Ray Data callable class: loads the model once per actor, scores batches of paths."""
 
     def __init__(self, config: RayScoreConfig) -> None:
+        from qualiclip.engine import resolve_precision
         from qualiclip.model import create_model
 
         self.config = config
@@ -339,6 +343,8 @@ class _ActorScorer:
             cache_dir=config.cache_dir,
             trust_torchscript=config.trust_torchscript,
         )
+        # "auto" is resolved once, for this actor's device; every row names the result.
+        self.precision = resolve_precision(self.model, config.precision)
         self.calls = 0
 
     def __call__(self, batch: Any) -> Any:
@@ -353,7 +359,7 @@ class _ActorScorer:
             results = list(
                 score_paths(
                     self.model, paths, batch_size=cfg.batch_size, workers=cfg.decode_threads,
-                    precision=cfg.precision,  # type: ignore[arg-type]
+                    precision=self.precision,  # type: ignore[arg-type]
                 )
             )
             rows = [
@@ -366,7 +372,8 @@ class _ActorScorer:
             rows = [(display_path(p), None, message, None, None) for p in paths]
         n = len(paths)
         columns: list[list[Any]] = [[row[i] for row in rows] for i in range(5)]
-        data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n]
+        data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n,
+                [self.precision] * n]
         return pa.Table.from_arrays(
             [pa.array(col, type=f.type) for col, f in zip(data, _schema(), strict=True)],
             schema=_schema(),

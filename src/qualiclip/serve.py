@@ -4,8 +4,9 @@ Endpoints:
 
 * ``POST /score``: the image bytes as the body (``Content-Type: image/*`` or
   ``application/octet-stream``), or ``multipart/form-data`` with one or many files. The answer is
-  ``{"model", "weights_sha256", "results": [{"filename", "score", "error", "width", "height"}]}``,
-  one result per file, in order. File names may be any Unicode: raw UTF-8 in ``filename="..."``
+  ``{"model", "weights_sha256", "precision", "results": [{"filename", "score", "error", "width",
+  "height"}]}``, one result per file, in order (``precision``: the one the scores were computed
+  in, ``auto`` resolved). File names may be any Unicode: raw UTF-8 in ``filename="..."``
   (RFC 7578) or the ``filename*=UTF-8''...`` form (RFC 5987/6266, preferred when both are sent).
 * ``POST /map?kind=dense|windows``: as ``/score``, each result also carrying its quality map
   (``map``: values and grid, see :class:`qualiclip.maps.QualityMap`) and the map drawn over the
@@ -83,7 +84,7 @@ except ImportError:  # the 'serve' extra is missing: create_app() and run() say 
 
 from qualiclip.batcher import BatchStats, MicroBatcher, PixelBudget
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS
-from qualiclip.precision import PRECISIONS
+from qualiclip.precision import PRECISION_CHOICES
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
@@ -110,7 +111,8 @@ class ServeConfig:
             batched (it runs alone, in the large-image lane).
         max_inflight: most images decoded or being scored at once, over all requests.
         max_wait_ms: how long the batcher waits for more images after the first.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA), ``"int8"`` (CPU) or ``"auto"``
+            (resolved at start-up; responses name the precision used).
         max_pixels_in_flight: most decoded pixels held at once over all requests (decoding and
             waiting to be scored); ``None``: twice ``max_pixels``. At least ``max_pixels``.
         max_request_pixels_in_flight: the same, per request; ``None``: ``max_pixels`` (one
@@ -136,8 +138,9 @@ class ServeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(
+                f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
         for name in ("max_pixels_in_flight", "max_request_pixels_in_flight"):
             value = getattr(self, name)
             if value is not None and value < self.max_pixels:
@@ -296,6 +299,7 @@ def _response_models() -> tuple[type, type]:
     class ScoreResponse(BaseModel):
         model: str
         weights_sha256: str | None = None
+        precision: str = Field(description="the precision the scores were computed in")
         results: list[ScoreRow]
         detail: str | None = Field(None, description="the first error, when every file failed")
 
@@ -355,13 +359,14 @@ def create_app(
             scorer = await asyncio.to_thread(cast("Callable[[], Scorer]", model))
             if isinstance(scorer, nn.Module):
                 scorer.eval()
-        await asyncio.to_thread(_warm_up, scorer, cfg.precision)
+        precision = await asyncio.to_thread(_warm_up, scorer, cfg.precision)
         batcher = MicroBatcher(
             scorer, batch_size=cfg.batch_size, max_wait_s=cfg.max_wait_ms / 1000,
             precision=cfg.precision, max_batch_pixels=cfg.max_batch_pixels,
         )
         batcher.start()
-        state.update(model=scorer, batcher=batcher, slots=asyncio.Semaphore(cfg.max_inflight),
+        state.update(model=scorer, precision=precision, batcher=batcher,
+                     slots=asyncio.Semaphore(cfg.max_inflight),
                      pixels=PixelBudget(cfg.pixels_in_flight), maps=asyncio.Semaphore(1))
         try:
             yield
@@ -409,7 +414,7 @@ def create_app(
             # One map at a time: its forward pass runs beside the batcher's lanes.
             async with state["maps"]:
                 found = await asyncio.to_thread(_map_row, state["model"], pixels, kind,
-                                                cfg.precision)
+                                                state["precision"])
             if found["score"] is None:
                 found["score"] = await state["batcher"].score(pixels, owner)
             return found
@@ -444,7 +449,7 @@ def create_app(
         )
         body: dict[str, Any] = {
             "model": scorer.name, "weights_sha256": scorer.weights_sha256,
-            "results": [row for row, _ in outcomes],
+            "precision": state["precision"], "results": [row for row, _ in outcomes],
         }
         statuses = [status for _, status in outcomes]
         if 200 in statuses:
@@ -458,7 +463,7 @@ def create_app(
         return {"models": [{
             "name": scorer.name, "weights_sha256": scorer.weights_sha256,
             "min_size": scorer.min_size, "device": str(scorer.device),
-            "precision": cfg.precision,
+            "precision": state["precision"],
         }]}
 
     @app.get("/limits", summary="What the service accepts")
@@ -510,14 +515,16 @@ def _map_row(model: Scorer, pixels: Any, kind: str, precision: str) -> dict[str,
             "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
 
 
-def _warm_up(model: Scorer, precision: str) -> None:
-    """One forward pass, so the first request does not pay for building the inference copy."""
+def _warm_up(model: Scorer, precision: str) -> str:
+    """One forward pass, so the first request does not pay for building the inference copy;
+    returns the precision it ran in (``auto`` resolved)."""
     import torch
 
-    from qualiclip.engine import score_tensors
+    from qualiclip.engine import prepare, score_tensors
 
     side = max(model.min_size, 64)
     score_tensors(model, torch.rand(1, 3, side, side), precision)
+    return prepare(model, precision).precision
 
 
 def timed_protocol(request_timeout: float) -> type:
