@@ -41,7 +41,7 @@ from qualiclip.precision import autocast_context
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "MAP_KINDS", "MapKind", "QualityMap", "colorize",
-    "half_means", "overlay", "overlay_png", "quality_map", "upsample", "write_maps",
+    "half_means", "map_kinds", "overlay", "overlay_png", "quality_map", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -110,6 +110,20 @@ class QualityMap:
             "max": float(self.values.max()),
             "mean": float(self.values.mean()),
         }
+
+
+#: Why a scorer has no dense map (see :func:`map_kinds`).
+NO_DENSE_MAP = ("dense maps need a CLIP ResNet image tower (a feature map and an attention pool), "
+                "which this model does not have")
+
+
+def map_kinds(model: Scorer) -> tuple[str, ...]:
+    """The kinds of map ``model`` can draw, the preferred first: ``("dense", "windows")`` for a
+    QualiCLIP with a CLIP ResNet tower, ``("windows",)`` for any other scorer (a ViT tower, an
+    ONNX graph: they score crops, but have no feature map to read cells from)."""
+    if isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet):
+        return ("dense", "windows")
+    return ("windows",)
 
 
 def quality_map(
@@ -207,9 +221,9 @@ def _float_crops(
 
 
 def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str) -> QualityMap:
-    if not (isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet)):
-        raise ValueError("dense maps need a CLIP ResNet image tower (a feature map and an "
-                         "attention pool); use kind='windows'")
+    if "dense" not in map_kinds(model):
+        raise ValueError(f"{NO_DENSE_MAP}; use kind='windows'")
+    assert isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet)  # for mypy
     pool = model.visual.attnpool
     runner = engine.prepare(model, precision)
     trunk = runner.visual.trunk  # the fused copy's (or, compiled or unfused, the tower's own)

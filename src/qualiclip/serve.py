@@ -9,10 +9,13 @@ Endpoints:
   (RFC 7578) or the ``filename*=UTF-8''...`` form (RFC 5987/6266, preferred when both are sent).
 * ``POST /map?kind=dense|windows``: as ``/score``, each result also carrying its quality map
   (``map``: values and grid, see :class:`qualiclip.maps.QualityMap`) and the map drawn over the
-  image (``overlay``: a PNG data URL); same limits, errors and status codes.
+  image (``overlay``: a PNG data URL); same limits, errors and status codes. Without ``kind``,
+  the model's preferred kind (:func:`qualiclip.maps.map_kinds`: dense where the model has a
+  feature map, else windows). A kind the model cannot draw still gives each score, with
+  ``map: null`` and ``map_error`` saying why.
 * ``GET /``: a web page that scores dropped or picked images with these endpoints and draws their
   maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
-* ``GET /models``: the model being served. ``GET /limits``: the upload limits.
+* ``GET /models``: the model being served. ``GET /limits``: the upload limits and map kinds.
   ``GET /healthz``: liveness, with batching counters.
 * ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI.
 
@@ -388,16 +391,23 @@ def create_app(
         "/map",
         openapi_extra={"requestBody": _REQUEST_BODY},
         responses={400: _ERROR, 413: _ERROR, 415: _ERROR},
-        summary="Score images and draw their quality maps (kind: dense or windows)",
+        summary="Score images and draw their quality maps (kind: dense or windows; default: "
+                "the model's preferred kind)",
     )
-    async def quality_map(request: Request, kind: str = "dense") -> JSONResponse:
-        from qualiclip.maps import MAP_KINDS
+    async def quality_map(request: Request, kind: str | None = None) -> JSONResponse:
+        from qualiclip.maps import MAP_KINDS, NO_DENSE_MAP, map_kinds
 
-        if kind not in MAP_KINDS:
+        if kind is not None and kind not in MAP_KINDS:
             return JSONResponse({"detail": f"kind must be one of {', '.join(MAP_KINDS)}, "
                                            f"got {kind!r}"}, 400)
+        kind = kind or map_kinds(state["model"])[0]
+        unavailable = None if kind in map_kinds(state["model"]) else (
+            f"{NO_DENSE_MAP}: ask for kind=windows")
 
         async def mapper(pixels: Any, owner: object) -> dict[str, Any]:
+            if unavailable is not None:  # the score alone, and why there is no map
+                score = await state["batcher"].score(pixels, owner)
+                return {"score": score, "map": None, "overlay": None, "map_error": unavailable}
             # One map at a time: its forward pass runs beside the batcher's lanes.
             async with state["maps"]:
                 found = await asyncio.to_thread(_map_row, state["model"], pixels, kind,
@@ -455,8 +465,11 @@ def create_app(
 
     @app.get("/limits", summary="What the service accepts")
     async def limits() -> dict[str, Any]:
+        from qualiclip.maps import map_kinds
+
         return {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
-                "max_files": cfg.max_files, "min_size": state["model"].min_size}
+                "max_files": cfg.max_files, "min_size": state["model"].min_size,
+                "map_kinds": list(map_kinds(state["model"]))}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> Response:
