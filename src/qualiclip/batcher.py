@@ -1,10 +1,11 @@
 """Fair micro-batching for the HTTP service: pixel budgets and two scoring lanes.
 
 Concurrent requests share forward passes without one request starving the others: decoded
-pixels in flight are bounded per request and in total (:class:`PixelBudget`), and the
-:class:`MicroBatcher` takes work from the waiting requests in turn, in two lanes (small images
-batched by the engine's grouping, large ones one at a time), each lane in its own thread so the
-event loop never blocks on a forward pass.
+pixels in flight are bounded per request and per lane (:class:`PixelBudget`,
+:class:`Admission`), and the :class:`MicroBatcher` takes work from the waiting requests in turn,
+in two lanes (small images batched by the engine's grouping, large ones one at a time), each lane
+in its own thread so the event loop never blocks on a forward pass. Small images never wait
+behind large ones: not at a budget (each lane has its own) and not for a forward pass.
 """
 
 from __future__ import annotations
@@ -75,6 +76,42 @@ class PixelBudget:
             if not future.done():
                 self.free -= n
                 future.set_result(None)
+
+
+class Admission:
+    """What an image waits for before it is decoded in one lane: a slot (a count of images) and
+    its pixels (a :class:`PixelBudget`), in that order. Each lane has its own, so an image never
+    waits for pixels held by the other lane's images.
+
+    Args:
+        slots: most images admitted at once.
+        pixels: most decoded pixels held at once.
+    """
+
+    def __init__(self, slots: int, pixels: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+        self.pixels = PixelBudget(pixels)
+        self.waiting = 0  # images not admitted yet (shown by the service's /healthz)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        """Hold a slot and ``n`` pixels for the ``async with`` block."""
+        self.waiting += 1
+        admitted = False
+        try:
+            async with self.slots:
+                async with self.pixels.hold(n):
+                    self.waiting -= 1
+                    admitted = True
+                    yield
+        finally:
+            if not admitted:
+                self.waiting -= 1
+
+    @property
+    def pixels_held(self) -> int:
+        """Decoded pixels held now (admitted images)."""
+        return self.pixels.capacity - self.pixels.free
 
 
 # --- micro-batching ----------------------------------------------------------------------------

@@ -700,6 +700,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-pixels-in-flight", type=int, default=None,
                    help="the same, per request, so one request cannot take the whole budget "
                    "(default: --max-pixels, one maximal image at a time)")
+    p.add_argument("--max-batch-pixels-in-flight", type=int, default=None,
+                   help="most decoded pixels of small (batched) images held at once; they never "
+                   "wait for large ones (default: two forward passes' worth)")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds for a request's headers and body to arrive in full; a slower "
                    "client is disconnected (default 60)")
@@ -727,6 +730,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, precision=args.precision,
             max_pixels_in_flight=args.max_pixels_in_flight,
             max_request_pixels_in_flight=args.max_request_pixels_in_flight,
+            max_batch_pixels_in_flight=args.max_batch_pixels_in_flight,
         )
         if not args.request_timeout > 0:
             raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")

@@ -16,7 +16,7 @@ Endpoints:
 * ``GET /``: a web page that scores dropped or picked images with these endpoints and draws their
   maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
 * ``GET /models``: the model being served. ``GET /limits``: the upload limits and map kinds.
-  ``GET /healthz``: liveness, with batching counters.
+  ``GET /healthz``: liveness, with batching counters and what waits in each lane.
 * ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI.
 
 Status codes. A request-level problem answers with ``{"detail": "..."}``:
@@ -42,20 +42,22 @@ Nothing from a request touches the disk: bodies are read by us in chunks (bounde
 (Starlette's own form parser spools files larger than 1 MB to temporary files.)
 
 Fairness and memory. A small PNG can decode to ``max_pixels`` x 3 bytes, so what is bounded is
-decoded pixels: an image is decoded only once its pixel count (read from its header) fits both
-its request's budget (``max_request_pixels_in_flight``, default ``max_pixels``: a request holds
-one maximal image at a time) and the service's (``max_pixels_in_flight``, default twice
-``max_pixels``), and holds them until it is scored. Decoding runs in threads. Scoring has two
-lanes, each a single thread, which take work from the waiting requests in turn (round-robin), not
-first come first served:
+decoded pixels. Scoring has two lanes, each a single thread, which take work from the waiting
+requests in turn (round-robin), not first come first served:
 
 * the batch lane: images small enough to share a forward pass (at most half of
   ``max_batch_pixels``) are gathered for up to ``max_wait_ms`` (up to ``batch_size`` images and
   ``max_batch_pixels`` pixels) and images of equal size share one forward pass;
 * the large lane: larger images, one per forward pass, never batched with others.
 
-So a request of small images is answered while a request of huge ones is in progress, instead of
-queueing behind all of it (on a CPU the two lanes share its cores).
+An image is decoded only once its pixel count (read from its header) fits its request's
+budget (``max_request_pixels_in_flight``, default ``max_pixels``: a request holds one maximal
+image at a time) and then its lane's: a slot (``max_inflight`` images per lane) and the lane's
+pixels (``max_pixels_in_flight`` for the large lane, default twice ``max_pixels``;
+``max_batch_pixels_in_flight`` for the batch lane, default twice ``max_batch_pixels``), held until
+it is scored. So a request of small images is answered while requests of huge ones are in
+progress, instead of queueing behind them at a budget or for a forward pass (on a CPU the two
+lanes share its cores).
 
 Slow clients: :func:`run` closes a connection whose request (headers and body) has not arrived in
 full within ``request_timeout`` seconds of its first byte (or of the connection, when nothing
@@ -83,7 +85,7 @@ try:
 except ImportError:  # the 'serve' extra is missing: create_app() and run() say so
     FastAPI = Request = JSONResponse = HTMLResponse = Response = None  # type: ignore[assignment,misc]
 
-from qualiclip.batcher import BatchStats, MicroBatcher, PixelBudget
+from qualiclip.batcher import Admission, BatchStats, MicroBatcher, PixelBudget
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS
 from qualiclip.precision import PRECISIONS
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
@@ -110,13 +112,17 @@ class ServeConfig:
         batch_size: most images in one forward pass.
         max_batch_pixels: most pixels in one forward pass; an image over half of it is never
             batched (it runs alone, in the large-image lane).
-        max_inflight: most images decoded or being scored at once, over all requests.
+        max_inflight: most images decoded or being scored at once in each lane, over all
+            requests.
         max_wait_ms: how long the batcher waits for more images after the first.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
-        max_pixels_in_flight: most decoded pixels held at once over all requests (decoding and
-            waiting to be scored); ``None``: twice ``max_pixels``. At least ``max_pixels``.
-        max_request_pixels_in_flight: the same, per request; ``None``: ``max_pixels`` (one
-            maximal image at a time). At least ``max_pixels``.
+        max_pixels_in_flight: most decoded pixels of large images (the large lane) held at once
+            over all requests; ``None``: twice ``max_pixels``. At least ``max_pixels``.
+        max_request_pixels_in_flight: most decoded pixels held at once by one request;
+            ``None``: ``max_pixels`` (one maximal image at a time). At least ``max_pixels``.
+        max_batch_pixels_in_flight: most decoded pixels of batched images (the batch lane) held
+            at once over all requests; ``None``: twice ``max_batch_pixels`` (a pass being
+            scored, the next one gathering). At least the largest batched image.
     """
 
     max_bytes: int = 32 * 1024 * 1024
@@ -129,6 +135,7 @@ class ServeConfig:
     precision: str = "fp32"
     max_pixels_in_flight: int | None = None
     max_request_pixels_in_flight: int | None = None
+    max_batch_pixels_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         names = ("max_bytes", "max_pixels", "max_files", "batch_size", "max_batch_pixels",
@@ -147,11 +154,23 @@ class ServeConfig:
                     f"{name} ({value}) must be at least max_pixels ({self.max_pixels}): "
                     "one image of the largest allowed size must fit"
                 )
+        largest_batched = min(self.max_pixels, self.max_batch_pixels // 2)
+        value = self.max_batch_pixels_in_flight
+        if value is not None and value < largest_batched:
+            raise ValueError(
+                f"max_batch_pixels_in_flight ({value}) must be at least {largest_batched}: "
+                "the largest image that is batched must fit"
+            )
 
     @property
     def pixels_in_flight(self) -> int:
-        """The service's budget of decoded pixels (resolved default)."""
+        """The large lane's budget of decoded pixels (resolved default)."""
         return self.max_pixels_in_flight or 2 * self.max_pixels
+
+    @property
+    def batch_pixels_in_flight(self) -> int:
+        """The batch lane's budget of decoded pixels (resolved default)."""
+        return self.max_batch_pixels_in_flight or 2 * self.max_batch_pixels
 
     @property
     def request_pixels_in_flight(self) -> int:
@@ -201,23 +220,28 @@ def header_pixels(data: bytes) -> tuple[int, int] | None:
 
 @dataclass
 class _Budgets:
-    """What one file's decoding waits for: its request's pixels, an image slot, the service's
-    pixels (in that order, so a request waiting for its own budget holds nothing shared)."""
+    """What one file's decoding waits for: its request's pixels, then its lane's slot and pixels
+    (so a request waiting for its own budget holds nothing shared, and an image never waits for
+    pixels held by the other lane's images)."""
 
     request: PixelBudget
-    slots: asyncio.Semaphore
-    service: PixelBudget
+    batch: Admission
+    large: Admission
+    is_large: Callable[[int], bool]
 
     @contextlib.asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
-        async with self.request.hold(pixels), self.slots, self.service.hold(pixels):
+        lane = self.large if self.is_large(pixels) else self.batch
+        async with self.request.hold(pixels), lane.hold(pixels):
             yield
+
+
+Mapper = Callable[[Any, object], Awaitable[dict[str, Any]]]
 
 
 async def score_upload(
     upload: Upload, model: Scorer, batcher: MicroBatcher, config: ServeConfig,
-    budgets: _Budgets, owner: object = None,
-    mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None = None,
+    budgets: _Budgets, owner: object = None, mapper: Mapper | None = None,
 ) -> tuple[dict[str, Any], int]:
     """``(result row, status)`` for one file; every failure becomes the row's ``error``.
 
@@ -362,8 +386,11 @@ def create_app(
             precision=cfg.precision, max_batch_pixels=cfg.max_batch_pixels,
         )
         batcher.start()
-        state.update(model=scorer, batcher=batcher, slots=asyncio.Semaphore(cfg.max_inflight),
-                     pixels=PixelBudget(cfg.pixels_in_flight), maps=asyncio.Semaphore(1))
+        state.update(
+            model=scorer, batcher=batcher, maps=asyncio.Semaphore(1),
+            batch=Admission(cfg.max_inflight, cfg.batch_pixels_in_flight),
+            large=Admission(cfg.max_inflight, cfg.pixels_in_flight),
+        )
         try:
             yield
         finally:
@@ -418,9 +445,7 @@ def create_app(
 
         return await answer(request, mapper)
 
-    async def answer(
-        request: Request, mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None
-    ) -> JSONResponse:
+    async def answer(request: Request, mapper: Mapper | None) -> JSONResponse:
         from starlette.requests import ClientDisconnect
 
         scorer: Scorer = state["model"]
@@ -437,8 +462,8 @@ def create_app(
             _log.info("%s - POST %s: client disconnected before its request body was "
                       "complete", where, request.url.path)
             return JSONResponse({"detail": "client disconnected"}, 400)
-        budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["slots"],
-                           state["pixels"])
+        budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["batch"],
+                           state["large"], state["batcher"].is_large)
         owner = object()  # this request's turn in the batcher's round-robin
         outcomes = await asyncio.gather(
             *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner, mapper)
@@ -482,11 +507,14 @@ def create_app(
             return JSONResponse({"detail": "not found"}, 404)
         return Response(_web_asset(name), media_type=media)
 
-    @app.get("/healthz", summary="Liveness and batching counters")
+    @app.get("/healthz", summary="Liveness, batching counters, what waits in each lane")
     async def healthz() -> dict[str, Any]:
         stats: BatchStats = state["batcher"].stats
+        lanes = {name: {"waiting": state[name].waiting, "pixels_held": state[name].pixels_held,
+                        "pixels_budget": state[name].pixels.capacity}
+                 for name in ("batch", "large")}
         return {"status": "ok", "model": state["model"].name, "images": stats.images,
-                "forwards": stats.forwards, "largest_batch": stats.largest}
+                "forwards": stats.forwards, "largest_batch": stats.largest, "lanes": lanes}
 
     return app
 
