@@ -668,7 +668,7 @@ def _wait_for(condition: object, limit: float = 120.0) -> bool:
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
-@pytest.mark.parametrize("endpoint", ["score"])
+@pytest.mark.parametrize("endpoint", ["score", "map"])
 def test_small_requests_do_not_wait_behind_large_ones(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch, endpoint: str
 ) -> None:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, score_arrays
 
 if TYPE_CHECKING:
     from qualiclip.model import Scorer
+
+T = TypeVar("T")
+
 
 class PixelBudget:
     """An asyncio semaphore counted in pixels: ``async with budget.hold(n):``.
@@ -119,12 +122,12 @@ class Admission:
 
 @dataclass
 class _Job:
-    pixels: np.ndarray | None  # dropped once scored, so a large image is not kept alive
-    future: asyncio.Future[float]
+    """One image to score (``pixels``) or one piece of work to run alone (``work``)."""
 
-    @property
-    def size(self) -> int:
-        return 0 if self.pixels is None else int(self.pixels.shape[0] * self.pixels.shape[1])
+    size: int  # the image's pixel count, fixed: the lane's accounting
+    future: asyncio.Future[Any]
+    pixels: np.ndarray | None = None  # dropped once scored, so a large image is not kept alive
+    work: Callable[[], Any] | None = None
 
 
 class _RoundRobin:
@@ -163,12 +166,18 @@ class _RoundRobin:
 
 @dataclass
 class BatchStats:
-    """Counters of the batcher (shown by ``/healthz``)."""
+    """Counters of the batcher (shown by ``/healthz``).
+
+    Attributes:
+        images: images scored. forwards: forward passes of scoring. largest: most images in one
+        pass. sizes: passes by their number of images. calls: jobs run alone (quality maps).
+    """
 
     images: int = 0
     forwards: int = 0
     largest: int = 0
     sizes: dict[int, int] = field(default_factory=dict)
+    calls: int = 0
 
 
 class MicroBatcher:
@@ -180,6 +189,8 @@ class MicroBatcher:
     the large lane, one per forward pass, again one request after another. Each lane runs its
     forward passes one at a time in its own thread (torch parallelises inside each), so the
     event loop never blocks on them and small images never wait for a large one's pass.
+    Other work on one image (a quality map: :meth:`run`) takes its turn in the lane of the
+    image's size, alone.
     """
 
     def __init__(
@@ -224,11 +235,22 @@ class MicroBatcher:
             pixels: the image.
             owner: whose turn it is taken in (one key per request); ``None`` shares one queue.
         """
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        job = _Job(pixels, future)
+        size = int(pixels.shape[0] * pixels.shape[1])
+        job = _Job(size, asyncio.get_running_loop().create_future(), pixels=pixels)
+        result: float = await self._submit(job, owner)
+        return result
+
+    async def run(self, pixels: int, work: Callable[[], T], owner: object = None) -> T:
+        """``work()`` run alone, in the lane's thread, in the lane of an image of ``pixels``
+        pixels, taking its turn as a score would."""
+        job = _Job(pixels, asyncio.get_running_loop().create_future(), work=work)
+        result: T = await self._submit(job, owner)
+        return result
+
+    async def _submit(self, job: _Job, owner: object) -> Any:
         lane = self._large if self.is_large(job.size) else self._small
         lane.put(owner, job)
-        return await future
+        return await job.future
 
     async def _take_one(self, lane: _RoundRobin) -> list[_Job]:
         while not lane.count:
@@ -239,51 +261,76 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while not lane.count:
             await lane.wait()
-        deadline = loop.time() + self.max_wait_s
-        while lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
-            timeout = deadline - loop.time()
-            if timeout <= 0:
-                break
-            await lane.wait(timeout)
+        if lane.peek().work is None:
+            # Scores wait a moment for company; work that runs alone does not.
+            deadline = loop.time() + self.max_wait_s
+            while lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                await lane.wait(timeout)
         jobs = [lane.pop()]
         total = jobs[0].size
-        while lane.count and len(jobs) < self.batch_size:
-            if total + lane.peek().size > self.max_batch_pixels:
+        while jobs[0].work is None and lane.count and len(jobs) < self.batch_size:
+            following = lane.peek()
+            if following.work is not None or total + following.size > self.max_batch_pixels:
                 break
             jobs.append(lane.pop())
-            total += jobs[-1].size
+            total += following.size
         return jobs
 
     async def _serve_forever(
         self, lane: _RoundRobin, take: Callable[[_RoundRobin], Any], thread: ThreadPoolExecutor
     ) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             jobs: list[_Job] = await take(lane)
             jobs = [job for job in jobs if not job.future.done()]  # skip abandoned requests
-            if not jobs:
-                continue
             try:
-                outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
-            except Exception as exc:  # noqa: BLE001 - the lane goes on; these jobs get the error
-                outcomes, passes = [exc] * len(jobs), []
-            for n in passes:
-                self.stats.forwards += 1
-                self.stats.images += n
-                self.stats.largest = max(self.stats.largest, n)
-                self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                job.pixels = None
-                if job.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
-            del jobs, outcomes
+                if jobs and jobs[0].work is not None:
+                    await self._call(jobs[0], jobs[0].work, thread)
+                elif jobs:
+                    await self._score(jobs, thread)
+            finally:
+                for job in jobs:
+                    job.pixels = None
+            del jobs
+
+    async def _call(self, job: _Job, work: Callable[[], Any], thread: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcome: Any = await loop.run_in_executor(thread, work)
+        except Exception as exc:  # noqa: BLE001 - the lane goes on; the caller gets the error
+            outcome = exc
+        self.stats.calls += 1
+        _settle(job, outcome)
+
+    async def _score(self, jobs: list[_Job], thread: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
+        except Exception as exc:  # noqa: BLE001 - the lane goes on; these jobs get the error
+            outcomes, passes = [exc] * len(jobs), []
+        for n in passes:
+            self.stats.forwards += 1
+            self.stats.images += n
+            self.stats.largest = max(self.stats.largest, n)
+            self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            _settle(job, outcome)
 
     def _forward(self, jobs: list[_Job]) -> tuple[list[float | Exception], list[int]]:
         """Score ``jobs`` (runs in a lane's thread): the engine's grouping of equal sizes."""
         arrays = [job.pixels for job in jobs if job.pixels is not None]
         return score_arrays(self.model, arrays, precision=self.precision,
                             batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels)
+
+
+def _settle(job: _Job, outcome: Any) -> None:
+    """Give ``job``'s caller its result or error (nobody waits for an abandoned job's)."""
+    if job.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        job.future.set_exception(outcome)
+    else:
+        job.future.set_result(outcome)
+

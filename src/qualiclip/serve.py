@@ -50,7 +50,8 @@ requests in turn (round-robin), not first come first served:
   ``max_batch_pixels`` pixels) and images of equal size share one forward pass;
 * the large lane: larger images, one per forward pass, never batched with others.
 
-An image is decoded only once its pixel count (read from its header) fits its request's
+Quality maps take their turns in the same lanes (a map runs alone, in the lane of its image's
+size). An image is decoded only once its pixel count (read from its header) fits its request's
 budget (``max_request_pixels_in_flight``, default ``max_pixels``: a request holds one maximal
 image at a time) and then its lane's: a slot (``max_inflight`` images per lane) and the lane's
 pixels (``max_pixels_in_flight`` for the large lane, default twice ``max_pixels``;
@@ -387,7 +388,7 @@ def create_app(
         )
         batcher.start()
         state.update(
-            model=scorer, batcher=batcher, maps=asyncio.Semaphore(1),
+            model=scorer, batcher=batcher,
             batch=Admission(cfg.max_inflight, cfg.batch_pixels_in_flight),
             large=Admission(cfg.max_inflight, cfg.pixels_in_flight),
         )
@@ -411,8 +412,8 @@ def create_app(
         responses={400: _ERROR, 413: _ERROR, 415: _ERROR},
         summary="Score one image (raw body) or many (multipart/form-data)",
     )
-    async def score(request: Request) -> JSONResponse:
-        return await answer(request, None)
+    async def score(request: Request) -> Response:
+        return await _answer(request, state, cfg, None)
 
     @app.post(
         "/map",
@@ -421,63 +422,14 @@ def create_app(
         summary="Score images and draw their quality maps (kind: dense or windows; default: "
                 "the model's preferred kind)",
     )
-    async def quality_map(request: Request, kind: str | None = None) -> JSONResponse:
-        from qualiclip.maps import MAP_KINDS, NO_DENSE_MAP, map_kinds
+    async def quality_map(request: Request, kind: str | None = None) -> Response:
+        from qualiclip.maps import MAP_KINDS, map_kinds
 
         if kind is not None and kind not in MAP_KINDS:
             return JSONResponse({"detail": f"kind must be one of {', '.join(MAP_KINDS)}, "
                                            f"got {kind!r}"}, 400)
         kind = kind or map_kinds(state["model"])[0]
-        unavailable = None if kind in map_kinds(state["model"]) else (
-            f"{NO_DENSE_MAP}: ask for kind=windows")
-
-        async def mapper(pixels: Any, owner: object) -> dict[str, Any]:
-            if unavailable is not None:  # the score alone, and why there is no map
-                score = await state["batcher"].score(pixels, owner)
-                return {"score": score, "map": None, "overlay": None, "map_error": unavailable}
-            # One map at a time: its forward pass runs beside the batcher's lanes.
-            async with state["maps"]:
-                found = await asyncio.to_thread(_map_row, state["model"], pixels, kind,
-                                                cfg.precision)
-            if found["score"] is None:
-                found["score"] = await state["batcher"].score(pixels, owner)
-            return found
-
-        return await answer(request, mapper)
-
-    async def answer(request: Request, mapper: Mapper | None) -> JSONResponse:
-        from starlette.requests import ClientDisconnect
-
-        scorer: Scorer = state["model"]
-        try:
-            uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
-        except RequestError as exc:
-            # The body may be partly unread: the connection cannot be reused.
-            return JSONResponse({"detail": exc.message}, exc.status,
-                                headers={"Connection": "close"})
-        except ClientDisconnect:
-            # An ordinary event on a network service: one line, not an error with a traceback.
-            client = request.client
-            where = f"{client.host}:{client.port}" if client else "a client"
-            _log.info("%s - POST %s: client disconnected before its request body was "
-                      "complete", where, request.url.path)
-            return JSONResponse({"detail": "client disconnected"}, 400)
-        budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["batch"],
-                           state["large"], state["batcher"].is_large)
-        owner = object()  # this request's turn in the batcher's round-robin
-        outcomes = await asyncio.gather(
-            *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner, mapper)
-              for u in uploads)
-        )
-        body: dict[str, Any] = {
-            "model": scorer.name, "weights_sha256": scorer.weights_sha256,
-            "results": [row for row, _ in outcomes],
-        }
-        statuses = [status for _, status in outcomes]
-        if 200 in statuses:
-            return JSONResponse(body)
-        body["detail"] = outcomes[0][0]["error"]
-        return JSONResponse(body, statuses[0])
+        return await _answer(request, state, cfg, _Mapper(state, cfg, kind))
 
     @app.get("/models", summary="The model being served")
     async def models() -> dict[str, Any]:
@@ -514,9 +466,73 @@ def create_app(
                         "pixels_budget": state[name].pixels.capacity}
                  for name in ("batch", "large")}
         return {"status": "ok", "model": state["model"].name, "images": stats.images,
-                "forwards": stats.forwards, "largest_batch": stats.largest, "lanes": lanes}
+                "forwards": stats.forwards, "largest_batch": stats.largest, "maps": stats.calls,
+                "lanes": lanes}
 
     return app
+
+
+async def _answer(
+    request: Request, state: dict[str, Any], cfg: ServeConfig, mapper: _Mapper | None
+) -> Response:
+    """Read a request's files, score (or map) each, and answer."""
+    from starlette.requests import ClientDisconnect
+
+    scorer: Scorer = state["model"]
+    try:
+        uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
+    except RequestError as exc:
+        # The body may be partly unread: the connection cannot be reused.
+        return JSONResponse({"detail": exc.message}, exc.status, headers={"Connection": "close"})
+    except ClientDisconnect:
+        # An ordinary event on a network service: one line, not an error with a traceback.
+        client = request.client
+        where = f"{client.host}:{client.port}" if client else "a client"
+        _log.info("%s - POST %s: client disconnected before its request body was complete",
+                  where, request.url.path)
+        return JSONResponse({"detail": "client disconnected"}, 400)
+    budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["batch"], state["large"],
+                       state["batcher"].is_large)
+    owner = object()  # this request's turn in the batcher's round-robin
+    outcomes = await asyncio.gather(
+        *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner, mapper) for u in uploads)
+    )
+    body: dict[str, Any] = {
+        "model": scorer.name, "weights_sha256": scorer.weights_sha256,
+        "results": [row for row, _ in outcomes],
+    }
+    statuses = [status for _, status in outcomes]
+    if 200 in statuses:
+        return JSONResponse(body)
+    body["detail"] = outcomes[0][0]["error"]
+    return JSONResponse(body, statuses[0])
+
+
+class _Mapper:
+    """The ``/map`` work of one request: each image's map in its lane, and the score alone
+    where the model cannot draw the kind asked."""
+
+    def __init__(self, state: dict[str, Any], cfg: ServeConfig, kind: str) -> None:
+        from qualiclip.maps import NO_DENSE_MAP, map_kinds
+
+        self.state, self.cfg, self.kind = state, cfg, kind
+        self.unavailable = None if kind in map_kinds(state["model"]) else (
+            f"{NO_DENSE_MAP}: ask for kind=windows")
+
+    async def __call__(self, pixels: Any, owner: object) -> dict[str, Any]:
+        batcher: MicroBatcher = self.state["batcher"]
+        if self.unavailable is not None:
+            score = await batcher.score(pixels, owner)
+            return {"score": score, "map": None, "overlay": None, "map_error": self.unavailable}
+        model, kind, precision = self.state["model"], self.kind, self.cfg.precision
+
+        def work() -> dict[str, Any]:
+            return _map_row(model, pixels, kind, precision)
+
+        found = await batcher.run(int(pixels.shape[0] * pixels.shape[1]), work, owner)
+        if found["score"] is None:  # window maps do not score the whole image
+            found["score"] = await batcher.score(pixels, owner)
+        return found
 
 
 #: The web page's files (assets/web in the package) and their media types.
