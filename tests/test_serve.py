@@ -447,6 +447,57 @@ def test_round_robin_lanes_do_not_queue_behind_one_request() -> None:
     assert done.index("B0") < done.index("A3") and done.index("C0") < done.index("A3"), done
 
 
+def test_abandoned_work_stops_between_passes_and_leaves_the_lane() -> None:
+    """Work whose requester is gone (its task cancelled) is dropped: a queued job never runs, a
+    running one stops at its next pass, and the cancelled call returns only once the lane has let
+    go of it. Other requests and the lane go on."""
+    _require_serve()
+    import threading
+
+    from qualiclip.batcher import MicroBatcher
+
+    model = _tiny_with_random_bn()
+    small = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    passes: list[str] = []
+    started = threading.Event()
+
+    def many_passes(name: str):  # noqa: ANN202
+        def work(check) -> str:  # noqa: ANN001
+            for i in range(500):
+                check()  # raises once the requester is gone
+                passes.append(name)
+                if i == 2:
+                    started.set()
+                time.sleep(0.01)
+            return name
+        return work
+
+    async def run() -> tuple[int, float, str, object]:
+        batcher = MicroBatcher(model, batch_size=8, max_wait_s=0.01, precision="fp32",
+                               max_batch_pixels=2 * 64 * 64)
+        batcher.start()
+        try:
+            running = asyncio.create_task(batcher.run(10**6, many_passes("A"), "A"))
+            queued = asyncio.create_task(batcher.run(10**6, many_passes("B"), "B"))
+            scored = asyncio.create_task(batcher.score(small, "C"))
+            assert await asyncio.to_thread(started.wait, 120)
+            running.cancel()
+            queued.cancel()
+            for task in (running, queued):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            stopped_at = len(passes)
+            after = await batcher.run(10**6, lambda check: "D", "D")  # the large lane goes on
+            return stopped_at, await scored, after, batcher.stats
+        finally:
+            await batcher.close()
+
+    stopped_at, score, after, stats = asyncio.run(run())
+    assert 3 <= stopped_at < 500 and len(passes) == stopped_at, (stopped_at, len(passes))
+    assert "B" not in passes and after == "D" and 0.0 <= score <= 1.0
+    assert stats.dropped == 2  # type: ignore[attr-defined]
+
+
 def test_pixel_budget_waits_in_order_and_cancels_cleanly() -> None:
     from qualiclip.batcher import PixelBudget
 
@@ -654,7 +705,38 @@ def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     assert main(["serve", "--model", "random-tiny"]) == 2
 
 
-# --- hostile clients: fairness -------------------------------------------------------------------
+# --- hostile clients: fairness, hang-ups, unread responses, Host ---------------------------------
+
+
+@contextlib.contextmanager
+def _threaded_server(model: object, config: object, **options: object) -> Iterator[str]:
+    """The service as :func:`qualiclip.serve.run` builds it (``serve.server_config``), run by
+    uvicorn in a thread of this process, so that a test can patch what the service calls and
+    still speak to it over real sockets. Yields its URL; its log lines go to ``caplog``."""
+    _require_serve()
+    import threading
+
+    import uvicorn
+
+    from qualiclip import serve
+
+    port = free_port()
+    server = uvicorn.Server(serve.server_config(
+        model, config, host="127.0.0.1", port=port, log_config=None, access_log=False,
+        **options,
+    ))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600  # a bound for a busy machine, not a timing
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the in-process server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def _wait_for(condition: object, limit: float = 120.0) -> bool:
@@ -665,6 +747,21 @@ def _wait_for(condition: object, limit: float = 120.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def _log_lines(caplog: pytest.LogCaptureFixture, *needles: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if all(n in r.getMessage() for n in needles)]
+
+
+def _raw_post(path: str, body: bytes, ctype: str) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _files_body(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    return _multipart([(f'form-data; name="files"; filename="{n}"'.encode(), d)
+                       for n, d in files])
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -733,3 +830,47 @@ def test_small_requests_do_not_wait_behind_large_ones(
         assert r.status_code == 200 and r.json()["results"][0]["score"] is not None, r.text
         assert not any(large_done)  # answered while every large one was still held
         assert [f.result(timeout=600).status_code for f in large] == [200] * 12
+
+
+@pytest.mark.parametrize("endpoint", ["score", "map"])
+def test_work_for_a_client_that_hung_up_is_dropped(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    endpoint: str,
+) -> None:
+    """A client sends eight images and hangs up once the first is being decoded: the others are
+    never decoded nor scored, and every budget is given back."""
+    import threading
+
+    import httpx
+
+    from qualiclip import images as images_module
+    from qualiclip.serve import ServeConfig
+
+    caplog.set_level("INFO", logger="uvicorn.error")
+    real_decode, started, decoded = images_module.decode_rgb, threading.Event(), []
+
+    def slow_decode(*args: object, **kwargs: object) -> np.ndarray:
+        started.set()
+        time.sleep(0.5)
+        decoded.append(1)
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images_module, "decode_rgb", slow_decode)
+    n = 8
+    body, ctype = _files_body([(f"{i}.png", _image(80, 80, seed=i)) for i in range(n)])
+    config = ServeConfig(max_pixels=80 * 80)  # a request decodes one image at a time
+    with _threaded_server(create_model(str(checkpoint)), config) as url:
+        with _connect(url) as sock:
+            port = sock.getsockname()[1]
+            sock.sendall(_raw_post(f"/{endpoint}", body, ctype))
+            assert started.wait(120)
+        assert _wait_for(lambda: _log_lines(caplog, f":{port} ", "disconnected")), \
+            "no line says that the client hung up"
+        (line,) = _log_lines(caplog, f":{port} ", "disconnected")
+        assert "dropped" in line, line
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        assert health["dropped"] >= 1
+        assert all(lane["pixels_held"] == 0 and lane["waiting"] == 0
+                   for lane in health["lanes"].values()), health
+        time.sleep(1.0)  # nothing more is decoded later either
+    assert len(decoded) <= 2, f"{len(decoded)} of {n} images decoded for a client that left"

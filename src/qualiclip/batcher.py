@@ -6,12 +6,18 @@ pixels in flight are bounded per request and per lane (:class:`PixelBudget`,
 in two lanes (small images batched by the engine's grouping, large ones one at a time), each lane
 in its own thread so the event loop never blocks on a forward pass. Small images never wait
 behind large ones: not at a budget (each lane has its own) and not for a forward pass.
+
+Work whose requester has gone (its task cancelled: the client hung up) is dropped: a queued job
+leaves its lane at once, a running one stops at its next pass (:meth:`MicroBatcher.run` hands the
+work a ``check`` to call between passes), and the cancelled call returns only once the lane has
+let go of the job's pixels, so a budget released is memory really freed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -120,14 +126,25 @@ class Admission:
 # --- micro-batching ----------------------------------------------------------------------------
 
 
-@dataclass
+class Abandoned(Exception):
+    """Raised by a job's ``check`` once the request that asked for it is gone."""
+
+
+@dataclass(eq=False)  # jobs are compared by identity (a queue removes this very job)
 class _Job:
     """One image to score (``pixels``) or one piece of work to run alone (``work``)."""
 
     size: int  # the image's pixel count, fixed: the lane's accounting
     future: asyncio.Future[Any]
     pixels: np.ndarray | None = None  # dropped once scored, so a large image is not kept alive
-    work: Callable[[], Any] | None = None
+    work: Callable[[Callable[[], None]], Any] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # the requester is gone
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # the lane let go of it
+
+    def check(self) -> None:
+        """Raise :class:`Abandoned` once the requester is gone (called between passes)."""
+        if self.stop.is_set():
+            raise Abandoned("the request was abandoned")
 
 
 class _RoundRobin:
@@ -157,6 +174,18 @@ class _RoundRobin:
         self.pixels -= job.size
         return job
 
+    def discard(self, owner: object, job: _Job) -> bool:
+        """Take ``job`` out of the queue; ``False`` when it is no longer queued (taken)."""
+        queue = self._queues.get(owner)
+        if queue is None or job not in queue:
+            return False
+        queue.remove(job)
+        if not queue:
+            del self._queues[owner]
+        self.count -= 1
+        self.pixels -= job.size
+        return True
+
     async def wait(self, timeout: float | None = None) -> None:
         """Until a job is added (or ``timeout`` seconds)."""
         self._added.clear()
@@ -171,6 +200,7 @@ class BatchStats:
     Attributes:
         images: images scored. forwards: forward passes of scoring. largest: most images in one
         pass. sizes: passes by their number of images. calls: jobs run alone (quality maps).
+        dropped: jobs whose requester left before they were done (never run, or stopped).
     """
 
     images: int = 0
@@ -178,6 +208,7 @@ class BatchStats:
     largest: int = 0
     sizes: dict[int, int] = field(default_factory=dict)
     calls: int = 0
+    dropped: int = 0
 
 
 class MicroBatcher:
@@ -240,9 +271,15 @@ class MicroBatcher:
         result: float = await self._submit(job, owner)
         return result
 
-    async def run(self, pixels: int, work: Callable[[], T], owner: object = None) -> T:
-        """``work()`` run alone, in the lane's thread, in the lane of an image of ``pixels``
-        pixels, taking its turn as a score would."""
+    async def run(
+        self, pixels: int, work: Callable[[Callable[[], None]], T], owner: object = None
+    ) -> T:
+        """``work(check)`` run alone in the lane of an image of ``pixels`` pixels, in turn.
+
+        ``work`` runs in the lane's thread and should call ``check()`` between its passes:
+        once this call is cancelled (the requester is gone), ``check`` raises
+        :class:`Abandoned` and the rest of the work is skipped.
+        """
         job = _Job(pixels, asyncio.get_running_loop().create_future(), work=work)
         result: T = await self._submit(job, owner)
         return result
@@ -250,7 +287,18 @@ class MicroBatcher:
     async def _submit(self, job: _Job, owner: object) -> Any:
         lane = self._large if self.is_large(job.size) else self._small
         lane.put(owner, job)
-        return await job.future
+        try:
+            # Shielded: a cancelled caller must not cancel the future under a running lane.
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.stop.set()
+            if not job.future.done():
+                self.stats.dropped += 1
+            if lane.discard(owner, job):
+                job.pixels = None
+            else:  # the lane has it: return once it has let go (its pixels are really freed)
+                await _wait_through_cancel(job.released)
+            raise
 
     async def _take_one(self, lane: _RoundRobin) -> list[_Job]:
         while not lane.count:
@@ -259,16 +307,19 @@ class MicroBatcher:
 
     async def _take_batch(self, lane: _RoundRobin) -> list[_Job]:
         loop = asyncio.get_running_loop()
-        while not lane.count:
-            await lane.wait()
-        if lane.peek().work is None:
-            # Scores wait a moment for company; work that runs alone does not.
-            deadline = loop.time() + self.max_wait_s
-            while lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                await lane.wait(timeout)
+        while True:
+            while not lane.count:
+                await lane.wait()
+            if lane.peek().work is None:
+                # Scores wait a moment for company; work that runs alone does not.
+                deadline = loop.time() + self.max_wait_s
+                while 0 < lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    await lane.wait(timeout)
+            if lane.count:  # (its jobs may have been withdrawn meanwhile)
+                break
         jobs = [lane.pop()]
         total = jobs[0].size
         while jobs[0].work is None and lane.count and len(jobs) < self.batch_size:
@@ -284,21 +335,24 @@ class MicroBatcher:
     ) -> None:
         while True:
             jobs: list[_Job] = await take(lane)
-            jobs = [job for job in jobs if not job.future.done()]  # skip abandoned requests
             try:
-                if jobs and jobs[0].work is not None:
-                    await self._call(jobs[0], jobs[0].work, thread)
-                elif jobs:
-                    await self._score(jobs, thread)
+                live = [job for job in jobs if not job.stop.is_set()]
+                if live and live[0].work is not None:
+                    await self._call(live[0], live[0].work, thread)
+                elif live:
+                    await self._score(live, thread)
             finally:
                 for job in jobs:
                     job.pixels = None
+                    job.released.set()
             del jobs
 
-    async def _call(self, job: _Job, work: Callable[[], Any], thread: ThreadPoolExecutor) -> None:
+    async def _call(
+        self, job: _Job, work: Callable[[Callable[[], None]], Any], thread: ThreadPoolExecutor
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            outcome: Any = await loop.run_in_executor(thread, work)
+            outcome: Any = await loop.run_in_executor(thread, work, job.check)
         except Exception as exc:  # noqa: BLE001 - the lane goes on; the caller gets the error
             outcome = exc
         self.stats.calls += 1
@@ -329,8 +383,16 @@ def _settle(job: _Job, outcome: Any) -> None:
     """Give ``job``'s caller its result or error (nobody waits for an abandoned job's)."""
     if job.future.done():
         return
-    if isinstance(outcome, BaseException):
+    if job.stop.is_set():
+        job.future.cancel()  # an exception set here would be reported as never retrieved
+    elif isinstance(outcome, BaseException):
         job.future.set_exception(outcome)
     else:
         job.future.set_result(outcome)
 
+
+async def _wait_through_cancel(event: asyncio.Event) -> None:
+    """Wait for ``event`` even if cancelled meanwhile (the caller re-raises its cancel)."""
+    while not event.is_set():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(event.wait())

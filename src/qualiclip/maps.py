@@ -23,7 +23,7 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -135,6 +135,7 @@ def quality_map(
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> QualityMap:
     """The quality map of one image, computed on the model's device.
 
@@ -148,6 +149,9 @@ def quality_map(
         stride: step between crops in pixels (``"windows"``).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA), as for scoring.
         max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
+        on_pass: called after each forward pass with ``(done, total)``: crops scored so far and
+            in all (``(1, 1)`` for the one pass of a dense map). Whatever it raises stops the
+            map there (the HTTP service stops the map of a client that hung up this way).
 
     Returns:
         the map and its grid.
@@ -167,9 +171,12 @@ def quality_map(
     if kind not in MAP_KINDS:
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     pixels = _pixels(image, model.min_size)
+    report = on_pass or (lambda done, total: None)
     if kind == "dense":
-        return _dense_map(model, pixels, precision)
-    return _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+        qmap = _dense_map(model, pixels, precision)
+        report(1, 1)
+        return qmap
+    return _windows_map(model, pixels, window, stride, precision, max_batch_pixels, report)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -278,7 +285,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 def _windows_map(
     model: Scorer, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
-    precision: str, max_batch_pixels: int,
+    precision: str, max_batch_pixels: int, report: Callable[[int, int], None],
 ) -> QualityMap:
     if window < model.min_size:
         raise ValueError(f"window must be at least the model's minimum side {model.min_size} px, "
@@ -299,6 +306,8 @@ def _windows_map(
         crops = _float_crops(pixels, boxes[i:i + per_pass]).to(dtype=dtype)
         scores.append(engine.score_tensors(model, crops, precision,
                                            max_batch_pixels=max_batch_pixels))
+        del crops
+        report(min(i + per_pass, len(boxes)), len(boxes))
     values = torch.cat(scores).reshape(len(ys), len(xs)).numpy().astype(np.float32)
     return QualityMap(
         values=values, kind="windows", image_size=(h, w), cell=(ch, cw),

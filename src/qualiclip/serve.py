@@ -60,6 +60,10 @@ it is scored. So a request of small images is answered while requests of huge on
 progress, instead of queueing behind them at a budget or for a forward pass (on a CPU the two
 lanes share its cores).
 
+Clients that go away. A client that hangs up after sending its request has its work dropped:
+files not yet decoded never are, queued images leave their lane, and a map stops at its next
+forward pass (:class:`qualiclip.batcher.MicroBatcher`); one INFO line says so.
+
 Slow clients: :func:`run` closes a connection whose request (headers and body) has not arrived in
 full within ``request_timeout`` seconds of its first byte (or of the connection, when nothing
 comes); a client that hangs up mid-body is logged as one INFO line.
@@ -74,10 +78,11 @@ import asyncio
 import contextlib
 import io
 import logging
+import sys
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 try:
     # At module level because FastAPI resolves the endpoints' (string) annotations here.
@@ -92,8 +97,12 @@ from qualiclip.precision import PRECISIONS
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from qualiclip.images import DecodeFailure
     from qualiclip.model import Scorer
+
+T = TypeVar("T")
 
 SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qualiclip[serve]'"
 
@@ -237,6 +246,22 @@ class _Budgets:
             yield
 
 
+async def _in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a thread. When cancelled meanwhile, this returns (re-raising the
+    cancel) only once the thread is done, so a budget held around it is released when the
+    pixels it allocated are really gone, not while the thread still fills them."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # its outcome is nobody's now: retrieved, so never reported
+        raise
+
+
 Mapper = Callable[[Any, object], Awaitable[dict[str, Any]]]
 
 
@@ -250,7 +275,8 @@ async def score_upload(
     with what it returns (the score and the quality map).
 
     Decoding and scoring happen while ``budgets`` hold the image's pixels (from its header);
-    whatever the decoder raises for this file is this file's 400/413/415.
+    whatever the decoder raises for this file is this file's 400/413/415. Cancelled (the client
+    hung up), it returns only once nothing holds the file's pixels any more.
     """
     from qualiclip.images import as_decode_error, decode_rgb
 
@@ -281,7 +307,7 @@ async def score_upload(
         source.name = upload.filename  # error messages name the file (still read from memory)
     async with budgets.hold(needed):
         try:
-            pixels = await asyncio.to_thread(
+            pixels = await _in_thread(
                 decode_rgb, source, max_pixels=config.max_pixels, min_size=model.min_size
             )
         except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is this file's
@@ -388,7 +414,7 @@ def create_app(
         )
         batcher.start()
         state.update(
-            model=scorer, batcher=batcher,
+            model=scorer, batcher=batcher, dropped=0,
             batch=Admission(cfg.max_inflight, cfg.batch_pixels_in_flight),
             large=Admission(cfg.max_inflight, cfg.pixels_in_flight),
         )
@@ -459,7 +485,8 @@ def create_app(
             return JSONResponse({"detail": "not found"}, 404)
         return Response(_web_asset(name), media_type=media)
 
-    @app.get("/healthz", summary="Liveness, batching counters, what waits in each lane")
+    @app.get("/healthz", summary="Liveness, batching counters, what waits in each lane, files "
+             "dropped for clients that hung up")
     async def healthz() -> dict[str, Any]:
         stats: BatchStats = state["batcher"].stats
         lanes = {name: {"waiting": state[name].waiting, "pixels_held": state[name].pixels_held,
@@ -467,7 +494,7 @@ def create_app(
                  for name in ("batch", "large")}
         return {"status": "ok", "model": state["model"].name, "images": stats.images,
                 "forwards": stats.forwards, "largest_batch": stats.largest, "maps": stats.calls,
-                "lanes": lanes}
+                "dropped": state["dropped"], "lanes": lanes}
 
     return app
 
@@ -475,10 +502,13 @@ def create_app(
 async def _answer(
     request: Request, state: dict[str, Any], cfg: ServeConfig, mapper: _Mapper | None
 ) -> Response:
-    """Read a request's files, score (or map) each, and answer."""
+    """Read a request's files, score (or map) each, and answer; drop the work when the client
+    hangs up before the answer is ready."""
     from starlette.requests import ClientDisconnect
 
     scorer: Scorer = state["model"]
+    client = request.client
+    where = f"{client.host}:{client.port}" if client else "a client"
     try:
         uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
     except RequestError as exc:
@@ -486,17 +516,36 @@ async def _answer(
         return JSONResponse({"detail": exc.message}, exc.status, headers={"Connection": "close"})
     except ClientDisconnect:
         # An ordinary event on a network service: one line, not an error with a traceback.
-        client = request.client
-        where = f"{client.host}:{client.port}" if client else "a client"
         _log.info("%s - POST %s: client disconnected before its request body was complete",
                   where, request.url.path)
         return JSONResponse({"detail": "client disconnected"}, 400)
     budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["batch"], state["large"],
                        state["batcher"].is_large)
     owner = object()  # this request's turn in the batcher's round-robin
-    outcomes = await asyncio.gather(
-        *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner, mapper) for u in uploads)
-    )
+    files = [asyncio.ensure_future(score_upload(u, scorer, state["batcher"], cfg, budgets, owner,
+                                                mapper)) for u in uploads]
+    work = asyncio.gather(*files)
+    gone = asyncio.ensure_future(_disconnected(request))
+    either: set[asyncio.Future[Any]] = {work, gone}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        hung_up = not work.done()  # (or the server is stopping: this task was cancelled)
+        if hung_up:
+            dropped = sum(not f.done() for f in files)
+            work.cancel()  # cancels each file's task
+            # gather's own future ends at the first file cancelled; each file's task ends only
+            # once every lane and budget has let go of it, so wait for them all.
+            await asyncio.wait(files)
+            with contextlib.suppress(asyncio.CancelledError):
+                await work  # (its outcome retrieved, so never reported)
+            state["dropped"] += dropped
+            _log.info("%s - POST %s: client disconnected; dropped the work of %d of its %d "
+                      "file(s)", where, request.url.path, dropped, len(uploads))
+    if hung_up:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    outcomes = work.result()
     body: dict[str, Any] = {
         "model": scorer.name, "weights_sha256": scorer.weights_sha256,
         "results": [row for row, _ in outcomes],
@@ -506,6 +555,16 @@ async def _answer(
         return JSONResponse(body)
     body["detail"] = outcomes[0][0]["error"]
     return JSONResponse(body, statuses[0])
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client of ``request`` (whose body has been read) hangs up."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - cannot watch this connection: its work runs to the end
+        _log.debug("cannot watch the client for a hang-up", exc_info=True)
+        await asyncio.Event().wait()  # (until cancelled, once the work is done)
 
 
 class _Mapper:
@@ -526,8 +585,8 @@ class _Mapper:
             return {"score": score, "map": None, "overlay": None, "map_error": self.unavailable}
         model, kind, precision = self.state["model"], self.kind, self.cfg.precision
 
-        def work() -> dict[str, Any]:
-            return _map_row(model, pixels, kind, precision)
+        def work(check: Callable[[], None]) -> dict[str, Any]:
+            return _map_row(model, pixels, kind, precision, check)
 
         found = await batcher.run(int(pixels.shape[0] * pixels.shape[1]), work, owner)
         if found["score"] is None:  # window maps do not score the whole image
@@ -546,13 +605,18 @@ def _web_asset(name: str) -> bytes:
     return files("qualiclip").joinpath("assets", "web", name).read_bytes()
 
 
-def _map_row(model: Scorer, pixels: Any, kind: str, precision: str) -> dict[str, Any]:
-    """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL) of one image."""
+def _map_row(
+    model: Scorer, pixels: Any, kind: str, precision: str, check: Callable[[], None]
+) -> dict[str, Any]:
+    """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL) of one
+    image. ``check`` is called between passes and raises to stop."""
     import base64
 
     from qualiclip.maps import overlay_png, quality_map
 
-    qmap = quality_map(model, pixels, kind, precision=precision)
+    qmap = quality_map(model, pixels, kind, precision=precision,
+                       on_pass=lambda done, total: check())
+    check()
     display = pixels if pixels.dtype.name == "uint8" else (pixels // 257).astype("uint8")
     png = overlay_png(display, qmap, max_side=768)
     return {"score": qmap.score, "map": qmap.to_dict(),
@@ -627,6 +691,36 @@ def timed_protocol(request_timeout: float) -> type:
     return TimedH11Protocol
 
 
+def server_config(
+    model: Scorer | Callable[[], Scorer],
+    config: ServeConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    request_timeout: float = 60.0,
+    keep_alive_timeout: int = 5,
+    **uvicorn_options: Any,
+) -> uvicorn.Config:
+    """The uvicorn configuration :func:`run` serves: the app and its protocol.
+
+    Args:
+        model, config: as for :func:`create_app`.
+        host, port: where to listen.
+        request_timeout: seconds for a request (headers and body) to arrive in full; a slower
+            client is disconnected (see :func:`timed_protocol`).
+        keep_alive_timeout: seconds an idle kept-alive connection stays open (uvicorn's).
+        uvicorn_options: more of ``uvicorn.Config``'s keywords (``log_level``, ``access_log``).
+    """
+    require_serve()
+    import uvicorn
+
+    return uvicorn.Config(
+        create_app(model, config), host=host, port=port,
+        http=timed_protocol(request_timeout), timeout_keep_alive=keep_alive_timeout,
+        **uvicorn_options,
+    )
+
+
 def run(
     model: Scorer | Callable[[], Scorer],
     config: ServeConfig | None = None,
@@ -644,15 +738,15 @@ def run(
         model, config: as for :func:`create_app`.
         host, port: where to listen.
         log_level, access_log: uvicorn's logging.
-        request_timeout: seconds for a request (headers and body) to arrive in full; a slower
-            client is disconnected (see :func:`timed_protocol`).
-        keep_alive_timeout: seconds an idle kept-alive connection stays open (uvicorn's).
+        request_timeout, keep_alive_timeout: see :func:`server_config`.
     """
-    require_serve()
     import uvicorn
 
-    uvicorn.run(
-        create_app(model, config), host=host, port=port, log_level=log_level,
-        access_log=access_log, http=timed_protocol(request_timeout),
-        timeout_keep_alive=keep_alive_timeout,
-    )
+    server = uvicorn.Server(server_config(
+        model, config, host=host, port=port, request_timeout=request_timeout,
+        keep_alive_timeout=keep_alive_timeout, log_level=log_level,
+        access_log=access_log,
+    ))
+    server.run()
+    if not server.started:  # e.g. the port is taken; uvicorn has logged why (uvicorn.run's code)
+        sys.exit(3)
