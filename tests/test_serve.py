@@ -694,6 +694,10 @@ def test_serve_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*base, "--max-request-pixels-in-flight", "10"]) == 2
     assert main([*base, "--request-timeout", "0"]) == 2
     assert "--request-timeout must be positive" in capsys.readouterr().err
+    assert main([*base, "--send-timeout", "0"]) == 2
+    assert "--send-timeout must be positive" in capsys.readouterr().err
+    assert main([*base, "--max-response-bytes", "0"]) == 2
+    assert "max_response_bytes" in capsys.readouterr().err
 
 
 def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -874,3 +878,80 @@ def test_work_for_a_client_that_hung_up_is_dropped(
                    for lane in health["lanes"].values()), health
         time.sleep(1.0)  # nothing more is decoded later either
     assert len(decoded) <= 2, f"{len(decoded)} of {n} images decoded for a client that left"
+
+
+def test_a_response_the_client_never_reads_is_dropped(
+    checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten noisy maps (about 8 MB of JSON) for a client that reads nothing: the connection is
+    closed ``send_timeout`` seconds after the server's buffers filled, and the response freed."""
+    from qualiclip.serve import ServeConfig
+
+    caplog.set_level("INFO", logger="uvicorn.error")
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(10):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (440, 440, 3), dtype=np.uint8)).save(buffer, "PNG")
+        files.append((f"noise{i}.png", buffer.getvalue()))
+    body, ctype = _files_body(files)
+    config = ServeConfig(max_bytes=2 * len(body), max_pixels=440 * 440)
+    model = create_model(str(checkpoint))
+    with _threaded_server(model, config, send_timeout=2.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+            sock.connect((host, int(port)))
+            mine = f":{sock.getsockname()[1]} "
+            sock.sendall(_raw_post("/map", body, ctype))
+            assert _wait_for(lambda: _log_lines(caplog, mine, "not read"), limit=300), \
+                "the unread response was never given up"
+            received = bytearray()
+            sock.settimeout(10)
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(1 << 16):
+                    received += chunk
+    head, _, got = bytes(received).partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    assert length > 4_500_000  # more than the socket buffers take: the server had to wait
+    assert len(got) < length  # cut off, not delivered late
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_map_response_stays_within_max_response_bytes(checkpoint: Path) -> None:
+    from qualiclip.serve import ServeConfig
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(buffer, "PNG")
+        files.append(("files", (f"n{i}.png", buffer.getvalue(), "image/png")))
+    bound = 400_000  # about two of these overlays
+    with _app_client(checkpoint, ServeConfig(max_response_bytes=bound)) as client:
+        r = client.post("/map", files=files)
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    assert all(row["score"] is not None and row["map"]["rows"] > 0 for row in rows)
+    kept = [row for row in rows if row["overlay"] is not None]
+    left = [row for row in rows if row["overlay"] is None]
+    assert kept and left, [len(row["overlay"] or "") for row in rows]
+    assert all("--max-response-bytes" in row["overlay_error"] for row in left)
+    assert len(r.content) <= bound
+
+
+def test_serve_passes_its_send_timeout_and_response_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _require_serve()
+    from qualiclip import serve
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(serve, "run", lambda model, config, **kw: seen.update(config=config, **kw))
+    args = ["serve", "--model", "random-tiny", "--send-timeout", "7", "--max-response-bytes",
+            "5000000"]
+    assert main(args) == 0
+    config = seen["config"]
+    assert config.max_response_bytes == 5_000_000  # type: ignore[attr-defined]
+    assert seen["send_timeout"] == 7

@@ -12,7 +12,8 @@ Endpoints:
   image (``overlay``: a PNG data URL); same limits, errors and status codes. Without ``kind``,
   the model's preferred kind (:func:`qualiclip.maps.map_kinds`: dense where the model has a
   feature map, else windows). A kind the model cannot draw still gives each score, with
-  ``map: null`` and ``map_error`` saying why.
+  ``map: null`` and ``map_error`` saying why. Overlays that would take the response past
+  ``max_response_bytes`` are left out (``overlay: null``, ``overlay_error`` saying so).
 * ``GET /``: a web page that scores dropped or picked images with these endpoints and draws their
   maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
 * ``GET /models``: the model being served. ``GET /limits``: the upload limits and map kinds.
@@ -66,7 +67,9 @@ forward pass (:class:`qualiclip.batcher.MicroBatcher`); one INFO line says so.
 
 Slow clients: :func:`run` closes a connection whose request (headers and body) has not arrived in
 full within ``request_timeout`` seconds of its first byte (or of the connection, when nothing
-comes); a client that hangs up mid-body is logged as one INFO line.
+comes), and one whose response is not read within ``send_timeout`` seconds once the socket's
+buffers are full (the response is dropped with it); a client that hangs up mid-body is logged as
+one INFO line.
 
 FastAPI, uvicorn and python-multipart are the optional 'serve' extra:
 ``pip install 'qualiclip[serve]'``.
@@ -77,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import sys
 import warnings
@@ -133,6 +137,8 @@ class ServeConfig:
         max_batch_pixels_in_flight: most decoded pixels of batched images (the batch lane) held
             at once over all requests; ``None``: twice ``max_batch_pixels`` (a pass being
             scored, the next one gathering). At least the largest batched image.
+        max_response_bytes: most bytes the maps and overlays of one ``/map`` response take;
+            overlays past it are left out (the scores and maps stay).
     """
 
     max_bytes: int = 32 * 1024 * 1024
@@ -146,10 +152,11 @@ class ServeConfig:
     max_pixels_in_flight: int | None = None
     max_request_pixels_in_flight: int | None = None
     max_batch_pixels_in_flight: int | None = None
+    max_response_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         names = ("max_bytes", "max_pixels", "max_files", "batch_size", "max_batch_pixels",
-                 "max_inflight")
+                 "max_inflight", "max_response_bytes")
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -568,13 +575,14 @@ async def _disconnected(request: Request) -> None:
 
 
 class _Mapper:
-    """The ``/map`` work of one request: each image's map in its lane, and the score alone
-    where the model cannot draw the kind asked."""
+    """The ``/map`` work of one request: each image's map in its lane, overlays within the
+    response's byte budget, and the score alone where the model cannot draw the kind asked."""
 
     def __init__(self, state: dict[str, Any], cfg: ServeConfig, kind: str) -> None:
         from qualiclip.maps import NO_DENSE_MAP, map_kinds
 
         self.state, self.cfg, self.kind = state, cfg, kind
+        self.room = cfg.max_response_bytes  # bytes left for this response's maps and overlays
         self.unavailable = None if kind in map_kinds(state["model"]) else (
             f"{NO_DENSE_MAP}: ask for kind=windows")
 
@@ -584,19 +592,31 @@ class _Mapper:
             score = await batcher.score(pixels, owner)
             return {"score": score, "map": None, "overlay": None, "map_error": self.unavailable}
         model, kind, precision = self.state["model"], self.kind, self.cfg.precision
+        draw = self.room > 0  # no overlay is drawn once none can be sent
 
         def work(check: Callable[[], None]) -> dict[str, Any]:
-            return _map_row(model, pixels, kind, precision, check)
+            return _map_row(model, pixels, kind, precision, check, draw)
 
         found = await batcher.run(int(pixels.shape[0] * pixels.shape[1]), work, owner)
         if found["score"] is None:  # window maps do not score the whole image
             found["score"] = await batcher.score(pixels, owner)
+        self.room -= len(json.dumps(found["map"], separators=(",", ":")))
+        overlay = found["overlay"]
+        if overlay is not None and len(overlay) <= self.room:
+            self.room -= len(overlay)
+        else:
+            found["overlay"] = None
+            found["overlay_error"] = (
+                f"overlay left out: the response would pass {self.cfg.max_response_bytes} "
+                "bytes (the server's --max-response-bytes); send fewer files per request")
         return found
 
 
 #: The web page's files (assets/web in the package) and their media types.
 _WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
+#: Longest side of an overlay picture sent by /map.
+OVERLAY_SIDE = 768
 
 
 def _web_asset(name: str) -> bytes:
@@ -606,21 +626,23 @@ def _web_asset(name: str) -> bytes:
 
 
 def _map_row(
-    model: Scorer, pixels: Any, kind: str, precision: str, check: Callable[[], None]
+    model: Scorer, pixels: Any, kind: str, precision: str, check: Callable[[], None], draw: bool
 ) -> dict[str, Any]:
-    """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL) of one
-    image. ``check`` is called between passes and raises to stop."""
+    """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL, or ``None``
+    without ``draw``) of one image. ``check`` is called between passes and raises to stop."""
     import base64
 
     from qualiclip.maps import overlay_png, quality_map
 
     qmap = quality_map(model, pixels, kind, precision=precision,
                        on_pass=lambda done, total: check())
-    check()
-    display = pixels if pixels.dtype.name == "uint8" else (pixels // 257).astype("uint8")
-    png = overlay_png(display, qmap, max_side=768)
-    return {"score": qmap.score, "map": qmap.to_dict(),
-            "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
+    found: dict[str, Any] = {"score": qmap.score, "map": qmap.to_dict(), "overlay": None}
+    if draw:
+        check()
+        display = pixels if pixels.dtype.name == "uint8" else (pixels // 257).astype("uint8")
+        png = overlay_png(display, qmap, max_side=OVERLAY_SIDE)
+        found["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return found
 
 
 def _warm_up(model: Scorer, precision: str) -> None:
@@ -633,23 +655,31 @@ def _warm_up(model: Scorer, precision: str) -> None:
     score_tensors(model, torch.rand(1, 3, side, side), precision)
 
 
-def timed_protocol(request_timeout: float) -> type:
-    """uvicorn's h11 HTTP protocol with a deadline on receiving each request in full.
+def timed_protocol(request_timeout: float, send_timeout: float = 60.0) -> type:
+    """uvicorn's h11 HTTP protocol with deadlines on receiving each request and on sending.
 
     uvicorn times out idle keep-alive connections, but not a client that trickles its headers or
     body a byte at a time (or stops): each would hold a connection, and a request's buffers, for
     ever. Here a request (headers and body) must arrive within ``request_timeout`` seconds of its
     first byte, or of the connection when nothing comes; else the connection is closed, with one
-    INFO line. The response and the scoring time are not limited.
+    INFO line. The scoring time is not limited.
+
+    Nor does uvicorn time out a client that does not read its response: the response stays in
+    the connection's buffer (tens of MB for a ``/map`` of many files) as long as the connection
+    lives. Here, once the buffers are full (the transport pauses writing), what remains must be
+    read within ``send_timeout`` seconds; else the connection is aborted, which frees the
+    response, with one INFO line.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    if request_timeout <= 0:
-        raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+    for name, value in (("request_timeout", request_timeout), ("send_timeout", send_timeout)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
 
     class TimedH11Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _send_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -667,7 +697,17 @@ def timed_protocol(request_timeout: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._stop_send_clock()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_deadline is None:
+                self._send_deadline = self.loop.call_later(send_timeout, self._send_expired)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._stop_send_clock()
 
         def _arm(self) -> None:
             self._disarm()
@@ -678,15 +718,29 @@ def timed_protocol(request_timeout: float) -> type:
                 self._deadline.cancel()
                 self._deadline = None
 
+        def _stop_send_clock(self) -> None:
+            if self._send_deadline is not None:
+                self._send_deadline.cancel()
+                self._send_deadline = None
+
+        def _where(self) -> str:
+            return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+
         def _expire(self) -> None:
             self._deadline = None
             if self.transport.is_closing():
                 return
-            where = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             part = "body" if self.conn.their_state is h11.SEND_BODY else "headers"
-            _log.info("%s - request %s not received within %g s: connection closed", where, part,
-                      request_timeout)
+            _log.info("%s - request %s not received within %g s: connection closed",
+                      self._where(), part, request_timeout)
             self.transport.close()
+
+        def _send_expired(self) -> None:
+            self._send_deadline = None
+            # Even a closing transport keeps its buffer until it is read: abort drops it.
+            _log.info("%s - response not read within %g s: connection closed, %d bytes unsent",
+                      self._where(), send_timeout, self.transport.get_write_buffer_size())
+            self.transport.abort()
 
     return TimedH11Protocol
 
@@ -698,6 +752,7 @@ def server_config(
     host: str = "127.0.0.1",
     port: int = 8000,
     request_timeout: float = 60.0,
+    send_timeout: float = 60.0,
     keep_alive_timeout: int = 5,
     **uvicorn_options: Any,
 ) -> uvicorn.Config:
@@ -708,6 +763,8 @@ def server_config(
         host, port: where to listen.
         request_timeout: seconds for a request (headers and body) to arrive in full; a slower
             client is disconnected (see :func:`timed_protocol`).
+        send_timeout: seconds for a client to read the rest of a response once the socket's
+            buffers are full; a client that does not is disconnected and its response dropped.
         keep_alive_timeout: seconds an idle kept-alive connection stays open (uvicorn's).
         uvicorn_options: more of ``uvicorn.Config``'s keywords (``log_level``, ``access_log``).
     """
@@ -716,7 +773,7 @@ def server_config(
 
     return uvicorn.Config(
         create_app(model, config), host=host, port=port,
-        http=timed_protocol(request_timeout), timeout_keep_alive=keep_alive_timeout,
+        http=timed_protocol(request_timeout, send_timeout), timeout_keep_alive=keep_alive_timeout,
         **uvicorn_options,
     )
 
@@ -730,6 +787,7 @@ def run(
     log_level: str = "info",
     access_log: bool = True,
     request_timeout: float = 60.0,
+    send_timeout: float = 60.0,
     keep_alive_timeout: int = 5,
 ) -> None:
     """Serve ``model`` with uvicorn until interrupted (Ctrl-C or SIGTERM shut down cleanly).
@@ -738,13 +796,13 @@ def run(
         model, config: as for :func:`create_app`.
         host, port: where to listen.
         log_level, access_log: uvicorn's logging.
-        request_timeout, keep_alive_timeout: see :func:`server_config`.
+        request_timeout, send_timeout, keep_alive_timeout: see :func:`server_config`.
     """
     import uvicorn
 
     server = uvicorn.Server(server_config(
         model, config, host=host, port=port, request_timeout=request_timeout,
-        keep_alive_timeout=keep_alive_timeout, log_level=log_level,
+        send_timeout=send_timeout, keep_alive_timeout=keep_alive_timeout, log_level=log_level,
         access_log=access_log,
     ))
     server.run()

@@ -72,7 +72,7 @@ async function scoreRow(row) {
       row.pixels = result.width * result.height;
       row.overlay = result.overlay;
       row.map = result.map;
-      const note = result.map_error;
+      const note = result.map_error || result.overlay_error;
       row.status = note ? `scored (${note})` : "scored";
     } else {
       row.error = (result && result.error) || (data && data.detail) ||
