@@ -351,7 +351,8 @@ def test_map_endpoint_answers_like_score(model: QualiCLIP) -> None:
     Image.fromarray(_photo(96, 160, 9)).save(buffer, "PNG")
     good = ("good.png", buffer.getvalue(), "image/png")
     bad = ("bad.png", b"not a png", "image/png")
-    with TestClient(serve.create_app(model, serve.ServeConfig(max_files=3))) as client:
+    app = serve.create_app(model, serve.ServeConfig(max_files=3))
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/limits").json()["max_files"] == 3
         scored = client.post("/score", files=[("files", good), ("files", bad)]).json()
         r = client.post("/map", files=[("files", good), ("files", bad)])

@@ -353,7 +353,7 @@ def test_http_service_scores_with_an_onnx_model(tiny, tiny_onnx, folder):
     from qualiclip.serve import create_app
 
     body = (folder / "p0.png").read_bytes()
-    with TestClient(create_app(create_model(tiny_onnx))) as client:
+    with TestClient(create_app(create_model(tiny_onnx)), base_url="http://localhost") as client:
         reply = client.post("/score", content=body, headers={"Content-Type": "image/png"})
         small = client.post("/score", content=(folder / "small.png").read_bytes(),
                             headers={"Content-Type": "image/png"})
@@ -375,7 +375,7 @@ def test_map_endpoint_with_a_model_that_has_no_dense_maps(tiny, tiny_onnx, folde
     scorer = create_model(tiny_onnx)
     assert map_kinds(tiny) == ("dense", "windows") and map_kinds(scorer) == ("windows",)
     files = [("files", ("p0.png", (folder / "p0.png").read_bytes(), "image/png"))]
-    with TestClient(create_app(scorer)) as client:
+    with TestClient(create_app(scorer), base_url="http://localhost") as client:
         assert client.get("/limits").json()["map_kinds"] == ["windows"]
         score = client.post("/score", files=files).json()["results"][0]["score"]
         default = client.post("/map", files=files)

@@ -341,7 +341,7 @@ def test_models_healthz_and_openapi(server: str, checkpoint: Path) -> None:
     import httpx
 
     (info,) = httpx.get(f"{server}/models", timeout=10).json()["models"]
-    assert info["name"] == str(checkpoint)
+    assert info["name"] == checkpoint.name  # the file's name, never its path
     assert info["weights_sha256"] == create_model(str(checkpoint)).weights_sha256
     assert httpx.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
     schema = httpx.get(f"{server}/openapi.json", timeout=10).json()
@@ -533,7 +533,8 @@ def _app_client(checkpoint: Path, config: object):  # noqa: ANN202
 
     from qualiclip.serve import create_app
 
-    return TestClient(create_app(create_model(str(checkpoint)), config))  # type: ignore[arg-type]
+    app = create_app(create_model(str(checkpoint)), config)  # type: ignore[arg-type]
+    return TestClient(app, base_url="http://localhost")  # a Host the service allows
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -664,7 +665,7 @@ def test_no_file_written_from_requests(checkpoint: Path) -> None:
     big = noise.getvalue()
     assert len(big) > 1024 * 1024  # above Starlette's 1 MB spooling threshold
     app = create_app(create_model(str(checkpoint)), ServeConfig(max_bytes=8 * len(big)))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         _WRITES.clear()
         _AUDITING = True
         try:
@@ -941,17 +942,71 @@ def test_map_response_stays_within_max_response_bytes(checkpoint: Path) -> None:
     assert len(r.content) <= bound
 
 
-def test_serve_passes_its_send_timeout_and_response_bound(
-    monkeypatch: pytest.MonkeyPatch,
+def test_host_header_is_checked_and_the_page_is_locked_down(
+    server: str, checkpoint: Path, images: dict[str, Path]
 ) -> None:
+    import httpx
+
+    port = server.rsplit(":", 1)[1]
+    for host in ("rebind.example", f"rebind.example:{port}", "localhost.example"):
+        r = httpx.get(f"{server}/models", headers={"Host": host}, timeout=10)
+        assert r.status_code == 400 and "--allowed-host" in r.json()["detail"], (host, r.text)
+    png = images["img0.png"].read_bytes()
+    r = httpx.post(f"{server}/score", content=png, timeout=30,
+                   headers={"Host": "rebind.example", "Content-Type": "image/png"})
+    assert r.status_code == 400
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert httpx.get(f"{server}/healthz", headers={"Host": host}, timeout=10).status_code \
+            == 200, host
+    page = httpx.get(f"{server}/", timeout=10)
+    csp = page.headers["content-security-policy"]
+    for directive in ("default-src 'self'", "img-src 'self' data:", "frame-ancestors 'none'"):
+        assert directive in csp, csp
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{server}/limits", timeout=10).headers["x-content-type-options"] \
+        == "nosniff"
+    # No response names a path of the server's machine.
+    texts = [httpx.get(f"{server}/{p}", timeout=10).text for p in ("models", "healthz")]
+    for endpoint in ("score", "map"):
+        texts.append(httpx.post(f"{server}/{endpoint}", content=png, timeout=60,
+                                headers={"Content-Type": "image/png"}).text)
+    for text in texts:  # each names the model, by its file's name
+        assert str(checkpoint.parent) not in text and checkpoint.name in text, text[:300]
+    assert str(checkpoint.parent) not in httpx.get(f"{server}/limits", timeout=10).text
+
+
+def test_allowed_hosts_follow_the_address_listened_on() -> None:
+    from qualiclip.serve import LOCAL_HOSTS, ServeConfig, allowed_hosts_for, host_allowed
+
+    assert allowed_hosts_for("127.0.0.1", None) == LOCAL_HOSTS
+    assert allowed_hosts_for("::1", None) == LOCAL_HOSTS
+    assert allowed_hosts_for("localhost", None) == LOCAL_HOSTS
+    assert allowed_hosts_for("0.0.0.0", None) == ("*",)  # reached by names we cannot know
+    assert allowed_hosts_for("127.0.0.1", ["scores.example"]) == ("scores.example",)
+    assert host_allowed("scores.example:8000", ("scores.example",))
+    assert host_allowed("a.scores.example", ("*.scores.example",))
+    assert not host_allowed("scores.example.evil", ("*.scores.example",))
+    assert not host_allowed("", LOCAL_HOSTS)  # no Host header at all
+    assert host_allowed("anything", ("*",))
+    for ok in ("scores.example", "*.example.org", "::1", "[::1]", "10.0.0.7", "*"):
+        ServeConfig(allowed_hosts=(ok,))
+    for wrong in ("localhost:8000", "http://scores.example", "a/b", "a b"):
+        with pytest.raises(ValueError, match="not a host name"):
+            ServeConfig(allowed_hosts=(wrong,))
+
+
+def test_serve_passes_its_allowed_hosts_and_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     _require_serve()
     from qualiclip import serve
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(serve, "run", lambda model, config, **kw: seen.update(config=config, **kw))
-    args = ["serve", "--model", "random-tiny", "--send-timeout", "7", "--max-response-bytes",
+    args = ["serve", "--model", "random-tiny", "--allowed-host", "a.example",
+            "--allowed-host", "b.example", "--send-timeout", "7", "--max-response-bytes",
             "5000000"]
     assert main(args) == 0
     config = seen["config"]
+    assert config.allowed_hosts == ("a.example", "b.example")  # type: ignore[attr-defined]
     assert config.max_response_bytes == 5_000_000  # type: ignore[attr-defined]
     assert seen["send_timeout"] == 7

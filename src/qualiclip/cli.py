@@ -706,6 +706,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-response-bytes", type=int, default=16 * 1024 * 1024,
                    help="most bytes of maps and overlays in one /map response; overlays past it "
                    "are left out (default 16 MiB)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                   help="a host name requests may carry in their Host header (repeat for more; "
+                   "'*' any, '*.example.org' its subdomains; default: localhost names when "
+                   "listening on loopback, any host otherwise)")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds for a request's headers and body to arrive in full; a slower "
                    "client is disconnected (default 60)")
@@ -738,6 +742,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             max_request_pixels_in_flight=args.max_request_pixels_in_flight,
             max_batch_pixels_in_flight=args.max_batch_pixels_in_flight,
             max_response_bytes=args.max_response_bytes,
+            allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
         )
         for flag in ("request_timeout", "send_timeout"):
             if not getattr(args, flag) > 0:

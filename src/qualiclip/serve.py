@@ -27,7 +27,7 @@ Status codes. A request-level problem answers with ``{"detail": "..."}``:
 * 415: a content type that is neither an image type, ``application/octet-stream`` nor
   ``multipart/form-data``;
 * 400: empty body, malformed multipart body, one that ends before its closing boundary, or no
-  file in it.
+  file in it; a ``Host`` header that is not one of ``allowed_hosts``.
 
 Each file is then judged on its own: 415 when its content is not an image at all (no decoder
 recognises it) or its part declares a non-image type, 413 when it has more pixels than
@@ -71,6 +71,13 @@ comes), and one whose response is not read within ``send_timeout`` seconds once 
 buffers are full (the response is dropped with it); a client that hangs up mid-body is logged as
 one INFO line.
 
+Hosts and headers. Requests must name an allowed host in ``Host`` (``allowed_hosts``; by default
+the localhost names when listening on loopback), so that a web page elsewhere cannot reach a
+local service through DNS rebinding. Every response carries ``X-Content-Type-Options: nosniff``
+and ``X-Frame-Options: DENY``; the web page also a Content-Security-Policy allowing only this
+server. No response names a path of the server's machine: a model loaded from a file is called
+by the file's name.
+
 FastAPI, uvicorn and python-multipart are the optional 'serve' extra:
 ``pip install 'qualiclip[serve]'``.
 """
@@ -79,12 +86,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
+import ipaddress
 import json
 import logging
+import re
 import sys
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -115,6 +125,13 @@ SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qua
 _log = logging.getLogger("uvicorn.error")
 
 
+#: What an allowed host may be: ``*``, a name or ``*.`` and a name, an IPv4 or IPv6 address.
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|[0-9a-f:.]*:[0-9a-f:.]*")
+
+#: Host names a service listening on loopback answers to by default (``Host`` header).
+LOCAL_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Limits and batching of the service.
@@ -139,6 +156,9 @@ class ServeConfig:
             scored, the next one gathering). At least the largest batched image.
         max_response_bytes: most bytes the maps and overlays of one ``/map`` response take;
             overlays past it are left out (the scores and maps stay).
+        allowed_hosts: host names requests may carry in ``Host`` (``"*"``: any;
+            ``"*.example.org"``: its subdomains); ``None``: :data:`LOCAL_HOSTS`, or for
+            :func:`run`, those when it listens on loopback and any host otherwise.
     """
 
     max_bytes: int = 32 * 1024 * 1024
@@ -153,6 +173,7 @@ class ServeConfig:
     max_request_pixels_in_flight: int | None = None
     max_batch_pixels_in_flight: int | None = None
     max_response_bytes: int = 16 * 1024 * 1024
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         names = ("max_bytes", "max_pixels", "max_files", "batch_size", "max_batch_pixels",
@@ -178,6 +199,17 @@ class ServeConfig:
                 f"max_batch_pixels_in_flight ({value}) must be at least {largest_batched}: "
                 "the largest image that is batched must fit"
             )
+        if self.allowed_hosts is not None:
+            if isinstance(self.allowed_hosts, str) or not all(self.allowed_hosts):
+                raise ValueError(f"allowed_hosts must be a tuple of host names, got "
+                                 f"{self.allowed_hosts!r}")
+            hosts = tuple(h.strip().lower().strip("[]") for h in self.allowed_hosts)
+            for h in hosts:
+                # A name, a wildcard, or an IP address; a port or a URL would never match.
+                if not _HOST_PATTERN.fullmatch(h):
+                    raise ValueError(f"allowed host {h!r} is not a host name (no scheme, port or "
+                                     "path: e.g. 'scores.example.org', '*.example.org', '::1')")
+            object.__setattr__(self, "allowed_hosts", hosts)
 
     @property
     def pixels_in_flight(self) -> int:
@@ -193,6 +225,55 @@ class ServeConfig:
     def request_pixels_in_flight(self) -> int:
         """One request's budget of decoded pixels (resolved default)."""
         return self.max_request_pixels_in_flight or self.max_pixels
+
+
+def allowed_hosts_for(bind: str, given: Sequence[str] | None) -> tuple[str, ...]:
+    """The ``Host`` names a service listening on ``bind`` answers to: ``given`` when there is
+    a list, else :data:`LOCAL_HOSTS` on a loopback address (what a DNS-rebinding page would
+    reach) and any host elsewhere (its names are not known here: list them to restrict it)."""
+    if given:
+        return tuple(given)
+    name = bind.strip("[]").lower()
+    if name == "localhost":
+        return LOCAL_HOSTS
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to be loopback
+        loopback = False
+    return LOCAL_HOSTS if loopback else ("*",)
+
+
+def host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    """Whether a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``) names one of
+    ``allowed`` (``"*"`` matches any, ``"*.example.org"`` the subdomains of example.org)."""
+    value = host.strip().lower()
+    if value.startswith("["):
+        name = value[1:value.find("]")] if "]" in value else ""
+    elif value.count(":") == 1:
+        name = value.split(":", 1)[0]
+    else:
+        name = value
+    if "*" in allowed:
+        return True
+    if not name:
+        return False
+    return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
+
+
+def public_name(name: str) -> str:
+    """What responses call a model: a file's name without its folder (no response shows a path
+    of the server's machine); a named model as it is."""
+    return re.split(r"[\\/]", name)[-1]
+
+
+# An absolute path of two components or more, not inside a URL (``https://host/a/b``).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:/[^\s/'\"]+)+/(?P<name>[^\s/'\"]+)")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with each absolute path replaced by its last component (for error messages that
+    come from libraries, which may name files of the server's machine)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group("name"), text)
 
 
 def require_serve() -> None:
@@ -331,7 +412,7 @@ async def score_upload(
             else:
                 row["score"] = await batcher.score(pixels, owner)
         except Exception as exc:  # noqa: BLE001 - a failed forward is this file's error
-            row["error"] = f"{type(exc).__name__}: {exc}"
+            row["error"] = without_paths(f"{type(exc).__name__}: {exc}")
             return row, 500
         finally:
             del pixels  # before the budget is released
@@ -421,10 +502,12 @@ def create_app(
         )
         batcher.start()
         state.update(
-            model=scorer, batcher=batcher, dropped=0,
+            model=scorer, name=public_name(scorer.name), batcher=batcher, dropped=0,
             batch=Admission(cfg.max_inflight, cfg.batch_pixels_in_flight),
             large=Admission(cfg.max_inflight, cfg.pixels_in_flight),
         )
+        _log.info("answering requests for the hosts %s (Host header; --allowed-host)",
+                  ", ".join(cfg.allowed_hosts or LOCAL_HOSTS))
         try:
             yield
         finally:
@@ -436,6 +519,7 @@ def create_app(
         description="No-reference image quality scores with QualiCLIP (higher is better).",
         lifespan=lifespan,
     )
+    app.add_middleware(_Guard, allowed_hosts=cfg.allowed_hosts or LOCAL_HOSTS)
     _, score_response = _response_models()
 
     @app.post(
@@ -468,7 +552,7 @@ def create_app(
     async def models() -> dict[str, Any]:
         scorer: Scorer = state["model"]
         return {"models": [{
-            "name": scorer.name, "weights_sha256": scorer.weights_sha256,
+            "name": state["name"], "weights_sha256": scorer.weights_sha256,
             "min_size": scorer.min_size, "device": str(scorer.device),
             "precision": cfg.precision,
         }]}
@@ -499,7 +583,7 @@ def create_app(
         lanes = {name: {"waiting": state[name].waiting, "pixels_held": state[name].pixels_held,
                         "pixels_budget": state[name].pixels.capacity}
                  for name in ("batch", "large")}
-        return {"status": "ok", "model": state["model"].name, "images": stats.images,
+        return {"status": "ok", "model": state["name"], "images": stats.images,
                 "forwards": stats.forwards, "largest_batch": stats.largest, "maps": stats.calls,
                 "dropped": state["dropped"], "lanes": lanes}
 
@@ -554,7 +638,7 @@ async def _answer(
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     outcomes = work.result()
     body: dict[str, Any] = {
-        "model": scorer.name, "weights_sha256": scorer.weights_sha256,
+        "model": state["name"], "weights_sha256": scorer.weights_sha256,
         "results": [row for row, _ in outcomes],
     }
     statuses = [status for _, status in outcomes]
@@ -611,6 +695,46 @@ class _Mapper:
                 "bytes (the server's --max-response-bytes); send fewer files per request")
         return found
 
+
+class _Guard:
+    """ASGI middleware: refuses a request whose ``Host`` is not allowed (400) and adds the
+    security headers to every response (the Content-Security-Policy to the web page's)."""
+
+    def __init__(self, app: Any, allowed_hosts: tuple[str, ...]) -> None:
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if not host_allowed(host, self.allowed_hosts):
+            response = JSONResponse(
+                {"detail": f"Host {host!r} is not served here: this server answers for "
+                           f"{', '.join(self.allowed_hosts)} (its --allowed-host)"},
+                400, headers={"Connection": "close", **_SECURITY_HEADERS})
+            await response(scope, receive, send)
+            return
+        page = scope["path"] == "/" or scope["path"].startswith("/web/")
+        extra = [(k.lower().encode(), v.encode()) for k, v in _SECURITY_HEADERS.items()]
+        if page:
+            extra.append((b"content-security-policy", _PAGE_POLICY.encode()))
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                     "Referrer-Policy": "no-referrer"}
+#: The web page loads its script, style and pictures from this server only (overlays are data:
+#: URLs), talks to this server only, and may not be framed.
+_PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                "frame-ancestors 'none'")
 
 #: The web page's files (assets/web in the package) and their media types.
 _WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -756,10 +880,11 @@ def server_config(
     keep_alive_timeout: int = 5,
     **uvicorn_options: Any,
 ) -> uvicorn.Config:
-    """The uvicorn configuration :func:`run` serves: the app and its protocol.
+    """The uvicorn configuration :func:`run` serves: the app, its protocol and its hosts.
 
     Args:
-        model, config: as for :func:`create_app`.
+        model, config: as for :func:`create_app`; ``config.allowed_hosts`` left ``None`` is
+            resolved from ``host`` (:func:`allowed_hosts_for`).
         host, port: where to listen.
         request_timeout: seconds for a request (headers and body) to arrive in full; a slower
             client is disconnected (see :func:`timed_protocol`).
@@ -771,8 +896,11 @@ def server_config(
     require_serve()
     import uvicorn
 
+    cfg = config or ServeConfig()
+    if cfg.allowed_hosts is None:
+        cfg = dataclasses.replace(cfg, allowed_hosts=allowed_hosts_for(host, None))
     return uvicorn.Config(
-        create_app(model, config), host=host, port=port,
+        create_app(model, cfg), host=host, port=port,
         http=timed_protocol(request_timeout, send_timeout), timeout_keep_alive=keep_alive_timeout,
         **uvicorn_options,
     )
@@ -793,7 +921,7 @@ def run(
     """Serve ``model`` with uvicorn until interrupted (Ctrl-C or SIGTERM shut down cleanly).
 
     Args:
-        model, config: as for :func:`create_app`.
+        model, config: as for :func:`create_app` (hosts: see :func:`server_config`).
         host, port: where to listen.
         log_level, access_log: uvicorn's logging.
         request_timeout, send_timeout, keep_alive_timeout: see :func:`server_config`.
