@@ -856,9 +856,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-pixels-in-flight", type=int, default=None,
                    help="the same, per request, so one request cannot take the whole budget "
                    "(default: --max-pixels, one maximal image at a time)")
+    p.add_argument("--max-batch-pixels-in-flight", type=int, default=None,
+                   help="most decoded pixels of small (batched) images held at once; they never "
+                   "wait for large ones (default: two forward passes' worth)")
+    p.add_argument("--max-response-bytes", type=int, default=16 * 1024 * 1024,
+                   help="most bytes of maps and overlays in one /map response; overlays past it "
+                   "are left out (default 16 MiB)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                   help="a host name requests may carry in their Host header (repeat for more; "
+                   "'*' any, '*.example.org' its subdomains; default: localhost names when "
+                   "listening on loopback, any host otherwise)")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds for a request's headers and body to arrive in full; a slower "
                    "client is disconnected (default 60)")
+    p.add_argument("--send-timeout", type=float, default=60.0,
+                   help="seconds for a client to read the rest of a response once the socket's "
+                   "buffers are full; a client that does not is disconnected (default 60)")
     p.add_argument("--keep-alive-timeout", type=int, default=5,
                    help="seconds an idle kept-alive connection stays open (default 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
@@ -883,9 +896,14 @@ def _run_serve(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, precision=args.precision,
             max_pixels_in_flight=args.max_pixels_in_flight,
             max_request_pixels_in_flight=args.max_request_pixels_in_flight,
+            max_batch_pixels_in_flight=args.max_batch_pixels_in_flight,
+            max_response_bytes=args.max_response_bytes,
+            allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
         )
-        if not args.request_timeout > 0:
-            raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+        for flag in ("request_timeout", "send_timeout"):
+            if not getattr(args, flag) > 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be positive, got "
+                                 f"{getattr(args, flag)}")
         if args.keep_alive_timeout < 1:
             raise ValueError(f"--keep-alive-timeout must be at least 1, got "
                              f"{args.keep_alive_timeout}")
@@ -895,7 +913,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     serve.run(model, config, host=args.host, port=args.port, log_level=args.log_level,
               access_log=not args.no_access_log, request_timeout=args.request_timeout,
-              keep_alive_timeout=args.keep_alive_timeout)
+              send_timeout=args.send_timeout, keep_alive_timeout=args.keep_alive_timeout)
     return EXIT_OK
 
 

@@ -45,8 +45,8 @@ from qualiclip.precision import autocast_context
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "FLAT_RANGE", "MAP_KINDS", "MapKind", "QualityMap",
-    "colorize", "display_range", "half_means", "map_files", "map_name", "map_root", "overlay",
-    "overlay_png", "quality_map", "range_note", "to_uint8", "upsample", "write_maps",
+    "colorize", "display_range", "half_means", "map_files", "map_kinds", "map_name", "map_root",
+    "overlay", "overlay_png", "quality_map", "range_note", "to_uint8", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -132,6 +132,20 @@ class QualityMap:
         }
 
 
+#: Why a scorer has no dense map (see :func:`map_kinds`).
+NO_DENSE_MAP = ("dense maps need a CLIP ResNet image tower (a feature map and an attention pool), "
+                "which this model does not have")
+
+
+def map_kinds(model: Scorer) -> tuple[str, ...]:
+    """The kinds of map ``model`` can draw, the preferred first: ``("dense", "windows")`` for a
+    QualiCLIP with a CLIP ResNet tower, ``("windows",)`` for any other scorer (a ViT tower, an
+    ONNX graph: they score crops, but have no feature map to read cells from)."""
+    if isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet):
+        return ("dense", "windows")
+    return ("windows",)
+
+
 def quality_map(
     model: Scorer,
     image: Any,
@@ -141,6 +155,7 @@ def quality_map(
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> QualityMap:
     """The quality map of one image, computed on the model's device.
 
@@ -154,6 +169,9 @@ def quality_map(
         stride: step between crops in pixels (``"windows"``).
         precision: as for scoring (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``, ``"auto"``).
         max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
+        on_pass: called after each forward pass with ``(done, total)``: crops scored so far and
+            in all (``(1, 1)`` for the one pass of a dense map). Whatever it raises stops the
+            map there (the HTTP service stops the map of a client that hung up this way).
 
     Returns:
         the map and its grid.
@@ -174,10 +192,12 @@ def quality_map(
     if kind not in MAP_KINDS:
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     pixels = _pixels(image, model.min_size)
+    report = on_pass or (lambda done, total: None)
     if kind == "dense":
         qmap = _dense_map(model, pixels, precision)
+        report(1, 1)
     else:
-        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels, report)
     # The scores' rule holds for every cell: NaN is no quality (nor a colour to draw).
     if not np.isfinite(qmap.values).all() or (qmap.score is not None
                                                and not math.isfinite(qmap.score)):
@@ -301,7 +321,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 def _windows_map(
     model: Scorer, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
-    precision: str, max_batch_pixels: int,
+    precision: str, max_batch_pixels: int, report: Callable[[int, int], None],
 ) -> QualityMap:
     if window < model.min_size:
         raise ValueError(f"window must be at least the model's minimum side {model.min_size} px, "
@@ -322,6 +342,8 @@ def _windows_map(
         crops = _float_crops(pixels, boxes[i:i + per_pass]).to(dtype=dtype)
         scores.append(engine.score_tensors(model, crops, precision,
                                            max_batch_pixels=max_batch_pixels))
+        del crops
+        report(min(i + per_pass, len(boxes)), len(boxes))
     values = torch.cat(scores).reshape(len(ys), len(xs)).numpy().astype(np.float32)
     return QualityMap(
         values=values, kind="windows", image_size=(h, w), cell=(ch, cw),
