@@ -428,10 +428,10 @@ def slow(index, path, min_size):
     return decode(index, path, min_size)
 reading.decode_file = slow
 row = output.result_row
-def marked(result, model_name):
+def marked(result, *args):
     with open(sys.argv[1], "a") as f:
         f.write(result.path + "\\n")
-    return row(result, model_name)
+    return row(result, *args)
 output.result_row = marked
 sys.exit(cli.main(sys.argv[2:]))
 """

@@ -164,6 +164,31 @@ def test_windows_are_batched_within_the_pixel_bound(model: QualiCLIP, monkeypatc
     np.testing.assert_allclose(small.values, big.values, atol=1e-5)
 
 
+def test_each_pass_is_reported_and_a_raising_callback_stops_the_map(model: QualiCLIP) -> None:
+    image = _photo(128, 192, seed=2)
+    seen: list[tuple[int, int]] = []
+    quality_map(model, image, "windows", window=64, stride=32, max_batch_pixels=3 * 64 * 64,
+                on_pass=lambda done, total: seen.append((done, total)))
+    assert seen == [(3, 15), (6, 15), (9, 15), (12, 15), (15, 15)]  # crops done, of all
+
+    class Gone(Exception):
+        pass
+
+    def stop_after_two(done: int, total: int) -> None:
+        seen.append((done, total))
+        if len(seen) == 2:
+            raise Gone
+
+    seen.clear()
+    with pytest.raises(Gone):
+        quality_map(model, image, "windows", window=64, stride=32,
+                    max_batch_pixels=3 * 64 * 64, on_pass=stop_after_two)
+    assert seen == [(3, 15), (6, 15)]  # no pass after the one the callback refused
+    seen.clear()
+    quality_map(model, image, "dense", on_pass=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 1)]
+
+
 def test_window_larger_than_the_image_is_one_cell(model: QualiCLIP) -> None:
     image = _photo(70, 90, seed=3)
     qmap = quality_map(model, image, "windows")
@@ -356,7 +381,8 @@ def test_map_endpoint_answers_like_score(model: QualiCLIP) -> None:
     Image.fromarray(_photo(96, 160, 9)).save(buffer, "PNG")
     good = ("good.png", buffer.getvalue(), "image/png")
     bad = ("bad.png", b"not a png", "image/png")
-    with TestClient(serve.create_app(model, serve.ServeConfig(max_files=3))) as client:
+    app = serve.create_app(model, serve.ServeConfig(max_files=3))
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/limits").json()["max_files"] == 3
         scored = client.post("/score", files=[("files", good), ("files", bad)]).json()
         r = client.post("/map", files=[("files", good), ("files", bad)])
@@ -396,7 +422,8 @@ def test_a_non_finite_map_or_score_is_an_error_row_in_the_service() -> None:
     buffer = io.BytesIO()
     Image.fromarray(_photo(64, 96, 4)).save(buffer, "PNG")
     upload = ("files", ("x.png", buffer.getvalue(), "image/png"))
-    with TestClient(serve.create_app(broken, serve.ServeConfig())) as client:
+    with TestClient(serve.create_app(broken, serve.ServeConfig()),
+                    base_url="http://localhost") as client:
         for endpoint in ("/score", "/map", "/map?kind=windows"):
             r = client.post(endpoint, files=[upload])
             assert r.headers["content-type"].startswith("application/json"), endpoint

@@ -1,4 +1,4 @@
-"""The ``qualiclip`` command line: score, models, degrade, train, eval and serve.
+"""The ``qualiclip`` command line: score, models, degrade, train, tune, eval, serve and export.
 
 Each subcommand has an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 function that does the work and returns the exit status: 0 success, 1 when some input failed,
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from qualiclip import stopping
 from qualiclip.output_files import InputFiles, OutputError, SameFileError
-from qualiclip.precision import PRECISIONS, TRAIN_PRECISIONS
+from qualiclip.precision import PRECISION_CHOICES, TRAIN_PRECISIONS
 from qualiclip.train_choices import BN_MODES, DEGRADE_IN
 
 if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
@@ -30,6 +30,12 @@ if TYPE_CHECKING:  # imported where used: the command starts without loading eve
     from qualiclip.report import ReportRows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: ``--precision``'s help, shared by score, eval and serve.
+PRECISION_HELP = (
+    "fp32 (default), bf16 (fast only with AMX or AVX512-BF16), fp16 (CUDA), int8 (CPU; the "
+    "tower quantised once per model, needs the 'onnx' extra), or auto: the fastest this device "
+    "runs natively whose fidelity holds (printed once)"
+)
 
 
 class UsageError(Exception):
@@ -52,8 +58,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="positional embedding in attention pooling (default: none, as QualiCLIP)",
     )
     p.add_argument(
-        "--formula", choices=("official", "pyiqa"), default="official",
-        help="score formula: the authors' (scale 100) or pyiqa's (default: official)",
+        "--formula", choices=("official", "pyiqa"), default=None,
+        help="score formula: the authors' (scale 100) or pyiqa's (default: official; pyiqa's "
+        "with --prompts, the one they were learned with)",
+    )
+    p.add_argument(
+        "--prompts", default=None, metavar="FILE|NAME",
+        help="learned prompts (QualiCLIP+) on the --model base: a prompt file in pyiqa's format "
+        "(as 'qualiclip tune' writes) or a name such as qualiclip+ (see 'qualiclip models')",
     )
     p.add_argument(
         "--trust-torchscript", action="store_true",
@@ -65,7 +77,9 @@ def load_model_from_args(
     args: argparse.Namespace, name: str | None = None
 ) -> QualiCLIP | OnnxScorer:
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
-    device cannot run, is a usage error."""
+    device or model cannot run, is a usage error. ``args.precision`` (where the subcommand has
+    one) is resolved: ``auto`` becomes the precision it picks, announced once."""
+    from qualiclip.engine import resolve_precision
     from qualiclip.model import create_model
 
     try:
@@ -74,11 +88,13 @@ def load_model_from_args(
             device=args.device,
             pooling=args.pooling,
             formula=args.formula,
+            prompts=args.prompts,
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
-        # A precision the scorer cannot run is refused before any input is read.
-        model.check_precision(args.precision)
+        # A precision the device or model cannot run is refused before any input is read.
+        args.precision = resolve_precision(model, getattr(args, "precision", "fp32"),
+                                           compile=getattr(args, "compile", False))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return model
@@ -97,7 +113,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                    help="JPEG decoding: auto (on the GPU with CUDA and torchvision's nvJPEG, "
                    "else CPU threads; default), cpu, gpu (an error where unavailable)")
@@ -238,7 +254,7 @@ def _run_score(args: argparse.Namespace) -> int:
     if collected is not None:
         results = collected.collect(results)
     failed = write_results(results, args.format, args.output, model_name=model.name,
-                           inputs=inputs)
+                           inputs=inputs, precision=args.precision)
     if collected is not None:
         _write_report(args, model, collected, inputs)
     if failed:
@@ -341,10 +357,17 @@ def _run_score_ray(args: argparse.Namespace) -> int:
             check_precision("cpu", args.precision)
         except PrecisionError as exc:
             raise UsageError(f"{exc} (actors without --num-gpus-per-actor run on CPUs)") from None
+    elif args.precision == "int8":
+        raise UsageError("int8 runs on CPUs only: drop --num-gpus-per-actor, or use fp16, bf16 "
+                         "or fp32 on GPU actors")
+    if args.precision == "auto":
+        print("qualiclip score: precision auto: each actor picks for its own device; the "
+              "precision column of the output says which", file=sys.stderr)
     try:
         config = ray_scoring.RayScoreConfig(
             model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
-            cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+            prompts=args.prompts, cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
             precision=args.precision, batch_size=args.batch_size, decode_threads=args.workers,
             concurrency=args.concurrency, num_cpus_per_actor=args.num_cpus_per_actor,
             num_gpus_per_actor=args.num_gpus_per_actor, rows_per_part=args.rows_per_part,
@@ -401,6 +424,13 @@ def _run_models(args: argparse.Namespace) -> int:
         rows.append(
             (name, where, size, entry.licence, entry.file.sha256[:12],
              entry.description)
+        )
+    for name, plus in pretrained.PRETRAINED_PROMPTS.items():
+        cached = pretrained.is_cached(name, args.cache_dir)
+        size = f"{plus.file.size / 1e6:.1f} MB" if plus.file.size else "?"
+        rows.append(
+            (name, "yes" if cached else "no", size, plus.licence, plus.file.sha256[:12],
+             plus.description)
         )
     for name in pretrained.RANDOM_MODELS:
         rows.append((name, "-", "-", "-", "-", "random weights, for tests and benchmarks"))
@@ -694,8 +724,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples for the 95%% intervals (0: none; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and distortions")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="precision of the QualiCLIP models (fp16: CUDA only; default fp32)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help="precision of the QualiCLIP models: " + PRECISION_HELP)
     p.add_argument("--workers", type=int, default=2,
                    help="NIQE processes / image decoding threads (default 2)")
     p.add_argument("--dmos", action="store_true",
@@ -719,6 +749,7 @@ def _eval_scorers(args: argparse.Namespace) -> list:
                 name, device=args.device, batch_size=args.batch_size, workers=args.workers,
                 precision=args.precision, pooling=args.pooling, formula=args.formula,
                 cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+                **({"prompts": args.prompts} if args.prompts and name.lower() != "niqe" else {}),
             )
             for name in names
         ]
@@ -825,15 +856,28 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-pixels-in-flight", type=int, default=None,
                    help="the same, per request, so one request cannot take the whole budget "
                    "(default: --max-pixels, one maximal image at a time)")
+    p.add_argument("--max-batch-pixels-in-flight", type=int, default=None,
+                   help="most decoded pixels of small (batched) images held at once; they never "
+                   "wait for large ones (default: two forward passes' worth)")
+    p.add_argument("--max-response-bytes", type=int, default=16 * 1024 * 1024,
+                   help="most bytes of maps and overlays in one /map response; overlays past it "
+                   "are left out (default 16 MiB)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                   help="a host name requests may carry in their Host header (repeat for more; "
+                   "'*' any, '*.example.org' its subdomains; default: localhost names when "
+                   "listening on loopback, any host otherwise)")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds for a request's headers and body to arrive in full; a slower "
                    "client is disconnected (default 60)")
+    p.add_argument("--send-timeout", type=float, default=60.0,
+                   help="seconds for a client to read the rest of a response once the socket's "
+                   "buffers are full; a client that does not is disconnected (default 60)")
     p.add_argument("--keep-alive-timeout", type=int, default=5,
                    help="seconds an idle kept-alive connection stays open (default 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long to wait for more images to batch (default 5 ms)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
@@ -852,9 +896,14 @@ def _run_serve(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, precision=args.precision,
             max_pixels_in_flight=args.max_pixels_in_flight,
             max_request_pixels_in_flight=args.max_request_pixels_in_flight,
+            max_batch_pixels_in_flight=args.max_batch_pixels_in_flight,
+            max_response_bytes=args.max_response_bytes,
+            allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
         )
-        if not args.request_timeout > 0:
-            raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+        for flag in ("request_timeout", "send_timeout"):
+            if not getattr(args, flag) > 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be positive, got "
+                                 f"{getattr(args, flag)}")
         if args.keep_alive_timeout < 1:
             raise ValueError(f"--keep-alive-timeout must be at least 1, got "
                              f"{args.keep_alive_timeout}")
@@ -864,7 +913,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     serve.run(model, config, host=args.host, port=args.port, log_level=args.log_level,
               access_log=not args.no_access_log, request_timeout=args.request_timeout,
-              keep_alive_timeout=args.keep_alive_timeout)
+              send_timeout=args.send_timeout, keep_alive_timeout=args.keep_alive_timeout)
     return EXIT_OK
 
 
@@ -936,6 +985,93 @@ def _run_export(args: argparse.Namespace) -> int:
 # --- entry point -------------------------------------------------------------------------------
 
 
+# --- tune --------------------------------------------------------------------------------------
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="learn prompt context on opinion scores (QualiCLIP+)",
+        description="Learn 16 context vectors per prompt on a rated dataset, the image and text "
+        "towers frozen (pyiqa's QualiCLIP+ recipe by default), on a random training split; "
+        "report SRCC/PLCC on the held-out split before and after. Writes DIR/prompts.pth "
+        "(pyiqa's format: qualiclip score --model BASE --prompts DIR/prompts.pth), "
+        "split.json, history.jsonl, evaluation.json and tune-state.pt (--resume). Exit "
+        "status: 0 done, 1 a failure or unreadable images, 2 a usage error.",
+    )
+    p.add_argument("--model", default="qualiclip",
+                   help="base weights with a text tower (default: qualiclip)")
+    p.add_argument("--dataset", required=True,
+                   help="a dataset name (koniq, clive, spaq, biq2021, ...; with --root) or a "
+                   "path,score CSV")
+    p.add_argument("--root", default=None, help="the dataset's folder")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--epochs", type=int, default=50, help="default 50 (pyiqa's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N steps (the schedule still spans --epochs; --resume goes on)")
+    p.add_argument("--batch-size", type=int, default=8, help="default 8")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam, cosine per epoch (default 2e-3)")
+    p.add_argument("--n-ctx", type=int, default=16, help="context vectors per prompt (default 16)")
+    p.add_argument("--crop", type=int, default=384, help="random crop side (default 384)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of images held out (default 0.2)")
+    p.add_argument("--seed", type=int, default=123, help="split, init, batches (default 123)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--dmos", action="store_true", help="a CSV's scores are lower-is-better")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (default 2)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the final 95%% intervals (default 1000)")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $QUALICLIP_HOME)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow a TorchScript archive as --model FILE")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from qualiclip import tune
+
+    try:
+        cfg = tune.TuneConfig(
+            model=args.model, dataset=args.dataset, root=args.root, out=args.out,
+            n_ctx=args.n_ctx, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            crop=args.crop, flip=not args.no_flip, val_fraction=args.val_fraction,
+            seed=args.seed, limit=args.limit, max_steps=args.max_steps, dmos=args.dmos,
+            device=args.device, workers=args.workers, bootstrap=args.bootstrap,
+            progress=not args.no_progress, cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
+        )
+        result = tune.tune(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        # Checked before the first step: the dataset, the split, the base, the folder.
+        raise UsageError(_one_line(exc)) from None
+    except (RuntimeError, OSError) as exc:
+        from qualiclip.pretrained import ChecksumError, OfflineError
+
+        if isinstance(exc, (OfflineError, ChecksumError)):
+            raise
+        print(f"qualiclip tune: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    ev = result.evaluation
+    print(f"held-out split: {ev['images']} images; SRCC [95% interval] without learned prompts "
+          f"{_with_ci(ev['before'], 'srcc')}, with them {_with_ci(ev['after'], 'srcc')}; PLCC "
+          f"{_with_ci(ev['before'], 'plcc')} -> {_with_ci(ev['after'], 'plcc')}",
+          file=sys.stderr)
+    for failure in result.failures[:10]:
+        print(f"qualiclip tune: skipped: {failure}", file=sys.stderr)
+    print(result.prompts)
+    return EXIT_FAILED if result.failures else EXIT_OK
+
+
+def _with_ci(m: dict, key: str) -> str:
+    ci = m.get(f"{key}_ci")
+    return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qualiclip",
@@ -945,8 +1081,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"qualiclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_eval, _add_serve,
-                _add_export):
+    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_tune, _add_eval,
+                _add_serve, _add_export):
         add(sub)
     return parser
 

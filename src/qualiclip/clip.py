@@ -496,12 +496,23 @@ class CLIP(nn.Module):
         """
         if not self.config.has_text:
             raise ValueError("this CLIP model was built without a text tower")
+        # The end-of-text token has the highest id in the vocabulary.
+        return self.encode_token_embeddings(self.token_embedding(text), text.argmax(dim=-1))
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Text features (not normalised) of sequences given as token embeddings.
+
+        :meth:`encode_text` is this after the embedding lookup; prompt learning (CoOp, CLIP-IQA+,
+        QualiCLIP+) puts learned vectors where some tokens' embeddings would be.
+
+        Args:
+            embeddings: ``[B, context_length, transformer_width]``.
+            eot: ``[B]`` position of each row's end-of-text token, where its feature is read.
+        """
         dtype = self.text_projection.dtype
-        x = self.token_embedding(text).to(dtype) + self.positional_embedding.to(dtype)
+        x = embeddings.to(dtype) + self.positional_embedding.to(dtype)
         x = self.transformer(x.transpose(0, 1)).transpose(0, 1)
         x = self.ln_final(x)
-        # The end-of-text token has the highest id in the vocabulary.
-        eot = text.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
     def forward(

@@ -532,6 +532,7 @@ def _decode_other_tiff(tiff: _OtherTiff, name: str, limit: int, min_size: int) -
     try:
         # A name of our own: tifffile takes a stream's from its .name, which for a file opened
         # from a descriptor (as the decoder opens regular files) is an int it cannot split.
+        # The stream itself is read in place (no in-memory copy of a large float file).
         with tifffile.TiffFile(tiff.fp, name="image.tif") as tif:
             page: Any = tif.pages[0]
             samples = int(page.samplesperpixel)

@@ -46,8 +46,8 @@ from qualiclip.precision import autocast_context
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "FLAT_RANGE", "MAP_KINDS", "MapKind", "QualityMap",
-    "colorize", "display_range", "half_means", "map_files", "map_name", "map_root", "overlay",
-    "overlay_png", "quality_map", "range_note", "to_uint8", "upsample", "write_maps",
+    "colorize", "display_range", "half_means", "map_files", "map_kinds", "map_name", "map_root",
+    "overlay", "overlay_png", "quality_map", "range_note", "to_uint8", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -133,6 +133,20 @@ class QualityMap:
         }
 
 
+#: Why a scorer has no dense map (see :func:`map_kinds`).
+NO_DENSE_MAP = ("dense maps need a CLIP ResNet image tower (a feature map and an attention pool), "
+                "which this model does not have")
+
+
+def map_kinds(model: Scorer) -> tuple[str, ...]:
+    """The kinds of map ``model`` can draw, the preferred first: ``("dense", "windows")`` for a
+    QualiCLIP with a CLIP ResNet tower, ``("windows",)`` for any other scorer (a ViT tower, an
+    ONNX graph: they score crops, but have no feature map to read cells from)."""
+    if isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet):
+        return ("dense", "windows")
+    return ("windows",)
+
+
 def quality_map(
     model: Scorer,
     image: Any,
@@ -142,6 +156,7 @@ def quality_map(
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> QualityMap:
     """The quality map of one image, computed on the model's device.
 
@@ -153,8 +168,11 @@ def quality_map(
         kind: ``"dense"`` (one pass, 1/32 resolution) or ``"windows"`` (scores of crops).
         window: side of a crop in pixels (``"windows"``; clamped to the image's sides).
         stride: step between crops in pixels (``"windows"``).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA), as for scoring.
+        precision: as for scoring (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``, ``"auto"``).
         max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
+        on_pass: called after each forward pass with ``(done, total)``: crops scored so far and
+            in all (``(1, 1)`` for the one pass of a dense map). Whatever it raises stops the
+            map there (the HTTP service stops the map of a client that hung up this way).
 
     Returns:
         the map and its grid.
@@ -175,10 +193,12 @@ def quality_map(
     if kind not in MAP_KINDS:
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     pixels = _pixels(image, model.min_size)
+    report = on_pass or (lambda done, total: None)
     if kind == "dense":
         qmap = _dense_map(model, pixels, precision)
+        report(1, 1)
     else:
-        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels, report)
     # The scores' rule holds for every cell: NaN is no quality (nor a colour to draw).
     if not np.isfinite(qmap.values).all() or (qmap.score is not None
                                                and not math.isfinite(qmap.score)):
@@ -255,7 +275,7 @@ def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str)
     x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
     x = model.normalize_input(x, inplace=True)
     with heap.forward_pass(model.device, h * w), torch.inference_mode():
-        with autocast_context(model.device, precision):
+        with autocast_context(model.device, runner.precision):  # "auto" resolved
             fmap = trunk(x.contiguous(memory_format=torch.channels_last))  # [1, C, gh, gw]
             del x
             rows, cols = int(fmap.shape[-2]), int(fmap.shape[-1])
@@ -302,7 +322,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 def _windows_map(
     model: Scorer, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
-    precision: str, max_batch_pixels: int,
+    precision: str, max_batch_pixels: int, report: Callable[[int, int], None],
 ) -> QualityMap:
     if window < model.min_size:
         raise ValueError(f"window must be at least the model's minimum side {model.min_size} px, "
@@ -323,6 +343,8 @@ def _windows_map(
         crops = _float_crops(pixels, boxes[i:i + per_pass]).to(dtype=dtype)
         scores.append(engine.score_tensors(model, crops, precision,
                                            max_batch_pixels=max_batch_pixels))
+        del crops
+        report(min(i + per_pass, len(boxes)), len(boxes))
     values = torch.cat(scores).reshape(len(ys), len(xs)).numpy().astype(np.float32)
     return QualityMap(
         values=values, kind="windows", image_size=(h, w), cell=(ch, cw),

@@ -21,7 +21,7 @@ from qualiclip.engine import ScoreResult
 from qualiclip.output_files import InputFiles, open_output
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "jsonl")
-FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model")
+FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model", "precision")
 
 
 def format_from_name(path: str | None) -> str | None:
@@ -38,7 +38,8 @@ def format_from_name(path: str | None) -> str | None:
     return suffix if suffix in ("csv", "json", "jsonl") else None
 
 
-def result_row(result: ScoreResult, model_name: str) -> dict[str, object]:
+def result_row(result: ScoreResult, model_name: str, precision: str = "") -> dict[str, object]:
+    """One output row: the result, and the model and precision that scored it."""
     return {
         "path": result.path,
         "score": result.score,
@@ -46,6 +47,7 @@ def result_row(result: ScoreResult, model_name: str) -> dict[str, object]:
         "width": result.width,
         "height": result.height,
         "model": model_name,
+        "precision": precision,
     }
 
 
@@ -56,6 +58,7 @@ def write_results(
     *,
     model_name: str = "",
     inputs: InputFiles | None = None,
+    precision: str = "",
 ) -> int:
     """Write ``results`` in ``fmt`` to ``output`` (a path) or stdout; return how many failed.
 
@@ -64,10 +67,12 @@ def write_results(
     hidden temporary name, renamed to ``output`` when the run ends, so ``output`` is always a
     complete file. An interrupted run (Ctrl-C, SIGTERM) completes the file with the rows it has
     (the JSON array closed, the table aligned) and keeps it; a failed one (a full disk) leaves
-    ``output`` as it was.
+    ``output`` as it was. Every row names the model and the precision (as resolved: never
+    ``auto``) that scored it.
 
     Args:
         inputs: files ``output`` must never be (it is refused with ``SameFileError``).
+        precision: the precision that scored ``results``, for each row.
 
     Raises:
         OutputError: the file could not be written (its message names the path and the errno).
@@ -77,9 +82,9 @@ def write_results(
     if output:
         with open_output(output, "w", newline="", encoding="utf-8", errors=NAME_ERRORS,
                          inputs=inputs, keep_on_interrupt=True) as stream:
-            return _write(results, fmt, stream, model_name)
+            return _write(results, fmt, stream, model_name, precision)
     with _utf8_stdout() as stream:
-        return _write(results, fmt, stream, model_name)
+        return _write(results, fmt, stream, model_name, precision)
 
 
 #: How names that are not valid UTF-8 are written: their raw bytes (see the module docstring).
@@ -101,7 +106,8 @@ def _utf8_stdout() -> Iterator[TextIO]:
         stream.detach()  # leaves sys.stdout's buffer open
 
 
-def _write(results: Iterable[ScoreResult], fmt: str, stream: IO[str], model_name: str) -> int:
+def _write(results: Iterable[ScoreResult], fmt: str, stream: IO[str], model_name: str,
+           precision: str) -> int:
     failed = 0
     rows: list[dict[str, object]] = []
     # LF line ends (the csv module's default is CRLF), as every other output and tool here.
@@ -112,7 +118,7 @@ def _write(results: Iterable[ScoreResult], fmt: str, stream: IO[str], model_name
     try:
         for result in results:
             failed += not result.ok
-            row = result_row(result, model_name)
+            row = result_row(result, model_name, precision)
             if writer is not None:
                 writer.writerow(row)
             elif fmt == "jsonl":

@@ -226,7 +226,7 @@ PRESETS: dict[str, TrainConfig] = {
             workers=2, degrade_in="loader",
         ),
         optim=OptimConfig(lr=2e-3, weight_decay=0.01, precision="fp32"),
-        schedule=ScheduleConfig(max_steps=6000, warmup_steps=200),
+        schedule=ScheduleConfig(max_steps=3000, warmup_steps=200),
         log=LogConfig(log_every=10, checkpoint_every=250, keep_checkpoints=0),
         validation=ValidationConfig(every=250, batch_size=32),
     ),
