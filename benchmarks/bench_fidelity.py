@@ -15,8 +15,9 @@ Photos: the first ``--photos`` of ``$QUALICLIP_SHARED/data/biq2021-test`` (or
 ``../shared/data/biq2021-test``) and, with ``--pristine``, the pristine photos of
 ``data/pristine`` besides; the SRCC uses the first ``--mos-images`` of BIQ2021 (all 2,000 by
 default). ``--model``: any name or checkpoint ``create_model`` takes (a trained model, for the
-budget to mean anything); ``random-rn50`` gets random batch-norm statistics as in
-``bench_score.py``. int8 is calibrated for the model first (cached; its own check is printed).
+budget to mean anything: by default ``qualiclip-open``, shipped in the package);
+``random-rn50`` gets random batch-norm statistics as in ``bench_score.py``. int8 is calibrated
+for the model first (cached; its own check is printed).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def _scores(model: Any, paths: list[str], precision: str, batch_size: int) -> np
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--model", default=None,
-                   help="name or checkpoint (default: the golden tiny checkpoint)")
+    p.add_argument("--model", default="qualiclip-open",
+                   help="name or checkpoint (default: qualiclip-open, the trained model shipped "
+                   "in the package)")
     p.add_argument("--precisions", default="bf16,int8")
     p.add_argument("--photos", type=int, default=200, help="BIQ2021 photos for the agreement")
     p.add_argument("--pristine", action="store_true", help="add the pristine photos")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from qualiclip import metrics
     from qualiclip.precision import describe_cpu
 
-    name = args.model or str(_shared() / "golden" / "qualiclip_tiny_official_format.pth")
+    name = args.model
     model = _model(name)
     precisions = [q for q in args.precisions.split(",") if q != "fp32"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {describe_cpu()}; "

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     w, h = args.size
     sources = _sources()
-    x = torch.stack([torch.from_numpy(np.asarray(_cover_crop(sources[i % len(sources)], w, h)))
+    x = torch.stack([torch.from_numpy(np.array(_cover_crop(sources[i % len(sources)], w, h)))
                      .permute(2, 0, 1) for i in range(args.images)]).float() / 255
     for run in runs.values():
         run(x[:1])  # warm up

@@ -28,11 +28,12 @@ The quantised graph and its report are cached under ``<cache dir>/int8/`` (see
 fine-tuned model never reuses another's calibration) and by the recipe; both are written to a
 temporary name and renamed. Needs the ``onnx`` extra (``pip install 'qualiclip[onnx]'``).
 
-Why ONNX Runtime rather than PyTorch's own quantisation: on this project's 2-core AMD EPYC
-(AVX2, no VNNI) ONNX Runtime's int8 tower ran about 1.9x the fused fp32 engine, PyTorch's eager
-x86 quantisation of the same folded tower about 1.4x; and ``torch.ao.quantization`` announces
-its removal in favour of torchao (its PT2E flow has already left torch). Figures:
-``docs/performance.md``.
+Why ONNX Runtime rather than PyTorch's own quantisation: in a first measurement on this
+project's 2-core AMD EPYC (AVX2, no VNNI) ONNX Runtime's int8 tower ran about 1.9x the fused fp32
+engine and PyTorch's eager x86 quantisation of the same folded tower about 1.4x (not recorded
+with its command; ``benchmarks/bench_int8_backends.py`` measures both side by side, and
+``docs/performance.md`` holds what it has measured); and ``torch.ao.quantization`` announces its
+removal in favour of torchao (its PT2E flow has already left torch).
 """
 
 from __future__ import annotations
