@@ -1,13 +1,15 @@
 """Do quality maps point at the damage, and how long does a map take?
 
 Usage:
-    python benchmarks/bench_maps.py [--model CKPT | --train-steps 200] [--photos 10]
-        [--blur 4] [--noise 25] [--window 224] [--stride 112] [--timing-model random-rn50]
+    python benchmarks/bench_maps.py [--model CKPT | --train-steps 200] [--photos FOLDER]
+        [--count 10] [--blur 4] [--noise 25] [--window 224] [--stride 112]
+        [--timing-model random-rn50]
 
 1. **Meaning.** A model trained by ``qualiclip train --preset tiny`` (``--model`` gives its
    ``model.pth``; otherwise a run of ``--train-steps`` steps is made on the pristine photos in
-   a temporary folder). For each of ``--photos`` photos of ``$QUALICLIP_SHARED/data/pristine``
-   (or ``../shared/data/pristine``), the left half is damaged (Gaussian blur of radius
+   a temporary folder). For each of ``--count`` photos, taken evenly from ``--photos FOLDER``
+   (default: ``$QUALICLIP_SHARED/data/pristine`` or ``../shared/data/pristine``, else the
+   built-in set of ``builtin_photos.py``), the left half is damaged (Gaussian blur of radius
    ``--blur``, or Gaussian noise of standard deviation ``--noise`` grey levels) and both maps
    are computed. Printed per kind and damage: the mean map value over the left and right halves
    (averaged over photos), how many photos have the damaged half lower, and the same for the
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,29 +36,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from builtin_photos import photo_paths
 from qualiclip.maps import MAP_KINDS, half_means, quality_map
 from qualiclip.model import QualiCLIP, create_model
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def pristine_folder() -> Path:
-    env = os.environ.get("QUALICLIP_SHARED")
-    root = Path(env) if env else ROOT.parent / "shared"
-    folder = root / "data" / "pristine"
-    if not folder.is_dir():
-        sys.exit(f"no pristine photos at {folder}: set QUALICLIP_SHARED")
-    return folder
-
-
-def train_tiny(steps: int, out: Path) -> Path:
+def train_tiny(steps: int, photos: list[Path], out: Path) -> Path:
+    listing = out / "pristine.txt"  # a list file: the chosen folder's photos, wherever they are
+    listing.write_text("".join(f"{p.resolve()}\n" for p in photos))
     cmd = [sys.executable, "-m", "qualiclip.cli", "train", "--preset", "tiny", "--pristine",
-           str(pristine_folder()), "--out", str(out), "--max-steps", str(steps), "--no-progress"]
+           str(listing), "--out", str(out / "run"), "--max-steps", str(steps), "--no-progress"]
     print("training:", " ".join(cmd), flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True)
     print(f"trained {steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
-    return out / "model.pth"
+    return out / "run" / "model.pth"
 
 
 def damaged(pixels: np.ndarray, how: str, blur: float, noise: float, seed: int) -> np.ndarray:
@@ -150,7 +143,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model.pth of a tiny-preset training run")
     parser.add_argument("--train-steps", type=int, default=200)
-    parser.add_argument("--photos", type=int, default=10)
+    parser.add_argument("--photos", metavar="FOLDER", default=None,
+                        help="photos to damage and to train on (default: ../shared's pristine "
+                        "photos, else a built-in set)")
+    parser.add_argument("--count", type=int, default=10, help="photos to damage (default 10)")
     parser.add_argument("--blur", type=float, default=4.0)
     parser.add_argument("--noise", type=float, default=25.0)
     parser.add_argument("--window", type=int, default=224)
@@ -159,12 +155,15 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
 
-    photos = sorted(p for p in pristine_folder().iterdir()
-                    if p.suffix.lower() in (".png", ".jpg", ".bmp"))
-    step = max(1, len(photos) // args.photos)
-    chosen = photos[::step][: args.photos]
+    if args.count < 1:
+        parser.error("--count must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.model) if args.model else train_tiny(args.train_steps, Path(tmp))
+        photos, which = photo_paths(args.photos, Path(tmp) / "photos")
+        print(which, flush=True)
+        step = max(1, len(photos) // args.count)
+        chosen = photos[::step][: args.count]
+        path = (Path(args.model) if args.model
+                else train_tiny(args.train_steps, photos, Path(tmp)))
         trained = create_model(str(path)).eval()
         meaning(trained, chosen, args)
         if not args.no_timing:

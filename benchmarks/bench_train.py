@@ -23,7 +23,7 @@ from OpenAI's RN50 weights; ``--init random-rn50`` (the default for ``paper`` he
 shapes and speed without the download.
 
 Pristine images: ``--pristine``, else ``$QUALICLIP_SHARED/data/pristine`` or
-``../shared/data/pristine``.
+``../shared/data/pristine``, else the built-in set of ``builtin_photos.py`` (printed).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import math
 import os
 import platform
 import statistics
-import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,24 +44,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from builtin_photos import photo_paths
 from qualiclip import degradations
 from qualiclip.crops import PristineCropPairs, ResumableSampler, find_images
 from qualiclip.losses import qualiclip_losses
 from qualiclip.train import SimilarityModel, build_model, make_optimizer, set_train_mode
 from qualiclip.train_config import PRESETS
 
-REPO = Path(__file__).resolve().parents[1]
 PHASES = ("data wait", "degradations", "forward/backward", "optimizer")
 
 
-def _pristine(arg: str | None) -> list[Path]:
+def _pristine(arg: str | None, scratch: Path) -> list[Path]:
     if arg:
         return find_images(arg)
-    env = os.environ.get("QUALICLIP_SHARED")
-    for root in [Path(env)] if env else [REPO.parent / "shared"]:
-        if (root / "data" / "pristine").is_dir():
-            return find_images(root / "data" / "pristine")
-    sys.exit("no pristine images: pass --pristine FOLDER")
+    photos, which = photo_paths(None, scratch)
+    print(which, flush=True)
+    return photos
 
 
 def _autocast(precision: str, device: torch.device) -> torch.dtype | None:
@@ -72,7 +70,7 @@ def _autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     cfg = PRESETS[args.preset]
     init = args.init or ("random-rn50" if args.preset == "paper" else cfg.model.init)
     data = dataclasses.replace(
@@ -88,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = make_optimizer(model, cfg.optim)
     amp = _autocast(args.precision or cfg.optim.precision, device)
     generator = torch.Generator().manual_seed(args.seed)
-    dataset: Any = PristineCropPairs(_pristine(args.pristine), data.crop_size,
+    dataset: Any = PristineCropPairs(_pristine(args.pristine, scratch), data.crop_size,
                                      min_overlap=data.min_overlap, seed=args.seed)
     if args.degrade_in == "loader":
         from qualiclip.train import DegradedCropPairs  # not in releases before it existed
@@ -164,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--degrade-in", choices=("step", "loader"), default="step",
                    help="step: degrade_batch in the step (the default of training); loader: "
                    "each sample in the DataLoader workers (data.degrade_in = 'loader')")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the phases' times and the ratios as JSON")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
-    out = run(args)
+    with tempfile.TemporaryDirectory() as scratch:  # the built-in photos, when used
+        out = run(args, Path(scratch))
     data, times = out["data"], out["times"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} "
@@ -190,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     fb = statistics.median(times["forward/backward"])
     med = statistics.median([sum(t) for t in zip(*times.values(), strict=True)])
     print(f"median step / median forward+backward: {med / fb:.2f}x")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "preset": args.preset, "device": _device_name(args.device), "torch": torch.__version__,
+            "degrade_in": args.degrade_in, "workers": data.workers, "steps": args.steps,
+            "median_ms": {n: 1000 * statistics.median(times[n]) for n in PHASES},
+            "steps_per_s": steps_s, "median_step_over_forward_backward": med / fb,
+        }, indent=2))
     return 0
 
 

@@ -82,6 +82,37 @@ def test_lower_is_better_flips_sign_once() -> None:
     assert anti.srcc < 0 and anti.plcc_logistic < 0
 
 
+@pytest.mark.parametrize("n", [3, 4])
+def test_logistic_plcc_is_undefined_below_the_points_a_fit_needs(n: int) -> None:
+    # Four parameters through four points or fewer: the curve can pass through them all, so its
+    # PLCC would be 1 by construction (or the fit would refuse to run at all).
+    m = M.compute_metrics(PRED[:n], MOS[:n], bootstrap=0)
+    assert np.isnan(m.plcc_logistic) and not m.logistic_converged
+    assert m.srcc == pytest.approx(M.srcc(PRED[:n], MOS[:n]))
+    assert np.isnan(M.plcc_logistic(PRED[:n], MOS[:n]))
+    five = M.compute_metrics(PRED[:M.LOGISTIC_MIN_POINTS], MOS[:M.LOGISTIC_MIN_POINTS],
+                             bootstrap=0)
+    assert np.isfinite(five.plcc_logistic)
+
+
+def test_cli_eval_on_three_images_reports_logistic_plcc_as_undefined(tmp_path: Path) -> None:
+    for i in range(3):
+        _photo(tmp_path / f"{i}.png", i)
+    table = tmp_path / "labels.csv"
+    table.write_text("path,score\n" + "".join(f"{i}.png,{i + 1}\n" for i in range(3)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "10", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    row = next(line.split() for line in proc.stdout.splitlines()
+               if line.startswith("random-tiny"))
+    assert "n/a" in row
+    assert f"PLCC-log needs at least {M.LOGISTIC_MIN_POINTS}" in proc.stdout
+
+
 class FakeScorer:
     """Scores = a known function of the MOS, or an error for chosen paths."""
 
@@ -115,6 +146,24 @@ def test_evaluate_items_counts_failures_and_writes_csv(tmp_path: Path) -> None:
     assert [r["path"] for r in rows] == [p for p, _ in items]
     assert rows[-1]["a"] == "" and rows[-1]["error"] == "a: broken"
     assert float(rows[0]["a"]) == pytest.approx(-3 * MOS[0])
+
+
+def test_table_and_csv_name_each_models_precision(tmp_path: Path) -> None:
+    """A CLIP model's precision (as it ran, ``auto`` resolved) is in the table and every CSV
+    row; a scorer without one (NIQE) shows ``-`` and is left out of the CSV's column."""
+    items = [(f"img{i}.png", float(m)) for i, m in enumerate(MOS)]
+    table = {p: float(m) for p, m in items}
+    clip = FakeScorer("clip", table)
+    clip.precision = "int8"  # type: ignore[attr-defined]
+    report = E.evaluate_items(items, [clip, FakeScorer("plain", table)], bootstrap=0)
+    assert [m.precision for m in report.models] == ["int8", None]
+    lines = E.format_table(report).splitlines()
+    assert lines[0].split()[:2] == ["model", "precision"]
+    assert lines[2].split()[:2] == ["clip", "int8"] and lines[3].split()[:2] == ["plain", "-"]
+    out = tmp_path / "scores.csv"
+    E.write_scores_csv(report, out)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(items) and {r["precision"] for r in rows} == {"clip: int8"}
 
 
 def test_synthetic_benchmark_ranks_blur(tmp_path: Path) -> None:
@@ -159,10 +208,11 @@ def test_cli_eval_csv_with_niqe_reports_failed_image(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     lines = proc.stdout.splitlines()
     row = next(line.split() for line in lines if line.startswith("niqe"))
-    assert row[1:3] == ["4", "1"]  # n used, n failed
+    assert row[1:4] == ["-", "4", "1"]  # no precision (not a CLIP model), n used, n failed
     assert "bad.png" in proc.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 5 and rows[2]["niqe"] == "" and rows[2]["error"].startswith("niqe: ")
+    assert {r["precision"] for r in rows} == {""}
 
 
 def test_cli_eval_usage_errors(tmp_path: Path) -> None:
@@ -182,3 +232,41 @@ def test_model_scorer_chunks_batches() -> None:
     x = torch.rand(5, 3, 8, 8)
     got = E.ModelScorer("t", Tiny(), batch_size=2).score_tensors(x)
     np.testing.assert_allclose(got, x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+
+
+def test_eval_cli_refuses_bad_labels_before_scoring(tmp_path: Path) -> None:
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "nan.csv").write_text("path,score\n0.png,1\n1.png,nan\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(tmp_path / "nan.csv"),
+         "--model", "random-tiny", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2 and "nan.csv row 3" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_eval_help_and_failures_read_cleanly(tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "qualiclip.cli", "eval", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "95% intervals" in help_text and "%%" not in help_text
+    for i in range(3):
+        _photo(tmp_path / f"{i}.png", i)
+    table = tmp_path / "labels.csv"
+    table.write_text("path,score\n" + "".join(f"{i}.png,{i}\n" for i in range(3))
+                     + "gone.png,3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "0", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    (line,) = [ln for ln in proc.stderr.splitlines() if "gone.png" in ln]
+    assert line == f"random-tiny: failed: {tmp_path / 'gone.png'}: no such file"
+    out = tmp_path / "scores.csv"
+    subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(table), "--model",
+         "random-tiny", "--device", "cpu", "--bootstrap", "0", "--no-progress", "-o", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert b"\r" not in out.read_bytes()  # CSV lines end in LF

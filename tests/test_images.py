@@ -599,10 +599,83 @@ def test_list_files_expand_relative_to_their_folder(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text(f"# chosen photos\nphotos/a.png\n\n{sub / 'b.png'}\nphotos/missing.png\n")
     got = list_image_paths([str(listing)], list_files=True)
-    assert list_image_paths([str(listing)]) == [listing]  # by default a file is a file
+    assert list_image_paths([str(listing)]) == got  # the default
+    assert list_image_paths([str(listing)], list_files=False) == [listing]
     assert got == [sub / "a.png", sub / "b.png", sub / "missing.png"]  # missing: an error row later
     from qualiclip.crops import find_images
     from qualiclip.ray_scoring import expand_inputs
 
     assert expand_inputs([str(listing)]) == [str(p) for p in got]
     assert find_images(listing) == sorted(got)
+
+
+# --- float images: one rule for files and arrays (hostile input, round 3) ----------------------
+
+
+@pytest.mark.parametrize("values", [(-0.25, 0.5), (0.0, 1.5), (0.0, 255.0)])
+def test_float_tiff_outside_0_1_is_refused_as_arrays_are(tmp_path: Path, values) -> None:
+    lo, hi = values
+    ramp = np.tile(np.linspace(lo, hi, 80, dtype=np.float32), (40, 1))
+    path = _save(tmp_path, "f.tif", Image.fromarray(ramp, "F"))
+    with pytest.raises(ImageDecodeError, match=r"float values must be in \[0, 1\]") as info:
+        decode_rgb(path)
+    assert info.value.reason == "malformed"
+    with pytest.raises(ValueError, match=r"float values must be in \[0, 1\]"):
+        to_batch(np.repeat(ramp[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("layout", ["contig", "separate", "float16", "rgba"])
+def test_rgb_float_tiff_decodes_with_the_same_rule(tmp_path: Path, layout: str) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(3)
+    rgb = rng.random((40, 50, 3), dtype=np.float32)
+    path = tmp_path / "rgb.tif"
+    if layout == "contig":
+        tifffile.imwrite(path, rgb)
+    elif layout == "separate":
+        tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), photometric="rgb",
+                         planarconfig="separate")
+    elif layout == "float16":
+        rgb = rgb.astype(np.float16).astype(np.float32)
+        tifffile.imwrite(path, rgb.astype(np.float16))
+    else:
+        alpha = np.ones((40, 50, 1), np.float32)
+        tifffile.imwrite(path, np.concatenate([rgb, alpha], -1), photometric="rgb",
+                         extrasamples=["unassalpha"])
+    arr = decode_rgb(path)
+    assert arr.dtype == np.uint16 and arr.shape == (40, 50, 3)
+    np.testing.assert_allclose(arr / 65535.0, rgb, atol=1 / 65535)
+    x = load_image(path)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), rgb, atol=1 / 65535)
+    tifffile.imwrite(path, rgb * 2)
+    with pytest.raises(ImageDecodeError, match=r"float values must be in \[0, 1\]"):
+        decode_rgb(path)
+
+
+def test_read_only_arrays_convert_without_a_warning() -> None:
+    """np.asarray(PIL image) is read-only; PyTorch warns (once per process) when such an array
+    is wrapped, so this runs in a fresh interpreter with warnings as errors."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, torch
+from PIL import Image
+import qualiclip
+from qualiclip.images import pixels_to_tensor, to_batch
+
+pil = np.asarray(Image.new("RGB", (64, 48), (10, 200, 30)))
+assert not pil.flags.writeable
+model = qualiclip.create_model("random-tiny", device="cpu")
+qualiclip.score(model, pil)
+wide = np.full((48, 64, 3), 40000, np.uint16); wide.setflags(write=False)
+flt = np.full((48, 64, 3), 0.5, np.float32); flt.setflags(write=False)
+for x in (pil, wide, flt):
+    to_batch(x)
+staged = torch.empty((1, 48, 64, 3), dtype=torch.uint8)
+got = pixels_to_tensor([pil], "cpu", staging=staged)
+assert torch.allclose(got[0, :, 0, 0], torch.tensor([10, 200, 30]) / 255.0)
+"""
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -270,6 +270,33 @@ def test_overlay_size_legend_and_colours() -> None:
         maps.overlay(np.zeros((10, 10, 3), np.uint8), qmap)
 
 
+def test_overlay_colours_come_from_the_map_not_from_the_photo() -> None:
+    """The photo shows through as luminance only: two photos of equal luminance and different
+    hues get the same picture, so a red photo never reads as 'low quality'."""
+    qmap = _grid_map(np.array([[0.1, 0.5, 0.9]]), "dense", (32, 96), 32, 32)
+    red, green = np.zeros((32, 96, 3), np.uint8), np.zeros((32, 96, 3), np.uint8)
+    red[..., 0], green[..., 1] = 200, 102  # 0.299 * 200 ~ 0.587 * 102: equal luminance
+    a = np.asarray(maps.overlay(red, qmap, legend=False), dtype=int)
+    b = np.asarray(maps.overlay(green, qmap, legend=False), dtype=int)
+    assert np.abs(a - b).max() <= 1
+    side = maps.overlay(red, qmap, layout="side-by-side")
+    assert side.width > 2 * 96 and side.height > 32  # photo | map, legend under both
+    assert tuple(np.asarray(side)[5, 5]) == (200, 0, 0)  # the photo itself, untouched
+
+
+def test_a_flat_map_is_drawn_flat_and_says_so() -> None:
+    flat = _grid_map(np.array([[0.500, 0.503], [0.501, 0.502]]), "dense", (64, 64), 32, 32)
+    varied = _grid_map(np.array([[0.2, 0.6], [0.4, 0.5]]), "dense", (64, 64), 32, 32)
+    assert flat.flat and not varied.flat
+    assert maps.range_note(flat) is not None and str(maps.FLAT_RANGE) in maps.range_note(flat)
+    assert maps.range_note(varied) is None and flat.to_dict()["flat"] is True
+    image = np.full((64, 64, 3), 128, np.uint8)
+    colours = np.asarray(maps.overlay(image, flat, legend=False, alpha=1.0), dtype=int)
+    # Stretched from its minimum to its maximum, 0.003 would span the whole ramp; drawn over a
+    # range of FLAT_RANGE around its mean, it stays near one colour.
+    assert np.abs(colours - colours[32, 32]).max() < 40
+
+
 # --- files and the CLI -------------------------------------------------------------------------
 
 
@@ -296,13 +323,16 @@ def test_score_with_maps_writes_each_map_and_keeps_every_row(
     assert [Path(r["path"]).name for r in rows] == ["photo.png", "broken.png", "photo.jpg"]
     assert rows[1]["score"] is None and rows[1]["error"]
     assert rows[0]["error"] is None and rows[2]["error"] is None
-    assert sorted(p.name for p in out.iterdir()) == [
-        "photo-2.map.npy", "photo-2.map.png", "photo.map.npy", "photo.map.png"]
-    values = np.load(out / "photo.map.npy")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "a/photo.png.map.npy", "a/photo.png.map.png", "b/photo.jpg.map.npy",
+        "b/photo.jpg.map.png"]
+    values = np.load(out / "a" / "photo.png.map.npy")
     expected = quality_map(model, tmp_path / "a" / "photo.png").values
     np.testing.assert_allclose(values, expected, atol=1e-6)
-    with Image.open(out / "photo.map.png") as im:
-        assert im.size == (128, 96 + 22)
+    # photo | 4 px | map; legend (+ flat note)
+    with Image.open(out / "a" / "photo.png.map.png") as im:
+        flat = quality_map(model, tmp_path / "a" / "photo.png").flat
+        assert im.size == (2 * 128 + 4, 96 + 22 + (22 if flat else 0))
 
 
 def test_score_map_usage_errors(tmp_path: Path) -> None:
@@ -371,3 +401,30 @@ def test_map_endpoint_answers_like_score(model: QualiCLIP) -> None:
         r = client.post("/map?kind=heat", files=[("files", good)])
         assert r.status_code == 400 and "kind must be one of" in r.json()["detail"]
         assert client.post("/map", files=[("files", bad)]).status_code == 415
+
+
+def test_a_non_finite_map_or_score_is_an_error_row_in_the_service() -> None:
+    """Broken after loading (loading refuses NaN weights): every answer is JSON with the error."""
+    from qualiclip import serve
+
+    try:
+        serve.require_serve()
+        from starlette.testclient import TestClient
+    except ImportError as exc:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"CI installs the 'serve' extra, but: {exc}", pytrace=False)
+        pytest.skip(f"the 'serve' extra is not installed: {exc}")
+    broken = create_model("random-tiny")
+    with torch.no_grad():
+        broken.visual.attnpool.c_proj.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite score"):
+        quality_map(broken, _photo(64, 96, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(_photo(64, 96, 4)).save(buffer, "PNG")
+    upload = ("files", ("x.png", buffer.getvalue(), "image/png"))
+    with TestClient(serve.create_app(broken, serve.ServeConfig())) as client:
+        for endpoint in ("/score", "/map", "/map?kind=windows"):
+            r = client.post(endpoint, files=[upload])
+            assert r.headers["content-type"].startswith("application/json"), endpoint
+            row = r.json()["results"][0]
+            assert row["score"] is None and "model produced a non-finite score" in row["error"]

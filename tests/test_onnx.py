@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +362,24 @@ def test_http_service_scores_with_an_onnx_model(tiny, tiny_onnx, folder):
     (row,) = reply.json()["results"]
     assert row["score"] == pytest.approx(qualiclip.score(tiny, folder / "p0.png"), abs=ATOL)
     assert small.status_code == 400 and small.json()["results"][0]["error"]
+
+
+def test_exported_file_follows_the_umask_and_maps_name_the_flag(tiny_file, folder, tmp_path,
+                                                               capsys):
+    graph = tmp_path / "tiny.onnx"
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["export", "--model", str(tiny_file), "--onnx", str(graph),
+                         "--no-check"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(graph.stat().st_mode) == 0o644  # as any file written with umask 022
+    capsys.readouterr()
+    code = cli.main(["score", str(folder), "--model", str(graph), "--map",
+                     str(tmp_path / "maps"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--map-kind windows" in err and "kind='windows'" not in err, err
+    assert err.count("\n") == 1
 
 
 def test_map_endpoint_with_a_model_that_has_no_dense_maps(tiny, tiny_onnx, folder):

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from qualiclip.quantize import CALIBRATION_PHOTOS
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "src" / "qualiclip" / "assets"
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_vocabulary_niqe_model_and_web_page(tmp_path: Path) -> None:
+def test_wheel_ships_the_vocabulary_niqe_model_web_page_and_report(tmp_path: Path) -> None:
     pytest.importorskip("setuptools", minversion="77")
     project = tmp_path / "project"
     project.mkdir()
@@ -32,11 +34,23 @@ def test_wheel_ships_the_vocabulary_niqe_model_and_web_page(tmp_path: Path) -> N
     (wheel,) = (tmp_path / "dist").glob("qualiclip-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith("qualiclip/assets/")}
-    web = sorted(p.relative_to(ASSETS).as_posix() for p in (ASSETS / "web").iterdir())
-    assert web, "the web page's files are missing from the repository"
+    web = sorted(p.relative_to(ASSETS).as_posix() for folder in ("web", "report")
+                 for p in (ASSETS / folder).iterdir())
+    assert web, "the web page's and report's files are missing from the repository"
+    calibration = [f"calibration/{name}" for name in CALIBRATION_PHOTOS]
     for name in ("bpe_simple_vocab_16e6.txt.gz", "niqe_matlab_params.npz",
-                 "LICENSE-openai-clip.txt", "README.md", *web):
+                 "LICENSE-openai-clip.txt", "README.md", "qualiclip-open.pth", *web,
+                 *calibration):
         data = shipped.get(f"qualiclip/assets/{name}")
         assert data is not None, f"{name} is not in {wheel.name}"
         expected = hashlib.sha256((ASSETS / name).read_bytes()).hexdigest()
         assert hashlib.sha256(data).hexdigest() == expected
+
+
+def test_calibration_photos_match_their_provenance() -> None:
+    """Each shipped calibration photo is the file the assets README describes (its sha256)."""
+    readme = (ASSETS / "README.md").read_text(encoding="utf-8")
+    for name in CALIBRATION_PHOTOS:
+        (line,) = [ln for ln in readme.splitlines() if ln.startswith(f"| `calibration/{name}`")]
+        digest = hashlib.sha256((ASSETS / "calibration" / name).read_bytes()).hexdigest()
+        assert f"`{digest}`" in line, name

@@ -124,6 +124,7 @@ def test_raw_body_scores_equal_local_engine(
         r = _post_raw(server, path.read_bytes(), ctype)
         assert r.status_code == 200, r.text
         body = r.json()
+        assert body["precision"] == "fp32"
         (row,) = body["results"]
         assert row["error"] is None
         assert abs(row["score"] - expected[name]) <= ATOL, name
@@ -343,6 +344,7 @@ def test_models_healthz_and_openapi(server: str, checkpoint: Path) -> None:
     (info,) = httpx.get(f"{server}/models", timeout=10).json()["models"]
     assert info["name"] == checkpoint.name  # the file's name, never its path
     assert info["weights_sha256"] == create_model(str(checkpoint)).weights_sha256
+    assert info["precision"] == "fp32"
     assert httpx.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
     schema = httpx.get(f"{server}/openapi.json", timeout=10).json()
     body = schema["paths"]["/score"]["post"]["requestBody"]["content"]
@@ -710,6 +712,24 @@ def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     assert main(["serve", "--model", "random-tiny"]) == 2
 
 
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_docs_page_loads_its_assets_from_the_service(checkpoint: Path) -> None:
+    """/docs works offline: every script, style sheet and icon it names is served by us."""
+    import re
+
+    from qualiclip.serve import ServeConfig
+
+    with _app_client(checkpoint, ServeConfig()) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+        urls += re.findall(r"""url: ?['"]([^'"]+)['"]""", page.text)
+        assert urls and any(u.endswith(".js") for u in urls), page.text
+        for url in urls:
+            assert not re.match(r"^(https?:)?//", url), f"/docs loads {url} from elsewhere"
+            assert client.get(url).status_code == 200, url
+
+
 # --- hostile clients: fairness, hang-ups, unread responses, Host ---------------------------------
 
 
@@ -884,14 +904,14 @@ def test_work_for_a_client_that_hung_up_is_dropped(
 def test_a_response_the_client_never_reads_is_dropped(
     checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Ten noisy maps (about 8 MB of JSON) for a client that reads nothing: the connection is
+    """Fourteen noisy maps (about 6 MB of JSON) for a client that reads nothing: the connection is
     closed ``send_timeout`` seconds after the server's buffers filled, and the response freed."""
     from qualiclip.serve import ServeConfig
 
     caplog.set_level("INFO", logger="uvicorn.error")
     rng = np.random.default_rng(0)
     files = []
-    for i in range(10):
+    for i in range(14):
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (440, 440, 3), dtype=np.uint8)).save(buffer, "PNG")
         files.append((f"noise{i}.png", buffer.getvalue()))

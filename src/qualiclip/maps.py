@@ -13,12 +13,15 @@
   at most ``max_batch_pixels`` pixels, cut from the decoded image as they are needed.
 
 Values are in [0, 1], higher is better, as scores are. :func:`overlay` draws a map over its
-image (a colour ramp computed here, no plotting library); :func:`write_maps` writes the
-overlay PNG (and optionally the raw ``.npy``) of each scored file, for ``qualiclip score --map``.
+image's luminance (a colour ramp computed here, no plotting library; a map flatter than
+:data:`FLAT_RANGE` is drawn flat and says so); :func:`write_maps` writes the photo and its map
+side by side as a PNG (and optionally the raw ``.npy``) for each scored file, for
+``qualiclip score --map``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -36,12 +39,14 @@ from PIL import Image, ImageDraw, ImageFont
 from qualiclip import engine, heap, images
 from qualiclip.clip import AttentionPool2d, ModifiedResNet
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
-from qualiclip.model import QualiCLIP, Scorer
+from qualiclip.model import NonFiniteScoreError, QualiCLIP, Scorer
+from qualiclip.output_files import InputFiles, OutputError, make_folder, open_output
 from qualiclip.precision import autocast_context
 
 __all__ = [
-    "DEFAULT_STRIDE", "DEFAULT_WINDOW", "MAP_KINDS", "MapKind", "QualityMap", "colorize",
-    "half_means", "map_kinds", "overlay", "overlay_png", "quality_map", "upsample", "write_maps",
+    "DEFAULT_STRIDE", "DEFAULT_WINDOW", "FLAT_RANGE", "MAP_KINDS", "MapKind", "QualityMap",
+    "colorize", "display_range", "half_means", "map_files", "map_kinds", "map_name", "map_root",
+    "overlay", "overlay_png", "quality_map", "range_note", "to_uint8", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -51,6 +56,14 @@ DEFAULT_WINDOW = 224
 DEFAULT_STRIDE = 112
 #: The dense map's cell: the ResNet tower halves the resolution five times.
 DENSE_CELL = 32
+
+#: Smallest range (maximum minus minimum) of a map's values that is drawn stretched over the whole
+#: colour ramp. Below it, differences between places are of the size that arises without any
+#: damage: the left and right halves of untouched photos differed by 0.019-0.023 on average in
+#: ``benchmarks/bench_maps.py`` (tiny model trained 200 steps), and numerics alone move a score
+#: by up to 2e-3 (bf16 6.8e-4, GPU JPEG decoding 1.6e-3; docs/precision.md, README). Such a map is
+#: drawn over this range around its mean, so it looks nearly uniform, and says so in its legend.
+FLAT_RANGE = 0.02
 
 # Anchor colours of the ramp (low quality first): dark violet, blue, teal, green, yellow; the
 # lightness rises steadily, so the order reads in grey too.
@@ -89,6 +102,12 @@ class QualityMap:
     score: float | None = None
 
     @property
+    def flat(self) -> bool:
+        """Whether the values span less than :data:`FLAT_RANGE`: no place is measurably worse
+        than another, and a picture stretched from minimum to maximum would show noise."""
+        return float(self.values.max() - self.values.min()) < FLAT_RANGE
+
+    @property
     def grid(self) -> tuple[int, int]:
         """``(rows, cols)`` of the map."""
         return int(self.values.shape[0]), int(self.values.shape[1])
@@ -109,6 +128,7 @@ class QualityMap:
             "min": float(self.values.min()),
             "max": float(self.values.max()),
             "mean": float(self.values.mean()),
+            "flat": self.flat,
         }
 
 
@@ -147,7 +167,7 @@ def quality_map(
         kind: ``"dense"`` (one pass, 1/32 resolution) or ``"windows"`` (scores of crops).
         window: side of a crop in pixels (``"windows"``; clamped to the image's sides).
         stride: step between crops in pixels (``"windows"``).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA), as for scoring.
+        precision: as for scoring (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``, ``"auto"``).
         max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
         on_pass: called after each forward pass with ``(done, total)``: crops scored so far and
             in all (``(1, 1)`` for the one pass of a dense map). Whatever it raises stops the
@@ -159,6 +179,7 @@ def quality_map(
     Raises:
         ValueError: unknown kind, a window or stride under the model's minimum side or 1, an
             image too small, or a ``"dense"`` map of a tower without a feature map.
+        NonFiniteScoreError: the model produced NaN or infinity for a cell or the score.
         ImageDecodeError: a path or bytes that cannot be decoded.
 
     Example:
@@ -175,8 +196,13 @@ def quality_map(
     if kind == "dense":
         qmap = _dense_map(model, pixels, precision)
         report(1, 1)
-        return qmap
-    return _windows_map(model, pixels, window, stride, precision, max_batch_pixels, report)
+    else:
+        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels, report)
+    # The scores' rule holds for every cell: NaN is no quality (nor a colour to draw).
+    if not np.isfinite(qmap.values).all() or (qmap.score is not None
+                                               and not math.isfinite(qmap.score)):
+        raise NonFiniteScoreError()
+    return qmap
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -227,10 +253,20 @@ def _float_crops(
 # --- dense -------------------------------------------------------------------------------------
 
 
+_NO_DENSE = "dense maps need a CLIP ResNet image tower (a feature map and an attention pool)"
+
+
+def dense_maps_unavailable(model: object) -> str | None:
+    """Why ``model`` cannot draw dense maps (an ONNX graph, a ViT tower), or None if it can;
+    ``kind="windows"`` works with any scorer."""
+    if isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet):
+        return None
+    return _NO_DENSE
+
+
 def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str) -> QualityMap:
-    if "dense" not in map_kinds(model):
-        raise ValueError(f"{NO_DENSE_MAP}; use kind='windows'")
-    assert isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet)  # for mypy
+    if not (isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet)):
+        raise ValueError(f"{_NO_DENSE}; use kind='windows'")
     pool = model.visual.attnpool
     runner = engine.prepare(model, precision)
     trunk = runner.visual.trunk  # the fused copy's (or, compiled or unfused, the tower's own)
@@ -238,7 +274,7 @@ def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str)
     x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
     x = model.normalize_input(x, inplace=True)
     with heap.forward_pass(model.device, h * w), torch.inference_mode():
-        with autocast_context(model.device, precision):
+        with autocast_context(model.device, runner.precision):  # "auto" resolved
             fmap = trunk(x.contiguous(memory_format=torch.channels_last))  # [1, C, gh, gw]
             del x
             rows, cols = int(fmap.shape[-2]), int(fmap.shape[-1])
@@ -355,45 +391,83 @@ def upsample(qmap: QualityMap, size: tuple[int, int]) -> np.ndarray:
     return total / np.maximum(count, 1.0)
 
 
+def range_note(qmap: QualityMap) -> str | None:
+    """A warning for a map too flat to mean anything (see :data:`FLAT_RANGE`), else None."""
+    if not qmap.flat:
+        return None
+    spread = float(qmap.values.max() - qmap.values.min())
+    return f"flat map: range {spread:.4f} < {FLAT_RANGE}, no place is worse than another"
+
+
+def display_range(qmap: QualityMap) -> tuple[float, float]:
+    """The values drawn darkest and brightest: the map's minimum and maximum, so differences
+    within one image show; for a flat map, :data:`FLAT_RANGE` around its mean (clipped to
+    [0, 1]), so that noise is not stretched into structure."""
+    lo, hi = float(qmap.values.min()), float(qmap.values.max())
+    if not qmap.flat:
+        return lo, hi
+    centre = min(max((lo + hi) / 2, FLAT_RANGE / 2), 1 - FLAT_RANGE / 2)
+    return centre - FLAT_RANGE / 2, centre + FLAT_RANGE / 2
+
+
 def overlay(
     image: np.ndarray | Image.Image,
     qmap: QualityMap,
     *,
-    alpha: float = 0.55,
+    alpha: float = 0.6,
     value_range: tuple[float, float] | None = None,
     legend: bool = True,
     max_side: int | None = 1600,
+    layout: Literal["overlay", "side-by-side"] = "overlay",
 ) -> Image.Image:
-    """The map in colour over its image, as an RGB PIL image.
+    """The map in colour over its image's luminance, as an RGB PIL image.
+
+    The photo shows through in grey only, so its own colours never mix with the map's: a red
+    roof does not read as a low value. The colours come from one ramp, dark violet (low) to
+    yellow (high), whose lightness rises steadily, so it reads in grey too.
 
     Args:
         image: the image the map was computed from (RGB uint8 ``H x W x 3``, or PIL).
         qmap: its map.
-        alpha: opacity of the colours.
-        value_range: values drawn darkest and brightest; ``None``: the map's own minimum and
-            maximum, so differences within one image show (the legend gives the numbers).
-        legend: add a bar under the image with the ramp and its two end values.
-        max_side: scale the picture down so its longer side is at most this (``None``: never).
+        alpha: opacity of the colours over the grey photo.
+        value_range: values drawn darkest and brightest; ``None``: :func:`display_range` (the
+            map's own minimum and maximum, so differences within one image show, unless the map
+            is flat; the legend gives the numbers).
+        legend: add a bar under the picture with the ramp, its two end values and, for a flat
+            map, :func:`range_note`.
+        max_side: scale the photo down so its longer side is at most this (``None``: never).
+        layout: ``"overlay"``, or ``"side-by-side"``: the photo in its own colours on the left,
+            the map over its luminance on the right.
     """
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     pil = pil.convert("RGB")
     if (pil.height, pil.width) != qmap.image_size:
         raise ValueError(f"the map is of a {qmap.image_size[1]}x{qmap.image_size[0]} image, got "
                          f"{pil.width}x{pil.height}")
+    if layout not in ("overlay", "side-by-side"):
+        raise ValueError(f"layout must be 'overlay' or 'side-by-side', got {layout!r}")
     scale = 1.0 if max_side is None else min(1.0, max_side / max(pil.size))
     out_w, out_h = max(1, round(pil.width * scale)), max(1, round(pil.height * scale))
     if scale < 1.0:
         pil = pil.resize((out_w, out_h), Image.Resampling.BILINEAR)
-    vmin, vmax = value_range or (float(qmap.values.min()), float(qmap.values.max()))
+    vmin, vmax = value_range or display_range(qmap)
     colours = colorize(upsample(qmap, (out_h, out_w)), vmin, vmax).astype(np.float32)
-    base = np.asarray(pil, dtype=np.float32)
-    blended = Image.fromarray(np.rint(base * (1 - alpha) + colours * alpha).astype(np.uint8))
-    return _with_legend(blended, vmin, vmax) if legend else blended
+    grey = np.asarray(pil.convert("L"), dtype=np.float32)[..., None]  # ITU-R 601 luminance
+    mapped = Image.fromarray(np.rint(grey * (1 - alpha) + colours * alpha).astype(np.uint8))
+    picture = mapped
+    if layout == "side-by-side":
+        gap = max(4, out_w // 100)
+        picture = Image.new("RGB", (2 * out_w + gap, out_h), (255, 255, 255))
+        picture.paste(pil, (0, 0))
+        picture.paste(mapped, (out_w + gap, 0))
+    return _with_legend(picture, vmin, vmax, range_note(qmap)) if legend else picture
 
 
-def _with_legend(picture: Image.Image, vmin: float, vmax: float) -> Image.Image:
+def _with_legend(picture: Image.Image, vmin: float, vmax: float,
+                 note: str | None = None) -> Image.Image:
     bar_h = max(22, picture.width // 20)  # stays legible when the page scales the picture down
-    canvas = Image.new("RGB", (picture.width, picture.height + bar_h), (255, 255, 255))
+    note_h = bar_h if note else 0
+    canvas = Image.new("RGB", (picture.width, picture.height + bar_h + note_h), (255, 255, 255))
     canvas.paste(picture, (0, 0))
     font_px = round(bar_h * 0.7)
     try:
@@ -409,6 +483,8 @@ def _with_legend(picture: Image.Image, vmin: float, vmax: float) -> Image.Image:
     draw.text((2, picture.height + 2), f"{vmin:.3f}", fill=(0, 0, 0), font=font)
     draw.text((label_w + ramp_w + 3, picture.height + 2), f"{vmax:.3f}", fill=(0, 0, 0),
               font=font)
+    if note:
+        draw.text((2, picture.height + bar_h + 2), note, fill=(150, 40, 0), font=font)
     return canvas
 
 
@@ -429,10 +505,65 @@ def overlay_png(
 # --- files -------------------------------------------------------------------------------------
 
 
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Decoded pixels at 8 bits for drawing: 16-bit values rounded to the nearest 8-bit one."""
     if pixels.dtype == np.uint16:
         return (pixels.astype(np.uint32) * 255 + 32767) // 65535  # rounded, exact integers
     return pixels
+
+
+def map_root(paths: Iterable[str | os.PathLike[str]]) -> Path | None:
+    """The folder that map names are relative to: the deepest one holding every input.
+
+    None when there is no such folder (inputs on different drives) or no input.
+    """
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if not folders:
+        return None
+    try:
+        return Path(os.path.commonpath(sorted(folders)))
+    except ValueError:
+        return None
+
+
+def map_name(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The relative name of an input's maps, without suffix: its path below ``root``.
+
+    ``a/photo.png`` gives ``a/photo.png.map`` (files ``.map.png`` and ``.map.npy``): the whole
+    relative path, file extension included, so two inputs never share a map (``a/photo.png``,
+    ``b/photo.png`` and ``a/photo.jpg`` get three) and each map names its input. Without a
+    ``root`` (or for a path outside it) the input's absolute path is mirrored.
+    """
+    absolute = Path(os.path.abspath(path))
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            rel = absolute.relative_to(os.path.abspath(root))
+            if rel.parts:
+                return rel.with_name(rel.name + ".map")
+    drive = absolute.drive.rstrip(":\\/")
+    rel = Path(drive, *absolute.parts[1:]) if absolute.parts[1:] else Path("image")
+    return rel.with_name(rel.name + ".map")
+
+
+def map_files(
+    paths: Iterable[str | os.PathLike[str]], outdir: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None, *, npy: bool = False,
+) -> list[Path]:
+    """Every file :func:`write_maps` may write for ``paths`` (to check them before scoring)."""
+    suffixes = (".png", ".npy") if npy else (".png",)
+    names = [Path(outdir) / map_name(p, root) for p in paths]
+    return [n.with_name(n.name + s) for n in names for s in suffixes]
+
+
+def _map_folder(outdir: Path, name: Path) -> Path:
+    """``outdir``'s sub-folder for ``name``, created; never through a symlink inside ``outdir``."""
+    folder = outdir
+    for part in name.parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a symlink; maps are never written through links")
+        make_folder(folder)
+    return folder
 
 
 def write_maps(
@@ -445,33 +576,48 @@ def write_maps(
     window: int = DEFAULT_WINDOW,
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
+    root: str | os.PathLike[str] | None = None,
+    inputs: InputFiles | None = None,
+    on_map: Callable[[ScoreResult, QualityMap], None] | None = None,
 ) -> Iterator[ScoreResult]:
     """Pass ``results`` through, writing each scored file's map into ``outdir`` on the way.
 
-    For input ``photo.jpg`` the overlay is ``outdir/photo.map.png`` (and the raw values
-    ``photo.map.npy`` with ``npy``); a second input with the same stem in this run gets
-    ``photo-2.map.png``, and so on, so no map overwrites another. Rows that already carry an
-    error pass unchanged; a file whose map fails keeps its score and gets the map's error, so
-    it counts as failed.
+    For input ``root/a/photo.jpg`` the overlay is ``outdir/a/photo.jpg.map.png`` (and the raw
+    values ``photo.jpg.map.npy`` with ``npy``): :func:`map_name` mirrors the input's path below
+    ``root`` (default: its absolute path), so no two inputs share a map and each map names its
+    input. Files are written by :func:`qualiclip.output_files.open_output`: complete or not at
+    all, never through a symlink, never over one of ``inputs``. ``on_map(result, qmap)`` is
+    called with each map drawn (the HTML report keeps them).
+
+    Rows that already carry an error pass unchanged; a file whose map fails keeps its score and
+    gets the map's error, so it counts as failed.
+
+    Raises:
+        OutputError: a map could not be written (a full disk, a read-only folder): the run
+            stops, as every later map would fail the same way.
     """
     folder = Path(outdir)
-    folder.mkdir(parents=True, exist_ok=True)
-    used: dict[str, int] = {}
+    make_folder(folder)
     for result in results:
         if not result.ok:
             yield result
             continue
-        stem = Path(result.path).stem or "image"
-        n = used.get(stem, 0) + 1
-        used[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
+        name = map_name(result.path, root)
         try:
+            place = _map_folder(folder, name)
             pixels = images.decode_rgb(result.path, min_size=model.min_size)
             qmap = quality_map(model, pixels, kind, window=window, stride=stride,
                                precision=precision)
-            overlay(_to_uint8(pixels), qmap).save(folder / f"{name}.map.png")
+            picture = overlay(to_uint8(pixels), qmap, layout="side-by-side")
+            with open_output(place / f"{name.name}.png", inputs=inputs) as f:
+                picture.save(f, format="PNG")
             if npy:
-                np.save(folder / f"{name}.map.npy", qmap.values)
+                with open_output(place / f"{name.name}.npy", inputs=inputs) as f:
+                    np.save(f, qmap.values)
+            if on_map is not None:
+                on_map(result, qmap)
+        except OutputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
             yield dataclasses.replace(
                 result, error=f"quality map failed: {type(exc).__name__}: {exc}"

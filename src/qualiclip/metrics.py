@@ -79,6 +79,12 @@ def krcc(pred: ArrayLike, mos: ArrayLike) -> float:
     return float(stats.kendalltau(x, y).statistic)
 
 
+#: Fewest pairs the logistic PLCC is computed on. With four parameters, four points or fewer can
+#: be passed through exactly (its PLCC would be 1 by construction, not a measurement), and SciPy
+#: refuses fewer than four; below this the logistic PLCC is undefined (NaN).
+LOGISTIC_MIN_POINTS = 5
+
+
 def logistic4(x: ArrayLike, b1: float, b2: float, b3: float, b4: float) -> FloatArray:
     """The monotonic 4-parameter logistic of VQEG: ``(b1 - b2) / (1 + exp(-(x - b3)/|b4|)) + b2``.
 
@@ -132,8 +138,14 @@ def fit_logistic(pred: ArrayLike, mos: ArrayLike, *, maxfev: int = 20000) -> Log
 
     Returns:
         The fitted :class:`LogisticFit`.
+
+    Raises:
+        ValueError: fewer than :data:`LOGISTIC_MIN_POINTS` pairs.
     """
     x, y = _pair(pred, mos)
+    if x.size < LOGISTIC_MIN_POINTS:
+        raise ValueError(f"the logistic fit needs at least {LOGISTIC_MIN_POINTS} pairs, "
+                         f"got {x.size}")
     sx = float(x.std()) or 1.0
     increasing = np.corrcoef(x, y)[0, 1] >= 0 if x.std() > 0 and y.std() > 0 else True
     hi, lo = float(y.max()), float(y.min())
@@ -159,8 +171,11 @@ def plcc_logistic(pred: ArrayLike, mos: ArrayLike) -> float:
     """PLCC between the labels and the 4-parameter logistic fitted to the predictions.
 
     Signed: negative when the fitted logistic decreases (the model disagrees with the labels).
+    NaN with fewer than :data:`LOGISTIC_MIN_POINTS` pairs.
     """
     x, y = _pair(pred, mos)
+    if x.size < LOGISTIC_MIN_POINTS:
+        return math.nan
     return _logistic_corr(fit_logistic(x, y), x, y)
 
 
@@ -227,9 +242,11 @@ class Metrics:
 
     Attributes:
         n: number of (prediction, label) pairs used.
-        srcc, plcc, plcc_logistic, krcc: the correlations.
+        srcc, plcc, plcc_logistic, krcc: the correlations; ``plcc_logistic`` is NaN with fewer
+            than :data:`LOGISTIC_MIN_POINTS` pairs.
         srcc_ci, plcc_ci: bootstrap percentile intervals, or None when not computed.
-        logistic_converged: whether the logistic fit behind ``plcc_logistic`` converged.
+        logistic_converged: whether the logistic fit behind ``plcc_logistic`` converged (False
+            when there was too little data to fit).
         flipped: whether predictions were negated before correlating.
     """
 
@@ -272,7 +289,7 @@ def compute_metrics(
     flipped = pred_higher_is_better != mos_higher_is_better
     if flipped:
         x = -x
-    fit = fit_logistic(x, y)
+    fit = fit_logistic(x, y) if x.size >= LOGISTIC_MIN_POINTS else None
     srcc_ci = plcc_ci = None
     if bootstrap > 0:
         srcc_ci = bootstrap_ci(x, y, "srcc", resamples=bootstrap, level=level, seed=seed)
@@ -281,10 +298,10 @@ def compute_metrics(
         n=int(x.size),
         srcc=srcc(x, y),
         plcc=plcc(x, y),
-        plcc_logistic=_logistic_corr(fit, x, y),
+        plcc_logistic=_logistic_corr(fit, x, y) if fit is not None else math.nan,
         krcc=krcc(x, y),
         srcc_ci=srcc_ci,
         plcc_ci=plcc_ci,
-        logistic_converged=fit.converged,
+        logistic_converged=fit is not None and fit.converged,
         flipped=flipped,
     )

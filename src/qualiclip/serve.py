@@ -4,8 +4,9 @@ Endpoints:
 
 * ``POST /score``: the image bytes as the body (``Content-Type: image/*`` or
   ``application/octet-stream``), or ``multipart/form-data`` with one or many files. The answer is
-  ``{"model", "weights_sha256", "results": [{"filename", "score", "error", "width", "height"}]}``,
-  one result per file, in order. File names may be any Unicode: raw UTF-8 in ``filename="..."``
+  ``{"model", "weights_sha256", "precision", "results": [{"filename", "score", "error", "width",
+  "height"}]}``, one result per file, in order (``precision``: the one the scores were computed
+  in, ``auto`` resolved). File names may be any Unicode: raw UTF-8 in ``filename="..."``
   (RFC 7578) or the ``filename*=UTF-8''...`` form (RFC 5987/6266, preferred when both are sent).
 * ``POST /map?kind=dense|windows``: as ``/score``, each result also carrying its quality map
   (``map``: values and grid, see :class:`qualiclip.maps.QualityMap`) and the map drawn over the
@@ -18,7 +19,8 @@ Endpoints:
   maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
 * ``GET /models``: the model being served. ``GET /limits``: the upload limits and map kinds.
   ``GET /healthz``: liveness, with batching counters and what waits in each lane.
-* ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI.
+* ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI; the Swagger UI page's
+  scripts are served from the package fastapi-offline, so it works without the internet.
 
 Status codes. A request-level problem answers with ``{"detail": "..."}``:
 
@@ -107,7 +109,7 @@ except ImportError:  # the 'serve' extra is missing: create_app() and run() say 
 
 from qualiclip.batcher import Admission, BatchStats, MicroBatcher, PixelBudget
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS
-from qualiclip.precision import PRECISIONS
+from qualiclip.precision import PRECISION_CHOICES
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
@@ -146,7 +148,8 @@ class ServeConfig:
         max_inflight: most images decoded or being scored at once in each lane, over all
             requests.
         max_wait_ms: how long the batcher waits for more images after the first.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA), ``"int8"`` (CPU) or ``"auto"``
+            (resolved at start-up; responses name the precision used).
         max_pixels_in_flight: most decoded pixels of large images (the large lane) held at once
             over all requests; ``None``: twice ``max_pixels``. At least ``max_pixels``.
         max_request_pixels_in_flight: most decoded pixels held at once by one request;
@@ -183,8 +186,9 @@ class ServeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(
+                f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
         for name in ("max_pixels_in_flight", "max_request_pixels_in_flight"):
             value = getattr(self, name)
             if value is not None and value < self.max_pixels:
@@ -277,10 +281,11 @@ def without_paths(text: str) -> str:
 
 
 def require_serve() -> None:
-    """Raise an ``ImportError`` naming the extra when FastAPI, uvicorn or python-multipart is
-    missing."""
+    """Raise an ``ImportError`` naming the extra when FastAPI, uvicorn, python-multipart or
+    fastapi-offline (the /docs page's scripts) is missing."""
     try:
         import fastapi  # noqa: F401
+        import fastapi_offline  # noqa: F401
         import uvicorn  # noqa: F401
 
         _multipart_module()
@@ -436,6 +441,7 @@ def _response_models() -> tuple[type, type]:
     class ScoreResponse(BaseModel):
         model: str
         weights_sha256: str | None = None
+        precision: str = Field(description="the precision the scores were computed in")
         results: list[ScoreRow]
         detail: str | None = Field(None, description="the first error, when every file failed")
 
@@ -495,14 +501,15 @@ def create_app(
             scorer = await asyncio.to_thread(cast("Callable[[], Scorer]", model))
             if isinstance(scorer, nn.Module):
                 scorer.eval()
-        await asyncio.to_thread(_warm_up, scorer, cfg.precision)
+        precision = await asyncio.to_thread(_warm_up, scorer, cfg.precision)
         batcher = MicroBatcher(
             scorer, batch_size=cfg.batch_size, max_wait_s=cfg.max_wait_ms / 1000,
             precision=cfg.precision, max_batch_pixels=cfg.max_batch_pixels,
         )
         batcher.start()
         state.update(
-            model=scorer, name=public_name(scorer.name), batcher=batcher, dropped=0,
+            model=scorer, name=public_name(scorer.name), precision=precision, batcher=batcher,
+            dropped=0,
             batch=Admission(cfg.max_inflight, cfg.batch_pixels_in_flight),
             large=Admission(cfg.max_inflight, cfg.pixels_in_flight),
         )
@@ -513,11 +520,17 @@ def create_app(
         finally:
             await batcher.close()
 
-    app = FastAPI(
+    # FastAPI's own /docs loads Swagger UI from a CDN (a blank page offline); fastapi-offline
+    # serves the same page with the scripts it ships, from /docs-assets.
+    from fastapi_offline import FastAPIOffline
+
+    app: FastAPI = FastAPIOffline(
         title="qualiclip",
         version=__version__,
         description="No-reference image quality scores with QualiCLIP (higher is better).",
         lifespan=lifespan,
+        redoc_url=None,
+        static_url="/docs-assets",
     )
     app.add_middleware(_Guard, allowed_hosts=cfg.allowed_hosts or LOCAL_HOSTS)
     _, score_response = _response_models()
@@ -554,7 +567,7 @@ def create_app(
         return {"models": [{
             "name": state["name"], "weights_sha256": scorer.weights_sha256,
             "min_size": scorer.min_size, "device": str(scorer.device),
-            "precision": cfg.precision,
+            "precision": state["precision"],
         }]}
 
     @app.get("/limits", summary="What the service accepts")
@@ -639,7 +652,7 @@ async def _answer(
     outcomes = work.result()
     body: dict[str, Any] = {
         "model": state["name"], "weights_sha256": scorer.weights_sha256,
-        "results": [row for row, _ in outcomes],
+        "precision": state["precision"], "results": [row for row, _ in outcomes],
     }
     statuses = [status for _, status in outcomes]
     if 200 in statuses:
@@ -675,7 +688,7 @@ class _Mapper:
         if self.unavailable is not None:
             score = await batcher.score(pixels, owner)
             return {"score": score, "map": None, "overlay": None, "map_error": self.unavailable}
-        model, kind, precision = self.state["model"], self.kind, self.cfg.precision
+        model, kind, precision = self.state["model"], self.kind, self.state["precision"]
         draw = self.room > 0  # no overlay is drawn once none can be sent
 
         def work(check: Callable[[], None]) -> dict[str, Any]:
@@ -769,14 +782,16 @@ def _map_row(
     return found
 
 
-def _warm_up(model: Scorer, precision: str) -> None:
-    """One forward pass, so the first request does not pay for building the inference copy."""
+def _warm_up(model: Scorer, precision: str) -> str:
+    """One forward pass, so the first request does not pay for building the inference copy;
+    returns the precision it ran in (``auto`` resolved)."""
     import torch
 
-    from qualiclip.engine import score_tensors
+    from qualiclip.engine import prepare, score_tensors
 
     side = max(model.min_size, 64)
     score_tensors(model, torch.rand(1, 3, side, side), precision)
+    return prepare(model, precision).precision
 
 
 def timed_protocol(request_timeout: float, send_timeout: float = 60.0) -> type:
