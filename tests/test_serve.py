@@ -1008,6 +1008,8 @@ def test_allowed_hosts_follow_the_address_listened_on() -> None:
     assert host_allowed("a.scores.example", ("*.scores.example",))
     assert not host_allowed("scores.example.evil", ("*.scores.example",))
     assert not host_allowed("", LOCAL_HOSTS)  # no Host header at all
+    for odd in ("localhost:80@evil.example", "[::1", "[::1]x", "localhost:8000:1", "localhost."):
+        assert not host_allowed(odd, LOCAL_HOSTS), odd
     assert host_allowed("anything", ("*",))
     for ok in ("scores.example", "*.example.org", "::1", "[::1]", "10.0.0.7", "*"):
         ServeConfig(allowed_hosts=(ok,))

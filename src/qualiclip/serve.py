@@ -250,16 +250,19 @@ def allowed_hosts_for(bind: str, given: Sequence[str] | None) -> tuple[str, ...]
 def host_allowed(host: str, allowed: Sequence[str]) -> bool:
     """Whether a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``) names one of
     ``allowed`` (``"*"`` matches any, ``"*.example.org"`` the subdomains of example.org)."""
-    value = host.strip().lower()
-    if value.startswith("["):
-        name = value[1:value.find("]")] if "]" in value else ""
-    elif value.count(":") == 1:
-        name = value.split(":", 1)[0]
-    else:
-        name = value
     if "*" in allowed:
         return True
-    if not name:
+    value = host.strip().lower()
+    if value.startswith("["):
+        name, closed, rest = value[1:].partition("]")
+        if not closed or rest[:1] not in ("", ":"):
+            return False
+        port = rest[1:]
+    elif value.count(":") == 1:
+        name, port = value.split(":", 1)
+    else:
+        name, port = value, ""
+    if not name or not (port == "" or port.isdigit()):  # "localhost:80@evil" is no host:port
         return False
     return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
 
