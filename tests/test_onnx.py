@@ -154,7 +154,9 @@ def test_pyiqa_formula_is_exported_and_asked_for(tiny_file, tmp_path):
         engine.score_tensors(scorer, batch), engine.score_tensors(model, batch), atol=ATOL, rtol=0
     )
     with pytest.raises(ValueError, match="exported with formula 'pyiqa'"):
-        create_model(path)  # the official formula is asked for by default
+        create_model(path, formula="official")  # asked for, and not what the graph computes
+    # Nothing asked: the graph's own formula (a QualiCLIP+ export scores as it was learned).
+    assert create_model(path).formula == "pyiqa"
 
 
 def test_python_api_scores_a_file_and_a_tensor(tiny, tiny_onnx, tmp_path):
