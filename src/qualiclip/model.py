@@ -352,7 +352,8 @@ def create_model(
         pooling: attention-pooling mode; ``None`` means the weights' own (``"none"``, as
             QualiCLIP, for every file and table entry).
         formula: ``"official"`` (the weights' logit scale, 100) or ``"pyiqa"``
-            (``exp(logit_scale) / 2``); ``None``: pyiqa's with learned prompts, else official.
+            (``exp(logit_scale) / 2``); ``None``: pyiqa's with learned prompts, else official
+            (for an ``.onnx`` file, the graph's own).
         prompt_pairs: prompts to compute features for with the checkpoint's text tower, instead
             of the stored features or the weight entry's prompts.
         prompts: learned prompts (QualiCLIP+): a prompt file in pyiqa's format or a name of
