@@ -11,6 +11,9 @@ Example::
 
     python benchmarks/learning_curve.py runs/qualiclip-open --dataset biq2021 \\
         --root ../shared/data/biq2021-test --limit 500 --every 1000 -o runs/open-curve.jsonl
+    python benchmarks/learning_curve.py runs/qualiclip-open --dataset biq2021 \\
+        --root ../shared/data/biq2021-test --limit 400 --every 500 --logit-scale 10 \\
+        -o runs/open-curve-400-s10.jsonl
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ from qualiclip.engine import score_paths
 from qualiclip.metrics import compute_metrics
 
 
-def measure(ckpt: Path, items: list[tuple[Path, float]], batch_size: int) -> dict[str, float]:
+def measure(
+    ckpt: Path, items: list[tuple[Path, float]], batch_size: int, logit_scale: float
+) -> dict[str, float]:
     """SRCC/PLCC (with intervals) of one checkpoint's scores on ``items``."""
     model = model_from_checkpoint(ckpt)
+    model.logit_scale = logit_scale
     scores = {r.path: r.score for r in score_paths(model, [str(p) for p, _ in items],
                                                      batch_size=batch_size)}
     pairs = [(scores[str(p)], mos) for p, mos in items if scores.get(str(p)) is not None]
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="the first N rated images (0: all)")
     p.add_argument("--every", type=int, default=1, help="only steps that are multiples of this")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--logit-scale", type=float, default=100.0,
+                   help="softmax scale of the score (100: the authors'; qualiclip-open: 10)")
     p.add_argument("-o", "--output", type=Path, required=True, help="JSON-lines results")
     args = p.parse_args(argv)
 
@@ -68,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.every or step in done:
             continue
         start = time.perf_counter()
-        row = {"step": step, "level_accuracy": levels.get(step), **measure(ckpt, items,
-                                                                          args.batch_size)}
+        measured = measure(ckpt, items, args.batch_size, args.logit_scale)
+        row = {"step": step, "logit_scale": args.logit_scale,
+               "level_accuracy": levels.get(step), **measured}
         row["seconds"] = round(time.perf_counter() - start, 1)
         with args.output.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

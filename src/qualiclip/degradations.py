@@ -43,6 +43,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -466,7 +467,8 @@ def set_codec_processes(processes: int | None) -> None:
     in parallel. The processes use the same codec with the same settings: the output is identical
     to the in-process one, only faster. They are forked on first use on Linux (elsewhere spawned,
     which, as any spawned multiprocessing, needs an ``if __name__ == "__main__":`` guard in the
-    calling script) and live until the interpreter exits or this is called again. A daemonic
+    calling script) and live until the interpreter exits or this is called again; they die
+    with it however it ends, SIGKILL included (:func:`qualiclip._codec.worker_start`). A daemonic
     process (such as a DataLoader worker, already one of many) cannot start processes and codes
     in-process.
 
@@ -514,8 +516,11 @@ def _get_j2k_pool(n_jobs: int) -> ProcessPoolExecutor | None:
         # run the main script again, which breaks scripts without a __main__ guard) and the
         # children only run Pillow. Elsewhere fork is unsafe and spawn is the only choice.
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        _j2k_pool, _j2k_pool_size = ProcessPoolExecutor(max_workers=n, mp_context=ctx), n
-        _j2k_pool_pid = os.getpid()
+        # Workers die with this process, however it ends (SIGKILL included): see worker_start.
+        started_by = (os.getpid(), threading.current_thread() is threading.main_thread())
+        _j2k_pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx,
+                                        initializer=_codec_mod.worker_start, initargs=started_by)
+        _j2k_pool_size, _j2k_pool_pid = n, os.getpid()
     return _j2k_pool
 
 

@@ -21,6 +21,7 @@ side by side as a PNG (and optionally the raw ``.npy``) for each scored file, fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -38,13 +39,14 @@ from PIL import Image, ImageDraw, ImageFont
 from qualiclip import engine, heap, images
 from qualiclip.clip import AttentionPool2d, ModifiedResNet
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
-from qualiclip.model import QualiCLIP, Scorer
+from qualiclip.model import NonFiniteScoreError, QualiCLIP, Scorer
+from qualiclip.output_files import InputFiles, OutputError, make_folder, open_output
 from qualiclip.precision import autocast_context
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "FLAT_RANGE", "MAP_KINDS", "MapKind", "QualityMap",
-    "colorize", "display_range", "half_means", "overlay", "overlay_png", "quality_map",
-    "range_note", "to_uint8", "upsample", "write_maps",
+    "colorize", "display_range", "half_means", "map_files", "map_kinds", "map_name", "map_root",
+    "overlay", "overlay_png", "quality_map", "range_note", "to_uint8", "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -130,6 +132,20 @@ class QualityMap:
         }
 
 
+#: Why a scorer has no dense map (see :func:`map_kinds`).
+NO_DENSE_MAP = ("dense maps need a CLIP ResNet image tower (a feature map and an attention pool), "
+                "which this model does not have")
+
+
+def map_kinds(model: Scorer) -> tuple[str, ...]:
+    """The kinds of map ``model`` can draw, the preferred first: ``("dense", "windows")`` for a
+    QualiCLIP with a CLIP ResNet tower, ``("windows",)`` for any other scorer (a ViT tower, an
+    ONNX graph: they score crops, but have no feature map to read cells from)."""
+    if isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet):
+        return ("dense", "windows")
+    return ("windows",)
+
+
 def quality_map(
     model: Scorer,
     image: Any,
@@ -139,6 +155,7 @@ def quality_map(
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> QualityMap:
     """The quality map of one image, computed on the model's device.
 
@@ -150,8 +167,11 @@ def quality_map(
         kind: ``"dense"`` (one pass, 1/32 resolution) or ``"windows"`` (scores of crops).
         window: side of a crop in pixels (``"windows"``; clamped to the image's sides).
         stride: step between crops in pixels (``"windows"``).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA), as for scoring.
+        precision: as for scoring (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``, ``"auto"``).
         max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
+        on_pass: called after each forward pass with ``(done, total)``: crops scored so far and
+            in all (``(1, 1)`` for the one pass of a dense map). Whatever it raises stops the
+            map there (the HTTP service stops the map of a client that hung up this way).
 
     Returns:
         the map and its grid.
@@ -159,6 +179,7 @@ def quality_map(
     Raises:
         ValueError: unknown kind, a window or stride under the model's minimum side or 1, an
             image too small, or a ``"dense"`` map of a tower without a feature map.
+        NonFiniteScoreError: the model produced NaN or infinity for a cell or the score.
         ImageDecodeError: a path or bytes that cannot be decoded.
 
     Example:
@@ -171,9 +192,17 @@ def quality_map(
     if kind not in MAP_KINDS:
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     pixels = _pixels(image, model.min_size)
+    report = on_pass or (lambda done, total: None)
     if kind == "dense":
-        return _dense_map(model, pixels, precision)
-    return _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+        qmap = _dense_map(model, pixels, precision)
+        report(1, 1)
+    else:
+        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels, report)
+    # The scores' rule holds for every cell: NaN is no quality (nor a colour to draw).
+    if not np.isfinite(qmap.values).all() or (qmap.score is not None
+                                               and not math.isfinite(qmap.score)):
+        raise NonFiniteScoreError()
+    return qmap
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -245,7 +274,7 @@ def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str)
     x = _float_crops(pixels, [(0, 0, h, w)]).to(model.device)
     x = model.normalize_input(x, inplace=True)
     with heap.forward_pass(model.device, h * w), torch.inference_mode():
-        with autocast_context(model.device, precision):
+        with autocast_context(model.device, runner.precision):  # "auto" resolved
             fmap = trunk(x.contiguous(memory_format=torch.channels_last))  # [1, C, gh, gw]
             del x
             rows, cols = int(fmap.shape[-2]), int(fmap.shape[-1])
@@ -292,7 +321,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 def _windows_map(
     model: Scorer, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
-    precision: str, max_batch_pixels: int,
+    precision: str, max_batch_pixels: int, report: Callable[[int, int], None],
 ) -> QualityMap:
     if window < model.min_size:
         raise ValueError(f"window must be at least the model's minimum side {model.min_size} px, "
@@ -313,6 +342,8 @@ def _windows_map(
         crops = _float_crops(pixels, boxes[i:i + per_pass]).to(dtype=dtype)
         scores.append(engine.score_tensors(model, crops, precision,
                                            max_batch_pixels=max_batch_pixels))
+        del crops
+        report(min(i + per_pass, len(boxes)), len(boxes))
     values = torch.cat(scores).reshape(len(ys), len(xs)).numpy().astype(np.float32)
     return QualityMap(
         values=values, kind="windows", image_size=(h, w), cell=(ch, cw),
@@ -481,6 +512,60 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def map_root(paths: Iterable[str | os.PathLike[str]]) -> Path | None:
+    """The folder that map names are relative to: the deepest one holding every input.
+
+    None when there is no such folder (inputs on different drives) or no input.
+    """
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if not folders:
+        return None
+    try:
+        return Path(os.path.commonpath(sorted(folders)))
+    except ValueError:
+        return None
+
+
+def map_name(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The relative name of an input's maps, without suffix: its path below ``root``.
+
+    ``a/photo.png`` gives ``a/photo.png.map`` (files ``.map.png`` and ``.map.npy``): the whole
+    relative path, file extension included, so two inputs never share a map (``a/photo.png``,
+    ``b/photo.png`` and ``a/photo.jpg`` get three) and each map names its input. Without a
+    ``root`` (or for a path outside it) the input's absolute path is mirrored.
+    """
+    absolute = Path(os.path.abspath(path))
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            rel = absolute.relative_to(os.path.abspath(root))
+            if rel.parts:
+                return rel.with_name(rel.name + ".map")
+    drive = absolute.drive.rstrip(":\\/")
+    rel = Path(drive, *absolute.parts[1:]) if absolute.parts[1:] else Path("image")
+    return rel.with_name(rel.name + ".map")
+
+
+def map_files(
+    paths: Iterable[str | os.PathLike[str]], outdir: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None, *, npy: bool = False,
+) -> list[Path]:
+    """Every file :func:`write_maps` may write for ``paths`` (to check them before scoring)."""
+    suffixes = (".png", ".npy") if npy else (".png",)
+    names = [Path(outdir) / map_name(p, root) for p in paths]
+    return [n.with_name(n.name + s) for n in names for s in suffixes]
+
+
+def _map_folder(outdir: Path, name: Path) -> Path:
+    """``outdir``'s sub-folder for ``name``, created; never through a symlink inside ``outdir``."""
+    folder = outdir
+    for part in name.parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a symlink; maps are never written through links")
+        make_folder(folder)
+    return folder
+
+
 def write_maps(
     model: Scorer,
     results: Iterable[ScoreResult],
@@ -491,39 +576,48 @@ def write_maps(
     window: int = DEFAULT_WINDOW,
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
+    root: str | os.PathLike[str] | None = None,
+    inputs: InputFiles | None = None,
     on_map: Callable[[ScoreResult, QualityMap], None] | None = None,
 ) -> Iterator[ScoreResult]:
     """Pass ``results`` through, writing each scored file's map into ``outdir`` on the way.
 
-    ``on_map(result, qmap)`` is called with each map drawn (the HTML report keeps them).
+    For input ``root/a/photo.jpg`` the overlay is ``outdir/a/photo.jpg.map.png`` (and the raw
+    values ``photo.jpg.map.npy`` with ``npy``): :func:`map_name` mirrors the input's path below
+    ``root`` (default: its absolute path), so no two inputs share a map and each map names its
+    input. Files are written by :func:`qualiclip.output_files.open_output`: complete or not at
+    all, never through a symlink, never over one of ``inputs``. ``on_map(result, qmap)`` is
+    called with each map drawn (the HTML report keeps them).
 
-    For input ``photo.jpg`` the overlay is ``outdir/photo.map.png`` (and the raw values
-    ``photo.map.npy`` with ``npy``); a second input with the same stem in this run gets
-    ``photo-2.map.png``, and so on, so no map overwrites another. Rows that already carry an
-    error pass unchanged; a file whose map fails keeps its score and gets the map's error, so
-    it counts as failed.
+    Rows that already carry an error pass unchanged; a file whose map fails keeps its score and
+    gets the map's error, so it counts as failed.
+
+    Raises:
+        OutputError: a map could not be written (a full disk, a read-only folder): the run
+            stops, as every later map would fail the same way.
     """
     folder = Path(outdir)
-    folder.mkdir(parents=True, exist_ok=True)
-    used: dict[str, int] = {}
+    make_folder(folder)
     for result in results:
         if not result.ok:
             yield result
             continue
-        stem = Path(result.path).stem or "image"
-        n = used.get(stem, 0) + 1
-        used[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
+        name = map_name(result.path, root)
         try:
+            place = _map_folder(folder, name)
             pixels = images.decode_rgb(result.path, min_size=model.min_size)
             qmap = quality_map(model, pixels, kind, window=window, stride=stride,
                                precision=precision)
-            overlay(to_uint8(pixels), qmap, layout="side-by-side").save(
-                folder / f"{name}.map.png")
+            picture = overlay(to_uint8(pixels), qmap, layout="side-by-side")
+            with open_output(place / f"{name.name}.png", inputs=inputs) as f:
+                picture.save(f, format="PNG")
             if npy:
-                np.save(folder / f"{name}.map.npy", qmap.values)
+                with open_output(place / f"{name.name}.npy", inputs=inputs) as f:
+                    np.save(f, qmap.values)
             if on_map is not None:
                 on_map(result, qmap)
+        except OutputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
             yield dataclasses.replace(
                 result, error=f"quality map failed: {type(exc).__name__}: {exc}"
