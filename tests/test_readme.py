@@ -43,6 +43,7 @@ TAGS = {
     "cluster": "needs a Ray cluster",
     "hours": "a long run",
     "installs": "creates a virtual environment or installs packages",
+    "suite": "runs the whole test suite, this test included",
 }
 
 #: Commands run, but slower than a few seconds: with ``-m "not slow"`` they are left out, and
