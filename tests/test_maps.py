@@ -422,7 +422,8 @@ def test_a_non_finite_map_or_score_is_an_error_row_in_the_service() -> None:
     buffer = io.BytesIO()
     Image.fromarray(_photo(64, 96, 4)).save(buffer, "PNG")
     upload = ("files", ("x.png", buffer.getvalue(), "image/png"))
-    with TestClient(serve.create_app(broken, serve.ServeConfig())) as client:
+    with TestClient(serve.create_app(broken, serve.ServeConfig()),
+                    base_url="http://localhost") as client:
         for endpoint in ("/score", "/map", "/map?kind=windows"):
             r = client.post(endpoint, files=[upload])
             assert r.headers["content-type"].startswith("application/json"), endpoint

@@ -162,8 +162,8 @@ def test_qualiclip_is_a_scorer_whose_input_dtype_follows_its_weights():
     model.check_precision("fp32")
     with pytest.raises(PrecisionError, match="fp16"):
         model.check_precision("fp16")  # CUDA only
-    with pytest.raises(PrecisionError, match="int8"):
-        model.check_precision("int8")
+    with pytest.raises(PrecisionError, match="int4"):
+        model.check_precision("int4")  # no such precision
     assert model.double().input_dtype == torch.float64
 
 

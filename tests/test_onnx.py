@@ -153,8 +153,9 @@ def test_pyiqa_formula_is_exported_and_asked_for(tiny_file, tmp_path):
     torch.testing.assert_close(
         engine.score_tensors(scorer, batch), engine.score_tensors(model, batch), atol=ATOL, rtol=0
     )
+    assert create_model(path).formula == "pyiqa"  # the graph's own formula, unless asked
     with pytest.raises(ValueError, match="exported with formula 'pyiqa'"):
-        create_model(path)  # the official formula is asked for by default
+        create_model(path, formula="official")
 
 
 def test_python_api_scores_a_file_and_a_tensor(tiny, tiny_onnx, tmp_path):

@@ -351,7 +351,8 @@ def test_ray_scoring_carries_the_prompts(tmp_path: Path, base: Path, clip: CLIP)
     # A folder of the base's scores is not taken for the prompted model's (nor the reverse).
     name, sha = pretrained.weights_identity(base)
     row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
-           "model": [name], "weights_sha256": [sha]}
+           "model": [name], "weights_sha256": [sha],
+               "precision": ["fp32"]}
     out = tmp_path / "out"
     out.mkdir()
     table = pa.Table.from_pydict(row, schema=ray_scoring._schema())

@@ -238,7 +238,7 @@ def test_refuses_to_mix_models_or_formats(checkpoint: Path, tmp_path: Path) -> N
 
     _require_ray()
     row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
-           "model": ["random-tiny"], "weights_sha256": [None]}
+           "model": ["random-tiny"], "weights_sha256": [None], "precision": ["fp32"]}
     table = pa.Table.from_pydict(row, schema=ray_scoring._schema())
     ray_scoring._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
     tiny = ray_scoring.RayScoreConfig(model="random-tiny")
@@ -374,7 +374,7 @@ def test_refusal_of_another_model_never_prints_none(checkpoint: Path, tmp_path: 
 
     _require_ray()
     row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
-           "model": ["random-tiny"], "weights_sha256": [None]}
+           "model": ["random-tiny"], "weights_sha256": [None], "precision": ["fp32"]}
     table = pa.Table.from_pydict(row, schema=ray_scoring._schema())
     ray_scoring._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
     with pytest.raises(ValueError) as refused:

@@ -529,8 +529,12 @@ def _decode_other_tiff(tiff: _OtherTiff, name: str, limit: int, min_size: int) -
         raise ImageDecodeError(
             f"{tiff}; if it is a float RGB TIFF, reading it needs tifffile: "
             "pip install 'qualiclip[tiff]'", tiff.reason) from None
+    fp = tiff.fp
+    if not isinstance(getattr(fp, "name", None), str):  # opened by descriptor: tifffile wants
+        fp.seek(0)  # a named file or an in-memory one
+        fp = io.BytesIO(fp.read())
     try:
-        with tifffile.TiffFile(tiff.fp) as tif:
+        with tifffile.TiffFile(fp) as tif:
             page: Any = tif.pages[0]
             samples = int(page.samplesperpixel)
             if page.dtype is None or page.dtype.kind != "f" or samples not in (3, 4):

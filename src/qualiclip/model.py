@@ -377,8 +377,7 @@ def create_model(
     if str(name_or_path).lower().endswith(".onnx"):
         if prompts is not None:
             raise ValueError(f"{name_or_path}: an ONNX graph's prompts are fixed at export")
-        # A graph fixed its formula at export: the authors' is what a caller gets unless asked.
-        return _onnx_scorer(name_or_path, device, pooling, formula or "official", prompt_pairs)
+        return _onnx_scorer(name_or_path, device, pooling, formula, prompt_pairs)
     base, prompts = pretrained.split_prompted(name_or_path, prompts)
     if prompts is not None and prompt_pairs is not None:
         raise ValueError("learned prompts come with their own prompt pairs: give one or the other")

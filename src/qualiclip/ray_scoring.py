@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import re
@@ -241,6 +242,11 @@ def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
 
     schema = _schema()
     try:
+        missing = [c for c in columns if c not in _OPTIONAL_COLUMNS and c not in
+                   _part_column_names(path, fmt)]
+        if missing:
+            raise ValueError(f"{path} is not a qualiclip part file (no column "
+                             f"{', '.join(missing)}); move it, or write to another folder")
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -260,6 +266,20 @@ def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
             f"{path} is not a qualiclip part file ({detail}); move it, or write to another "
             "folder"
         ) from None
+
+
+#: Columns a part file may lack: parts written before the column existed read it as nulls.
+_OPTIONAL_COLUMNS = frozenset({"precision"})
+
+
+def _part_column_names(path: Path, fmt: OutputFormat) -> list[str]:
+    """The column names a part file declares (its Parquet schema, or its CSV header)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
 
 
 def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
