@@ -42,7 +42,7 @@ TAGS = {
     "GPU": "needs a CUDA GPU",
     "cluster": "needs a Ray cluster",
     "hours": "a long run",
-    "installs": "creates a virtual environment or installs packages",
+    "installs": "sets up the environment (a virtual environment, packages)",
     "suite": "runs the whole test suite, this test included",
 }
 
