@@ -1,16 +1,17 @@
-"""Scoring speed and memory: qualiclip's engine against a reference-style loop (issue 6).
+"""Scoring speed and memory: qualiclip's engine against a reference-style loop (issues 6, 21).
 
 Usage:
-    python benchmarks/bench_score.py [--images 8] [--size 1024x768] [--precisions fp32,bf16]
-        [--repeats 3] [--batch-size 8] [--workers 2] [--device cpu] [--memory-size 4000x3000]
-        [--no-memory]
+    python benchmarks/bench_score.py [--images 8] [--size 1024x768]
+        [--precisions fp32,bf16,int8,auto] [--repeats 3] [--batch-size 8] [--workers 2]
+        [--device cpu] [--memory-size 4000x3000] [--no-memory]
 
 One run, on the same JPEG files and the same RN50-sized QualiCLIP with random weights (speed does
 not depend on the weights; batch norms get random statistics so none is an identity):
 
 * **reference**: per image, decode with PIL, convert, normalise, one fp32 forward with full N x N
   attention pooling (``attnpool.full_attention = True``), batch 1, default memory format;
-* **engine**: :func:`qualiclip.engine.score_paths` in each precision;
+* **engine**: :func:`qualiclip.engine.score_paths` in each precision (CPU default: fp32, bf16,
+  int8 and auto; int8 is calibrated before the timed passes, and auto's row names what it chose);
 * **fp32 no-reuse** (CPU): the engine in fp32 with ``QUALICLIP_REUSE_MEMORY=0``, to show what
   reusing freed feature maps gains (``qualiclip.heap.reuse_freed_memory``);
 * **onnx** (CPU, when onnxruntime is installed; ``--no-onnx`` skips it): the same model exported
@@ -37,12 +38,15 @@ Ceilings and GPU rows (``--ceilings``, on by default; ``--no-ceilings`` leaves t
 
 Each run is a fresh subprocess (so its peak RSS is its own) that warms up on one image, then times
 ``--repeats`` passes over all the photos; the fastest pass counts, as the fastest matmul does for
-the peak. Printed: images per second, the ratio to the reference, peak RSS, achieved GFLOP/s
-(FLOPs of what each run computes, counted by ``torch.utils.flop_counter`` on one image: the
-engine's attention pooling does less work than the reference's) against a single-precision matmul
-peak measured in the same run (a 4096^2 ``torch.mm`` on the same threads, best of the measurements
-before and after), the seconds of every pass, and the largest score difference of each run against
-the engine's fp32.
+the peak. Printed: the CPU's flags, images per second, the ratios to the reference and to the
+engine's fp32, peak RSS, achieved GFLOP/s (FLOPs of what each run computes, counted by
+``torch.utils.flop_counter`` on one image: the engine's attention pooling does less work than the
+reference's; int8 runs count the same operations, as GOP/s) against the matmul peak of the row's
+own precision measured in the same run (fp32: a 4096^2 ``torch.mm`` on the same threads, best of
+the measurements before and after each run; bf16: the same in bf16; int8: ONNX Runtime's
+``MatMulInteger``, uint8 x int8 with constant weights, the kernel family of int8's convolutions),
+the seconds of every pass, and the largest score difference of each run against the engine's
+fp32.
 
 Then peak memory for one ``--memory-size`` image: the engine against the reference loop, the latter
 under an address-space cap (``--memory-cap-gib``), retried at smaller sizes if it does not survive.
@@ -51,7 +55,8 @@ Photos: ``$QUALICLIP_SHARED/data/pristine`` or ``../shared/data/pristine`` (Koda
 768x512), scaled to cover ``--size`` and centre-cropped; the built-in set of ``builtin_photos.py``
 otherwise.
 Targets (issue 6): engine fp32 >= 1.1x the reference and >= 70% of the matmul peak; engine bf16
->= 2x the reference.
+>= 2x the reference. Issue 21 (ratios to the engine's fp32): int8 >= 1.5x on AVX2-only CPUs and
+>= 2x with VNNI or AMX; on AMX the fastest precision >= 4x.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ from PIL import Image
 from builtin_photos import photo_paths
 
 FP32_SPEEDUP, FP32_PEAK_FRACTION, BF16_SPEEDUP = 1.1, 0.70, 2.0
+INT8_SPEEDUP_AVX2, INT8_SPEEDUP_VNNI, AMX_FASTEST_SPEEDUP = 1.5, 2.0, 4.0
+#: CPU flags worth printing beside the figures (what the precisions' kernels use).
+SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+               "amx_tile", "amx_bf16", "amx_int8", "asimddp")
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -148,6 +157,34 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype = torch.float32, n: int =
         start = time.perf_counter()
         torch.mm(a, b)
         _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def int8_matmul_peak_gops(n: int = 2048, threads: int | None = None) -> float | None:
+    """Best of 4 ``n x n`` uint8 x int8 -> int32 products in ONNX Runtime (``MatMulInteger``,
+    weights constant as a quantised convolution's are), in GOP/s; None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.integers(-64, 64, (n, n), dtype=np.int8), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        session.run(None, {"a": a})
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -266,9 +303,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                           spec.get("decode", "cpu"), spec.get("compile", False))
 
     rss_start = _peak_rss_mib()
+    warmup_s = None
     if spec.get("warmup", True):
-        # A compiled tower compiles once per input shape: warm it up on a full batch.
+        # A compiled tower compiles once per input shape: warm it up on a full batch. int8 is
+        # calibrated here at first use (then read from the cache).
+        start = time.perf_counter()
         once(paths[:spec["batch"]] if spec.get("compile") else paths[:1])
+        warmup_s = time.perf_counter() - start
     peak_before = matmul_peak_gflops(device) if spec.get("peak", True) else None
     passes = []
     for _ in range(spec.get("repeats", 1)):
@@ -291,7 +332,20 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "matmul_peak": max(peak_before, peak_after) if peak_before and peak_after else None,
         "load": os.getloadavg()[0],
         "load_s": load_s,
+        "warmup_s": warmup_s,
+        "precision_used": _precision_used(model, spec),
     }
+
+
+def _precision_used(model: Any, spec: dict[str, Any]) -> str | None:
+    """The precision a run computed in (``auto`` resolved), None for decoding alone."""
+    if spec["mode"] in ("reference", "onnx"):
+        return "fp32"
+    if spec["mode"] == "decode":
+        return None
+    from qualiclip.engine import prepare
+
+    return prepare(model, spec.get("precision", spec["mode"])).precision
 
 
 def spawn(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -328,7 +382,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=8, help="photos to score per run")
     p.add_argument("--size", type=_size, default=(1024, 768), help="WxH of the photos")
     p.add_argument("--precisions", default=None,
-                   help="engine precisions, comma-separated (default fp32,bf16; CUDA: "
+                   help="engine precisions, comma-separated (default fp32,bf16,int8,auto; CUDA: "
                    "fp32,bf16,fp16)")
     p.add_argument("--compile", action="store_true",
                    help="also run the engine and the compute ceiling with torch.compile")
@@ -345,6 +399,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="address-space cap for the reference's memory run")
     p.add_argument("--no-memory", action="store_true", help="skip the large-image memory part")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime run")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the runs, peaks and verdicts as JSON (scores left out)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -399,13 +455,17 @@ def _device_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if args.compile:
         rows.append((f"{best} compile", {"mode": "engine", "precision": best, "compile": True,
                                          "decode": "auto"}))
+        if cuda:
+            rows.append((f"{best} compile cpu-dec", {"mode": "engine", "precision": best,
+                                                     "compile": True, "decode": "cpu"}))
     if args.no_ceilings:
         return rows
     from qualiclip.precision import native_bf16
 
     for precision in dict.fromkeys([best, *args.precisions.split(",")]):
-        if precision == "bf16" and not native_bf16(torch.device(args.device)):
-            continue  # emulated: no ceiling worth measuring
+        if precision == "auto" or (precision == "bf16"
+                                   and not native_bf16(torch.device(args.device))):
+            continue  # auto is one of the others; emulated bf16: no ceiling worth measuring
         rows.append((f"compute {precision}", {"mode": "compute", "precision": precision}))
     if args.compile:
         rows.append((f"compute {best} compile", {"mode": "compute", "precision": best,
@@ -417,44 +477,83 @@ def _device_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _print_speed(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
-                 peak: float, gflop_ref: float, gflop_engine: float) -> list[str]:
-    ref = runs["reference"]
-    fp32 = runs.get("fp32", {})
-    print(f"\n{'run':<14} {'img/s':>8} {'s/img':>7} {'x ref':>6} {'GFLOP/s':>8} {'mm peak':>8} "
-          f"{'% peak':>7} {'load':>5} {'peak RSS':>9}  max |score - engine fp32|")
-    verdicts: list[str] = []
+                 peaks: dict[str, float | None], gflop_ref: float,
+                 gflop_engine: float) -> list[str]:
+    """The table, one row per run; returns the verdict lines.
+
+    ``peaks``: the best matmul rate of each precision in this run (fp32 also per child run).
+    """
+    ref, fp32 = runs["reference"], runs.get("fp32", {})
+    print(f"\n{'run':<14} {'ran':>5} {'img/s':>8} {'s/img':>7} {'x ref':>6} {'x fp32':>6} "
+          f"{'GFLOP/s':>8} {'mm peak':>8} {'% peak':>7} {'load':>5} {'peak RSS':>9}  "
+          "max |score - engine fp32|")
     passes: list[str] = []
     for mode, r in runs.items():
         if "error" in r:
             print(f"{mode:<14} failed: {r['error']}")
             continue
+        ran = r.get("precision_used") or "-"
         gflop = gflop_ref if mode == "reference" else 0.0 if mode.startswith("decode") else (
             gflop_engine)
         achieved = gflop * r["images_per_s"]
         ratio = r["images_per_s"] / ref["images_per_s"] if "error" not in ref else float("nan")
+        vs_fp32 = (f"{r['images_per_s'] / fp32['images_per_s']:6.2f}" if "images_per_s" in fp32
+                   else f"{'-':>6}")
         diff = ""
         if "scores" in fp32 and not mode.startswith(("compute", "decode")):
             pairs = zip(r["scores"], fp32["scores"], strict=True)
             diff = f"{max(abs(a - b) for a, b in pairs):.2e}"
-        local = r["matmul_peak"] or peak
-        print(f"{mode:<14} {r['images_per_s']:8.3f} {1 / r['images_per_s']:7.2f} {ratio:6.2f} "
-              f"{achieved:8.1f} {local:8.1f} {100 * achieved / local:6.1f}% {r['load']:5.2f} "
+        local = (r["matmul_peak"] or peaks["fp32"]) if ran == "fp32" else peaks.get(ran)
+        share = f"{100 * achieved / local:6.1f}%" if local and achieved else f"{'-':>7}"
+        shown_peak = f"{local:8.1f}" if local else f"{'-':>8}"
+        print(f"{mode:<14} {ran:>5} {r['images_per_s']:8.3f} {1 / r['images_per_s']:7.2f} "
+              f"{ratio:6.2f} {vs_fp32} {achieved:8.1f} {shown_peak} {share} {r['load']:5.2f} "
               f"{r['peak_rss_mib']:7.0f} MiB  {diff}")
         passes.append(f"{mode}: " + ", ".join(f"{t:.2f}" for t in r.get("passes", [])))
-        if mode == "fp32":
-            verdicts.append(_verdict(f"engine fp32 >= {FP32_SPEEDUP}x reference", ratio,
-                                     FP32_SPEEDUP, f"{ratio:.2f}x"))
-            verdicts.append(_verdict(
-                f"engine fp32 >= {FP32_PEAK_FRACTION:.0%} of the matmul peak measured around it",
-                achieved / local, FP32_PEAK_FRACTION, f"{achieved / local:.1%} of {local:.0f}"))
-            verdicts.append(_verdict(
-                f"engine fp32 >= {FP32_PEAK_FRACTION:.0%} of the best matmul peak of the whole run",
-                achieved / peak, FP32_PEAK_FRACTION, f"{achieved / peak:.1%} of {peak:.0f}"))
-        if mode == "bf16":
-            verdicts.append(_verdict(f"engine bf16 >= {BF16_SPEEDUP}x reference", ratio,
-                                     BF16_SPEEDUP, f"{ratio:.2f}x"))
     print("seconds per pass (the fastest counts): " + "; ".join(passes))
-    return verdicts
+    warm = [f"{m}: {r['warmup_s']:.1f}" for m, r in runs.items() if r.get("warmup_s") is not None]
+    print("warm-up seconds (int8's first use includes its calibration): " + "; ".join(warm))
+    return _verdicts(runs, peaks, gflop_engine)
+
+
+def _verdicts(runs: dict[str, dict[str, Any]], peaks: dict[str, float | None],
+              gflop_engine: float) -> list[str]:
+    """The targets of issues 6 and 21 against this run's figures."""
+    from qualiclip.precision import cpu_int8_kind
+
+    out: list[str] = []
+    ref, fp32 = runs["reference"], runs.get("fp32", {})
+    speed = {m: r["images_per_s"] for m, r in runs.items() if "images_per_s" in r}
+    if "fp32" in speed and "reference" in speed:
+        ratio = speed["fp32"] / ref["images_per_s"]
+        out.append(_verdict(f"engine fp32 >= {FP32_SPEEDUP}x reference", ratio, FP32_SPEEDUP,
+                            f"{ratio:.2f}x"))
+        achieved, best = gflop_engine * speed["fp32"], peaks["fp32"] or float("nan")
+        local = fp32.get("matmul_peak") or best
+        out.append(_verdict(
+            f"engine fp32 >= {FP32_PEAK_FRACTION:.0%} of the matmul peak measured around it",
+            achieved / local, FP32_PEAK_FRACTION, f"{achieved / local:.1%} of {local:.0f}"))
+        out.append(_verdict(
+            f"engine fp32 >= {FP32_PEAK_FRACTION:.0%} of the best matmul peak of the whole run",
+            achieved / best, FP32_PEAK_FRACTION, f"{achieved / best:.1%} of {best:.0f}"))
+    if "bf16" in speed and "reference" in speed:
+        ratio = speed["bf16"] / ref["images_per_s"]
+        out.append(_verdict(f"engine bf16 >= {BF16_SPEEDUP}x reference", ratio, BF16_SPEEDUP,
+                            f"{ratio:.2f}x"))
+    if "fp32" not in speed:
+        return out
+    kind = cpu_int8_kind()
+    if "int8" in speed:
+        target = INT8_SPEEDUP_AVX2 if kind in ("avx2", "arm") else INT8_SPEEDUP_VNNI
+        ratio = speed["int8"] / speed["fp32"]
+        out.append(_verdict(f"engine int8 >= {target}x engine fp32 (int8 by {kind})", ratio,
+                            target, f"{ratio:.2f}x"))
+    if kind == "amx":
+        fastest = max(speed.get(p, 0.0) for p in ("fp32", "bf16", "int8", "auto"))
+        ratio = fastest / speed["fp32"]
+        out.append(_verdict(f"AMX: fastest precision >= {AMX_FASTEST_SPEEDUP}x engine fp32",
+                            ratio, AMX_FASTEST_SPEEDUP, f"{ratio:.2f}x"))
+    return out
 
 
 def _export_onnx(args: argparse.Namespace, model: Any, folder: Path) -> Path | None:
@@ -486,6 +585,21 @@ def _print_onnx(runs: dict[str, dict[str, Any]], onnx_path: Path | None) -> None
     print(f"ONNX Runtime {onnxruntime.__version__} (CPU): graph {size_mb:.1f} MB, loaded in "
           f"{r['load_s']:.2f} s (fresh process); {r['images_per_s']:.3f} img/s"
           f"{ratio}")
+
+
+def _write_json(path: str, runs: dict[str, dict[str, Any]], peaks: dict[str, float | None],
+                verdicts: list[str], gflop_ref: float, gflop_engine: float) -> None:
+    from qualiclip.precision import cpu_flags, describe_cpu
+
+    report = {
+        "torch": torch.__version__, "cpu": describe_cpu(),
+        "cpu_flags": [f for f in SHOWN_FLAGS if f in cpu_flags()],
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gflop_per_image": {"reference": gflop_ref, "engine": gflop_engine},
+        "matmul_peaks": peaks, "verdicts": verdicts,
+        "runs": {m: {k: v for k, v in r.items() if k != "scores"} for m, r in runs.items()},
+    }
+    Path(path).write_text(json.dumps(report, indent=2))
 
 
 def _verdict(what: str, value: float, target: float, shown: str) -> str:
@@ -522,7 +636,8 @@ def _print_memory(label: str, r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.precisions is None:
-        args.precisions = "fp32,bf16,fp16" if args.device.startswith("cuda") else "fp32,bf16"
+        args.precisions = ("fp32,bf16,fp16" if args.device.startswith("cuda")
+                           else "fp32,bf16,int8,auto")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # reaches the children
@@ -533,9 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load average "
           f"{os.getloadavg()[0]:.2f}")
-    from qualiclip.engine import native_bf16
+    from qualiclip.precision import cpu_flags, describe_cpu, native_bf16
 
-    print(f"native bf16 on {args.device}: {native_bf16(torch.device(args.device))}")
+    print(f"native bf16 on {args.device}: {native_bf16(torch.device(args.device))}; "
+          f"{describe_cpu()}; flags: {' '.join(f for f in SHOWN_FLAGS if f in cpu_flags())}")
     with tempfile.TemporaryDirectory(prefix="qualiclip-bench-") as tmp:
         folder = Path(tmp)
         paths = write_photos(folder, args.images, w, h)
@@ -555,14 +671,20 @@ def main(argv: list[str] | None = None) -> int:
         peak = max([peak_before, peak_after]
                    + [r["matmul_peak"] for r in runs.values() if r.get("matmul_peak")])
         bf16_peak = matmul_peak_gflops(args.device, torch.bfloat16)
+        int8_peak = int8_matmul_peak_gops() if args.device == "cpu" else None
+        int8_text = f"{int8_peak:.1f} GOP/s" if int8_peak else "not measured (no onnxruntime)"
         print(f"\nmatmul peak fp32: {peak_before:.1f} GFLOP/s before, {peak_after:.1f} after; "
               f"best of the run incl. around each timed run {peak:.1f}; bf16 matmul "
-              f"{bf16_peak:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
-        verdicts = _print_speed(args, runs, peak, gflop_ref, gflop_engine)
+              f"{bf16_peak:.1f} GFLOP/s; int8 (ONNX Runtime MatMulInteger) {int8_text}; "
+              f"load average {os.getloadavg()[0]:.2f}")
+        peaks = {"fp32": peak, "bf16": bf16_peak, "int8": int8_peak}
+        verdicts = _print_speed(args, runs, peaks, gflop_ref, gflop_engine)
         _print_onnx(runs, onnx_path)
         print()
         for line in verdicts:
             print(line)
+        if args.json:
+            _write_json(args.json, runs, peaks, verdicts, gflop_ref, gflop_engine)
         if not args.no_memory:
             _memory(args, folder)
     return 0

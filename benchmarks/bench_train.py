@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--degrade-in", choices=("step", "loader"), default="step",
                    help="step: degrade_batch in the step (the default of training); loader: "
                    "each sample in the DataLoader workers (data.degrade_in = 'loader')")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the phases' times and the ratios as JSON")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -189,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     fb = statistics.median(times["forward/backward"])
     med = statistics.median([sum(t) for t in zip(*times.values(), strict=True)])
     print(f"median step / median forward+backward: {med / fb:.2f}x")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "preset": args.preset, "device": _device_name(args.device), "torch": torch.__version__,
+            "degrade_in": args.degrade_in, "workers": data.workers, "steps": args.steps,
+            "median_ms": {n: 1000 * statistics.median(times[n]) for n in PHASES},
+            "steps_per_s": steps_s, "median_step_over_forward_backward": med / fb,
+        }, indent=2))
     return 0
 
 

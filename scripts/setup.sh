@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up: a virtual environment in .venv with qualiclip (editable) and its extras.
 #
-# Usage: bash scripts/setup.sh [--cpu] [--dry-run] [EXTRAS]   (default extras: dev,eval,serve,ray,onnx)
+# Usage: bash scripts/setup.sh [--cpu] [--dry-run] [EXTRAS]   (default extras: dev,eval,serve,ray,onnx,metric)
 #
 # Which torch (the pin, torch==X, is in constraints.txt):
 #   default                       torch as pip resolves it: on plain PyPI that is the CUDA build,
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 cpu_index="https://download.pytorch.org/whl/cpu"
 choice="${QUALICLIP_TORCH:-default}"
 dry_run=0
-extras="dev,eval,serve,ray,onnx"
+extras="dev,eval,serve,ray,onnx,metric"
 for arg in "$@"; do
     case "$arg" in
         --cpu) choice=cpu ;;

@@ -9,6 +9,7 @@ skipped with the reason.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import socket
@@ -133,3 +134,38 @@ def run_main(*args: str) -> subprocess.CompletedProcess[str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(list(args))
     return subprocess.CompletedProcess(["qualiclip", *args], code, out.getvalue(), err.getvalue())
+
+
+# --- full and read-only disks ------------------------------------------------------------------
+
+
+def fill_disk_after(monkeypatch: pytest.MonkeyPatch, budget: int, code: int = errno.ENOSPC) -> None:
+    """Every output write fails with ``code`` once ``budget`` bytes went through (a full disk)."""
+    written = [0]
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        size = len(memoryview(data).cast("B"))
+        if written[0] + size > budget:
+            raise OSError(code, os.strerror(code))
+        written[0] += size
+        return os.write(fd, data)
+
+    from qualiclip import output_files
+
+    monkeypatch.setattr(output_files, "_write", write)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` for the block; skips the test where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -66,7 +66,7 @@ def _pattern(mode: str) -> Image.Image:
     if mode == "I;16":
         return Image.fromarray((x * 1600 + y * 10).astype(np.uint16))
     if mode == "F":
-        return Image.fromarray((x / w + y / (4 * h)).astype(np.float32), mode="F")
+        return Image.fromarray(((x / w + y / h) / 2).astype(np.float32), mode="F")  # in [0, 1]
     if mode == "P":
         return im.quantize(16)
     return im.convert(mode)

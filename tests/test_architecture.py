@@ -23,20 +23,24 @@ LAYERS: dict[str, int] = {
     "prompts": 0, "precision": 0, "heap": 0, "images": 0, "inputs": 0, "clip": 0, "losses": 0,
     "metrics": 0, "uploads": 0, "_codec": 0, "weight_files": 0, "color": 0,
     "train_choices": 0,  # torch-free, so the command line offers them without loading torch
+    "output_files": 0, "stopping": 0,  # how outputs are written and how runs stop: torch-free
     # 1 - building blocks on the leaves
     "pretrained": 1, "fused": 1, "datasets": 1, "crops": 1, "niqe": 1, "degradations": 1,
     "onnx_scorer": 1,  # ONNX Runtime scorer: the model factory returns it for .onnx files
+    "prompt_learning": 1,  # learned prompt context and pyiqa's prompt files (QualiCLIP+)
     "reading": 1,  # files to decoded pixels in threads (and JPEGs on the GPU), for the engine
     # 2 - on those
     "sheet": 2, "tokenizer": 2,
+    "quantize": 2,  # the int8 tower: takes the model as a protocol, below the engine that runs it
     # 3 - the model and its factory
     "model": 3,
     # 4 - the engine (files and tensors in, scores out), and the ONNX export beside it
     "engine": 4, "onnx_export": 4,
     # 5 - libraries of the front ends
     "output": 5, "evaluate": 5, "train_config": 5, "batcher": 5, "maps": 5,
+    "quality_loss": 5, "quality_metric": 5,  # QualiCLIP in others' code: loss, metric
     # 6, 7 - training
-    "checkpoints": 6, "validation": 6, "train": 7,
+    "checkpoints": 6, "validation": 6, "train": 7, "tune": 7,
     "report": 6,  # the HTML report: draws maps (layer 5) beside thumbnails
     # 8, 9 - front ends
     "serve": 8, "ray_scoring": 8, "cli": 9,

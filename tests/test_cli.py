@@ -329,14 +329,16 @@ def test_degrade_and_maps_never_write_over_inputs(tmp_path, capsys):
     # --map inside the scanned folder: the overlays would be scanned as inputs next time.
     argv = ["score", str(tmp_path), "--model", "random-tiny", "--map", str(tmp_path / "maps")]
     assert cli.main(argv) == cli.EXIT_USAGE
-    # An input that a map file could replace.
+    # An input named like a map, inside the map folder: map names mirror their input's whole
+    # path, so no map can take its name; it is scored and mapped like any other input.
     maps = tmp_path.parent / f"{tmp_path.name}-maps"
     maps.mkdir()
     twin = maps / "p.map.png"
     Image.fromarray(photo(9)).save(twin)
     twin_bytes = twin.read_bytes()
-    argv = ["score", str(photo_path), str(twin), "--model", "random-tiny", "--map", str(maps)]
-    assert cli.main(argv) == cli.EXIT_USAGE
+    argv = ["score", str(photo_path), str(twin), "--model", "random-tiny", "--map", str(maps),
+            "--no-progress"]
+    assert cli.main(argv) == cli.EXIT_OK
     assert twin.read_bytes() == twin_bytes
     assert "Traceback" not in capsys.readouterr().err
 
@@ -356,6 +358,223 @@ def test_help_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stderr.strip() == "False" and "--bn {frozen,train}" in out.stdout
+
+
+# --- outputs never destroy inputs; SIGTERM; full disks (hostile input, round 3) ----------------
+
+
+def _mixed_names(tmp_path: Path) -> Path:
+    """Three inputs whose stems collide (a/photo.png, b/photo.png, photo-2.png)."""
+    root = tmp_path / "in"
+    for i, rel in enumerate(("a/photo.png", "b/photo.png", "photo-2.png")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo(50 + i)).save(root / rel)
+    return root
+
+
+def test_a_map_name_linked_to_an_input_never_writes_the_input(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    victim = src / "photo.png"
+    Image.fromarray(photo(60)).save(victim)
+    before = victim.read_bytes()
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for name in ("photo.map.npy", "photo.map.png", "photo.png.map.npy", "photo.png.map.png"):
+        (maps / name).symlink_to(Path("..") / "in" / "photo.png")
+    code = _main("score", str(victim), "--model", "random-tiny", "--no-progress",
+                 "--map", str(maps), "--map-npy")
+    assert victim.read_bytes() == before
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is one of the inputs" in err and "Traceback" not in err
+
+
+def test_a_hard_link_of_an_input_is_refused_as_output(photos, tmp_path, capsys):
+    before = (photos / "a.jpg").read_bytes()
+    link = tmp_path / "results.csv"
+    os.link(photos / "a.jpg", link)
+    code = _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                 "--format", "csv", "-o", str(link))
+    assert (photos / "a.jpg").read_bytes() == before
+    assert code == 2 and "is one of the inputs" in capsys.readouterr().err
+    sheet = tmp_path / "sheet.png"
+    os.link(photos / "a.jpg", sheet)
+    assert _main("degrade", str(photos / "a.jpg"), "--sheet", str(sheet), "--size", "16") == 2
+    assert (photos / "a.jpg").read_bytes() == before
+
+
+def test_map_names_are_unique_and_name_their_input(tmp_path):
+    root = _mixed_names(tmp_path)
+    maps = tmp_path / "maps"
+    out = tmp_path / "rows.json"
+    code = _main("score", str(root), "--model", "random-tiny", "--no-progress",
+                 "--format", "json", "-o", str(out), "--map", str(maps), "--map-npy")
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3
+    inputs = sorted(str(Path(r["path"]).relative_to(root)) for r in rows)
+    for suffix in (".map.png", ".map.npy"):
+        written = sorted(str(p.relative_to(maps))[: -len(suffix)]
+                         for p in maps.rglob(f"*{suffix}"))
+        assert written == inputs  # one map per input, its relative path in the name
+
+
+_MARKED_SLOW_RUN = """
+import sys, time
+from qualiclip import cli, output, reading
+decode = reading.decode_file
+def slow(index, path, min_size):
+    if "slow" in path:
+        time.sleep(600)  # a decode that never ends in time
+    return decode(index, path, min_size)
+reading.decode_file = slow
+row = output.result_row
+def marked(result, *args):
+    with open(sys.argv[1], "a") as f:
+        f.write(result.path + "\\n")
+    return row(result, *args)
+output.result_row = marked
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX-only here")
+@pytest.mark.parametrize("fmt", ["json", "table"])
+def test_sigterm_keeps_the_finished_rows_and_exits_143(photos, tmp_path, fmt):
+    import signal
+    import time
+
+    Image.fromarray(photo(40)).save(photos / "c_slow.jpg")
+    marks, out = tmp_path / "marks", tmp_path / f"rows.{fmt}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MARKED_SLOW_RUN, str(marks), "score", str(photos),
+         "--model", "random-tiny", "--no-progress", "--format", fmt, "--batch-size", "1",
+         "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (marks.exists() and len(marks.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == 143, proc.stderr.read() if proc.stderr else ""
+    text = out.read_text()
+    if fmt == "json":
+        assert [Path(r["path"]).name for r in json.loads(text)] == ["a.jpg", "b.jpg"]
+    else:
+        assert text.splitlines()[0].startswith("path") and len(text.splitlines()) == 3
+    assert "terminated" in (proc.stderr.read() if proc.stderr else "")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def _fill_disk(monkeypatch, budget: int) -> None:
+    """Every output write fails with ENOSPC after ``budget`` bytes (the one write primitive)."""
+    from conftest import fill_disk_after
+
+    fill_disk_after(monkeypatch, budget)
+
+
+@pytest.mark.parametrize("where", ["output", "map"])
+def test_a_full_disk_is_one_line_exit_1_and_no_half_file(photos, tmp_path, monkeypatch,
+                                                         capsys, where):
+    out, maps = tmp_path / "rows.json", tmp_path / "maps"
+    out.write_text("[]\n")
+    _fill_disk(monkeypatch, 0 if where == "map" else 100)  # the results' first write fails
+    extra = ["--map", str(maps)] if where == "map" else []
+    code = _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                 "--format", "json", "-o", str(out), *extra)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "No space left on device (ENOSPC)" in err and "Traceback" not in err
+    assert out.read_text() == "[]\n"  # the previous results, not half of the new ones
+    made = [p for p in maps.rglob("*") if p.is_file()] if maps.exists() else []
+    assert made == []  # no 0-byte map, no temporary file
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_full_disk_in_eval_and_degrade(photos, tmp_path, monkeypatch, capsys):
+    rated = tmp_path / "rated.csv"
+    rated.write_text("path,score\n" + "".join(f"{p},{i}\n" for i, p in
+                                               enumerate(sorted(photos.iterdir()))))
+    _fill_disk(monkeypatch, 0)
+    out = tmp_path / "scores.csv"
+    code = _main("eval", "--dataset", str(rated), "--model", "random-tiny", "--no-progress",
+                 "--bootstrap", "0", "-o", str(out))
+    err = capsys.readouterr().err
+    assert code == 1 and "scores.csv: No space left on device" in err, err
+    assert not out.exists()
+    target = tmp_path / "blurred.png"
+    code = _main("degrade", str(photos / "a.jpg"), "--type", "gaussian_blur", "-o", str(target))
+    err = capsys.readouterr().err
+    assert code == 1 and "blurred.png: No space left on device (ENOSPC)" in err, err
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_map_name_too_long_is_that_inputs_error_only(tmp_path, capsys):
+    """A 249-byte file name is a valid input; its map name (8 bytes more) is not a valid name."""
+    src = tmp_path / "in"
+    src.mkdir()
+    long = src / ("x" * 245 + ".png")
+    Image.fromarray(photo(80)).save(long)
+    Image.fromarray(photo(81)).save(src / "short.png")
+    out = tmp_path / "rows.json"
+    code = _main("score", str(src), "--model", "random-tiny", "--no-progress",
+                 "--format", "json", "-o", str(out), "--map", str(tmp_path / "maps"))
+    assert code == 1 and "Traceback" not in capsys.readouterr().err
+    rows = {Path(r["path"]).name: r for r in json.loads(out.read_text())}
+    assert rows["short.png"]["error"] is None
+    assert rows[long.name]["score"] is not None
+    assert "File name too long" in rows[long.name]["error"]
+    assert (tmp_path / "maps" / "short.png.map.png").is_file()
+
+
+def test_outputs_in_a_globs_folder_are_refused_the_first_time(photos, tmp_path, capsys):
+    pattern = str(photos / "*.jpg")
+    assert _main("score", pattern, "--model", "random-tiny", "--no-progress",
+                 "-o", str(photos / "x.jpg")) == 2
+    assert not (photos / "x.jpg").exists()
+    assert "would be read as an input" in capsys.readouterr().err
+    png = str(photos / "*.png")
+    Image.fromarray(photo(70)).save(photos / "c.png")
+    assert _main("score", png, "--model", "random-tiny", "--no-progress",
+                 "--map", str(photos)) == 2
+    assert not list(photos.glob("*.map.*"))
+    # Outputs the glob can never match are fine: a CSV beside the photos, maps in a sub-folder.
+    assert _main("score", png, "--model", "random-tiny", "--no-progress", "--format", "csv",
+                 "-o", str(photos / "rows.csv"), "--map", str(photos / "maps")) == 0
+    assert _main("score", png, "--model", "random-tiny", "--no-progress", "--format", "csv",
+                 "-o", str(photos / "rows.csv"), "--map", str(photos / "maps")) == 0
+
+
+def test_a_real_full_disk_and_a_read_only_folder(photos, tmp_path, capsys):
+    """The same on a real tmpfs (root on Linux only; skipped elsewhere with the reason)."""
+    from conftest import tmpfs
+
+    with tmpfs(tmp_path / "small", "size=16k") as small:
+        out = small / "rows.json"
+        code = _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                     "--format", "json", "-o", str(out), "--map", str(small / "maps"))
+        err = capsys.readouterr().err
+        assert code == 1 and "No space left on device (ENOSPC)" in err, err
+        assert "Traceback" not in err and not out.exists()
+        # Maps finished before the disk filled stay; nothing else: no 0-byte or half map, no
+        # temporary file.
+        left = [p for p in small.rglob("*") if p.is_file()]
+        assert all(p.name.endswith(".map.png") for p in left), left
+        for p in left:
+            with Image.open(p) as im:
+                im.load()  # a complete PNG (a truncated one raises here)
+    with tmpfs(tmp_path / "ro", "ro,size=16k") as ro:
+        code = _main("score", str(photos), "--model", "random-tiny", "--no-progress",
+                     "--format", "json", "-o", str(ro / "rows.json"))
+        err = capsys.readouterr().err
+        assert code == 1 and "Read-only file system (EROFS)" in err, err
 
 
 # --- what a newcomer trips over --------------------------------------------------------------

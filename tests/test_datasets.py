@@ -146,3 +146,35 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "dmos.csv").write_text("dist,ref\n")
     with pytest.raises(ValueError, match="missing column"):
         D.load_dataset("kadid", tmp_path)
+
+
+# --- labels checked before anything is scored (hostile input, round 3) ---------------------------
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_scores_are_refused_naming_the_row(tmp_path: Path, bad: str) -> None:
+    csv_path = tmp_path / "rated.csv"
+    csv_path.write_text(f"path,score\na.png,3.5\nb.png,{bad}\nc.png,1\n")
+    with pytest.raises(ValueError, match=rf"rated.csv row 3: score '{bad}' is not a finite number"):
+        D.load_dataset(str(csv_path))
+    (tmp_path / "mos.csv").write_text(f"Image Name,MOS\na.png,0.5\nb.png,{bad}\n")
+    with pytest.raises(ValueError, match=r"mos.csv row 3: .* not a finite number"):
+        D.load_dataset("biq2021", tmp_path)
+
+
+def test_short_rows_are_refused_naming_the_row(tmp_path: Path) -> None:
+    (tmp_path / "mos.csv").write_text("Image Name,MOS\na.png,0.5\nb.png\n")
+    with pytest.raises(ValueError, match=r"mos.csv row 3: 1 field"):
+        D.load_dataset("biq2021", tmp_path)
+    csv_path = tmp_path / "rated.csv"
+    csv_path.write_text("score,path\n0.5,a.png\n0.7\n")
+    with pytest.raises(ValueError, match=r"rated.csv row 3: 1 field"):
+        D.read_csv(csv_path)
+
+
+def test_duplicate_paths_are_warned_about(tmp_path: Path) -> None:
+    csv_path = tmp_path / "rated.csv"
+    csv_path.write_text("path,score\na.png,1\nb.png,2\na.png,3\nc.png,4\n")
+    with pytest.warns(UserWarning, match=r"1 image listed more than once .*a\.png"):
+        ds = D.load_dataset(str(csv_path))
+    assert len(ds.items) == 4  # kept, as listed: the warning says how they count

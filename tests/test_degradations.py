@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -461,3 +462,50 @@ def test_cli_sheet_and_single(tmp_path: Path) -> None:
     assert run_main("degrade", str(src)).returncode == 2
     assert run_main("degrade", str(src), "--type", "jpeg", "--level", "9",
                     "-o", str(out)).returncode == 2
+
+
+# --- codec worker processes die with their parent (hostile input, round 3) ---------------------
+
+_POOL_THEN_WAIT = """
+import sys, time, torch
+from qualiclip import degradations as D
+D.set_codec_processes(2)
+x = torch.rand(4, 3, 48, 48)
+D.apply_distortion(x, "jpeg2000", torch.tensor([1, 2, 3, 4]), torch.Generator().manual_seed(0))
+pool = D._get_j2k_pool(4)  # the pool that coded the batch above
+print(" ".join(str(pid) for pid in pool._processes), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an exited orphan nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_codec_workers_die_with_their_parent(how: str) -> None:
+    import signal
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _POOL_THEN_WAIT], stdout=subprocess.PIPE,
+                              text=True)
+    assert parent.stdout is not None
+    workers = [int(p) for p in parent.stdout.readline().split()]
+    try:
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        parent.send_signal(getattr(signal, how))
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), "codec workers outlived their parent"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

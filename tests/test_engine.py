@@ -242,7 +242,7 @@ def test_precision_refused_up_front():
     with pytest.raises(precision.PrecisionError, match="fp16 needs a CUDA device"):
         precision.check_precision("cpu", "fp16")
     with pytest.raises(precision.PrecisionError, match="precision must be one of"):
-        precision.check_precision("cpu", "int8")
+        precision.check_precision("cpu", "int4")
     precision.check_precision("cpu", "bf16")  # any CPU runs bf16 (oneDNN or PyTorch's own kernels)
     precision.check_precision("cpu", "fp32")
 
@@ -259,7 +259,7 @@ def test_bad_arguments_raise(tiny, tmp_path):
     with pytest.raises(ValueError, match="fp16"):
         engine.score_tensors(tiny, torch.rand(1, 3, 64, 64), "fp16")
     with pytest.raises(ValueError, match="precision"):
-        list(engine.score_paths(tiny, [], precision="int8"))  # type: ignore[arg-type]
+        list(engine.score_paths(tiny, [], precision="int4"))  # type: ignore[arg-type]
     for kw in ("batch_size", "workers", "lookahead", "max_batch_pixels", "threads"):
         with pytest.raises(ValueError, match=kw):
             engine.score_paths(tiny, [], **{kw: 0})

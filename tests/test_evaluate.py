@@ -149,6 +149,24 @@ def test_evaluate_items_counts_failures_and_writes_csv(tmp_path: Path) -> None:
     assert float(rows[0]["a"]) == pytest.approx(-3 * MOS[0])
 
 
+def test_table_and_csv_name_each_models_precision(tmp_path: Path) -> None:
+    """A CLIP model's precision (as it ran, ``auto`` resolved) is in the table and every CSV
+    row; a scorer without one (NIQE) shows ``-`` and is left out of the CSV's column."""
+    items = [(f"img{i}.png", float(m)) for i, m in enumerate(MOS)]
+    table = {p: float(m) for p, m in items}
+    clip = FakeScorer("clip", table)
+    clip.precision = "int8"  # type: ignore[attr-defined]
+    report = E.evaluate_items(items, [clip, FakeScorer("plain", table)], bootstrap=0)
+    assert [m.precision for m in report.models] == ["int8", None]
+    lines = E.format_table(report).splitlines()
+    assert lines[0].split()[:2] == ["model", "precision"]
+    assert lines[2].split()[:2] == ["clip", "int8"] and lines[3].split()[:2] == ["plain", "-"]
+    out = tmp_path / "scores.csv"
+    E.write_scores_csv(report, out)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(items) and {r["precision"] for r in rows} == {"clip: int8"}
+
+
 def test_synthetic_benchmark_ranks_blur(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     img = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
@@ -191,10 +209,11 @@ def test_cli_eval_csv_with_niqe_reports_failed_image(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     lines = proc.stdout.splitlines()
     row = next(line.split() for line in lines if line.startswith("niqe"))
-    assert row[1:3] == ["4", "1"]  # n used, n failed
+    assert row[1:4] == ["-", "4", "1"]  # no precision (not a CLIP model), n used, n failed
     assert "bad.png" in proc.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 5 and rows[2]["niqe"] == "" and rows[2]["error"].startswith("niqe: ")
+    assert {r["precision"] for r in rows} == {""}
 
 
 def test_cli_eval_usage_errors(tmp_path: Path) -> None:
@@ -214,6 +233,18 @@ def test_model_scorer_chunks_batches() -> None:
     x = torch.rand(5, 3, 8, 8)
     got = E.ModelScorer("t", Tiny(), batch_size=2).score_tensors(x)
     np.testing.assert_allclose(got, x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+
+
+def test_eval_cli_refuses_bad_labels_before_scoring(tmp_path: Path) -> None:
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "nan.csv").write_text("path,score\n0.png,1\n1.png,nan\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "qualiclip.cli", "eval", "--dataset", str(tmp_path / "nan.csv"),
+         "--model", "random-tiny", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2 and "nan.csv row 3" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_eval_help_and_failures_read_cleanly(tmp_path: Path) -> None:

@@ -609,6 +609,49 @@ def test_list_files_expand_relative_to_their_folder(tmp_path: Path) -> None:
     assert find_images(listing) == sorted(got)
 
 
+# --- float images: one rule for files and arrays (hostile input, round 3) ----------------------
+
+
+@pytest.mark.parametrize("values", [(-0.25, 0.5), (0.0, 1.5), (0.0, 255.0)])
+def test_float_tiff_outside_0_1_is_refused_as_arrays_are(tmp_path: Path, values) -> None:
+    lo, hi = values
+    ramp = np.tile(np.linspace(lo, hi, 80, dtype=np.float32), (40, 1))
+    path = _save(tmp_path, "f.tif", Image.fromarray(ramp, "F"))
+    with pytest.raises(ImageDecodeError, match=r"float values must be in \[0, 1\]") as info:
+        decode_rgb(path)
+    assert info.value.reason == "malformed"
+    with pytest.raises(ValueError, match=r"float values must be in \[0, 1\]"):
+        to_batch(np.repeat(ramp[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("layout", ["contig", "separate", "float16", "rgba"])
+def test_rgb_float_tiff_decodes_with_the_same_rule(tmp_path: Path, layout: str) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(3)
+    rgb = rng.random((40, 50, 3), dtype=np.float32)
+    path = tmp_path / "rgb.tif"
+    if layout == "contig":
+        tifffile.imwrite(path, rgb, photometric="rgb")
+    elif layout == "separate":
+        tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), photometric="rgb",
+                         planarconfig="separate")
+    elif layout == "float16":
+        rgb = rgb.astype(np.float16).astype(np.float32)
+        tifffile.imwrite(path, rgb.astype(np.float16), photometric="rgb")
+    else:
+        alpha = np.ones((40, 50, 1), np.float32)
+        tifffile.imwrite(path, np.concatenate([rgb, alpha], -1), photometric="rgb",
+                         extrasamples=["unassalpha"])
+    arr = decode_rgb(path)
+    assert arr.dtype == np.uint16 and arr.shape == (40, 50, 3)
+    np.testing.assert_allclose(arr / 65535.0, rgb, atol=1 / 65535)
+    x = load_image(path)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), rgb, atol=1 / 65535)
+    tifffile.imwrite(path, rgb * 2, photometric="rgb")
+    with pytest.raises(ImageDecodeError, match=r"float values must be in \[0, 1\]"):
+        decode_rgb(path)
+
+
 def test_read_only_arrays_convert_without_a_warning() -> None:
     """np.asarray(PIL image) is read-only; PyTorch warns (once per process) when such an array
     is wrapped, so this runs in a fresh interpreter with warnings as errors."""

@@ -162,8 +162,8 @@ def test_qualiclip_is_a_scorer_whose_input_dtype_follows_its_weights():
     model.check_precision("fp32")
     with pytest.raises(PrecisionError, match="fp16"):
         model.check_precision("fp16")  # CUDA only
-    with pytest.raises(PrecisionError, match="int8"):
-        model.check_precision("int8")
+    with pytest.raises(PrecisionError, match="int4"):
+        model.check_precision("int4")  # no such precision
     assert model.double().input_dtype == torch.float64
 
 
@@ -225,3 +225,60 @@ def test_pyiqa_formula_without_a_logit_scale_is_a_clear_error(tmp_path):
     assert create_model(str(tmp_path / "image_only.pth")).logit_scale == 100.0
     with pytest.raises(ValueError, match="has none .*formula='official'"):
         create_model(str(tmp_path / "image_only.pth"), formula="pyiqa")
+
+
+# --- broken weights: non-finite values and wrong shapes (hostile input, round 3) ---------------
+
+
+def _saved(tmp_path, name: str, edit) -> str:  # noqa: ANN001
+    """The random tiny model in the authors' format, edited by ``edit(state)``, saved."""
+    state = create_model("random-tiny").official_state_dict()
+    edit(state)
+    path = tmp_path / name
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("key", ["clip_model.visual.layer1.0.conv1.weight", "prompts_features"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_key(tmp_path, key, bad):
+    def poison(state):  # noqa: ANN001, ANN202
+        state[key].view(-1)[3] = bad
+
+    path = _saved(tmp_path, "poisoned.pth", poison)
+    short = key.removeprefix("clip_model.")
+    with pytest.raises(ValueError, match=rf"{short} holds 1 non-finite value") as info:
+        create_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_shapes_are_refused_at_load_naming_key_and_both_shapes(tmp_path):
+    def widen(state):  # noqa: ANN001, ANN202
+        w = state["clip_model.visual.layer1.0.conv2.weight"]
+        state["clip_model.visual.layer1.0.conv2.weight"] = torch.zeros(*w.shape[:2], 5, 5)
+
+    path = _saved(tmp_path, "conv.pth", widen)
+    with pytest.raises(ValueError) as info:
+        create_model(path)
+    text = str(info.value)
+    assert "visual.layer1.0.conv2.weight" in text and "(16, 16, 5, 5)" in text
+    assert "(16, 16, 3, 3)" in text and "\n" not in text
+
+    def narrow(state):  # noqa: ANN001, ANN202
+        state["prompts_features"] = state["prompts_features"][:, :48].contiguous()
+
+    path = _saved(tmp_path, "prompts.pth", narrow)
+    with pytest.raises(ValueError, match=r"prompts_features.*\(14, 48\).*\(14, 64\)"):
+        create_model(path)
+
+
+def test_a_non_finite_score_is_an_error_row_never_a_score(tmp_path):
+    model = create_model("random-tiny")
+    with torch.no_grad():
+        model.visual.attnpool.c_proj.bias.fill_(float("nan"))  # broken after loading
+    Image.fromarray(np.full((64, 80, 3), 120, np.uint8)).save(tmp_path / "x.png")
+    (row,) = engine.score_paths(model, [tmp_path / "x.png"])
+    assert row.score is None and row.error == "model produced a non-finite score"
+    outcomes, _ = engine.score_arrays(model, [np.full((64, 80, 3), 9, np.uint8)])
+    assert isinstance(outcomes[0], ValueError)
+    assert str(outcomes[0]) == "model produced a non-finite score"

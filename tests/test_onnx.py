@@ -153,8 +153,9 @@ def test_pyiqa_formula_is_exported_and_asked_for(tiny_file, tmp_path):
     torch.testing.assert_close(
         engine.score_tensors(scorer, batch), engine.score_tensors(model, batch), atol=ATOL, rtol=0
     )
+    assert create_model(path).formula == "pyiqa"  # the graph's own formula, unless asked
     with pytest.raises(ValueError, match="exported with formula 'pyiqa'"):
-        create_model(path)  # the official formula is asked for by default
+        create_model(path, formula="official")
 
 
 def test_python_api_scores_a_file_and_a_tensor(tiny, tiny_onnx, tmp_path):
@@ -354,7 +355,7 @@ def test_http_service_scores_with_an_onnx_model(tiny, tiny_onnx, folder):
     from qualiclip.serve import create_app
 
     body = (folder / "p0.png").read_bytes()
-    with TestClient(create_app(create_model(tiny_onnx))) as client:
+    with TestClient(create_app(create_model(tiny_onnx)), base_url="http://localhost") as client:
         reply = client.post("/score", content=body, headers={"Content-Type": "image/png"})
         small = client.post("/score", content=(folder / "small.png").read_bytes(),
                             headers={"Content-Type": "image/png"})
@@ -380,3 +381,31 @@ def test_exported_file_follows_the_umask_and_maps_name_the_flag(tiny_file, folde
     err = capsys.readouterr().err
     assert code == 2 and "--map-kind windows" in err and "kind='windows'" not in err, err
     assert err.count("\n") == 1
+
+
+def test_map_endpoint_with_a_model_that_has_no_dense_maps(tiny, tiny_onnx, folder):
+    """An ONNX graph has no feature map: /map draws windows by default, and a request for a
+    dense map still gets each score, with the reason it has no map (never a 500)."""
+    pytest.importorskip("fastapi", reason="needs the 'serve' extra")
+    from starlette.testclient import TestClient
+
+    from qualiclip.maps import map_kinds
+    from qualiclip.serve import create_app
+
+    scorer = create_model(tiny_onnx)
+    assert map_kinds(tiny) == ("dense", "windows") and map_kinds(scorer) == ("windows",)
+    files = [("files", ("p0.png", (folder / "p0.png").read_bytes(), "image/png"))]
+    with TestClient(create_app(scorer), base_url="http://localhost") as client:
+        assert client.get("/limits").json()["map_kinds"] == ["windows"]
+        score = client.post("/score", files=files).json()["results"][0]["score"]
+        default = client.post("/map", files=files)
+        dense = client.post("/map?kind=dense", files=files)
+    assert default.status_code == 200, default.text
+    (row,) = default.json()["results"]
+    assert row["map"]["kind"] == "windows" and row["overlay"].startswith("data:image/png")
+    assert row["score"] == pytest.approx(score, abs=1e-6)
+    assert dense.status_code == 200, dense.text
+    (row,) = dense.json()["results"]
+    assert row["error"] is None and row["score"] == pytest.approx(score, abs=1e-6)
+    assert row["map"] is None and row["overlay"] is None
+    assert "dense" in row["map_error"] and "windows" in row["map_error"], row["map_error"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from qualiclip.quantize import CALIBRATION_PHOTOS
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "src" / "qualiclip" / "assets"
 
@@ -38,9 +40,20 @@ def test_wheel_ships_the_vocabulary_niqe_model_web_page_and_report(tmp_path: Pat
     web = sorted(p.relative_to(ASSETS).as_posix() for folder in ("web", "report")
                  for p in (ASSETS / folder).iterdir())
     assert web, "the web page's and report's files are missing from the repository"
+    calibration = [f"calibration/{name}" for name in CALIBRATION_PHOTOS]
     for name in ("bpe_simple_vocab_16e6.txt.gz", "niqe_matlab_params.npz",
-                 "LICENSE-openai-clip.txt", "README.md", *web):
+                 "LICENSE-openai-clip.txt", "README.md", "qualiclip-open.pth", *web,
+                 *calibration):
         data = shipped.get(f"qualiclip/assets/{name}")
         assert data is not None, f"{name} is not in {wheel.name}"
         expected = hashlib.sha256((ASSETS / name).read_bytes()).hexdigest()
         assert hashlib.sha256(data).hexdigest() == expected
+
+
+def test_calibration_photos_match_their_provenance() -> None:
+    """Each shipped calibration photo is the file the assets README describes (its sha256)."""
+    readme = (ASSETS / "README.md").read_text(encoding="utf-8")
+    for name in CALIBRATION_PHOTOS:
+        (line,) = [ln for ln in readme.splitlines() if ln.startswith(f"| `calibration/{name}`")]
+        digest = hashlib.sha256((ASSETS / "calibration" / name).read_bytes()).hexdigest()
+        assert f"`{digest}`" in line, name

@@ -444,3 +444,45 @@ def test_resolve_weights_by_name_and_path(
     assert resolve_weights(script, trust_torchscript=True).state.keys() == reference.keys()
     with pytest.raises(ValueError, match="not an existing file"):
         resolve_weights(tmp_path / "nothing.pt")
+
+
+# --- packaged weights ----------------------------------------------------------------------
+
+
+def test_a_packaged_file_is_verified_at_every_load_and_never_fetched(
+    tmp_path: Path, serve: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = serve({})
+    shipped = tmp_path / "assets" / "own.pth"
+    shipped.parent.mkdir()
+    shipped.write_bytes(PAYLOAD)
+    file = dataclasses.replace(
+        _remote(), urls=(), filename="own.pth", packaged=True
+    )
+    monkeypatch.setattr(pretrained, "packaged_path", lambda f: tmp_path / "assets" / f.filename)
+    monkeypatch.setenv("QUALICLIP_OFFLINE", "1")  # nothing to fetch, so offline does not matter
+    cache = tmp_path / "cache"
+    assert download(file, cache) == shipped
+    assert pretrained.cached_path(file, cache) == shipped and not cache.exists()
+    with pytest.raises(ValueError, match="ships with qualiclip"):
+        add_to_cache(shipped, file, cache)
+    shipped.write_bytes(PAYLOAD[:-1] + b"!")  # same size, other bytes
+    with pytest.raises(ChecksumError, match="sha256 mismatch.*reinstall"):
+        download(file, cache)
+    shipped.unlink()
+    with pytest.raises(ChecksumError, match="missing from this qualiclip install"):
+        download(file, cache)
+    assert server.calls == []
+    with pytest.raises(ValueError, match="URL"):
+        dataclasses.replace(file, packaged=False)
+
+
+def test_the_qualiclip_download_message_offers_the_packaged_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUALICLIP_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="--model qualiclip-open"):
+        download("qualiclip", tmp_path)
+    with pytest.raises(OfflineError) as info:
+        download("clip-rn50", tmp_path)
+    assert "qualiclip-open" not in str(info.value)

@@ -109,6 +109,7 @@ def test_equals_local_engine_and_every_input_has_a_row(
     for row in rows:
         expected = local[row["path"]]
         assert row["model"] == str(checkpoint) and row["weights_sha256"] == sha
+        assert row["precision"] == "fp32"
         if expected.error is not None:
             assert row["score"] is None and row["error"], row
             continue
@@ -237,7 +238,7 @@ def test_refuses_to_mix_models_or_formats(checkpoint: Path, tmp_path: Path) -> N
 
     _require_ray()
     row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
-           "model": ["random-tiny"], "weights_sha256": [None]}
+           "model": ["random-tiny"], "weights_sha256": [None], "precision": ["fp32"]}
     table = pa.Table.from_pydict(row, schema=ray_scoring._schema())
     ray_scoring._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
     tiny = ray_scoring.RayScoreConfig(model="random-tiny")
@@ -311,12 +312,69 @@ def test_quiet_ray_core_survives_a_closed_stderr(tmp_path: Path) -> None:
     assert out.strip() == b"done"
 
 
+# --- foreign files, full disks, SIGTERM (hostile input, round 3) --------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_foreign_part_file_is_a_clean_usage_error(tmp_path: Path, capsys, fmt: str) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    _require_ray()
+    foreign = pa.table({"name": ["x.png"], "value": [1.0]})
+    part = tmp_path / f"part-0001.{fmt}"
+    if fmt == "csv":
+        pcsv.write_csv(foreign, part)
+    else:
+        pq.write_table(foreign, part)
+    config = ray_scoring.RayScoreConfig(model="random-tiny", output_format=fmt)
+    with pytest.raises(ValueError, match=rf"part-0001\.{fmt} is not a qualiclip part file"):
+        ray_scoring.scored_paths(tmp_path, config)
+    code = main(["score", str(tmp_path), "--engine", "ray", "--model", "random-tiny",
+                 "--format", fmt, "-o", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a qualiclip part file" in err and "Traceback" not in err
+
+
+def test_a_full_disk_while_writing_parts_is_one_line(
+    ray_local, checkpoint: Path, inputs: list[str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from conftest import fill_disk_after
+
+    fill_disk_after(monkeypatch, 0)
+    out = tmp_path / "parts"
+    code = main(["score", *inputs[:4], "--engine", "ray", "--model", str(checkpoint),
+                 "--device", "cpu", "--format", "csv", "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device (ENOSPC)" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == []  # no part, no temporary file
+
+
+def test_ray_init_keeps_the_sigterm_rule(monkeypatch) -> None:
+    """``ray.init`` installs its own SIGTERM handler (exit 15 at once); ours stays in force."""
+    import signal
+    import types
+
+    from qualiclip import stopping
+
+    def init(**_: object) -> None:
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setattr(ray_scoring, "require_ray", lambda: fake)
+    with stopping.terminate_as_interrupt():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert ray_scoring.init_ray(None) is True
+        assert signal.getsignal(signal.SIGTERM) is ours
+
+
 def test_refusal_of_another_model_never_prints_none(checkpoint: Path, tmp_path: Path) -> None:
     import pyarrow as pa
 
     _require_ray()
     row = {"path": ["/x.png"], "score": [0.5], "error": [None], "width": [64], "height": [64],
-           "model": ["random-tiny"], "weights_sha256": [None]}
+           "model": ["random-tiny"], "weights_sha256": [None], "precision": ["fp32"]}
     table = pa.Table.from_pydict(row, schema=ray_scoring._schema())
     ray_scoring._write_part(table, tmp_path, "part-a-00000.parquet", "parquet")
     with pytest.raises(ValueError) as refused:

@@ -106,7 +106,7 @@ def server(checkpoint: Path, server_log: Path) -> Iterator[str]:
     args = ["--model", str(checkpoint), "--device", "cpu", "--max-bytes", str(MAX_BYTES),
             "--max-pixels", str(MAX_PIXELS), "--no-access-log",
             "--request-timeout", str(REQUEST_TIMEOUT)]
-    with running_server(args, free_port(), server_log, timeout=90) as url:
+    with running_server(args, free_port(), server_log, timeout=600) as url:  # a busy machine
         yield url
 
 
@@ -124,6 +124,7 @@ def test_raw_body_scores_equal_local_engine(
         r = _post_raw(server, path.read_bytes(), ctype)
         assert r.status_code == 200, r.text
         body = r.json()
+        assert body["precision"] == "fp32"
         (row,) = body["results"]
         assert row["error"] is None
         assert abs(row["score"] - expected[name]) <= ATOL, name
@@ -341,8 +342,9 @@ def test_models_healthz_and_openapi(server: str, checkpoint: Path) -> None:
     import httpx
 
     (info,) = httpx.get(f"{server}/models", timeout=10).json()["models"]
-    assert info["name"] == str(checkpoint)
+    assert info["name"] == checkpoint.name  # the file's name, never its path
     assert info["weights_sha256"] == create_model(str(checkpoint)).weights_sha256
+    assert info["precision"] == "fp32"
     assert httpx.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
     schema = httpx.get(f"{server}/openapi.json", timeout=10).json()
     body = schema["paths"]["/score"]["post"]["requestBody"]["content"]
@@ -447,6 +449,57 @@ def test_round_robin_lanes_do_not_queue_behind_one_request() -> None:
     assert done.index("B0") < done.index("A3") and done.index("C0") < done.index("A3"), done
 
 
+def test_abandoned_work_stops_between_passes_and_leaves_the_lane() -> None:
+    """Work whose requester is gone (its task cancelled) is dropped: a queued job never runs, a
+    running one stops at its next pass, and the cancelled call returns only once the lane has let
+    go of it. Other requests and the lane go on."""
+    _require_serve()
+    import threading
+
+    from qualiclip.batcher import MicroBatcher
+
+    model = _tiny_with_random_bn()
+    small = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    passes: list[str] = []
+    started = threading.Event()
+
+    def many_passes(name: str):  # noqa: ANN202
+        def work(check) -> str:  # noqa: ANN001
+            for i in range(500):
+                check()  # raises once the requester is gone
+                passes.append(name)
+                if i == 2:
+                    started.set()
+                time.sleep(0.01)
+            return name
+        return work
+
+    async def run() -> tuple[int, float, str, object]:
+        batcher = MicroBatcher(model, batch_size=8, max_wait_s=0.01, precision="fp32",
+                               max_batch_pixels=2 * 64 * 64)
+        batcher.start()
+        try:
+            running = asyncio.create_task(batcher.run(10**6, many_passes("A"), "A"))
+            queued = asyncio.create_task(batcher.run(10**6, many_passes("B"), "B"))
+            scored = asyncio.create_task(batcher.score(small, "C"))
+            assert await asyncio.to_thread(started.wait, 120)
+            running.cancel()
+            queued.cancel()
+            for task in (running, queued):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            stopped_at = len(passes)
+            after = await batcher.run(10**6, lambda check: "D", "D")  # the large lane goes on
+            return stopped_at, await scored, after, batcher.stats
+        finally:
+            await batcher.close()
+
+    stopped_at, score, after, stats = asyncio.run(run())
+    assert 3 <= stopped_at < 500 and len(passes) == stopped_at, (stopped_at, len(passes))
+    assert "B" not in passes and after == "D" and 0.0 <= score <= 1.0
+    assert stats.dropped == 2  # type: ignore[attr-defined]
+
+
 def test_pixel_budget_waits_in_order_and_cancels_cleanly() -> None:
     from qualiclip.batcher import PixelBudget
 
@@ -482,7 +535,8 @@ def _app_client(checkpoint: Path, config: object):
 
     from qualiclip.serve import create_app
 
-    return TestClient(create_app(create_model(str(checkpoint)), config))  # type: ignore[arg-type]
+    app = create_app(create_model(str(checkpoint)), config)  # type: ignore[arg-type]
+    return TestClient(app, base_url="http://localhost")  # a Host the service allows
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -500,7 +554,7 @@ def test_pixel_budgets_bound_decoding(checkpoint: Path, monkeypatch: pytest.Monk
             active[0] += 1
             most[0] = max(most[0], active[0])
         try:
-            time.sleep(0.1)
+            time.sleep(0.5)  # long enough for every admitted decode to overlap, on a busy machine
             return real(*args, **kwargs)  # type: ignore[arg-type]
         finally:
             with lock:
@@ -508,20 +562,30 @@ def test_pixel_budgets_bound_decoding(checkpoint: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(images_module, "decode_rgb", slow_decode)
     files = [("files", (f"{i}.png", _image(80, 80, seed=i), "image/png")) for i in range(4)]
-    configs = {  # one image of max_pixels at a time: per request, then over the service
-        "request": ServeConfig(max_pixels=6400),
-        "service": ServeConfig(max_pixels=6400, max_request_pixels_in_flight=4 * 6400,
-                               max_pixels_in_flight=6400),
-        "neither": ServeConfig(max_pixels=6400, max_request_pixels_in_flight=4 * 6400),
+    many = 4 * 6400  # a request's budget that takes all four
+    configs = {  # the most images decoded at once
+        # one image of max_pixels at a time: per request, then in each lane over the service
+        "request": (ServeConfig(max_pixels=6400), 1),
+        "batch lane": (ServeConfig(max_pixels=6400, max_request_pixels_in_flight=many,
+                                   max_batch_pixels_in_flight=6400), 1),
+        "large lane": (ServeConfig(max_pixels=6400, max_request_pixels_in_flight=many,
+                                   max_batch_pixels=2 * 64 * 64, max_pixels_in_flight=6400), 1),
+        # the default budgets: 80 x 80 images are batched, two passes' worth of them at once
+        "neither": (ServeConfig(max_pixels=6400, max_request_pixels_in_flight=many), 4),
+        # a lane's budget is the lane's: the large lane's does not bound batched images
+        "other lane": (ServeConfig(max_pixels=6400, max_request_pixels_in_flight=many,
+                                   max_pixels_in_flight=6400), 4),
     }
-    for name, config in configs.items():
+    for name, (config, expected) in configs.items():
         most[0] = 0
         with _app_client(checkpoint, config) as client:
             r = client.post("/score", files=files)
         assert r.status_code == 200 and all(row["score"] for row in r.json()["results"]), r.text
-        assert most[0] == (1 if name != "neither" else 2), (name, most[0])  # 2: twice max_pixels
+        assert most[0] == expected, (name, most[0])
     with pytest.raises(ValueError, match="at least max_pixels"):
         ServeConfig(max_pixels=6400, max_pixels_in_flight=6399)
+    with pytest.raises(ValueError, match="largest image that is batched"):
+        ServeConfig(max_pixels=6400, max_batch_pixels_in_flight=6399)
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -603,7 +667,7 @@ def test_no_file_written_from_requests(checkpoint: Path) -> None:
     big = noise.getvalue()
     assert len(big) > 1024 * 1024  # above Starlette's 1 MB spooling threshold
     app = create_app(create_model(str(checkpoint)), ServeConfig(max_bytes=8 * len(big)))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         _WRITES.clear()
         _AUDITING = True
         try:
@@ -633,6 +697,10 @@ def test_serve_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*base, "--max-request-pixels-in-flight", "10"]) == 2
     assert main([*base, "--request-timeout", "0"]) == 2
     assert "--request-timeout must be positive" in capsys.readouterr().err
+    assert main([*base, "--send-timeout", "0"]) == 2
+    assert "--send-timeout must be positive" in capsys.readouterr().err
+    assert main([*base, "--max-response-bytes", "0"]) == 2
+    assert "max_response_bytes" in capsys.readouterr().err
 
 
 def test_without_the_extra_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -660,3 +728,307 @@ def test_docs_page_loads_its_assets_from_the_service(checkpoint: Path) -> None:
         for url in urls:
             assert not re.match(r"^(https?:)?//", url), f"/docs loads {url} from elsewhere"
             assert client.get(url).status_code == 200, url
+
+
+# --- hostile clients: fairness, hang-ups, unread responses, Host ---------------------------------
+
+
+@contextlib.contextmanager
+def _threaded_server(model: object, config: object, **options: object) -> Iterator[str]:
+    """The service as :func:`qualiclip.serve.run` builds it (``serve.server_config``), run by
+    uvicorn in a thread of this process, so that a test can patch what the service calls and
+    still speak to it over real sockets. Yields its URL; its log lines go to ``caplog``."""
+    _require_serve()
+    import threading
+
+    import uvicorn
+
+    from qualiclip import serve
+
+    port = free_port()
+    server = uvicorn.Server(serve.server_config(
+        model, config, host="127.0.0.1", port=port, log_config=None, access_log=False,
+        **options,
+    ))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600  # a bound for a busy machine, not a timing
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the in-process server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def _wait_for(condition: object, limit: float = 120.0) -> bool:
+    """Poll ``condition()`` every 0.1 s until it is true (``True``) or ``limit`` s pass."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _log_lines(caplog: pytest.LogCaptureFixture, *needles: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if all(n in r.getMessage() for n in needles)]
+
+
+def _raw_post(path: str, body: bytes, ctype: str) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _files_body(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    return _multipart([(f'form-data; name="files"; filename="{n}"'.encode(), d)
+                       for n, d in files])
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+@pytest.mark.parametrize("endpoint", ["score", "map"])
+def test_small_requests_do_not_wait_behind_large_ones(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, endpoint: str
+) -> None:
+    """Twelve clients each send one large image, and the large ones are held (their decoding for
+    /score, their map for /map); a small request is answered meanwhile, at the pixel budgets and
+    in the scoring lanes alike."""
+    import threading
+
+    from qualiclip import images as images_module
+    from qualiclip import maps, serve
+    from qualiclip.serve import ServeConfig
+
+    batched = 96 * 96  # images of more pixels run in the large lane
+    config = ServeConfig(max_pixels=160 * 160, max_batch_pixels=2 * batched)
+    release, held, headers = threading.Event(), threading.Semaphore(0), []
+
+    def hold_if_large(pixels: int) -> None:
+        if pixels > batched:
+            held.release()
+            release.wait(300)
+
+    if endpoint == "score":
+        real_decode = images_module.decode_rgb
+
+        def decode(*args: object, **kwargs: object) -> np.ndarray:
+            pixels = real_decode(*args, **kwargs)  # type: ignore[arg-type]
+            hold_if_large(pixels.shape[0] * pixels.shape[1])
+            return pixels
+
+        monkeypatch.setattr(images_module, "decode_rgb", decode)
+    else:
+        real_map = maps.quality_map
+
+        def quality_map(model: object, image: np.ndarray, *args: object, **kw: object) -> object:
+            hold_if_large(image.shape[0] * image.shape[1])
+            return real_map(model, image, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(maps, "quality_map", quality_map)
+    real_header = serve.header_pixels
+
+    def counted_header(data: bytes) -> tuple[int, int] | None:
+        headers.append(len(data))
+        return real_header(data)
+
+    monkeypatch.setattr(serve, "header_pixels", counted_header)
+    big, small = _image(160, 160, seed=1), _image(64, 64, seed=2)
+    with _app_client(checkpoint, config) as client, ThreadPoolExecutor(13) as pool:
+
+        def post(data: bytes):  # noqa: ANN202
+            return client.post(f"/{endpoint}", content=data, headers={"Content-Type": "image/png"})
+
+        large = [pool.submit(post, big) for _ in range(12)]
+        try:
+            assert held.acquire(timeout=300), "no large image reached the point where it is held"
+            assert _wait_for(lambda: len(headers) >= 12)
+            time.sleep(1.0)  # the other large images are now waiting at a budget or in a lane
+            answer = pool.submit(post, small)
+            r = answer.result(timeout=120)  # before: waited for the large ones, which never end
+            large_done = [f.done() for f in large]
+        finally:
+            release.set()
+        assert r.status_code == 200 and r.json()["results"][0]["score"] is not None, r.text
+        assert not any(large_done)  # answered while every large one was still held
+        assert [f.result(timeout=600).status_code for f in large] == [200] * 12
+
+
+@pytest.mark.parametrize("endpoint", ["score", "map"])
+def test_work_for_a_client_that_hung_up_is_dropped(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    endpoint: str,
+) -> None:
+    """A client sends eight images and hangs up once the first is being decoded: the others are
+    never decoded nor scored, and every budget is given back."""
+    import threading
+
+    import httpx
+
+    from qualiclip import images as images_module
+    from qualiclip.serve import ServeConfig
+
+    caplog.set_level("INFO", logger="uvicorn.error")
+    real_decode, started, decoded = images_module.decode_rgb, threading.Event(), []
+
+    def slow_decode(*args: object, **kwargs: object) -> np.ndarray:
+        started.set()
+        time.sleep(0.5)
+        decoded.append(1)
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images_module, "decode_rgb", slow_decode)
+    n = 8
+    body, ctype = _files_body([(f"{i}.png", _image(80, 80, seed=i)) for i in range(n)])
+    config = ServeConfig(max_pixels=80 * 80)  # a request decodes one image at a time
+    with _threaded_server(create_model(str(checkpoint)), config) as url:
+        with _connect(url) as sock:
+            port = sock.getsockname()[1]
+            sock.sendall(_raw_post(f"/{endpoint}", body, ctype))
+            assert started.wait(120)
+        assert _wait_for(lambda: _log_lines(caplog, f":{port} ", "disconnected")), \
+            "no line says that the client hung up"
+        (line,) = _log_lines(caplog, f":{port} ", "disconnected")
+        assert "dropped" in line, line
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        assert health["dropped"] >= 1
+        assert all(lane["pixels_held"] == 0 and lane["waiting"] == 0
+                   for lane in health["lanes"].values()), health
+        time.sleep(1.0)  # nothing more is decoded later either
+    assert len(decoded) <= 2, f"{len(decoded)} of {n} images decoded for a client that left"
+
+
+def test_a_response_the_client_never_reads_is_dropped(
+    checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fourteen noisy maps (about 6 MB of JSON) for a client that reads nothing: the connection is
+    closed ``send_timeout`` seconds after the server's buffers filled, and the response freed."""
+    from qualiclip.serve import ServeConfig
+
+    caplog.set_level("INFO", logger="uvicorn.error")
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(14):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (440, 440, 3), dtype=np.uint8)).save(buffer, "PNG")
+        files.append((f"noise{i}.png", buffer.getvalue()))
+    body, ctype = _files_body(files)
+    config = ServeConfig(max_bytes=2 * len(body), max_pixels=440 * 440)
+    model = create_model(str(checkpoint))
+    with _threaded_server(model, config, send_timeout=2.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+            sock.connect((host, int(port)))
+            mine = f":{sock.getsockname()[1]} "
+            sock.sendall(_raw_post("/map", body, ctype))
+            assert _wait_for(lambda: _log_lines(caplog, mine, "not read"), limit=300), \
+                "the unread response was never given up"
+            received = bytearray()
+            sock.settimeout(10)
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(1 << 16):
+                    received += chunk
+    head, _, got = bytes(received).partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    assert length > 4_500_000  # more than the socket buffers take: the server had to wait
+    assert len(got) < length  # cut off, not delivered late
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_map_response_stays_within_max_response_bytes(checkpoint: Path) -> None:
+    from qualiclip.serve import ServeConfig
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(buffer, "PNG")
+        files.append(("files", (f"n{i}.png", buffer.getvalue(), "image/png")))
+    bound = 400_000  # about two of these overlays
+    with _app_client(checkpoint, ServeConfig(max_response_bytes=bound)) as client:
+        r = client.post("/map", files=files)
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    assert all(row["score"] is not None and row["map"]["rows"] > 0 for row in rows)
+    kept = [row for row in rows if row["overlay"] is not None]
+    left = [row for row in rows if row["overlay"] is None]
+    assert kept and left, [len(row["overlay"] or "") for row in rows]
+    assert all("--max-response-bytes" in row["overlay_error"] for row in left)
+    assert len(r.content) <= bound
+
+
+def test_host_header_is_checked_and_the_page_is_locked_down(
+    server: str, checkpoint: Path, images: dict[str, Path]
+) -> None:
+    import httpx
+
+    port = server.rsplit(":", 1)[1]
+    for host in ("rebind.example", f"rebind.example:{port}", "localhost.example"):
+        r = httpx.get(f"{server}/models", headers={"Host": host}, timeout=10)
+        assert r.status_code == 400 and "--allowed-host" in r.json()["detail"], (host, r.text)
+    png = images["img0.png"].read_bytes()
+    r = httpx.post(f"{server}/score", content=png, timeout=30,
+                   headers={"Host": "rebind.example", "Content-Type": "image/png"})
+    assert r.status_code == 400
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert httpx.get(f"{server}/healthz", headers={"Host": host}, timeout=10).status_code \
+            == 200, host
+    page = httpx.get(f"{server}/", timeout=10)
+    csp = page.headers["content-security-policy"]
+    for directive in ("default-src 'self'", "img-src 'self' data:", "frame-ancestors 'none'"):
+        assert directive in csp, csp
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{server}/limits", timeout=10).headers["x-content-type-options"] \
+        == "nosniff"
+    # No response names a path of the server's machine.
+    texts = [httpx.get(f"{server}/{p}", timeout=10).text for p in ("models", "healthz")]
+    for endpoint in ("score", "map"):
+        texts.append(httpx.post(f"{server}/{endpoint}", content=png, timeout=60,
+                                headers={"Content-Type": "image/png"}).text)
+    for text in texts:  # each names the model, by its file's name
+        assert str(checkpoint.parent) not in text and checkpoint.name in text, text[:300]
+    assert str(checkpoint.parent) not in httpx.get(f"{server}/limits", timeout=10).text
+
+
+def test_allowed_hosts_follow_the_address_listened_on() -> None:
+    from qualiclip.serve import LOCAL_HOSTS, ServeConfig, allowed_hosts_for, host_allowed
+
+    assert allowed_hosts_for("127.0.0.1", None) == LOCAL_HOSTS
+    assert allowed_hosts_for("::1", None) == LOCAL_HOSTS
+    assert allowed_hosts_for("localhost", None) == LOCAL_HOSTS
+    assert allowed_hosts_for("0.0.0.0", None) == ("*",)  # reached by names we cannot know
+    assert allowed_hosts_for("127.0.0.1", ["scores.example"]) == ("scores.example",)
+    assert host_allowed("scores.example:8000", ("scores.example",))
+    assert host_allowed("a.scores.example", ("*.scores.example",))
+    assert not host_allowed("scores.example.evil", ("*.scores.example",))
+    assert not host_allowed("", LOCAL_HOSTS)  # no Host header at all
+    for odd in ("localhost:80@evil.example", "[::1", "[::1]x", "localhost:8000:1", "localhost."):
+        assert not host_allowed(odd, LOCAL_HOSTS), odd
+    assert host_allowed("anything", ("*",))
+    for ok in ("scores.example", "*.example.org", "::1", "[::1]", "10.0.0.7", "*"):
+        ServeConfig(allowed_hosts=(ok,))
+    for wrong in ("localhost:8000", "http://scores.example", "a/b", "a b"):
+        with pytest.raises(ValueError, match="not a host name"):
+            ServeConfig(allowed_hosts=(wrong,))
+
+
+def test_serve_passes_its_allowed_hosts_and_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    _require_serve()
+    from qualiclip import serve
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(serve, "run", lambda model, config, **kw: seen.update(config=config, **kw))
+    args = ["serve", "--model", "random-tiny", "--allowed-host", "a.example",
+            "--allowed-host", "b.example", "--send-timeout", "7", "--max-response-bytes",
+            "5000000"]
+    assert main(args) == 0
+    config = seen["config"]
+    assert config.allowed_hosts == ("a.example", "b.example")  # type: ignore[attr-defined]
+    assert config.max_response_bytes == 5_000_000  # type: ignore[attr-defined]
+    assert seen["send_timeout"] == 7

@@ -36,7 +36,8 @@ def _pinned_torch() -> str:
 def test_default_installs_with_the_constraints_and_no_other_index() -> None:
     proc = _setup()
     assert proc.returncode == 0, proc.stderr
-    assert "-c constraints.txt" in proc.stdout and "-e .[dev,eval,serve,ray,onnx]" in proc.stdout
+    assert "-c constraints.txt" in proc.stdout
+    assert "-e .[dev,eval,serve,ray,onnx,metric]" in proc.stdout
     assert CPU_INDEX not in proc.stdout
 
 

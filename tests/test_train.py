@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -684,6 +685,317 @@ def test_training_precisions_choose_the_autocast_dtype() -> None:
     assert train_autocast_dtype("auto", cpu) is None  # bf16 by itself on CUDA only
     with pytest.raises(ValueError, match="optim.precision must be one of auto, fp32, bf16"):
         train_autocast_dtype("fp16", cpu)
+
+
+# --- hostile input, round 3: settings, non-finite losses, data changes, torn files, signals ------
+
+
+def _numeric_keys() -> list[str]:
+    """Every numeric setting of a run (ints, floats and tuples of them), by dotted key."""
+    flat = train_config._flat(dataclasses.asdict(train_config.TrainConfig()))
+    numeric = []
+    for key, value in flat.items():
+        items = value if isinstance(value, list) else [value]
+        if items and all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+            numeric.append(key)
+    return sorted(numeric)
+
+
+def _set(cfg: train_config.TrainConfig, key: str, value: object) -> train_config.TrainConfig:
+    *sections, name = key.split(".")
+    if not sections:
+        return dataclasses.replace(cfg, **{name: value})
+    section = getattr(cfg, sections[0])
+    return dataclasses.replace(cfg, **{sections[0]: dataclasses.replace(section, **{name: value})})
+
+
+def _bad_values(key: str, value: object) -> list[object]:
+    if isinstance(value, tuple):
+        first = value[0]
+        bads: list[object] = [(), (-1, *value[1:]), (2**40, *value[1:])]
+        if isinstance(first, float):
+            bads += [(float("nan"), *value[1:]), (float("inf"), *value[1:])]
+        return bads
+    if isinstance(value, float):
+        return [float("nan"), float("inf"), float("-inf"), -1.0]
+    return [-1, 2**63]
+
+
+def test_every_numeric_setting_is_checked_finite_and_in_range(pristine: Path) -> None:
+    good = _set(train_config.PRESETS["tiny"], "data.pristine", str(pristine))
+    train_config.check_config(good)
+    keys = _numeric_keys()
+    assert "optim.lr" in keys and "loss.weight_pos" in keys and "optim.betas" in keys
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(good, section) if section else good, name)
+        for bad in _bad_values(key, value):
+            with pytest.raises(ValueError, match=re.escape(key)):
+                train_config.check_config(_set(good, key, bad))
+
+
+def test_the_presets_pass_the_checks(pristine: Path) -> None:
+    for name, preset in train_config.PRESETS.items():
+        train_config.check_config(_set(preset, "data.pristine", str(pristine)))
+        assert name  # every preset, the long-running open run's included
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[model]\nprompt_pairs = [["Good photo."]]\n', "model.prompt_pairs"),
+        ('[model]\nprompt_pairs = [["Good photo.", ""]]\n', "model.prompt_pairs"),
+        ("[validation]\ncrops_per_image = 0\n", "validation.crops_per_image"),
+        ("[loss]\nweight_pos = nan\n", "loss.weight_pos"),
+        ("[schedule]\nmin_lr_ratio = nan\n", "schedule.min_lr_ratio"),
+        ("[optim]\nlr = inf\n", "optim.lr"),
+    ],
+)
+def test_cli_config_errors_name_their_key_and_exit_2(
+    pristine: Path, tmp_path: Path, capsys, toml: str, key: str
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('preset = "tiny"\n' + toml)
+    code = main(["train", "--config", str(cfg), "--pristine", str(pristine),
+                 "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_lr_flag_inf_is_a_usage_error(pristine: Path, tmp_path: Path, capsys) -> None:
+    code = main(["train", "--preset", "tiny", "--pristine", str(pristine), "--lr", "inf",
+                 "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"])
+    assert code == 2 and "optim.lr" in capsys.readouterr().err
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    real = train.qualiclip_losses
+    calls = [0]
+
+    def poisoned(*args: object, **kwargs: object) -> dict:
+        terms = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train, "qualiclip_losses", poisoned)
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('preset = "tiny"\n[data]\nworkers = 0\nbatch_size = 2\ncrop_size = 64\n'
+                   "val_every_kth = 0\n[log]\ncheckpoint_every = 2\nlog_every = 1\n")
+    code = main(["train", "--config", str(cfg), "--pristine", str(pristine), "--out", str(out),
+                 "--max-steps", "6", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite" in err and "step 3" in err and "Traceback" not in err
+    assert [p.name for p in checkpoints.checkpoint_paths(out)] == ["ckpt-000002.pt"]
+    state = checkpoints.load_training_checkpoint(out / "ckpt-000002.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "model.pth").exists()
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert lines and all(_strict_json(ln) for ln in lines)
+    assert max(_strict_json(ln).get("step", 0) for ln in lines) == 2
+
+
+def test_logs_stay_json_when_a_metric_is_not_finite(tmp_path: Path) -> None:
+    writer = checkpoints.RunWriter(tmp_path, True, 0)
+    writer.log({"step": 1, "loss": 0.5, "grad_norm": float("inf")})
+    writer.log_validation({"step": 1, "level_srcc": float("nan"), "level_accuracy": 0.5})
+    for line in (tmp_path / "history.jsonl").read_text().splitlines():
+        _strict_json(line)
+    assert _strict_json((tmp_path / "history.jsonl").read_text().splitlines()[0])[
+        "grad_norm"] is None
+    assert json.loads((tmp_path / "validation.json").read_text(),
+                      parse_constant=_strict_json)[0]["level_srcc"] is None
+
+
+def test_init_weights_with_nan_are_refused_in_one_line(
+    pristine: Path, tmp_path: Path, capsys
+) -> None:
+    from qualiclip.model import create_model
+
+    state = create_model("random-tiny").official_state_dict()
+    state["clip_model.visual.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    code = main(["train", "--preset", "tiny", "--pristine", str(pristine), "--init",
+                 str(tmp_path / "nan.pth"), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "visual.conv1.weight holds 1 non-finite value" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for p in folder.iterdir():
+        (to / p.name).write_bytes(p.read_bytes())
+    return to
+
+
+def _recorded_val(ckpt: Path) -> list[str]:
+    return list(checkpoints.load_training_checkpoint(ckpt)["data"]["val"])
+
+
+def test_resume_refuses_changed_data_unless_allowed_and_keeps_validation_fixed(
+    pristine: Path, tmp_path: Path, caplog
+) -> None:
+    data = _copy(pristine, tmp_path / "data")
+    out = tmp_path / "run"
+    train.fit(_cfg(data, out, max_steps=2))
+    val = _recorded_val(out / "ckpt-000002.pt")
+    assert len(val) == 2
+    Image.open(data / "p0.png").save(data / "a-new.png")  # sorts first: a new every-kth split
+    with pytest.raises(ValueError, match=r"data changed.*1 added.*--allow-data-change"):
+        train.fit(train.plan_run(overrides=_overrides(data, out, 4), out=out, resume="latest"))
+    plan = train.plan_run(overrides=_overrides(data, out, 4), out=out, resume="latest",
+                          allow_data_change=True)
+    train.fit(plan)
+    assert _recorded_val(out / "ckpt-000004.pt") == val  # the held-out set did not move
+    train_files = checkpoints.load_training_checkpoint(out / "ckpt-000004.pt")["data"]["train"]
+    assert str(data / "a-new.png") in train_files and not set(train_files) & set(val)
+
+
+def _overrides(data: Path, out: Path, steps: int) -> dict:
+    return {"data": {"pristine": str(data)}, "log": {"out": str(out)},
+            "schedule": {"max_steps": steps}}
+
+
+def test_a_checkpoint_without_a_data_record_resumes_and_says_so_once(
+    pristine: Path, tmp_path: Path, caplog
+) -> None:
+    data = _copy(pristine, tmp_path / "data")
+    out = tmp_path / "run"
+    train.fit(_cfg(data, out, max_steps=2))
+    old = checkpoints.load_training_checkpoint(out / "ckpt-000002.pt")
+    del old["data"]  # as the checkpoints written before the record existed
+    torch.save(old, out / "ckpt-000002.pt")
+    Image.open(data / "p0.png").save(data / "a-new.png")
+    with caplog.at_level("WARNING"):
+        train.fit(train.plan_run(overrides=_overrides(data, out, 4), out=out, resume="latest",
+                                 allow_data_change=True))
+    assert caplog.text.count("could not be checked") == 1
+    first = _recorded_val(out / "ckpt-000004.pt")  # the split as first computed, recorded now
+    (data / "b-new.png").write_bytes((data / "p1.png").read_bytes())
+    train.fit(train.plan_run(overrides=_overrides(data, out, 6), out=out, resume="latest",
+                             allow_data_change=True))
+    assert _recorded_val(out / "ckpt-000006.pt") == first
+
+
+def test_a_torn_history_line_and_a_torn_validation_file_do_not_stop_a_resume(
+    pristine: Path, tmp_path: Path, caplog
+) -> None:
+    out = tmp_path / "run"
+    train.fit(_cfg(pristine, out, max_steps=2))
+    with open(out / "history.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')  # a crash in the middle of a write
+    (out / "validation.json").write_text('[{"step": 0, "level_acc')
+    with caplog.at_level("WARNING"):
+        train.fit(train.plan_run(overrides={"schedule": {"max_steps": 3}}, out=out,
+                                 resume="latest"))
+    assert "history.jsonl" in caplog.text and "validation.json" in caplog.text
+    records = [_strict_json(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in records) == 3
+    assert [r["step"] for r in json.loads((out / "validation.json").read_text())] == [0, 2, 3]
+    # A broken line in the middle is an error that names the file and the line.
+    lines = (out / "history.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:5]
+    (out / "history.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"history.jsonl line 2"):
+        train.fit(train.plan_run(overrides={"schedule": {"max_steps": 4}}, out=out,
+                                 resume="latest"))
+    (out / "config.json").write_text('{"seed": ')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        train.plan_run(overrides={"schedule": {"max_steps": 4}}, out=out, resume="latest")
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_temporary_file(
+    pristine: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from conftest import fill_disk_after
+    from qualiclip import output_files
+
+    out = tmp_path / "run"
+    real = output_files._write
+
+    def full_for_checkpoints(fd: int, data) -> int:  # noqa: ANN001
+        if "ckpt-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, os.strerror(28))
+        return real(fd, data)
+
+    if not Path("/proc/self/fd").is_dir():
+        fill_disk_after(monkeypatch, 0)
+    else:
+        monkeypatch.setattr(output_files, "_write", full_for_checkpoints)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('preset = "tiny"\n[data]\nworkers = 0\nbatch_size = 2\ncrop_size = 64\n'
+                   "val_every_kth = 0\n[log]\ncheckpoint_every = 2\n")
+    code = main(["train", "--config", str(cfg), "--pristine", str(pristine), "--out", str(out),
+                 "--max-steps", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "ckpt-000002.pt: No space left on device (ENOSPC)" in err, err
+    assert "unexpected pos" not in err and "Traceback" not in err
+    assert not out.exists()  # failed before its first checkpoint: nothing left, no temporary file
+
+
+def test_train_offers_the_trust_flag_its_torchscript_message_names(
+    pristine: Path, tmp_path: Path, capsys
+) -> None:
+    from qualiclip.cli import build_parser
+
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    scripted.save(str(tmp_path / "ts.pt"))
+    args = build_parser().parse_args(["train", "--out", "x", "--trust-torchscript"])
+    assert args.trust_torchscript is True
+    code = main(["train", "--preset", "tiny", "--init", str(tmp_path / "ts.pt"),
+                 "--pristine", str(pristine), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--trust-torchscript" in err and "Traceback" not in err
+
+
+_TRAIN_UNTIL_STOPPED = ["--preset", "tiny", "--crop-size", "64", "--batch-size", "2",
+                        "--workers", "0", "--max-steps", "100000", "--checkpoint-every", "2",
+                        "--val-every", "0", "--no-progress"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX-only here")
+def test_sigterm_stops_training_cleanly_with_143(pristine: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qualiclip.cli", "train", "--pristine", str(pristine),
+         "--out", str(out), *_TRAIN_UNTIL_STOPPED],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "ckpt-000004.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert code == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    for line in (out / "history.jsonl").read_text().splitlines():
+        _strict_json(line)
+    last = checkpoints.checkpoint_paths(out)[-1]
+    assert checkpoints.load_training_checkpoint(last)["step"] >= 4
 
 
 def test_cli_summary_names_the_held_out_images_and_only_rank_0_prints_it(

@@ -16,12 +16,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = [
-    "QualiCLIP", "create_model", "list_models", "quality_map", "score", "score_paths",
-    "__version__",
+    "QualiCLIP", "QualiCLIPMetric", "QualityLoss", "QualityScore", "create_metric",
+    "create_model", "list_models", "quality_map", "score", "score_paths", "__version__",
 ]
 
 _LAZY = {
     "QualiCLIP": "qualiclip.model",
+    "QualiCLIPMetric": "qualiclip.quality_metric",  # needs the 'metric' extra (torchmetrics)
+    "QualityLoss": "qualiclip.quality_loss",
+    "QualityScore": "qualiclip.quality_loss",
+    "create_metric": "qualiclip.quality_loss",
     "create_model": "qualiclip.model",
     "list_models": "qualiclip.model",
     "quality_map": "qualiclip.maps",

@@ -3,16 +3,21 @@
 The worker processes that run JPEG 2000 for :mod:`qualiclip.degradations` need only this module
 (NumPy, Pillow and the standard library): where they are spawned rather than forked, they start
 in a fraction of a second and stay small. :class:`CodecWorkers` holds those processes and the
-JPEG threads, one object instead of module globals.
+JPEG threads, one object instead of module globals; :func:`worker_start` ties each worker
+process's life to its parent's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -51,7 +56,8 @@ class CodecWorkers:
 
     Both are made on first use and belong to the process that made them: a copy inherited
     through fork (a DataLoader worker) has no threads or processes behind it, and work handed
-    to it would never run, so a forked child makes its own. One instance serves the package
+    to it would never run, so a forked child makes its own. The processes die with the process
+    that made them, however it ends (:func:`worker_start`). One instance serves the package
     (:data:`CODEC_WORKERS`); :func:`qualiclip.degradations.set_codec_processes` is its public
     setting.
     """
@@ -103,7 +109,10 @@ class CodecWorkers:
             # children only run Pillow. Elsewhere fork is unsafe and spawn is the only choice.
             fork = sys.platform.startswith("linux")
             ctx = multiprocessing.get_context("fork" if fork else "spawn")
-            self._pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+            # Workers die with this process, however it ends (SIGKILL included): worker_start.
+            started_by = (os.getpid(), threading.current_thread() is threading.main_thread())
+            self._pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx,
+                                             initializer=worker_start, initargs=started_by)
             self._pool_size = n
         return self._pool
 
@@ -119,6 +128,58 @@ def _cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+#: ``prctl`` option: the signal a process gets when the thread that created it ends (Linux).
+_PR_SET_PDEATHSIG = 1
+#: Seconds between two looks at the parent, where the kernel cannot be asked to signal.
+_WATCH_SECONDS = 0.5
+
+
+def worker_start(parent: int, created_by_main_thread: bool) -> None:
+    """The initializer of a codec worker: die with the parent, leave interrupts to it.
+
+    A worker waits on its task queue for ever, so a parent killed by SIGKILL (or by a SIGTERM
+    it does not handle) would leave it orphaned, holding its memory. On Linux the kernel sends
+    the worker SIGKILL when its creator ends (``PR_SET_PDEATHSIG``); that signal follows the
+    creating *thread*, so it is used only for workers made by the main thread. Elsewhere, and
+    for workers made by another thread, a thread in the worker looks at its parent every half
+    second and ends the worker when the parent is gone.
+
+    SIGINT (which a terminal sends to the whole process group) is ignored: the parent stops its
+    workers itself, and a worker's own ``KeyboardInterrupt`` would only print a traceback.
+    SIGTERM ends a worker at once.
+
+    Args:
+        parent: the process id of the parent, as it created the pool.
+        created_by_main_thread: whether the parent's main thread created the worker.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watched = not (created_by_main_thread and _kill_with_creator())
+    if os.getppid() != parent:  # the parent ended before the request above took effect
+        os._exit(1)
+    if watched:
+        threading.Thread(target=_watch, args=(parent,), name="qualiclip-parent-watch",
+                         daemon=True).start()
+
+
+def _kill_with_creator() -> bool:
+    """Ask Linux for SIGKILL when the creating thread ends; whether that was granted."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_WATCH_SECONDS)
+    os._exit(1)
 
 
 #: The codec workers of this process (:mod:`qualiclip.degradations` codes through them).

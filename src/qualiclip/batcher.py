@@ -1,21 +1,28 @@
 """Fair micro-batching for the HTTP service: pixel budgets and two scoring lanes.
 
 Concurrent requests share forward passes without one request starving the others: decoded
-pixels in flight are bounded per request and in total (:class:`PixelBudget`), and the
-:class:`MicroBatcher` takes work from the waiting requests in turn, in two lanes (small images
-batched by the engine's grouping, large ones one at a time), each lane in its own thread so the
-event loop never blocks on a forward pass.
+pixels in flight are bounded per request and per lane (:class:`PixelBudget`,
+:class:`Admission`), and the :class:`MicroBatcher` takes work from the waiting requests in turn,
+in two lanes (small images batched by the engine's grouping, large ones one at a time), each lane
+in its own thread so the event loop never blocks on a forward pass. Small images never wait
+behind large ones: not at a budget (each lane has its own) and not for a forward pass.
+
+Work whose requester has gone (its task cancelled: the client hung up) is dropped: a queued job
+leaves its lane at once, a running one stops at its next pass (:meth:`MicroBatcher.run` hands the
+work a ``check`` to call between passes), and the cancelled call returns only once the lane has
+let go of the job's pixels, so a budget released is memory really freed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +30,9 @@ from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, score_arrays
 
 if TYPE_CHECKING:
     from qualiclip.model import Scorer
+
+T = TypeVar("T")
+
 
 class PixelBudget:
     """An asyncio semaphore counted in pixels: ``async with budget.hold(n):``.
@@ -77,17 +87,64 @@ class PixelBudget:
                 future.set_result(None)
 
 
+class Admission:
+    """What an image waits for before it is decoded in one lane: a slot (a count of images) and
+    its pixels (a :class:`PixelBudget`), in that order. Each lane has its own, so an image never
+    waits for pixels held by the other lane's images.
+
+    Args:
+        slots: most images admitted at once.
+        pixels: most decoded pixels held at once.
+    """
+
+    def __init__(self, slots: int, pixels: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+        self.pixels = PixelBudget(pixels)
+        self.waiting = 0  # images not admitted yet (shown by the service's /healthz)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        """Hold a slot and ``n`` pixels for the ``async with`` block."""
+        self.waiting += 1
+        admitted = False
+        try:
+            async with self.slots:
+                async with self.pixels.hold(n):
+                    self.waiting -= 1
+                    admitted = True
+                    yield
+        finally:
+            if not admitted:
+                self.waiting -= 1
+
+    @property
+    def pixels_held(self) -> int:
+        """Decoded pixels held now (admitted images)."""
+        return self.pixels.capacity - self.pixels.free
+
+
 # --- micro-batching ----------------------------------------------------------------------------
 
 
-@dataclass
-class _Job:
-    pixels: np.ndarray | None  # dropped once scored, so a large image is not kept alive
-    future: asyncio.Future[float]
+class Abandoned(Exception):
+    """Raised by a job's ``check`` once the request that asked for it is gone."""
 
-    @property
-    def size(self) -> int:
-        return 0 if self.pixels is None else int(self.pixels.shape[0] * self.pixels.shape[1])
+
+@dataclass(eq=False)  # jobs are compared by identity (a queue removes this very job)
+class _Job:
+    """One image to score (``pixels``) or one piece of work to run alone (``work``)."""
+
+    size: int  # the image's pixel count, fixed: the lane's accounting
+    future: asyncio.Future[Any]
+    pixels: np.ndarray | None = None  # dropped once scored, so a large image is not kept alive
+    work: Callable[[Callable[[], None]], Any] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # the requester is gone
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # the lane let go of it
+
+    def check(self) -> None:
+        """Raise :class:`Abandoned` once the requester is gone (called between passes)."""
+        if self.stop.is_set():
+            raise Abandoned("the request was abandoned")
 
 
 class _RoundRobin:
@@ -117,6 +174,18 @@ class _RoundRobin:
         self.pixels -= job.size
         return job
 
+    def discard(self, owner: object, job: _Job) -> bool:
+        """Take ``job`` out of the queue; ``False`` when it is no longer queued (taken)."""
+        queue = self._queues.get(owner)
+        if queue is None or job not in queue:
+            return False
+        queue.remove(job)
+        if not queue:
+            del self._queues[owner]
+        self.count -= 1
+        self.pixels -= job.size
+        return True
+
     async def wait(self, timeout: float | None = None) -> None:
         """Until a job is added (or ``timeout`` seconds)."""
         self._added.clear()
@@ -126,12 +195,20 @@ class _RoundRobin:
 
 @dataclass
 class BatchStats:
-    """Counters of the batcher (shown by ``/healthz``)."""
+    """Counters of the batcher (shown by ``/healthz``).
+
+    Attributes:
+        images: images scored. forwards: forward passes of scoring. largest: most images in one
+        pass. sizes: passes by their number of images. calls: jobs run alone (quality maps).
+        dropped: jobs whose requester left before they were done (never run, or stopped).
+    """
 
     images: int = 0
     forwards: int = 0
     largest: int = 0
     sizes: dict[int, int] = field(default_factory=dict)
+    calls: int = 0
+    dropped: int = 0
 
 
 class MicroBatcher:
@@ -143,6 +220,8 @@ class MicroBatcher:
     the large lane, one per forward pass, again one request after another. Each lane runs its
     forward passes one at a time in its own thread (torch parallelises inside each), so the
     event loop never blocks on them and small images never wait for a large one's pass.
+    Other work on one image (a quality map: :meth:`run`) takes its turn in the lane of the
+    image's size, alone.
     """
 
     def __init__(
@@ -187,11 +266,39 @@ class MicroBatcher:
             pixels: the image.
             owner: whose turn it is taken in (one key per request); ``None`` shares one queue.
         """
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        job = _Job(pixels, future)
+        size = int(pixels.shape[0] * pixels.shape[1])
+        job = _Job(size, asyncio.get_running_loop().create_future(), pixels=pixels)
+        result: float = await self._submit(job, owner)
+        return result
+
+    async def run(
+        self, pixels: int, work: Callable[[Callable[[], None]], T], owner: object = None
+    ) -> T:
+        """``work(check)`` run alone in the lane of an image of ``pixels`` pixels, in turn.
+
+        ``work`` runs in the lane's thread and should call ``check()`` between its passes:
+        once this call is cancelled (the requester is gone), ``check`` raises
+        :class:`Abandoned` and the rest of the work is skipped.
+        """
+        job = _Job(pixels, asyncio.get_running_loop().create_future(), work=work)
+        result: T = await self._submit(job, owner)
+        return result
+
+    async def _submit(self, job: _Job, owner: object) -> Any:
         lane = self._large if self.is_large(job.size) else self._small
         lane.put(owner, job)
-        return await future
+        try:
+            # Shielded: a cancelled caller must not cancel the future under a running lane.
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.stop.set()
+            if not job.future.done():
+                self.stats.dropped += 1
+            if lane.discard(owner, job):
+                job.pixels = None
+            else:  # the lane has it: return once it has let go (its pixels are really freed)
+                await _wait_through_cancel(job.released)
+            raise
 
     async def _take_one(self, lane: _RoundRobin) -> list[_Job]:
         while not lane.count:
@@ -200,53 +307,92 @@ class MicroBatcher:
 
     async def _take_batch(self, lane: _RoundRobin) -> list[_Job]:
         loop = asyncio.get_running_loop()
-        while not lane.count:
-            await lane.wait()
-        deadline = loop.time() + self.max_wait_s
-        while lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
-            timeout = deadline - loop.time()
-            if timeout <= 0:
+        while True:
+            while not lane.count:
+                await lane.wait()
+            if lane.peek().work is None:
+                # Scores wait a moment for company; work that runs alone does not.
+                deadline = loop.time() + self.max_wait_s
+                while 0 < lane.count < self.batch_size and lane.pixels < self.max_batch_pixels:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    await lane.wait(timeout)
+            if lane.count:  # (its jobs may have been withdrawn meanwhile)
                 break
-            await lane.wait(timeout)
         jobs = [lane.pop()]
         total = jobs[0].size
-        while lane.count and len(jobs) < self.batch_size:
-            if total + lane.peek().size > self.max_batch_pixels:
+        while jobs[0].work is None and lane.count and len(jobs) < self.batch_size:
+            following = lane.peek()
+            if following.work is not None or total + following.size > self.max_batch_pixels:
                 break
             jobs.append(lane.pop())
-            total += jobs[-1].size
+            total += following.size
         return jobs
 
     async def _serve_forever(
         self, lane: _RoundRobin, take: Callable[[_RoundRobin], Any], thread: ThreadPoolExecutor
     ) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             jobs: list[_Job] = await take(lane)
-            jobs = [job for job in jobs if not job.future.done()]  # skip abandoned requests
-            if not jobs:
-                continue
             try:
-                outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
-            except Exception as exc:  # noqa: BLE001 - the lane goes on; these jobs get the error
-                outcomes, passes = [exc] * len(jobs), []
-            for n in passes:
-                self.stats.forwards += 1
-                self.stats.images += n
-                self.stats.largest = max(self.stats.largest, n)
-                self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                job.pixels = None
-                if job.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
-            del jobs, outcomes
+                live = [job for job in jobs if not job.stop.is_set()]
+                if live and live[0].work is not None:
+                    await self._call(live[0], live[0].work, thread)
+                elif live:
+                    await self._score(live, thread)
+            finally:
+                for job in jobs:
+                    job.pixels = None
+                    job.released.set()
+            del jobs
+
+    async def _call(
+        self, job: _Job, work: Callable[[Callable[[], None]], Any], thread: ThreadPoolExecutor
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcome: Any = await loop.run_in_executor(thread, work, job.check)
+        except Exception as exc:  # noqa: BLE001 - the lane goes on; the caller gets the error
+            outcome = exc
+        self.stats.calls += 1
+        _settle(job, outcome)
+
+    async def _score(self, jobs: list[_Job], thread: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes, passes = await loop.run_in_executor(thread, self._forward, jobs)
+        except Exception as exc:  # noqa: BLE001 - the lane goes on; these jobs get the error
+            outcomes, passes = [exc] * len(jobs), []
+        for n in passes:
+            self.stats.forwards += 1
+            self.stats.images += n
+            self.stats.largest = max(self.stats.largest, n)
+            self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            _settle(job, outcome)
 
     def _forward(self, jobs: list[_Job]) -> tuple[list[float | Exception], list[int]]:
         """Score ``jobs`` (runs in a lane's thread): the engine's grouping of equal sizes."""
         arrays = [job.pixels for job in jobs if job.pixels is not None]
         return score_arrays(self.model, arrays, precision=self.precision,
                             batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels)
+
+
+def _settle(job: _Job, outcome: Any) -> None:
+    """Give ``job``'s caller its result or error (nobody waits for an abandoned job's)."""
+    if job.future.done():
+        return
+    if job.stop.is_set():
+        job.future.cancel()  # an exception set here would be reported as never retrieved
+    elif isinstance(outcome, BaseException):
+        job.future.set_exception(outcome)
+    else:
+        job.future.set_result(outcome)
+
+
+async def _wait_through_cancel(event: asyncio.Event) -> None:
+    """Wait for ``event`` even if cancelled meanwhile (the caller re-raises its cancel)."""
+    while not event.is_set():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(event.wait())

@@ -9,7 +9,8 @@ continues exactly and a model can be rebuilt from the file alone.
 from __future__ import annotations
 
 import json
-import os
+import logging
+import math
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,10 +22,13 @@ import torch
 
 from qualiclip.clip import load_visual
 from qualiclip.model import QualiCLIP
+from qualiclip.output_files import append_line, open_output
 from qualiclip.train_config import config_from_dict
 from qualiclip.weight_files import load_tensors
 
 CHECKPOINT_FORMAT = "qualiclip-train-1"
+
+logger = logging.getLogger("qualiclip.train")
 
 
 def names(items: Sequence[str], limit: int = 10) -> str:
@@ -68,9 +72,15 @@ def set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` whole or not at all, durably (a checkpoint a crash right
+    after must still find).
+
+    Raises:
+        OutputError: the file could not be written (a full disk: "No space left on device",
+            not torch's "unexpected pos"); no temporary file is left.
+    """
+    with open_output(path, durable=True) as stream:
+        torch.save(obj, stream)
 
 
 def checkpoint_paths(out: str | Path) -> list[Path]:
@@ -128,12 +138,18 @@ def existing_run_files(out: str | Path) -> list[Path]:
         return []
     named = [folder / n for n in RUN_FILES if (folder / n).exists()]
     ckpts = checkpoint_paths(folder)
-    temps = [
-        p
-        for p in folder.glob("*.tmp")
-        if p.name[: -len(".tmp")] in RUN_FILES or re.fullmatch(r"ckpt-\d+\.pt\.tmp", p.name)
-    ]
+    temps = [p for p in folder.glob("*.tmp") if _is_run_temp(p.name)]
     return [*named, *ckpts, *sorted(temps)]
+
+
+def _is_run_temp(name: str) -> bool:
+    """A temporary file of a run's file, left by a killed process: ``.config.json.1a2b3c4d.tmp``
+    (:mod:`qualiclip.output_files`), or ``ckpt-000010.pt.tmp`` from earlier versions."""
+    found = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", name) or re.fullmatch(r"(.+)\.tmp", name)
+    if found is None:
+        return False
+    base = found.group(1)
+    return base in RUN_FILES or re.fullmatch(r"ckpt-\d+\.pt", base) is not None
 
 
 def clear_run(out: str | Path) -> list[Path]:
@@ -167,8 +183,34 @@ def check_out(
             )
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by ``None``, so ``json.dumps`` writes JSON.
+
+    Python's ``json`` writes ``NaN`` and ``Infinity``, which no JSON parser outside Python
+    reads; a metric that is not a number (an SRCC of constant scores, an infinite gradient
+    norm) is logged as ``null``.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _dumps(value: Any, **options: Any) -> str:
+    return json.dumps(json_safe(value), allow_nan=False, **options)
+
+
 class RunWriter:
-    """Rank 0's files: ``history.jsonl`` (appended) and ``validation.json`` (rewritten)."""
+    """Rank 0's files: ``history.jsonl`` (appended) and ``validation.json`` (rewritten).
+
+    Every record is JSON (no ``NaN``: see :func:`json_safe`). Lines are appended whole
+    (:func:`qualiclip.output_files.append_line`) and ``validation.json`` is replaced whole, so a
+    crash leaves at worst a torn last line of the log, from a version that wrote otherwise: a
+    resume drops it with a warning; any other broken line is an error naming the file and line.
+    """
 
     def __init__(self, out: Path, active: bool, resumed_step: int) -> None:
         self.active = active
@@ -178,33 +220,72 @@ class RunWriter:
         if not active:
             return
         if resumed_step and self.history.exists():  # drop what the resumed steps will redo
-            keep = [
-                ln
-                for ln in self.history.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= resumed_step
-            ]
-            self.history.write_text("".join(ln + "\n" for ln in keep))
+            records = read_history(self.history)
+            keep = [r for r in records if r.get("step", 0) <= resumed_step]
+            with open_output(self.history, "w", encoding="utf-8") as fh:
+                fh.writelines(_dumps(r) + "\n" for r in keep)
+            self.validation = self._resumed_validation(records, resumed_step)
         elif self.history.exists():
             self.history.unlink()
-        if resumed_step and self.validation_path.exists():
-            old = json.loads(self.validation_path.read_text())
-            self.validation = [r for r in old if r["step"] <= resumed_step]
+
+    def _resumed_validation(
+        self, records: list[dict[str, Any]], resumed_step: int
+    ) -> list[dict[str, Any]]:
+        """The validations up to the resumed step: from ``validation.json``, or rebuilt from the
+        log's validation events when that file is missing or unreadable."""
+        try:
+            old = json.loads(self.validation_path.read_text(encoding="utf-8"))
+            if not isinstance(old, list):
+                raise ValueError("not a list of records")
+        except FileNotFoundError:
+            old = None
+        except (OSError, ValueError) as exc:
+            logger.warning("%s is unreadable (%s); rebuilt from %s", self.validation_path, exc,
+                           self.history.name)
+            old = None
+        if old is None:
+            old = [{k: v for k, v in r.items() if k != "event"}
+                   for r in records if r.get("event") == "validation"]
+        return [r for r in old if isinstance(r, dict) and r.get("step", 0) <= resumed_step]
 
     def log(self, record: dict[str, Any]) -> None:
         if self.active:
-            with open(self.history, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_line(self.history, _dumps(record))
 
     def log_validation(self, record: dict[str, Any]) -> None:
         if self.active:
-            self.validation.append(record)
-            self.validation_path.write_text(json.dumps(self.validation, indent=1) + "\n")
+            self.validation.append(json_safe(record))
+            with open_output(self.validation_path, "w", encoding="utf-8") as fh:
+                fh.write(_dumps(self.validation, indent=1) + "\n")
             self.log({"event": "validation", **record})
 
 
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``history.jsonl``, tolerating a torn last line (dropped, with a warning).
+
+    Raises:
+        ValueError: another line is not a JSON record; the message names the file and line.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if n == len(lines):  # a write cut short by a crash: nothing after it was written
+                logger.warning("%s: dropped its torn last line %d (%s)", path, n, exc)
+                break
+            raise ValueError(f"{path} line {n} is not a JSON record ({exc}); fix or remove "
+                             "that line to resume") from None
+        records.append(record)
+    return records
+
+
 def iter_history(out: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of ``history.jsonl`` in ``out``."""
-    with open(Path(out) / "history.jsonl") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+    """Records of ``history.jsonl`` in ``out`` (see :func:`read_history`)."""
+    yield from read_history(Path(out) / "history.jsonl")

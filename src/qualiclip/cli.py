@@ -1,4 +1,4 @@
-"""The ``qualiclip`` command line: score, models, degrade, train, eval and serve.
+"""The ``qualiclip`` command line: score, models, degrade, train, tune, eval, serve and export.
 
 Each subcommand has an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 function that does the work and returns the exit status: 0 success, 1 when some input failed,
@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qualiclip.precision import PRECISIONS, TRAIN_PRECISIONS
+from qualiclip import stopping
+from qualiclip.output_files import InputFiles, OutputError, SameFileError
+from qualiclip.precision import PRECISION_CHOICES, TRAIN_PRECISIONS
 from qualiclip.train_choices import BN_MODES, DEGRADE_IN
 
 if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
@@ -29,6 +31,12 @@ if TYPE_CHECKING:  # imported where used: the command starts without loading eve
     from qualiclip.train import RunPlan
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: ``--precision``'s help, shared by score, eval and serve.
+PRECISION_HELP = (
+    "fp32 (default), bf16 (fast only with AMX or AVX512-BF16), fp16 (CUDA), int8 (CPU; the "
+    "tower quantised once per model, needs the 'onnx' extra), or auto: the fastest this device "
+    "runs natively whose fidelity holds (printed once)"
+)
 
 
 class UsageError(Exception):
@@ -51,8 +59,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="positional embedding in attention pooling (default: none, as QualiCLIP)",
     )
     p.add_argument(
-        "--formula", choices=("official", "pyiqa"), default="official",
-        help="score formula: the authors' (scale 100) or pyiqa's (default: official)",
+        "--formula", choices=("official", "pyiqa"), default=None,
+        help="score formula: the authors' (scale 100) or pyiqa's (default: official; pyiqa's "
+        "with --prompts, the one they were learned with)",
+    )
+    p.add_argument(
+        "--prompts", default=None, metavar="FILE|NAME",
+        help="learned prompts (QualiCLIP+) on the --model base: a prompt file in pyiqa's format "
+        "(as 'qualiclip tune' writes) or a name such as qualiclip+ (see 'qualiclip models')",
     )
     p.add_argument(
         "--trust-torchscript", action="store_true",
@@ -64,7 +78,9 @@ def load_model_from_args(
     args: argparse.Namespace, name: str | None = None
 ) -> QualiCLIP | OnnxScorer:
     """Build the scorer that the common options describe; a bad name, or a ``--precision`` the
-    device cannot run, is a usage error."""
+    device or model cannot run, is a usage error. ``args.precision`` (where the subcommand has
+    one) is resolved: ``auto`` becomes the precision it picks, announced once."""
+    from qualiclip.engine import resolve_precision
     from qualiclip.model import create_model
 
     try:
@@ -73,11 +89,13 @@ def load_model_from_args(
             device=args.device,
             pooling=args.pooling,
             formula=args.formula,
+            prompts=args.prompts,
             cache_dir=args.cache_dir,
             trust_torchscript=args.trust_torchscript,
         )
-        # A precision the scorer cannot run is refused before any input is read.
-        model.check_precision(args.precision)
+        # A precision the device or model cannot run is refused before any input is read.
+        args.precision = resolve_precision(model, getattr(args, "precision", "fp32"),
+                                           compile=getattr(args, "compile", False))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return model
@@ -96,7 +114,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (same size)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                    help="JPEG decoding: auto (on the GPU with CUDA and torchvision's nvJPEG, "
                    "else CPU threads; default), cpu, gpu (an error where unavailable)")
@@ -117,7 +135,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    "a histogram, filters, the failed files (with --map, each map on hover)")
     m = p.add_argument_group(
         "quality maps",
-        "Where quality is lost: per scored input, DIR/<stem>.map.png shows the image beside "
+        "Where quality is lost: per scored input, DIR/<its path>.map.png (the path below the "
+        "inputs' common folder, so every input gets its own) shows the image beside "
         "its map, coloured over the image in grey (the legend gives the values of the darkest "
         "and brightest colour, and says when the map is too flat to mean anything).",
     )
@@ -128,7 +147,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    help="dense: one pass, 1/32 resolution (default); windows: the scores of "
                    "overlapping crops (slower; each cell is a real score)")
     m.add_argument("--map-npy", action="store_true",
-                   help="also write the raw map values as DIR/<stem>.map.npy")
+                   help="also write the raw map values as DIR/<its path>.map.npy")
     m.add_argument("--map-window", type=int, default=224, metavar="PX",
                    help="windows: crop side (default 224)")
     m.add_argument("--map-stride", type=int, default=112, metavar="PX",
@@ -185,10 +204,20 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.output and not os.path.isdir(os.path.dirname(args.output) or "."):
         raise UsageError(f"-o {args.output}: no folder {os.path.dirname(args.output)}")
     paths = list_image_paths(args.inputs, stdin=sys.stdin)
+    inputs = InputFiles.of(paths)
     if args.output:
-        _refuse_output_over_input(args.output, args.inputs, paths)
+        _refuse_output_over_input(args.output, args.inputs, inputs)
+    if args.report is not None:
+        try:
+            inputs.refuse(args.report, "--report")
+        except SameFileError as exc:
+            raise UsageError(str(exc)) from None
+    root = None
     if args.map is not None:
-        _refuse_maps_over_inputs(args.map, args.inputs, paths)
+        from qualiclip.maps import map_root
+
+        root = map_root(paths)
+        _refuse_maps_over_inputs(args, paths, root, inputs)
     if not paths:
         print("qualiclip score: no images found in the given inputs", file=sys.stderr)
         return EXIT_FAILED
@@ -213,6 +242,7 @@ def _run_score(args: argparse.Namespace) -> int:
                 model, paths, args.map, kind=args.map_kind, npy=args.map_npy,
                 window=args.map_window, stride=args.map_stride, precision=args.precision,
                 workers=args.workers, decode=args.decode, progress=not args.no_progress,
+                root=root, inputs=inputs,
                 on_map=collected.add_map if collected is not None else None,
             )
         else:
@@ -230,9 +260,10 @@ def _run_score(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if collected is not None:
         results = collected.collect(results)
-    failed = write_results(results, args.format, args.output, model_name=model.name)
+    failed = write_results(results, args.format, args.output, model_name=model.name,
+                           inputs=inputs, precision=args.precision)
     if collected is not None:
-        _write_report(args, model, collected)
+        _write_report(args, model, collected, inputs)
     if failed:
         print(f"qualiclip score: {failed} of {len(paths)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
@@ -253,7 +284,9 @@ def _check_report_target(args: argparse.Namespace) -> None:
         raise UsageError(f"--report {target} is also the -o file")
 
 
-def _write_report(args: argparse.Namespace, model: object, collected: ReportRows) -> None:
+def _write_report(
+    args: argparse.Namespace, model: object, collected: ReportRows, inputs: InputFiles
+) -> None:
     """The HTML report of the rows ``collected`` while they streamed to the other outputs."""
     from qualiclip.report import ReportInfo, describe, write_report
 
@@ -262,53 +295,48 @@ def _write_report(args: argparse.Namespace, model: object, collected: ReportRows
                       precision=args.precision,
                       map_kind=args.map_kind if args.map is not None else None)
     stats = write_report(collected.results, args.report, info, maps=collected.maps,
-                         workers=args.workers)
+                         workers=args.workers, inputs=inputs)
     print(f"qualiclip score: {describe(stats)}", file=sys.stderr)
 
 
-def _scanned_folder_holding(path: str, inputs: Sequence[str]) -> str | None:
-    """The input folder (as given) whose scan covers ``path``, if any."""
-    target = os.path.realpath(path)
-    for item in inputs:
-        if item != "-" and os.path.isdir(item):
-            folder = os.path.realpath(item)
-            if os.path.commonpath([folder, target]) == folder:
-                return item
-    return None
-
-
-def _refuse_output_over_input(output: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
+def _refuse_output_over_input(output: str, given: Sequence[str], inputs: InputFiles) -> None:
     """Refuse an ``-o`` that is one of the inputs, or that a scan of the inputs would pick up.
 
-    Checked before the output is opened: opening truncates, and a truncated photo is lost.
+    Checked before anything is written: the same file by device and inode (a link to an input
+    counts), and any file a folder or glob among the inputs would list next time.
     """
-    from qualiclip.inputs import IMAGE_EXTENSIONS
+    from qualiclip.inputs import scanned_by
 
-    target = os.path.realpath(output)
-    if any(os.path.realpath(p) == target for p in paths):
-        raise UsageError(f"-o {output} is one of the inputs; writing it would destroy it")
-    if Path(target).suffix.lower() not in IMAGE_EXTENSIONS or Path(target).name.startswith("."):
-        return
-    folder = _scanned_folder_holding(output, inputs)
-    if folder is not None:
+    try:
+        inputs.refuse(output, "-o")
+    except SameFileError as exc:
+        raise UsageError(str(exc)) from None
+    source = scanned_by(output, given)
+    if source is not None:
         raise UsageError(
-            f"-o {output} lies in the scanned folder {folder} and has an image extension: "
-            "it would be read as an input; write the results elsewhere"
+            f"-o {output} would be read as an input by {source} next time (an image name in "
+            "what it scans); write the results elsewhere"
         )
 
 
-def _refuse_maps_over_inputs(maps: str, inputs: Sequence[str], paths: Sequence[Path]) -> None:
-    """Refuse a ``--map`` folder whose files could replace an input or be scanned as inputs."""
-    folder = _scanned_folder_holding(maps, inputs)
-    if folder is not None:
-        raise UsageError(
-            f"--map {maps} lies in the scanned folder {folder}: its overlays would be read as "
-            "inputs next time; write the maps elsewhere"
-        )
-    target = os.path.realpath(maps)
-    for p in paths:
-        if os.path.dirname(os.path.realpath(p)) == target and ".map." in Path(p).name:
-            raise UsageError(f"--map {maps} holds the input {p}, which a map could replace")
+def _refuse_maps_over_inputs(
+    args: argparse.Namespace, paths: Sequence[Path], root: Path | None, inputs: InputFiles
+) -> None:
+    """Refuse a ``--map`` folder where a map file would be an input, or be scanned as one."""
+    from qualiclip.inputs import scanned_by
+    from qualiclip.maps import map_files
+
+    for target in map_files(paths, args.map, root, npy=args.map_npy):
+        try:
+            inputs.refuse(target, "--map: the map file")
+        except SameFileError as exc:
+            raise UsageError(str(exc)) from None
+        source = scanned_by(target, args.inputs)
+        if source is not None:
+            raise UsageError(
+                f"--map {args.map}: its map {target} would be read as an input by {source} "
+                "next time; write the maps elsewhere"
+            )
 
 
 def _ray_output_format(args: argparse.Namespace) -> str:
@@ -336,10 +364,17 @@ def _run_score_ray(args: argparse.Namespace) -> int:
             check_precision("cpu", args.precision)
         except PrecisionError as exc:
             raise UsageError(f"{exc} (actors without --num-gpus-per-actor run on CPUs)") from None
+    elif args.precision == "int8":
+        raise UsageError("int8 runs on CPUs only: drop --num-gpus-per-actor, or use fp16, bf16 "
+                         "or fp32 on GPU actors")
+    if args.precision == "auto":
+        print("qualiclip score: precision auto: each actor picks for its own device; the "
+              "precision column of the output says which", file=sys.stderr)
     try:
         config = ray_scoring.RayScoreConfig(
             model=args.model, device=args.device, pooling=args.pooling, formula=args.formula,
-            cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+            prompts=args.prompts, cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
             precision=args.precision, batch_size=args.batch_size, decode_threads=args.workers,
             concurrency=args.concurrency, num_cpus_per_actor=args.num_cpus_per_actor,
             num_gpus_per_actor=args.num_gpus_per_actor, rows_per_part=args.rows_per_part,
@@ -392,9 +427,17 @@ def _run_models(args: argparse.Namespace) -> int:
     for name, entry in pretrained.PRETRAINED.items():
         cached = pretrained.is_cached(name, args.cache_dir)
         size = f"{entry.file.size / 1e6:.1f} MB" if entry.file.size else "?"
+        where = "packaged" if entry.file.packaged else "yes" if cached else "no"
         rows.append(
-            (name, "yes" if cached else "no", size, entry.licence, entry.file.sha256[:12],
+            (name, where, size, entry.licence, entry.file.sha256[:12],
              entry.description)
+        )
+    for name, plus in pretrained.PRETRAINED_PROMPTS.items():
+        cached = pretrained.is_cached(name, args.cache_dir)
+        size = f"{plus.file.size / 1e6:.1f} MB" if plus.file.size else "?"
+        rows.append(
+            (name, "yes" if cached else "no", size, plus.licence, plus.file.sha256[:12],
+             plus.description)
         )
     for name in pretrained.RANDOM_MODELS:
         rows.append((name, "-", "-", "-", "-", "random weights, for tests and benchmarks"))
@@ -430,6 +473,7 @@ def _run_degrade(args: argparse.Namespace) -> int:
 
     from qualiclip.degradations import DISTORTION_TYPES, apply_distortion
     from qualiclip.images import ImageDecodeError, load_image
+    from qualiclip.output_files import open_output
     from qualiclip.sheet import contact_sheet, to_pil
 
     if bool(args.sheet) == bool(args.dist_type or args.output):
@@ -441,8 +485,12 @@ def _run_degrade(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 5 or args.size < 16:
         raise UsageError("--level must be in 1..5 and --size at least 16")
     written = args.sheet or args.output
-    if os.path.realpath(written) == os.path.realpath(args.image):
-        raise UsageError(f"{written} is the input image; writing it would destroy it")
+    inputs = InputFiles.of([args.image])
+    try:
+        inputs.refuse(written)
+    except SameFileError as exc:
+        raise UsageError(str(exc)) from None
+    fmt = _image_format(written)
     try:
         image = load_image(args.image)
     except ImageDecodeError as exc:  # every decoder failure, with its reason
@@ -450,18 +498,30 @@ def _run_degrade(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.sheet:
         result = contact_sheet(image, size=args.size, seed=args.seed)
-        target = args.sheet
     else:
         g = torch.Generator().manual_seed(args.seed)
         out = apply_distortion(image[None], args.dist_type, args.level, g)
-        result, target = to_pil(out[0]), args.output
+        result = to_pil(out[0])
     try:
-        result.save(target)
-    except (OSError, ValueError) as exc:
-        print(f"qualiclip degrade: cannot write {target}: {exc}", file=sys.stderr)
+        with open_output(written, inputs=inputs) as stream:
+            result.save(stream, format=fmt)
+    except ValueError as exc:  # an option the format refuses
+        print(f"qualiclip degrade: cannot write {written}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(target)
+    print(written)
     return EXIT_OK
+
+
+def _image_format(path: str) -> str:
+    """Pillow's format for the file name's extension; an unknown one is a usage error."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{path}: no image format to write for the extension {ext or '(none)'!r}"
+                         " (use .png, .jpg, .tif, .webp, ...)")
+    return fmt
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -515,6 +575,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "config.json and validation.json; other files stay)")
     p.add_argument("--strict", action="store_true",
                    help="refuse to start when any pristine file is unusable (default: skip it)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the pristine files differ from the checkpoint's: "
+                   "train on the files found now, keep the held-out set as recorded")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow an --init that is a TorchScript archive of unknown checksum "
+                   "(loading one runs code stored in the file)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides epochs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="pristine images per step and process")
@@ -562,6 +628,7 @@ def _train_setup(args: argparse.Namespace) -> RunPlan:
         return train.plan_run(
             config=args.config, preset=args.preset, overrides=_train_overrides(args),
             out=args.out, resume=args.resume, overwrite=args.overwrite,
+            allow_data_change=args.allow_data_change, trust_torchscript=args.trust_torchscript,
         )
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(str(exc)) from None
@@ -572,7 +639,7 @@ def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     if "Original Traceback" in str(exc) and lines:
         return lines[-1]  # "TypeName: message", as the worker raised it
-    if isinstance(exc, ValueError | OSError) and lines:
+    if isinstance(exc, ValueError | OSError | OutputError) and lines:
         return lines[0]
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
@@ -598,6 +665,8 @@ def _run_train(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = train.fit(plan)
+    except train.DataChangedError as exc:  # refused unless asked for: a usage error
+        raise UsageError(str(exc)) from None
     except (OfflineError, ChecksumError) as exc:
         # The start point's weights cannot be had: the message says which file, its checksum and
         # where to put it (as for 'score'); the presets that start from random weights need none.
@@ -609,7 +678,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
             traceback.print_exc()
         # A ValueError of ours says all there is; others may need their traceback.
-        hint = "" if args.verbose or isinstance(exc, ValueError) else " (--verbose for details)"
+        plain = isinstance(exc, ValueError | OutputError)
+        hint = "" if args.verbose or plain else " (--verbose for details)"
         print(f"qualiclip train: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_FAILED
     if not result["main"]:  # under torchrun, rank 0 closes the run for all processes
@@ -661,8 +731,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples for the 95%% intervals (0: none; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and distortions")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="precision of the QualiCLIP models (fp16: CUDA only; default fp32)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help="precision of the QualiCLIP models: " + PRECISION_HELP)
     p.add_argument("--workers", type=int, default=2,
                    help="NIQE processes / image decoding threads (default 2)")
     p.add_argument("--dmos", action="store_true",
@@ -686,6 +756,7 @@ def _eval_scorers(args: argparse.Namespace) -> list:
                 name, device=args.device, batch_size=args.batch_size, workers=args.workers,
                 precision=args.precision, pooling=args.pooling, formula=args.formula,
                 cache_dir=args.cache_dir, trust_torchscript=args.trust_torchscript,
+                **({"prompts": args.prompts} if args.prompts and name.lower() != "niqe" else {}),
             )
             for name in names
         ]
@@ -742,6 +813,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         ds = ds.head(args.limit)
     except (OSError, ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
+    inputs = InputFiles.of(p for p, _ in ds.items)
+    if args.output:
+        try:
+            inputs.refuse(args.output, "-o")
+        except SameFileError as exc:
+            raise UsageError(str(exc)) from None
     scorers = _eval_scorers(args)
     report = evaluate.evaluate_items(
         [(str(p), m) for p, m in ds.items], scorers, dataset=ds.info.name,
@@ -753,7 +830,7 @@ def _run_eval(args: argparse.Namespace) -> int:
           "correlations signed so that positive = agrees with people)")
     print(evaluate.format_table(report))
     if args.output:
-        evaluate.write_scores_csv(report, args.output)
+        evaluate.write_scores_csv(report, args.output, inputs=inputs)
         print(f"per-image scores written to {args.output}", file=sys.stderr)
     for r in report.models:
         _report_failures(r.failures, r.name)
@@ -786,15 +863,28 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-pixels-in-flight", type=int, default=None,
                    help="the same, per request, so one request cannot take the whole budget "
                    "(default: --max-pixels, one maximal image at a time)")
+    p.add_argument("--max-batch-pixels-in-flight", type=int, default=None,
+                   help="most decoded pixels of small (batched) images held at once; they never "
+                   "wait for large ones (default: two forward passes' worth)")
+    p.add_argument("--max-response-bytes", type=int, default=16 * 1024 * 1024,
+                   help="most bytes of maps and overlays in one /map response; overlays past it "
+                   "are left out (default 16 MiB)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                   help="a host name requests may carry in their Host header (repeat for more; "
+                   "'*' any, '*.example.org' its subdomains; default: localhost names when "
+                   "listening on loopback, any host otherwise)")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds for a request's headers and body to arrive in full; a slower "
                    "client is disconnected (default 60)")
+    p.add_argument("--send-timeout", type=float, default=60.0,
+                   help="seconds for a client to read the rest of a response once the socket's "
+                   "buffers are full; a client that does not is disconnected (default 60)")
     p.add_argument("--keep-alive-timeout", type=int, default=5,
                    help="seconds an idle kept-alive connection stays open (default 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long to wait for more images to batch (default 5 ms)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
@@ -813,9 +903,14 @@ def _run_serve(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, precision=args.precision,
             max_pixels_in_flight=args.max_pixels_in_flight,
             max_request_pixels_in_flight=args.max_request_pixels_in_flight,
+            max_batch_pixels_in_flight=args.max_batch_pixels_in_flight,
+            max_response_bytes=args.max_response_bytes,
+            allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
         )
-        if not args.request_timeout > 0:
-            raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+        for flag in ("request_timeout", "send_timeout"):
+            if not getattr(args, flag) > 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be positive, got "
+                                 f"{getattr(args, flag)}")
         if args.keep_alive_timeout < 1:
             raise ValueError(f"--keep-alive-timeout must be at least 1, got "
                              f"{args.keep_alive_timeout}")
@@ -825,7 +920,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     serve.run(model, config, host=args.host, port=args.port, log_level=args.log_level,
               access_log=not args.no_access_log, request_timeout=args.request_timeout,
-              keep_alive_timeout=args.keep_alive_timeout)
+              send_timeout=args.send_timeout, keep_alive_timeout=args.keep_alive_timeout)
     return EXIT_OK
 
 
@@ -897,6 +992,93 @@ def _run_export(args: argparse.Namespace) -> int:
 # --- entry point -------------------------------------------------------------------------------
 
 
+# --- tune --------------------------------------------------------------------------------------
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="learn prompt context on opinion scores (QualiCLIP+)",
+        description="Learn 16 context vectors per prompt on a rated dataset, the image and text "
+        "towers frozen (pyiqa's QualiCLIP+ recipe by default), on a random training split; "
+        "report SRCC/PLCC on the held-out split before and after. Writes DIR/prompts.pth "
+        "(pyiqa's format: qualiclip score --model BASE --prompts DIR/prompts.pth), "
+        "split.json, history.jsonl, evaluation.json and tune-state.pt (--resume). Exit "
+        "status: 0 done, 1 a failure or unreadable images, 2 a usage error.",
+    )
+    p.add_argument("--model", default="qualiclip",
+                   help="base weights with a text tower (default: qualiclip)")
+    p.add_argument("--dataset", required=True,
+                   help="a dataset name (koniq, clive, spaq, biq2021, ...; with --root) or a "
+                   "path,score CSV")
+    p.add_argument("--root", default=None, help="the dataset's folder")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--epochs", type=int, default=50, help="default 50 (pyiqa's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N steps (the schedule still spans --epochs; --resume goes on)")
+    p.add_argument("--batch-size", type=int, default=8, help="default 8")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam, cosine per epoch (default 2e-3)")
+    p.add_argument("--n-ctx", type=int, default=16, help="context vectors per prompt (default 16)")
+    p.add_argument("--crop", type=int, default=384, help="random crop side (default 384)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of images held out (default 0.2)")
+    p.add_argument("--seed", type=int, default=123, help="split, init, batches (default 123)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--dmos", action="store_true", help="a CSV's scores are lower-is-better")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (default 2)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the final 95%% intervals (default 1000)")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $QUALICLIP_HOME)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow a TorchScript archive as --model FILE")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from qualiclip import tune
+
+    try:
+        cfg = tune.TuneConfig(
+            model=args.model, dataset=args.dataset, root=args.root, out=args.out,
+            n_ctx=args.n_ctx, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            crop=args.crop, flip=not args.no_flip, val_fraction=args.val_fraction,
+            seed=args.seed, limit=args.limit, max_steps=args.max_steps, dmos=args.dmos,
+            device=args.device, workers=args.workers, bootstrap=args.bootstrap,
+            progress=not args.no_progress, cache_dir=args.cache_dir,
+            trust_torchscript=args.trust_torchscript,
+        )
+        result = tune.tune(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        # Checked before the first step: the dataset, the split, the base, the folder.
+        raise UsageError(_one_line(exc)) from None
+    except (RuntimeError, OSError) as exc:
+        from qualiclip.pretrained import ChecksumError, OfflineError
+
+        if isinstance(exc, (OfflineError, ChecksumError)):
+            raise
+        print(f"qualiclip tune: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    ev = result.evaluation
+    print(f"held-out split: {ev['images']} images; SRCC [95% interval] without learned prompts "
+          f"{_with_ci(ev['before'], 'srcc')}, with them {_with_ci(ev['after'], 'srcc')}; PLCC "
+          f"{_with_ci(ev['before'], 'plcc')} -> {_with_ci(ev['after'], 'plcc')}",
+          file=sys.stderr)
+    for failure in result.failures[:10]:
+        print(f"qualiclip tune: skipped: {failure}", file=sys.stderr)
+    print(result.prompts)
+    return EXIT_FAILED if result.failures else EXIT_OK
+
+
+def _with_ci(m: dict, key: str) -> str:
+    ci = m.get(f"{key}_ci")
+    return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qualiclip",
@@ -906,15 +1088,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"qualiclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_eval, _add_serve,
-                _add_export):
+    for add in (_add_score, _add_models, _add_degrade, _add_train, _add_tune, _add_eval,
+                _add_serve, _add_export):
         add(sub)
     return parser
 
 
 #: Commands that run many forward passes on a CPU: freed feature maps are kept for the next one
 #: (:func:`qualiclip.heap.reuse_freed_memory`).
-_FORWARD_PASS_COMMANDS = frozenset({"score", "eval", "train", "serve"})
+_FORWARD_PASS_COMMANDS = frozenset({"score", "eval", "train", "tune", "serve"})
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> str:
@@ -950,10 +1132,14 @@ def _main(argv: Sequence[str] | None) -> int:
         # A program's choice, made here for the whole process (the library never makes it).
         reuse_freed_memory()
     try:
-        return int(args.func(args))
+        with stopping.terminate_as_interrupt():
+            return int(args.func(args))
     except UsageError as exc:
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as exc:  # a full disk, a read-only folder: the path and the errno
+        print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (RuntimeError, FileNotFoundError) as exc:
         from qualiclip.pretrained import ChecksumError, OfflineError
 
@@ -962,9 +1148,10 @@ def _main(argv: Sequence[str] | None) -> int:
         # Weights that cannot be had: the message says which file and where to put it.
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"qualiclip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): outputs are complete
+        stopped = "terminated" if isinstance(exc, stopping.Terminated) else "interrupted"
+        print(f"qualiclip {args.command}: {stopped}", file=sys.stderr)
+        return stopping.exit_status(exc)
     except BrokenPipeError:
         # The reader went away (``| head``): what it wanted is written; stop quietly. stdout is
         # pointed at /dev/null so that flushing it at exit does not fail again.

@@ -496,12 +496,23 @@ class CLIP(nn.Module):
         """
         if not self.config.has_text:
             raise ValueError("this CLIP model was built without a text tower")
+        # The end-of-text token has the highest id in the vocabulary.
+        return self.encode_token_embeddings(self.token_embedding(text), text.argmax(dim=-1))
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Text features (not normalised) of sequences given as token embeddings.
+
+        :meth:`encode_text` is this after the embedding lookup; prompt learning (CoOp, CLIP-IQA+,
+        QualiCLIP+) puts learned vectors where some tokens' embeddings would be.
+
+        Args:
+            embeddings: ``[B, context_length, transformer_width]``.
+            eot: ``[B]`` position of each row's end-of-text token, where its feature is read.
+        """
         dtype = self.text_projection.dtype
-        x = self.token_embedding(text).to(dtype) + self.positional_embedding.to(dtype)
+        x = embeddings.to(dtype) + self.positional_embedding.to(dtype)
         x = self.transformer(x.transpose(0, 1)).transpose(0, 1)
         x = self.ln_final(x)
-        # The end-of-text token has the highest id in the vocabulary.
-        eot = text.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
     def forward(
@@ -573,7 +584,7 @@ def load_visual(state_dict: dict[str, torch.Tensor], pooling: Pooling = "none") 
     config = config_from_state_dict(state_dict)
     visual = build_visual(config, pooling)
     weights = {k[7:]: v.float() for k, v in state_dict.items() if k.startswith("visual.")}
-    visual.load_state_dict(weights, strict=True)
+    load_checked(visual, weights, "visual.")
     return visual.eval()
 
 
@@ -588,5 +599,30 @@ def build_clip(state_dict: dict[str, torch.Tensor], pooling: Pooling = "none") -
     if not config.has_text:
         own = model.state_dict()
         sd = {**{k: v for k, v in own.items() if not k.startswith("visual.")}, **sd}
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    load_checked(model, {k: v.float() for k, v in sd.items()})
     return model.eval()
+
+
+def load_checked(module: nn.Module, weights: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """``module.load_state_dict(weights, strict=True)``, refusing in one line what it would
+    refuse in many: the first tensor of the wrong shape (its key and both shapes), or the keys
+    missing or left over.
+
+    Raises:
+        ValueError: the weights do not fit the module sized from them.
+    """
+    own = module.state_dict()
+    for key, mine in own.items():
+        theirs = weights.get(key)
+        if theirs is not None and tuple(theirs.shape) != tuple(mine.shape):
+            raise ValueError(
+                f"{prefix}{key} has shape {tuple(theirs.shape)} in the checkpoint, but the "
+                f"model its other tensors describe needs {tuple(mine.shape)}"
+            )
+    missing = [prefix + k for k in own if k not in weights]
+    extra = [prefix + k for k in weights if k not in own]
+    if missing or extra:
+        parts = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for what, keys in (("missing", missing), ("unexpected", extra)) if keys]
+        raise ValueError(f"the checkpoint's keys do not fit a CLIP model: {'; '.join(parts)}")
+    module.load_state_dict(weights, strict=True)

@@ -25,7 +25,10 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 import os
+import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,10 +72,25 @@ class Dataset:
 
 
 def _float(value: object, where: str) -> float:
+    """A label: a finite number, or a ``ValueError`` naming the row (checked before scoring,
+    so a bad label stops the run before its first image, not after its last)."""
+    text = str(value).strip()
     try:
-        return float(str(value).strip())
+        number = float(text)
     except ValueError:
         raise ValueError(f"{where}: score {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: score {text!r} is not a finite number")
+    return number
+
+
+def _fields(row: list[str], needed: int, where: str) -> list[str]:
+    """``row`` when it has at least ``needed`` fields; else a ``ValueError`` naming the row."""
+    if len(row) < needed:
+        have = "field" if len(row) == 1 else "fields"
+        raise ValueError(f"{where}: {len(row)} {have}, the header names {needed} columns "
+                         f"needed here ({row!r})")
+    return row
 
 
 def _require(path: Path) -> Path:
@@ -81,8 +99,9 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[str, str]]:
-    """Rows of two named columns of a CSV with a header (headers matched case-insensitively)."""
+def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, str, str]]:
+    """``(row number, first, second)`` of two named columns of a CSV with a header (headers
+    matched case-insensitively); a row too short for them is refused, naming it."""
     with open(_require(path), newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
@@ -91,7 +110,12 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[str, str]]:
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; header is {header}")
         i, j = (header.index(c) for c in want)
-        return [(row[i].strip(), row[j]) for row in reader if row and any(c.strip() for c in row)]
+        rows = []
+        for row in reader:
+            if row and any(c.strip() for c in row):
+                row = _fields(row, max(i, j) + 1, f"{path} row {reader.line_num}")
+                rows.append((reader.line_num, row[i].strip(), row[j]))
+        return rows
 
 
 def _first_dir(root: Path, names: Sequence[str]) -> Path:
@@ -116,10 +140,9 @@ def _resolve(folder: Path, name: str) -> Path:
     return path
 
 
-def _items(folder: Path, rows: Sequence[tuple[str, str]], where: Path) -> tuple:
+def _items(folder: Path, rows: Sequence[tuple[int, str, str]], where: Path) -> tuple:
     return tuple(
-        (folder / name, _float(score, f"{where} row {k + 2}"))
-        for k, (name, score) in enumerate(rows)
+        (folder / name, _float(score, f"{where} row {line}")) for line, name, score in rows
     )
 
 
@@ -137,7 +160,8 @@ def read_clive(root: PathLike) -> Dataset:
     names_mat = sio.loadmat(str(_require(root / "Data" / "AllImages_release.mat")))
     mos_mat = sio.loadmat(str(_require(root / "Data" / "AllMOS_release.mat")))
     names = [str(n.ravel()[0]) for n in names_mat["AllImages_release"].ravel()]
-    mos = [float(v) for v in mos_mat["AllMOS_release"].ravel()]
+    mos = [_float(v, f"AllMOS_release.mat entry {k + 1}")
+           for k, v in enumerate(mos_mat["AllMOS_release"].ravel())]
     if len(names) != len(mos):
         raise ValueError(f"CLIVE: {len(names)} names but {len(mos)} scores")
     items = tuple((root / "Images" / n, m) for n, m in zip(names[7:], mos[7:], strict=True))
@@ -284,12 +308,14 @@ def read_csv(
     csv_path = _require(Path(csv_path))
     base = Path(root) if root is not None else csv_path.parent
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    if not rows:
+        reader = csv.reader(f)  # line_num: the row number a person sees in the file
+        numbered = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+    if not numbered:
         raise ValueError(f"{csv_path}: no rows")
+    rows = [r for _, r in numbered]
     try:
         float(rows[0][1])
-        i, j, body, first = 0, 1, rows, 1
+        i, j, body = 0, 1, numbered
     except (ValueError, IndexError):
         header = [h.strip().lower() for h in rows[0]]
         i = next((header.index(c) for c in _PATH_COLUMNS if c in header), -1)
@@ -299,13 +325,14 @@ def read_csv(
                 f"{csv_path}: need a path column ({', '.join(_PATH_COLUMNS)}) and a score "
                 f"column ({', '.join(_SCORE_COLUMNS)}); header is {header}"
             ) from None
-        body, first = rows[1:], 2
-    items = tuple(
-        (base / r[i].strip(), _float(r[j] if j < len(r) else "", f"{csv_path} row {k + first}"))
-        for k, r in enumerate(body)
-    )
+        body = numbered[1:]
+    items = []
+    for line, r in body:
+        where = f"{csv_path} row {line}"
+        r = _fields(r, max(i, j) + 1, where)
+        items.append((base / r[i].strip(), _float(r[j], where)))
     info = DatasetInfo(csv_path.stem, (float("nan"), float("nan")), higher_is_better, str(csv_path))
-    return Dataset(info, items)
+    return Dataset(info, tuple(items))
 
 
 READERS: dict[str, Callable[[PathLike], Dataset]] = {
@@ -338,6 +365,26 @@ def load_dataset(
         ValueError: for an unknown name, listing the valid ones.
         FileNotFoundError: when the metadata file is missing.
     """
+    dataset = _load(name, root, higher_is_better)
+    _warn_duplicates(dataset)
+    return dataset
+
+
+def _warn_duplicates(dataset: Dataset) -> None:
+    """Say when an image is listed more than once: each listing is scored and counted."""
+    counts = Counter(os.path.normcase(os.path.abspath(p)) for p, _ in dataset.items)
+    twice = [p for p, n in counts.items() if n > 1]
+    if twice:
+        shown = ", ".join(os.path.basename(p) for p in twice[:5])
+        more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
+        noun = "image" if len(twice) == 1 else "images"
+        warnings.warn(
+            f"{dataset.info.name}: {len(twice)} {noun} listed more than once ({shown}{more}); "
+            "each listing is scored and counted in the correlations", UserWarning, stacklevel=3,
+        )
+
+
+def _load(name: str, root: PathLike | None, higher_is_better: bool) -> Dataset:
     if name.lower().endswith(".csv"):
         return read_csv(name, root, higher_is_better=higher_is_better)
     key = ALIASES.get(name.lower(), name.lower())

@@ -437,7 +437,8 @@ def set_codec_processes(processes: int | None) -> None:
     in parallel. The processes use the same codec with the same settings: the output is identical
     to the in-process one, only faster. They are forked on first use on Linux (elsewhere spawned,
     which, as any spawned multiprocessing, needs an ``if __name__ == "__main__":`` guard in the
-    calling script) and live until the interpreter exits or this is called again. A daemonic
+    calling script) and live until the interpreter exits or this is called again; they die
+    with it however it ends, SIGKILL included (:func:`qualiclip._codec.worker_start`). A daemonic
     process (such as a DataLoader worker, already one of many) cannot start processes and codes
     in-process.
 

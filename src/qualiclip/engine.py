@@ -40,6 +40,7 @@ Precisions are those of :mod:`qualiclip.precision`.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from collections import deque
@@ -56,20 +57,26 @@ from torch import nn
 from qualiclip import heap, images
 from qualiclip.clip import ModifiedResNet
 from qualiclip.fused import FusedResNet
-from qualiclip.model import QualiCLIP, Scorer
+from qualiclip.model import NonFiniteScoreError, QualiCLIP, Scorer, checked_scores
 from qualiclip.precision import (
+    PRECISION_CHOICES,
     PRECISIONS,
     Precision,
+    PrecisionChoice,
+    PrecisionError,
+    auto_candidates,
     autocast_context,
     check_precision,
     compute_dtype,
+    describe_cpu,
     native_bf16,
 )
 from qualiclip.reading import Decode, Decoded, JpegDecoder, decoded_in_order, resolve_decoder
 
 __all__ = [
-    "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "Decode", "InferenceModel", "Precision",
-    "ScoreResult", "check_precision", "prepare", "score", "score_arrays", "score_paths",
+    "DEFAULT_MAX_BATCH_PIXELS", "PRECISIONS", "PRECISION_CHOICES", "Decode", "InferenceModel",
+    "Precision", "PrecisionChoice", "ScoreResult", "check_precision", "error_text", "prepare",
+    "resolve_precision", "score", "score_arrays", "score_paths",
     "score_tensors",
 ]
 
@@ -104,7 +111,8 @@ class InferenceModel:
     """A scorer readied for fast inference in one precision.
 
     Built by :func:`prepare` (cached per model and precision). A :class:`QualiCLIP` runs a fused
-    copy of its ResNet tower; ``fuse=False`` keeps the model's own tower (used for non-ResNet
+    copy of its ResNet tower, or with ``int8`` the quantised one of :mod:`qualiclip.quantize`
+    (calibrated at first use); ``fuse=False`` keeps the model's own tower (used for non-ResNet
     towers and to measure what fusing gains). Any other scorer (an ONNX graph's) is called as
     it is.
     """
@@ -120,7 +128,17 @@ class InferenceModel:
         visual = model.visual if isinstance(model, QualiCLIP) else None
         training = isinstance(model, QualiCLIP) and model.training
         self.visual: Any = visual
-        if compile and visual is not None:
+        if precision == "int8":
+            if compile:
+                raise PrecisionError("--compile applies to fp32, bf16 and fp16 towers; int8 runs "
+                                     "in ONNX Runtime")
+            if not isinstance(model, QualiCLIP):
+                raise PrecisionError(f"int8 quantises a QualiCLIP model's ResNet tower, and this "
+                                     f"scorer is a {type(model).__name__}: use fp32")
+            from qualiclip import quantize
+
+            self.visual = quantize.int8_tower(model)
+        elif compile and visual is not None:
             # Inductor does its own batch-norm folding and oneDNN fusions ("freezing"); it
             # compiles once per input size (tens of seconds for RN50 on two cores).
             self.visual = torch.compile(visual, dynamic=False, options={"freezing": True})
@@ -193,7 +211,7 @@ class InferenceModel:
         with heap.forward_pass(self.device, pixels):
             with torch.inference_mode(), autocast_context(self.device, self.precision):
                 x = x.contiguous(memory_format=torch.channels_last)
-                if isinstance(self.visual, FusedResNet):
+                if hasattr(self.visual, "forward_owned"):  # fused or int8: frees x early
                     box.append(x)
                     del x
                     features = self.visual.forward_owned(box)
@@ -228,6 +246,9 @@ def prepare(
 ) -> InferenceModel:
     """The :class:`InferenceModel` of ``model``: built once, reused while its weights are unchanged.
 
+    ``precision="auto"`` is resolved here (:func:`resolve_precision`); the result's
+    ``precision`` says what it became.
+
     Raises:
         PrecisionError: unknown precision, or one the model's device cannot run.
     """
@@ -236,6 +257,11 @@ def prepare(
     hit = cache.get(key)
     if hit is not None and hit[0] == state:
         return hit[1]
+    if precision == "auto":
+        chosen = resolve_precision(model, "auto", compile=compile)
+        prepared = prepare(model, chosen, fuse=fuse, compile=compile)
+        cache[key] = (_state_key(model), prepared)
+        return prepared
     if precision == "bf16" and not native_bf16(model.device):
         warnings.warn(
             f"bf16 is emulated on this {model.device.type} (no AVX512-BF16/AMX or bf16 GPU): "
@@ -246,6 +272,65 @@ def prepare(
     prepared = InferenceModel(model, precision, fuse, compile)
     cache[key] = (_state_key(model), prepared)
     return prepared
+
+
+#: What ``auto`` chose, per device and model, announced once per process.
+_ANNOUNCED: set[tuple[str, str, str]] = set()
+
+
+def resolve_precision(model: Scorer, precision: str, *, compile: bool = False) -> str:
+    """The precision that ``precision`` stands for with ``model``: itself, or what ``auto`` picks.
+
+    ``auto`` takes the first of :func:`qualiclip.precision.auto_candidates` that holds for this
+    model: the fastest precision the device runs natively, int8 only for a ResNet tower whose
+    calibration met the fidelity budget (:func:`qualiclip.quantize.int8_report`, which calibrates
+    at first use). A scorer that is not a QualiCLIP module (an ONNX graph) runs as exported:
+    fp32. With ``compile`` (``torch.compile`` of the tower) ``auto`` picks among the float
+    precisions only: the int8 tower runs in ONNX Runtime. The choice and its reason go to stderr
+    once per process.
+
+    Raises:
+        PrecisionError: ``precision`` is unknown, or one the model's device (or the model: an
+            ONNX graph, a tower int8 cannot take) cannot run, or int8 with ``compile``.
+    """
+    model.check_precision(precision)  # the device's, or an ONNX graph's own, limits
+    if precision == "int8":
+        if compile:
+            raise PrecisionError("--compile applies to fp32, bf16 and fp16 towers, and int8 runs "
+                                 "in ONNX Runtime: drop --compile, or use another precision")
+        from qualiclip import quantize
+
+        quantize.check_quantizable(model)  # a ResNet tower; calibration waits for prepare
+    if precision != "auto":
+        return precision
+    chosen, notes = "fp32", []
+    # A scorer other than a QualiCLIP module (an ONNX graph) runs as it was exported: fp32.
+    qualiclip = model if isinstance(model, QualiCLIP) else None
+    for candidate in (auto_candidates(model.device) if qualiclip is not None else ()):
+        if candidate == "int8" and qualiclip is not None:
+            if compile:
+                notes.append("int8 passed over: --compile applies to float towers")
+                continue
+            if not isinstance(qualiclip.visual, ModifiedResNet):
+                notes.append("int8 passed over: not a ResNet tower")
+                continue
+            from qualiclip import quantize
+
+            report = quantize.int8_report(qualiclip)
+            budget = f"the budget is Spearman >= {quantize.FIDELITY_MIN_SPEARMAN}"
+            notes.append(f"int8 {'met' if report.holds else 'passed over'}: "
+                         f"{report.describe()}; {budget}")
+            if not report.holds:
+                continue
+        chosen = candidate
+        break
+    where = describe_cpu() if model.device.type == "cpu" else model.device.type
+    announced = (str(model.device), str(getattr(model, "name", "")), chosen)
+    if announced not in _ANNOUNCED:
+        _ANNOUNCED.add(announced)
+        print(f"qualiclip: precision auto -> {chosen} on this {where}"
+              + "".join(f"; {note}" for note in notes), file=sys.stderr, flush=True)
+    return chosen
 
 
 def score_tensors(
@@ -264,7 +349,7 @@ def score_tensors(
     Args:
         model: the scorer (eval mode).
         batch: float RGB images in [0, 1]; not modified.
-        precision: one of :data:`PRECISIONS`.
+        precision: one of :data:`PRECISION_CHOICES`.
         fuse: use the fused copy of a ResNet tower (same scores to float rounding).
         max_batch_pixels: most pixels in one forward pass.
 
@@ -300,8 +385,8 @@ def score(model: Scorer, x: Any, *, precision: str = "fp32") -> float | torch.Te
         model: the scorer.
         x: a path, bytes, PIL image, NumPy array (``HxWx3`` or ``HxW``; uint8, uint16 or float
             in [0, 1]), tensor ``[3, H, W]``, or tensor batch ``[B, 3, H, W]``.
-        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only); see
-            ``docs/precision.md`` for the effect on scores.
+        precision: ``"fp32"`` (default), ``"bf16"``, ``"fp16"`` (CUDA only), ``"int8"`` (CPU
+            only) or ``"auto"``; see ``docs/precision.md`` for the effect on scores.
 
     Returns:
         a float for a single image, a ``[B]`` tensor (on the CPU) for a batch.
@@ -405,7 +490,7 @@ def _launch(
                 box.clear()
                 release()
             if runner.device.type != "cuda":
-                ready = [float(s) for s in scores.cpu().tolist()]
+                ready = checked_scores([float(s) for s in scores.cpu().tolist()])
                 return lambda: list(ready)
             host = scores.to("cpu", non_blocking=True)
             done = torch.cuda.Event()
@@ -420,11 +505,17 @@ def _launch(
     def wait() -> Outcomes:
         try:
             done.synchronize()
-            return [float(s) for s in host.tolist()]
+            return checked_scores([float(s) for s in host.tolist()])
         except Exception as exc:  # noqa: BLE001 - an asynchronous failure, reported per image
             return [exc] * len(pixels)
 
     return wait
+
+
+def error_text(exc: Exception) -> str:
+    """A failed image's error in its row: the exception's type and message, or our own message
+    alone (a score that is not a number)."""
+    return str(exc) if isinstance(exc, NonFiniteScoreError) else f"{type(exc).__name__}: {exc}"
 
 
 def _in_flight(runner: InferenceModel) -> int:
@@ -442,7 +533,7 @@ def _run_batch(runner: InferenceModel, items: list[Decoded]) -> Callable[[], lis
 
     def rows() -> list[ScoreResult]:
         return [
-            ScoreResult(it.path, None, f"{type(out).__name__}: {out}", w, h)
+            ScoreResult(it.path, None, error_text(out), w, h)
             if isinstance(out, Exception) else ScoreResult(it.path, out, None, w, h)
             for it, out in zip(items, wait(), strict=True)
         ]
@@ -492,7 +583,7 @@ def score_paths(
     *,
     batch_size: int = 8,
     workers: int = 2,
-    precision: Precision = "fp32",
+    precision: PrecisionChoice = "fp32",
     progress: bool = False,
     fuse: bool = True,
     compile: bool = False,
@@ -513,7 +604,8 @@ def score_paths(
         paths: image files; consumed lazily (a generator of millions of paths is fine).
         batch_size: most images per forward pass.
         workers: decoding threads.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA); see the module docstring.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA), ``"int8"`` (CPU) or ``"auto"``
+            (:func:`resolve_precision`); see ``docs/precision.md``.
         progress: show a progress bar on stderr.
         fuse: use the fused inference copy of a ResNet tower (same scores to float rounding).
         compile: ``torch.compile`` the tower instead (inductor with freezing). Pays off only for

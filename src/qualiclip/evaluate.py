@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from qualiclip.metrics import LOGISTIC_MIN_POINTS, FloatArray, Metrics, compute_metrics, srcc
+from qualiclip.output_files import InputFiles, open_output
 
 if TYPE_CHECKING:
     from qualiclip.model import Scorer
+
 
 # --- scorers -----------------------------------------------------------------------------------
 
@@ -59,7 +61,8 @@ class ModelScorer:
         model: the scorer (QualiCLIP or an ONNX graph's; scores in [0, 1], higher is better).
         batch_size: images of equal size per forward pass.
         workers: decoding threads.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) or ``"int8"`` (CPU): a resolved
+            precision (:func:`create_scorer` resolves ``"auto"``), shown in the results table.
     """
 
     higher_is_better = True
@@ -120,7 +123,8 @@ def create_scorer(
         device: torch device for CLIP models (NIQE runs on CPU processes).
         batch_size: batch size for CLIP models.
         workers: NIQE processes, or decoding threads for CLIP models.
-        precision: precision of CLIP models (see :mod:`qualiclip.precision`).
+        precision: precision of CLIP models (see :mod:`qualiclip.precision`); ``"auto"`` is
+            resolved here, once per model, and announced.
         model_options: further :func:`qualiclip.model.create_model` options (pooling, formula,
             cache_dir, trust_torchscript).
 
@@ -132,10 +136,11 @@ def create_scorer(
         from qualiclip.niqe import NIQEScorer
 
         return NIQEScorer(workers=workers)
+    from qualiclip.engine import resolve_precision
     from qualiclip.model import create_model
 
     model = create_model(name, device=device, **model_options)
-    model.check_precision(precision)
+    precision = resolve_precision(model, precision)  # checks it; auto resolved, announced
     return ModelScorer(name, model, batch_size=batch_size, workers=workers, precision=precision)
 
 
@@ -153,6 +158,7 @@ class ModelResult:
         n_failed: images that could not be scored (missing, undecodable, too small...).
         failures: ``(path, error)`` of each failed image.
         higher_is_better: the model's own score direction.
+        precision: the precision a CLIP model ran in; None for other scorers (NIQE).
     """
 
     name: str
@@ -161,6 +167,7 @@ class ModelResult:
     n_failed: int
     failures: tuple[tuple[str, str], ...]
     higher_is_better: bool
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +250,7 @@ def evaluate_items(
         failures = tuple((paths[i], err[i]) for i in range(len(paths)) if err[i])
         results.append(
             ModelResult(scorer.name, metrics, int(ok.sum()), len(failures), failures,
-                        scorer.higher_is_better)
+                        scorer.higher_is_better, getattr(scorer, "precision", None))
         )
         scores[scorer.name] = tuple(float(v) for v in col)
         errors[scorer.name] = tuple(err)
@@ -257,17 +264,19 @@ def _ci(ci: tuple[float, float] | None) -> str:
 
 def format_table(report: EvalReport) -> str:
     """The results as an aligned text table, one row per model."""
-    head = ("model", "n", "failed", "SRCC", "95% CI", "PLCC", "95% CI", "PLCC-log", "KRCC")
+    head = ("model", "precision", "n", "failed", "SRCC", "95% CI", "PLCC", "95% CI", "PLCC-log",
+            "KRCC")
     rows = [head]
     for r in report.models:
         m = r.metrics
+        who = (r.name, r.precision or "-", str(r.n_used), str(r.n_failed))
         if m is None:
-            rows.append((r.name, str(r.n_used), str(r.n_failed), "-", "", "-", "", "-", "-"))
+            rows.append((*who, "-", "", "-", "", "-", "-"))
             continue
         log = ("n/a" if math.isnan(m.plcc_logistic)
                else f"{m.plcc_logistic:.3f}" + ("" if m.logistic_converged else "*"))
-        rows.append((r.name, str(r.n_used), str(r.n_failed), f"{m.srcc:.3f}", _ci(m.srcc_ci),
-                     f"{m.plcc:.3f}", _ci(m.plcc_ci), log, f"{m.krcc:.3f}"))
+        rows.append((*who, f"{m.srcc:.3f}", _ci(m.srcc_ci), f"{m.plcc:.3f}", _ci(m.plcc_ci), log,
+                     f"{m.krcc:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -278,17 +287,29 @@ def format_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def write_scores_csv(report: EvalReport, path: str | os.PathLike[str]) -> None:
-    """Per-image scores: ``path, mos, <one column per model>, error`` (empty score = failed)."""
+def write_scores_csv(
+    report: EvalReport, path: str | os.PathLike[str], *, inputs: InputFiles | None = None
+) -> None:
+    """Per-image scores: ``path, mos, <one column per model>, error, precision`` (empty score =
+    failed; ``precision``: ``model: precision`` of each model that has one, as ``error`` names
+    each model's error, so every row says what computed its scores).
+
+    Written whole or not at all (:func:`qualiclip.output_files.open_output`), never over one
+    of ``inputs``.
+
+    Raises:
+        OutputError: the file could not be written (the message names it and the errno).
+    """
     names = [m.name for m in report.models]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    precisions = "; ".join(f"{m.name}: {m.precision}" for m in report.models if m.precision)
+    with open_output(path, "w", newline="", encoding="utf-8", inputs=inputs) as f:
         writer = csv.writer(f, lineterminator="\n")  # LF, as the other outputs
-        writer.writerow(["path", "mos", *names, "error"])
+        writer.writerow(["path", "mos", *names, "error", "precision"])
         for i, (p, mos) in enumerate(report.items):
             vals = [report.scores[n][i] for n in names]
             errs = [f"{n}: {report.errors[n][i]}" for n in names if report.errors[n][i]]
             writer.writerow([p, repr(mos), *("" if math.isnan(v) else f"{v:.6g}" for v in vals),
-                             "; ".join(errs)])
+                             "; ".join(errs), precisions])
 
 
 # --- synthetic benchmark -----------------------------------------------------------------------
@@ -349,6 +370,7 @@ def evaluate_synthetic(
 
     from qualiclip.degradations import DISTORTION_TYPES, NUM_LEVELS, apply_distortion
     from qualiclip.images import load_image
+    from qualiclip.model import NON_FINITE_SCORE
 
     levels = list(range(1, NUM_LEVELS + 1))
     per: dict[str, dict[str, list[float]]] = {s.name: {t: [] for t in DISTORTION_TYPES}
@@ -389,7 +411,9 @@ def evaluate_synthetic(
             quality = scores if s.higher_is_better else -scores
             for i, name in enumerate(kinds):
                 q = quality[i * NUM_LEVELS : (i + 1) * NUM_LEVELS]
-                if np.isfinite(q).all() and np.ptp(q) > 0:
+                if not np.isfinite(q).all():  # the rule of every score: NaN is an error
+                    fails[s.name].append((f"{path} [{name}]", NON_FINITE_SCORE))
+                elif np.ptp(q) > 0:
                     per[s.name][name].append(srcc(q, -np.asarray(levels, dtype=np.float64)))
     return tuple(
         SyntheticResult(

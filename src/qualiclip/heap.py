@@ -47,8 +47,8 @@ def reuse_freed_memory() -> bool:
     """Have glibc's ``malloc`` keep freed memory for reuse; once per process, Linux only.
 
     A setting of the whole process, so the library never makes it by itself: the ``qualiclip``
-    command (score, eval, serve) and Ray's scoring actors call this; a program that scores many
-    images on a CPU through the library calls it once at its start::
+    command (score, eval, train, tune, serve) and Ray's scoring actors call this; a program that
+    scores many images on a CPU through the library calls it once at its start::
 
         from qualiclip import heap
         heap.reuse_freed_memory()

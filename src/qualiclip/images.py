@@ -221,6 +221,10 @@ def _open(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             return Image.open(fp), True
+        except UnidentifiedImageError as exc:
+            if _is_tiff(fp):  # a TIFF Pillow has no mode for (float RGB): tifffile may read it
+                raise _OtherTiff(as_decode_error(name, exc), fp) from exc
+            raise as_decode_error(name, exc, header=True) from exc
         except Image.DecompressionBombError as exc:
             # PIL's own check ran first (inside Image.open); say which limit is ours.
             raise ImageDecodeError(
@@ -252,7 +256,10 @@ def _raise_pil_limit_to(max_pixels: int) -> None:
 
 def _check_size(im: Image.Image, name: str, max_pixels: int, min_size: int) -> None:
     """Refuse images that are too large or too small, from the header alone (before decoding)."""
-    width, height = im.size
+    _check_dims(im.size[0], im.size[1], name, max_pixels, min_size)
+
+
+def _check_dims(width: int, height: int, name: str, max_pixels: int, min_size: int) -> None:
     pixels = width * height
     if pixels > max_pixels:
         raise ImageDecodeError(
@@ -290,7 +297,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         grey = np.asarray(im)
         grey = np.clip(grey, 0, 65535).astype(np.uint16) if mode == "I" else grey.astype(np.uint16)
         return np.repeat(grey[:, :, None], 3, axis=2)
-    if mode == "F":
+    if mode == "F":  # float grey: values in [0, 1], as every float input (float_range_problem)
         return np.repeat(_float_to_uint16(np.asarray(im, dtype=np.float32))[:, :, None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         mode == "P" and "transparency" in im.info
@@ -324,13 +331,31 @@ def _rgb_in_strips(im: Image.Image) -> np.ndarray:
     return out
 
 
-def _float_to_uint16(grey: np.ndarray) -> np.ndarray:
-    """Float grey (PIL mode "F") -> uint16: [0, 1] data as such, else PIL's 0..255 convention."""
-    if not bool(np.isfinite(grey).all()):
+_RANGE_TOLERANCE = 1e-5  # float inputs may overshoot [0, 1] by rounding; more suggests 0..255 data
+
+
+def float_range_problem(lo: float, hi: float) -> str | None:
+    """Why float pixels ranging over ``[lo, hi]`` are not an image in [0, 1], or None.
+
+    The one rule for float pixels, from a file (float TIFFs) or from Python (arrays, tensors):
+    values must lie in [0, 1], give or take rounding; anything else (0..255 data, HDR values
+    above 1, negatives) is refused rather than guessed at or clipped.
+    """
+    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        return f"float values must be in [0, 1], got range [{lo:.4g}, {hi:.4g}]"
+    return None
+
+
+def _float_to_uint16(values: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] (any shape) -> uint16 at full scale 65535."""
+    if not bool(np.isfinite(values).all()):
         # NaN has no grey level: scoring it as black would report a quality nobody can see.
         raise _PixelError("float image contains NaN or infinite values")
-    scale = 65535.0 if grey.size and float(grey.max()) <= 1.0 else 65535.0 / 255.0
-    return np.rint(np.clip(grey * scale, 0, 65535)).astype(np.uint16)
+    if values.size:
+        problem = float_range_problem(float(values.min()), float(values.max()))
+        if problem is not None:
+            raise _PixelError(problem)
+    return np.rint(np.clip(values * 65535.0, 0, 65535)).astype(np.uint16)
 
 
 def _apply_exif_orientation(im: Image.Image, owned: bool) -> Image.Image:
@@ -419,12 +444,15 @@ def decode_rgb(
     Returns:
         A C-contiguous array of shape ``(H, W, 3)``: ``uint8`` for 8-bit and lower sources,
         ``uint16`` (full scale 65535) for 16-bit and floating-point sources. Alpha is composited
-        onto white, EXIF orientation is applied, animations give their first frame.
+        onto white, EXIF orientation is applied, animations give their first frame. Float
+        pixels (grey or RGB TIFFs; RGB needs ``tifffile``, the ``tiff`` extra) must lie in
+        [0, 1], the rule :func:`to_batch` applies to float arrays.
 
     Raises:
         ImageDecodeError: missing file, not a regular file (a folder, FIFO, device or socket),
-            not an image, malformed header, truncated or corrupt data, NaN pixels, too large or
-            too small. Whatever a decoder raises for the input ends up here, with its reason.
+            not an image, malformed header, truncated or corrupt data, NaN pixels, float pixels
+            outside [0, 1], too large or too small. Whatever a decoder raises for the input ends
+            up here, with its reason.
         TypeError: ``source`` is of an unsupported type.
         ValueError: ``max_pixels`` or ``min_size`` is not positive.
     """
@@ -435,26 +463,102 @@ def decode_rgb(
         raise ValueError(f"min_size must be at least 1, got {min_size}")
     name = _describe(source)
     with contextlib.ExitStack() as files:
-        im, owned = _open(source, name, limit, files)
         try:
-            _check_size(im, name, limit, min_size)  # header only: nothing decoded yet
-            try:
-                im.load()  # LOAD_TRUNCATED_IMAGES stays False: a short file raises here
-                oriented = _apply_exif_orientation(im, owned)
-                arr = _to_rgb_array(oriented)
-            except ImageDecodeError:
-                raise
-            except _PixelError as exc:
-                raise ImageDecodeError(f"{name}: {exc}", "malformed") from exc
-            except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ... (raised again)
-                raise as_decode_error(name, exc, im=im) from exc
-        finally:
-            if owned:
-                im.close()
+            im, owned = _open(source, name, limit, files)
+        except _OtherTiff as tiff:
+            arr = _decode_other_tiff(tiff, name, limit, min_size)
+        else:
+            arr = _decode_opened(im, owned, name, limit, min_size)
     # PIL hands out read-only views of its buffer; callers (and torch.from_numpy) want to own it.
     if not (arr.flags.writeable and arr.flags.c_contiguous):
         arr = np.array(arr, order="C", copy=True)
     return arr
+
+
+def _decode_opened(
+    im: Image.Image, owned: bool, name: str, limit: int, min_size: int
+) -> np.ndarray:
+    """Check and decode an image Pillow opened (header read, nothing decoded yet)."""
+    try:
+        _check_size(im, name, limit, min_size)  # header only: nothing decoded yet
+        try:
+            im.load()  # LOAD_TRUNCATED_IMAGES stays False: a short file raises here
+            oriented = _apply_exif_orientation(im, owned)
+            return _to_rgb_array(oriented)
+        except ImageDecodeError:
+            raise
+        except _PixelError as exc:
+            raise ImageDecodeError(f"{name}: {exc}", "malformed") from exc
+        except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ... (raised again)
+            raise as_decode_error(name, exc, im=im) from exc
+    finally:
+        if owned:
+            im.close()
+
+
+# --- TIFFs Pillow cannot read: float RGB ---------------------------------------------------------
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _is_tiff(fp: Any) -> bool:
+    try:
+        fp.seek(0)
+        head = fp.read(4)
+        fp.seek(0)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return head in _TIFF_MAGIC
+
+
+class _OtherTiff(ImageDecodeError):
+    """A TIFF that Pillow could not identify; holds the stream for :mod:`tifffile`."""
+
+    def __init__(self, refusal: ImageDecodeError, fp: Any) -> None:
+        super().__init__(str(refusal), refusal.reason)
+        self.fp = fp
+
+
+def _decode_other_tiff(tiff: _OtherTiff, name: str, limit: int, min_size: int) -> np.ndarray:
+    """Float TIFFs with 3 or 4 samples (RGB, RGB + alpha), which Pillow has no mode for,
+    read with ``tifffile`` (the ``tiff`` extra) under the rule of every float input: values in
+    [0, 1] (:func:`float_range_problem`). Any other TIFF Pillow cannot read stays refused."""
+    try:
+        import tifffile
+    except ImportError:
+        raise ImageDecodeError(
+            f"{tiff}; if it is a float RGB TIFF, reading it needs tifffile: "
+            "pip install 'qualiclip[tiff]'", tiff.reason) from None
+    try:
+        # A name of our own: tifffile takes a stream's from its .name, which for a file opened
+        # from a descriptor (as the decoder opens regular files) is an int it cannot split.
+        # The stream itself is read in place (no in-memory copy of a large float file).
+        with tifffile.TiffFile(tiff.fp, name="image.tif") as tif:
+            page: Any = tif.pages[0]
+            samples = int(page.samplesperpixel)
+            if page.dtype is None or page.dtype.kind != "f" or samples not in (3, 4):
+                raise tiff
+            _check_dims(int(page.imagewidth), int(page.imagelength), name, limit, min_size)
+            data = np.asarray(page.asarray(), dtype=np.float32)
+            separate = int(page.planarconfig) == 2
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # tifffile raises many kinds on bad data (raised again)
+        raise as_decode_error(name, exc) from exc
+    if separate and data.ndim == 3:
+        data = np.moveaxis(data, 0, -1)
+    if data.ndim != 3 or data.shape[-1] != samples:
+        raise ImageDecodeError(f"{name}: unsupported TIFF layout {data.shape}", "malformed")
+    try:
+        pixels = _float_to_uint16(data)
+    except _PixelError as exc:
+        raise ImageDecodeError(f"{name}: {exc}", "malformed") from exc
+    if samples == 4:  # alpha over white, as for every image with alpha
+        alpha = pixels[..., 3:].astype(np.uint32)
+        rgb = pixels[..., :3].astype(np.uint32)
+        pixels = ((rgb * alpha + 65535 * (65535 - alpha) + 32767) // 65535).astype(np.uint16)
+    return np.ascontiguousarray(pixels[..., :3])
 
 
 def load_image(
@@ -586,7 +690,6 @@ def pixels_to_tensor(
 
 # --- to_batch ----------------------------------------------------------------------------------
 
-_RANGE_TOLERANCE = 1e-5  # float inputs may overshoot [0, 1] by rounding; more suggests 0..255 data
 
 
 def _check_float_range(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -594,12 +697,9 @@ def _check_float_range(x: torch.Tensor, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: empty input with shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what}: contains NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise ValueError(
-            f"{what}: float values must be in [0, 1], got range [{lo:.4g}, {hi:.4g}] "
-            "(for 0..255 data pass uint8, or divide by 255)"
-        )
+    problem = float_range_problem(float(x.min()), float(x.max()))
+    if problem is not None:
+        raise ValueError(f"{what}: {problem} (for 0..255 data pass uint8, or divide by 255)")
     return x.clamp(0.0, 1.0)
 
 

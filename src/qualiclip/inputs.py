@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import stat
@@ -22,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["IMAGE_EXTENSIONS", "LIST_SUFFIXES", "list_image_paths"]
+__all__ = ["IMAGE_EXTENSIONS", "LIST_SUFFIXES", "list_image_paths", "scanned_by"]
 
 #: File extensions picked up when walking folders or expanding globs (compared case-insensitively).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -194,3 +195,75 @@ def _list_file_lines(path: Path) -> list[str]:
 def _expand_literal(item: str, recursive: bool) -> list[Path]:
     path = Path(item)
     return _walk_folder(path, recursive) if _is_dir(path) else [path]
+
+
+# --- would an output be read back as an input? -------------------------------------------------
+
+
+def scanned_by(path: str | os.PathLike[str], inputs: Sequence[str]) -> str | None:
+    """The input (a folder or a glob, as given) whose expansion would list a file at ``path``.
+
+    An output written there (results named ``*.png``, quality-map overlays) would be scored as
+    an input by the next run with the same inputs, and refused as one the run after (it is then
+    both an input and the output). Asking before the first write makes the rule the same every
+    time. Folders are walked as :func:`list_image_paths` walks them (recursively; hidden names
+    skipped); a glob matches as :mod:`glob` does (``*`` never matches a leading ``.``, ``**`` any
+    depth), and a folder it matches is walked. Only image file names can be listed.
+
+    Args:
+        path: a file that may not exist yet.
+        inputs: the inputs as given on the command line.
+
+    Returns:
+        The first input that would list it, or None.
+    """
+    name = os.path.basename(os.fspath(path))
+    if not _is_image_name(Path(name)) or name.startswith("."):
+        return None
+    target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), name)
+    for item in inputs:
+        if item == "-":
+            continue
+        if _is_dir(Path(item)):
+            parts = _parts_under(os.path.realpath(item), target)
+            if parts is not None and not any(p.startswith(".") for p in parts):
+                return item
+        elif _GLOB_CHARS & set(item) and not os.path.lexists(item) and _glob_reaches(item, target):
+            return item
+    return None
+
+
+def _parts_under(folder: str, target: str) -> list[str] | None:
+    """The components of ``target`` below ``folder``, or None when it is not below it."""
+    try:
+        if os.path.commonpath([folder, target]) != folder:
+            return None
+    except ValueError:  # different drives
+        return None
+    rel = os.path.relpath(target, folder)
+    return [] if rel == os.curdir else rel.split(os.sep)
+
+
+def _glob_reaches(pattern: str, target: str) -> bool:
+    """Whether expanding ``pattern`` (recursive globs, matched folders walked) lists ``target``."""
+    parts = os.path.abspath(pattern).split(os.sep)
+    fixed = next((i for i, p in enumerate(parts) if _GLOB_CHARS & set(p)), len(parts))
+    base = os.path.realpath(os.sep.join(parts[:fixed]) or os.sep)
+    below = _parts_under(base, target)
+    return below is not None and _components_match(below, parts[fixed:])
+
+
+def _components_match(names: list[str], patterns: list[str]) -> bool:
+    if not patterns:  # what matched so far is a folder (it holds more): it is walked
+        return bool(names) and not any(n.startswith(".") for n in names)
+    head = patterns[0]
+    if head == "**":
+        return _components_match(names, patterns[1:]) or (
+            bool(names) and not names[0].startswith(".")
+            and _components_match(names[1:], patterns)
+        )
+    if not names or (names[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatch(names[0], head) and (
+        len(names) == 1 and len(patterns) == 1 or _components_match(names[1:], patterns[1:])
+    )

@@ -14,6 +14,10 @@ express this:
 Every mean runs over the batch, the prompt pairs and (for the ranking terms) the two crops, each
 crop ranked against itself at the other levels. The paper's margin and weight values could not be
 read offline; the defaults in :class:`LossConfig` are ours (see its docstring).
+
+Prompt learning on opinion scores (QualiCLIP+, :mod:`qualiclip.tune`) fits scores to human
+ratings instead, with pyiqa's two terms (:func:`opinion_losses`): the mean squared error and
+``(1 - PLCC) / 2`` over the batch.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LossConfig", "level_pairs", "qualiclip_losses"]
+__all__ = ["LossConfig", "level_pairs", "opinion_losses", "qualiclip_losses"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +128,37 @@ def qualiclip_losses(
 
     total = weight_cons * cons + weight_pos * pos + weight_neg * neg
     return {"cons": cons, "pos": pos, "neg": neg, "total": total}
+
+
+def opinion_losses(
+    pred: Tensor, mos: Tensor, *, weight_mse: float = 1.0, weight_plcc: float = 1.0
+) -> dict[str, Tensor]:
+    """pyiqa's losses for fitting scores to opinion scores, as named terms.
+
+    ``mse`` is the mean squared error; ``plcc`` is ``(1 - r) / 2`` with ``r`` the Pearson
+    correlation of the batch (in [0, 1]; pyiqa's ``PLCCLoss``), the absolute error for a batch
+    of one, whose correlation is undefined.
+
+    Args:
+        pred: scores ``[B]``.
+        mos: opinion scores ``[B]``, on the scores' scale (normalised to [0, 1]).
+        weight_mse, weight_plcc: weights in ``total``.
+
+    Returns:
+        ``{"mse", "plcc", "total"}``, scalar tensors (differentiable).
+
+    Example:
+        >>> y = torch.tensor([0.1, 0.5, 0.9])
+        >>> round(opinion_losses(y, y)["total"].item(), 6)
+        0.0
+    """
+    if pred.shape != mos.shape or pred.ndim != 1:
+        raise ValueError(f"pred {tuple(pred.shape)} and mos {tuple(mos.shape)} must be [B]")
+    mse = torch.mean((pred - mos) ** 2)
+    if pred.shape[0] > 1:
+        vx = torch.nn.functional.normalize(pred - pred.mean(), dim=0)
+        vy = torch.nn.functional.normalize(mos - mos.mean(), dim=0)
+        plcc = (1 - (vx * vy).sum()) / 2
+    else:
+        plcc = (pred - mos).abs().mean()
+    return {"mse": mse, "plcc": plcc, "total": weight_mse * mse + weight_plcc * plcc}

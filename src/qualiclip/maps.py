@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import math
 import os
@@ -39,14 +40,16 @@ from PIL import Image, ImageDraw, ImageFont
 from qualiclip import engine, heap, images
 from qualiclip.clip import AttentionPool2d, ModifiedResNet
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS, ScoreResult
-from qualiclip.model import QualiCLIP, Scorer
+from qualiclip.model import NonFiniteScoreError, QualiCLIP, Scorer
+from qualiclip.output_files import InputFiles, OutputError, make_folder, open_output
 from qualiclip.precision import autocast_context
 from qualiclip.reading import Decode, decoded_in_order, resolve_decoder
 
 __all__ = [
     "DEFAULT_STRIDE", "DEFAULT_WINDOW", "FLAT_RANGE", "MAP_KINDS", "MapKind", "QualityMap",
-    "colorize", "display_range", "half_means", "overlay", "overlay_png", "quality_map",
-    "range_note", "score_paths_with_maps", "to_uint8", "upsample", "write_maps",
+    "colorize", "display_range", "half_means", "map_files", "map_kinds", "map_name", "map_root",
+    "overlay", "overlay_png", "quality_map", "range_note", "score_paths_with_maps", "to_uint8",
+    "upsample", "write_maps",
 ]
 
 MapKind = Literal["dense", "windows"]
@@ -132,6 +135,20 @@ class QualityMap:
         }
 
 
+#: Why a scorer has no dense map (see :func:`map_kinds`).
+NO_DENSE_MAP = ("dense maps need a CLIP ResNet image tower (a feature map and an attention pool), "
+                "which this model does not have")
+
+
+def map_kinds(model: Scorer) -> tuple[str, ...]:
+    """The kinds of map ``model`` can draw, the preferred first: ``("dense", "windows")`` for a
+    QualiCLIP with a CLIP ResNet tower, ``("windows",)`` for any other scorer (a ViT tower, an
+    ONNX graph: they score crops, but have no feature map to read cells from)."""
+    if isinstance(model, QualiCLIP) and isinstance(model.visual, ModifiedResNet):
+        return ("dense", "windows")
+    return ("windows",)
+
+
 def quality_map(
     model: Scorer,
     image: Any,
@@ -141,6 +158,7 @@ def quality_map(
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> QualityMap:
     """The quality map of one image, computed on the model's device.
 
@@ -152,8 +170,11 @@ def quality_map(
         kind: ``"dense"`` (one pass, 1/32 resolution) or ``"windows"`` (scores of crops).
         window: side of a crop in pixels (``"windows"``; clamped to the image's sides).
         stride: step between crops in pixels (``"windows"``).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA), as for scoring.
+        precision: as for scoring (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``, ``"auto"``).
         max_batch_pixels: most pixels in one forward pass of crops (``"windows"``).
+        on_pass: called after each forward pass with ``(done, total)``: crops scored so far and
+            in all (``(1, 1)`` for the one pass of a dense map). Whatever it raises stops the
+            map there (the HTTP service stops the map of a client that hung up this way).
 
     Returns:
         the map and its grid.
@@ -161,6 +182,7 @@ def quality_map(
     Raises:
         ValueError: unknown kind, a window or stride under the model's minimum side or 1, an
             image too small, or a ``"dense"`` map of a tower without a feature map.
+        NonFiniteScoreError: the model produced NaN or infinity for a cell or the score.
         ImageDecodeError: a path or bytes that cannot be decoded.
 
     Example:
@@ -173,9 +195,17 @@ def quality_map(
     if kind not in MAP_KINDS:
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     pixels = _pixels(image, model.min_size)
+    report = on_pass or (lambda done, total: None)
     if kind == "dense":
-        return _dense_map(model, pixels, precision)
-    return _windows_map(model, pixels, window, stride, precision, max_batch_pixels)
+        qmap = _dense_map(model, pixels, precision)
+        report(1, 1)
+    else:
+        qmap = _windows_map(model, pixels, window, stride, precision, max_batch_pixels, report)
+    # The scores' rule holds for every cell: NaN is no quality (nor a colour to draw).
+    if not np.isfinite(qmap.values).all() or (qmap.score is not None
+                                               and not math.isfinite(qmap.score)):
+        raise NonFiniteScoreError()
+    return qmap
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -243,7 +273,7 @@ def _dense_map(model: Scorer, pixels: np.ndarray | torch.Tensor, precision: str)
     x = _float_crops(pixels, [(0, 0, h, w)], model.device)
     x = model.normalize_input(x, inplace=True)
     with heap.forward_pass(model.device, h * w), torch.inference_mode():
-        with autocast_context(model.device, precision):
+        with autocast_context(model.device, runner.precision):  # "auto" resolved
             fmap = trunk(x.contiguous(memory_format=torch.channels_last))  # [1, C, gh, gw]
             del x
             rows, cols = int(fmap.shape[-2]), int(fmap.shape[-1])
@@ -290,7 +320,7 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 def _windows_map(
     model: Scorer, pixels: np.ndarray | torch.Tensor, window: int, stride: int,
-    precision: str, max_batch_pixels: int,
+    precision: str, max_batch_pixels: int, report: Callable[[int, int], None],
 ) -> QualityMap:
     if window < model.min_size:
         raise ValueError(f"window must be at least the model's minimum side {model.min_size} px, "
@@ -311,6 +341,8 @@ def _windows_map(
         crops = _float_crops(pixels, boxes[i:i + per_pass], model.device).to(dtype=dtype)
         scores.append(engine.score_tensors(model, crops, precision,
                                            max_batch_pixels=max_batch_pixels))
+        del crops
+        report(min(i + per_pass, len(boxes)), len(boxes))
     values = torch.cat(scores).reshape(len(ys), len(xs)).numpy().astype(np.float32)
     return QualityMap(
         values=values, kind="windows", image_size=(h, w), cell=(ch, cw),
@@ -479,35 +511,99 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-class _MapFiles:
-    """The files of a run's maps in one folder: ``photo.map.png`` (and ``photo.map.npy``) for
-    input ``photo.jpg``; a second input with the same stem gets ``photo-2.map.png``, and so on,
-    so no map overwrites another."""
+def map_root(paths: Iterable[str | os.PathLike[str]]) -> Path | None:
+    """The folder that map names are relative to: the deepest one holding every input.
 
-    def __init__(self, outdir: str | os.PathLike[str], npy: bool) -> None:
-        self.folder, self.npy = Path(outdir), npy
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.used: dict[str, int] = {}
+    None when there is no such folder (inputs on different drives) or no input.
+    """
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if not folders:
+        return None
+    try:
+        return Path(os.path.commonpath(sorted(folders)))
+    except ValueError:
+        return None
 
-    def claim(self, path: str) -> str:
-        """The name of ``path``'s map files (without ``.map.png``), taken for this run."""
-        stem = Path(path).stem or "image"
-        n = self.used.get(stem, 0) + 1
-        self.used[stem] = n
-        return stem if n == 1 else f"{stem}-{n}"
 
-    def write(self, name: str, pixels: np.ndarray | torch.Tensor, qmap: QualityMap) -> None:
-        """The photo (decoded ``pixels``) beside its map, and the raw values with ``npy``."""
-        if isinstance(pixels, torch.Tensor):  # decoded on the GPU: uint8 [3, H, W]
-            drawable = pixels.permute(1, 2, 0).cpu().numpy()
-        else:
-            drawable = to_uint8(pixels)
-        overlay(drawable, qmap, layout="side-by-side").save(self.folder / f"{name}.map.png")
-        if self.npy:
-            np.save(self.folder / f"{name}.map.npy", qmap.values)
+def map_name(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The relative name of an input's maps, without suffix: its path below ``root``.
+
+    ``a/photo.png`` gives ``a/photo.png.map`` (files ``.map.png`` and ``.map.npy``): the whole
+    relative path, file extension included, so two inputs never share a map (``a/photo.png``,
+    ``b/photo.png`` and ``a/photo.jpg`` get three) and each map names its input. Without a
+    ``root`` (or for a path outside it) the input's absolute path is mirrored.
+    """
+    absolute = Path(os.path.abspath(path))
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            rel = absolute.relative_to(os.path.abspath(root))
+            if rel.parts:
+                return rel.with_name(rel.name + ".map")
+    drive = absolute.drive.rstrip(":\\/")
+    rel = Path(drive, *absolute.parts[1:]) if absolute.parts[1:] else Path("image")
+    return rel.with_name(rel.name + ".map")
+
+
+def map_files(
+    paths: Iterable[str | os.PathLike[str]], outdir: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None, *, npy: bool = False,
+) -> list[Path]:
+    """Every file :func:`write_maps` may write for ``paths`` (to check them before scoring)."""
+    suffixes = (".png", ".npy") if npy else (".png",)
+    names = [Path(outdir) / map_name(p, root) for p in paths]
+    return [n.with_name(n.name + s) for n in names for s in suffixes]
+
+
+def _map_folder(outdir: Path, name: Path) -> Path:
+    """``outdir``'s sub-folder for ``name``, created; never through a symlink inside ``outdir``."""
+    folder = outdir
+    for part in name.parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a symlink; maps are never written through links")
+        make_folder(folder)
+    return folder
+
+
+#: Write failures that belong to one map's name, not to the folder or the disk: that input's
+#: error row, while the others are still mapped (a 250-byte file name is a valid input whose
+#: map name, 8 bytes longer, is not).
+_ONE_FILES_ERRNOS = frozenset({errno.ENAMETOOLONG})
+
+
+def _drawable(pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Decoded pixels as an 8-bit ``H x W x 3`` array to draw beside the map."""
+    if isinstance(pixels, torch.Tensor):  # decoded on the GPU: uint8 [3, H, W]
+        return pixels.permute(1, 2, 0).cpu().numpy()
+    return to_uint8(pixels)
+
+
+def _write_map_files(
+    folder: Path, name: Path, pixels: np.ndarray | torch.Tensor, qmap: QualityMap, *,
+    npy: bool, inputs: InputFiles | None,
+) -> None:
+    """The photo (decoded ``pixels``) beside its map as ``folder/name.png`` and, with ``npy``,
+    the raw values as ``name.npy``: each written by :func:`~qualiclip.output_files.open_output`
+    (complete or not at all, never through a link, never over one of ``inputs``).
+
+    Raises:
+        OutputError: a file could not be written.
+        ValueError: a folder on the way is a symlink.
+    """
+    place = _map_folder(folder, name)
+    picture = overlay(_drawable(pixels), qmap, layout="side-by-side")
+    with open_output(place / f"{name.name}.png", inputs=inputs) as f:
+        picture.save(f, format="PNG")
+    if npy:
+        with open_output(place / f"{name.name}.npy", inputs=inputs) as f:
+            np.save(f, qmap.values)
 
 
 def _map_failed(exc: Exception) -> str:
+    """A failed map's error: an output error's own message (it names the file and errno),
+    anything else's type and message."""
+    if isinstance(exc, OutputError):
+        return f"quality map failed: {exc}"
     return f"quality map failed: {type(exc).__name__}: {exc}"
 
 
@@ -521,38 +617,56 @@ def write_maps(
     window: int = DEFAULT_WINDOW,
     stride: int = DEFAULT_STRIDE,
     precision: str = "fp32",
+    root: str | os.PathLike[str] | None = None,
+    inputs: InputFiles | None = None,
     on_map: Callable[[ScoreResult, QualityMap], None] | None = None,
 ) -> Iterator[ScoreResult]:
     """Pass ``results`` through, writing each scored file's map into ``outdir`` on the way.
 
-    ``on_map(result, qmap)`` is called with each map drawn (the HTML report keeps them).
+    For input ``root/a/photo.jpg`` the overlay is ``outdir/a/photo.jpg.map.png`` (and the raw
+    values ``photo.jpg.map.npy`` with ``npy``): :func:`map_name` mirrors the input's path below
+    ``root`` (default: its absolute path), so no two inputs share a map and each map names its
+    input. Files are written by :func:`qualiclip.output_files.open_output`: complete or not at
+    all, never through a symlink, never over one of ``inputs``. ``on_map(result, qmap)`` is
+    called with each map drawn (the HTML report keeps them).
 
-    For input ``photo.jpg`` the overlay is ``outdir/photo.map.png`` (and the raw values
-    ``photo.map.npy`` with ``npy``); a second input with the same stem in this run gets
-    ``photo-2.map.png``, and so on, so no map overwrites another. Rows that already carry an
-    error pass unchanged; a file whose map fails keeps its score and gets the map's error, so
-    it counts as failed.
+    Rows that already carry an error pass unchanged; a file whose map fails keeps its score and
+    gets the map's error, so it counts as failed.
 
     Each file is decoded again here, after it was scored; :func:`score_paths_with_maps` scores
     and maps files with one decoding each.
+
+    Raises:
+        OutputError: a map could not be written (a full disk, a read-only folder): the run
+            stops, as every later map would fail the same way. A map whose name alone is
+            refused (too long) is that input's error instead.
     """
-    files = _MapFiles(outdir, npy)
+    folder = Path(outdir)
+    make_folder(folder)
     for result in results:
         if not result.ok:
             yield result
             continue
-        name = files.claim(result.path)
         try:
             pixels = images.decode_rgb(result.path, min_size=model.min_size)
             qmap = quality_map(model, pixels, kind, window=window, stride=stride,
                                precision=precision)
-            files.write(name, pixels, qmap)
+            _write_map_files(folder, map_name(result.path, root), pixels, qmap, npy=npy,
+                             inputs=inputs)
             if on_map is not None:
                 on_map(result, qmap)
         except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
+            _raise_if_the_runs(exc)
             yield dataclasses.replace(result, error=_map_failed(exc))
             continue
         yield result
+
+
+def _raise_if_the_runs(exc: Exception) -> None:
+    """Raise ``exc`` again if it is the folder's or the disk's (every later map would fail
+    the same way): only a map whose name alone is refused (too long) is that input's error."""
+    if isinstance(exc, OutputError) and exc.errno not in _ONE_FILES_ERRNOS:
+        raise exc
 
 
 def score_paths_with_maps(
@@ -568,6 +682,8 @@ def score_paths_with_maps(
     workers: int = 2,
     decode: Decode = "auto",
     progress: bool = False,
+    root: str | os.PathLike[str] | None = None,
+    inputs: InputFiles | None = None,
     on_map: Callable[[ScoreResult, QualityMap], None] | None = None,
 ) -> Iterator[ScoreResult]:
     """Score image files and write their maps, decoding each file once (``score --map``).
@@ -576,9 +692,10 @@ def score_paths_with_maps(
     :func:`qualiclip.engine.score_paths` (``decode`` as there), and each file's map is computed
     from its pixels. A ``"dense"`` map's pass gives the file's score as well (the attention
     pool's global feature of the same feature map, :attr:`QualityMap.score`); a ``"windows"``
-    map's file is scored by the engine from the same pixels. Files, names and ``on_map`` are
-    as for :func:`write_maps`; a file that cannot be decoded gets a row with its error, and a
-    file whose map fails keeps its score (from the engine) and gets the map's error.
+    map's file is scored by the engine from the same pixels. Files, names (``root``),
+    ``inputs`` and ``on_map`` are as for :func:`write_maps`. A file that cannot be decoded or
+    scored gets a row with its error and no map; a file whose map fails keeps its score (from
+    the engine) and gets the map's error.
 
     Returns:
         one :class:`~qualiclip.engine.ScoreResult` per path, in input order; the work happens
@@ -587,6 +704,7 @@ def score_paths_with_maps(
     Raises:
         ValueError: an unknown ``kind``, ``workers < 1``, a precision the model's device cannot
             run, or a ``decode`` that cannot be had here (as :func:`~qualiclip.engine.score_paths`).
+        OutputError: as for :func:`write_maps`: a map the folder or the disk refused.
     """
     if kind not in MAP_KINDS:
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
@@ -594,29 +712,30 @@ def score_paths_with_maps(
         raise ValueError(f"workers must be >= 1, got {workers}")
     engine.prepare(model, precision)  # validates the precision before any file is read
     decoder = resolve_decoder(decode, model.device)
-    files = _MapFiles(outdir, npy)
+    folder = Path(outdir)
 
     def results() -> Iterator[ScoreResult]:
+        make_folder(folder)
         decoded = decoded_in_order((os.fspath(p) for p in paths), model.min_size, workers,
                                    prefetch=max(2, 2 * workers), decoder=decoder)
         for item in decoded:
             if item.pixels is None:
                 yield ScoreResult(item.path, None, item.error)
                 continue
-            yield _score_and_map(model, item.path, item.pixels, files, kind, window, stride,
-                                 precision, on_map)
+            yield _score_and_map(model, item.path, item.pixels, folder, kind, window, stride,
+                                 precision, npy=npy, root=root, inputs=inputs, on_map=on_map)
 
     return _with_progress(results(), paths) if progress else results()
 
 
 def _score_and_map(
-    model: Scorer, path: str, pixels: np.ndarray | torch.Tensor, files: _MapFiles,
-    kind: str, window: int, stride: int, precision: str,
+    model: Scorer, path: str, pixels: np.ndarray | torch.Tensor, folder: Path,
+    kind: str, window: int, stride: int, precision: str, *, npy: bool,
+    root: str | os.PathLike[str] | None, inputs: InputFiles | None,
     on_map: Callable[[ScoreResult, QualityMap], None] | None,
 ) -> ScoreResult:
     """One decoded file's row, its map written on the way."""
     h, w = _size(pixels)
-    name = files.claim(path)
     score: float | None = None
     try:
         qmap = quality_map(model, pixels, kind, window=window, stride=stride, precision=precision)
@@ -624,13 +743,16 @@ def _score_and_map(
         if score is None:  # a window map: the whole image's score, from the same pixels
             score = float(engine.score(model, pixels, precision=precision))
         result = ScoreResult(path, score, None, w, h)
-        files.write(name, pixels, qmap)
+        _write_map_files(folder, map_name(path, root), pixels, qmap, npy=npy, inputs=inputs)
         if on_map is not None:
             on_map(result, qmap)
     except Exception as exc:  # noqa: BLE001 - a failed map is this file's error, not the run's
-        if score is None:  # the row fails either way; it keeps a score if the engine gives one
-            with contextlib.suppress(Exception):
+        _raise_if_the_runs(exc)
+        if score is None:  # the map's pass failed: the row is the engine's, as without --map
+            try:
                 score = float(engine.score(model, pixels, precision=precision))
+            except Exception as scoring:  # noqa: BLE001 - this file's error, as score_paths'
+                return ScoreResult(path, None, engine.error_text(scoring), w, h)
         return ScoreResult(path, score, _map_failed(exc), w, h)
     return result
 

@@ -6,7 +6,10 @@ image feature with the text features of antonym prompt pairs::
     score = mean over pairs p of softmax(s * [cos(f, t_p+), cos(f, t_p-)])[0]
 
 with ``s = 100`` in the authors' release (``formula="official"``). pyiqa's port uses
-``s = exp(logit_scale) / 2`` (``formula="pyiqa"``), which gives different numbers.
+``s = exp(logit_scale) / 2`` (``formula="pyiqa"``), which gives different numbers. With learned
+prompts (QualiCLIP+, :mod:`qualiclip.prompt_learning`) the prompt features are computed once, at
+load, by the base's text tower, and pyiqa's formula is the default: it is the one they were
+learned with.
 
 The module owns its input contract: RGB in [0, 1] at any size; CLIP normalisation and the prompt
 features are buffers, so ``.to()``, ``.half()`` and ``state_dict()`` carry them.
@@ -35,6 +38,26 @@ from qualiclip.prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, PromptPair, fla
 
 Formula = Literal["official", "pyiqa"]
 FORMULAS: tuple[str, ...] = ("official", "pyiqa")
+
+#: The error of an input whose score came out NaN or infinite.
+NON_FINITE_SCORE = "model produced a non-finite score"
+
+
+class NonFiniteScoreError(ValueError):
+    """A score that is not a finite number: broken weights, or arithmetic that overflowed
+    (fp16 on some inputs). Reported as that input's error, never as a score."""
+
+    def __init__(self) -> None:
+        super().__init__(NON_FINITE_SCORE)
+
+
+def checked_scores(scores: Sequence[float]) -> list[float | Exception]:
+    """Each score, or a :class:`NonFiniteScoreError` in place of one that is NaN or infinite.
+
+    The one rule for what counts as a score: every row-producing path (files, arrays, the
+    service, maps, evaluation) goes through it.
+    """
+    return [s if math.isfinite(s) else NonFiniteScoreError() for s in scores]
 
 
 class Scorer(Protocol):
@@ -84,6 +107,15 @@ class Scorer(Protocol):
 
 
 
+def scores_from_similarities(similarities: torch.Tensor, scale: float) -> torch.Tensor:
+    """QualiCLIP's score ``[B]`` from cosine similarities ``[B, P, 2]`` (positive first).
+
+    ``mean over pairs of softmax(scale * [cos+, cos-])[0]``; prompt tuning
+    (:mod:`qualiclip.tune`) differentiates through it.
+    """
+    return (scale * similarities).softmax(dim=-1)[..., 0].mean(dim=-1)
+
+
 class QualiCLIP(nn.Module):
     """CLIP image tower + fixed prompt features = a no-reference quality score.
 
@@ -96,6 +128,8 @@ class QualiCLIP(nn.Module):
         name: a label carried into outputs.
         prompt_pairs: the prompts behind ``prompt_features``, for display.
         weights_sha256: checksum of the weight file, carried into outputs.
+        formula: the name of the formula ``logit_scale`` follows (``"official"``, ``"pyiqa"``),
+            for metadata; None when unknown.
 
     Shape:
         ``forward``: ``[B, 3, H, W]`` RGB in [0, 1] -> ``[B]`` scores in [0, 1], higher is better.
@@ -122,6 +156,7 @@ class QualiCLIP(nn.Module):
         name: str = "custom",
         prompt_pairs: Sequence[PromptPair] | None = None,
         weights_sha256: str | None = None,
+        formula: str | None = None,
     ) -> None:
         super().__init__()
         if prompt_features.ndim == 2 and prompt_features.shape[0] % 2 == 0:
@@ -134,6 +169,13 @@ class QualiCLIP(nn.Module):
             raise ValueError(
                 f"{len(prompt_pairs)} prompt pairs for {prompt_features.shape[0]} feature pairs"
             )
+        width = getattr(visual, "output_dim", None)
+        if isinstance(width, int) and prompt_features.shape[-1] != width:
+            pairs = prompt_features.shape[0]
+            raise ValueError(
+                f"prompt features of shape {(2 * pairs, prompt_features.shape[-1])} do not fit "
+                f"the image tower, whose features are {width} wide: expected {(2 * pairs, width)}"
+            )
         self.visual = visual
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -142,6 +184,7 @@ class QualiCLIP(nn.Module):
         self.name = name
         self.prompt_pairs = tuple(prompt_pairs) if prompt_pairs is not None else None
         self.weights_sha256 = weights_sha256
+        self.formula = formula
         self.min_size: int = int(getattr(visual, "min_size", 32))
 
     @property
@@ -213,8 +256,7 @@ class QualiCLIP(nn.Module):
 
     def scores_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Scores ``[B]``: mean over pairs of the softmax probability of the positive prompt."""
-        logits = self.logit_scale * self.similarities(features)
-        return logits.softmax(dim=-1)[..., 0].mean(dim=-1)
+        return scores_from_similarities(self.similarities(features), self.logit_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scores_from_features(self.image_features(x))
@@ -275,10 +317,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def list_models() -> list[str]:
-    """Names :func:`create_model` accepts: released weights, then random-weight models."""
-    from qualiclip.pretrained import PRETRAINED, RANDOM_MODELS
+    """Names :func:`create_model` accepts: released weights, learned prompts on their base
+    (QualiCLIP+), then random-weight models."""
+    from qualiclip.pretrained import PRETRAINED, PRETRAINED_PROMPTS, RANDOM_MODELS
 
-    return [*PRETRAINED, *RANDOM_MODELS]
+    return [*PRETRAINED, *PRETRAINED_PROMPTS, *RANDOM_MODELS]
 
 
 def create_model(
@@ -286,8 +329,9 @@ def create_model(
     device: str | torch.device = "cpu",
     *,
     pooling: Pooling | None = None,
-    formula: Formula = "official",
+    formula: Formula | None = None,
     prompt_pairs: Sequence[PromptPair] | None = None,
+    prompts: str | Path | None = None,
     cache_dir: str | Path | None = None,
     trust_torchscript: bool = False,
 ) -> QualiCLIP | OnnxScorer:
@@ -308,9 +352,15 @@ def create_model(
         pooling: attention-pooling mode; ``None`` means the weights' own (``"none"``, as
             QualiCLIP, for every file and table entry).
         formula: ``"official"`` (the weights' logit scale, 100) or ``"pyiqa"``
-            (``exp(logit_scale) / 2``).
+            (``exp(logit_scale) / 2``); ``None``: pyiqa's with learned prompts, else official
+            (for an ``.onnx`` file, the graph's own).
         prompt_pairs: prompts to compute features for with the checkpoint's text tower, instead
             of the stored features or the weight entry's prompts.
+        prompts: learned prompts (QualiCLIP+): a prompt file in pyiqa's format or a name of
+            :data:`qualiclip.pretrained.PRETRAINED_PROMPTS` (downloaded and verified like
+            weights). The base must hold the text tower, which computes their features once,
+            here. A prompts name given as ``name_or_path`` means those prompts on their base
+            (``create_model("qualiclip+")``).
         cache_dir: where downloads are kept (default: ``$QUALICLIP_HOME`` or the user cache).
         trust_torchscript: allow loading a TorchScript archive given by path.
 
@@ -323,13 +373,23 @@ def create_model(
     """
     from qualiclip import pretrained
 
-    if formula not in FORMULAS:
+    if formula is not None and formula not in FORMULAS:
         raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
     if str(name_or_path).lower().endswith(".onnx"):
+        if prompts is not None:
+            raise ValueError(f"{name_or_path}: an ONNX graph's prompts are fixed at export")
         return _onnx_scorer(name_or_path, device, pooling, formula, prompt_pairs)
-    weights = pretrained.resolve_weights(
-        name_or_path, cache_dir, trust_torchscript=trust_torchscript
-    )
+    base, prompts = pretrained.split_prompted(name_or_path, prompts)
+    if prompts is not None and prompt_pairs is not None:
+        raise ValueError("learned prompts come with their own prompt pairs: give one or the other")
+    formula = formula or ("pyiqa" if prompts is not None else "official")
+    weights = pretrained.resolve_weights(base, cache_dir, trust_torchscript=trust_torchscript)
+    if prompts is not None and "text_projection" not in weights.state:
+        raise ValueError(
+            f"{weights.name} has no text tower (image tower and prompt features only), and "
+            "learned prompts run through it: use a base that holds it, such as the authors' "
+            "QualiCLIP.pth (qualiclip), clip-rn50 or a training export with its text tower"
+        )
     entry, state, stored = weights.entry, weights.state, weights.prompt_features
     mode: Pooling = pooling or (entry.pooling if entry is not None else "none")
     pairs = tuple(prompt_pairs or (entry.prompt_pairs if entry is not None else PROMPT_PAIRS))
@@ -348,26 +408,68 @@ def create_model(
         std=entry.std if entry is not None else CLIP_STD,
         name=weights.name,
         weights_sha256=weights.sha256,
+        formula=formula,
     )
-    if stored is not None and prompt_pairs is None and stored.shape[0] == 2 * len(pairs):
-        model = QualiCLIP(load_visual(state, mode), stored, prompt_pairs=pairs, **common)
-    elif "text_projection" in state:
-        clip = build_clip(state, mode)
-        model = QualiCLIP.from_clip(clip, pairs, **common)
-        del clip
-    else:
-        raise ValueError(
-            f"{weights.name}: the checkpoint has no text tower and no prompt features for "
-            f"{len(pairs)} prompt pairs; cannot build the scorer"
-        )
+    if prompts is not None:
+        model = _with_learned_prompts(weights, prompts, mode, common, cache_dir)
+        return model.to(resolve_device(device)).eval()
+    try:
+        model = _build(state, stored, pairs, mode, prompt_pairs is None, common)
+    except ValueError as exc:  # the file's tensors do not make a model: say which file
+        raise ValueError(f"{weights.name}: {exc}") from None
     return model.to(resolve_device(device)).eval()
+
+
+def _build(
+    state: dict[str, torch.Tensor],
+    stored: torch.Tensor | None,
+    pairs: tuple[PromptPair, ...],
+    mode: Pooling,
+    use_stored: bool,
+    common: dict[str, Any],
+) -> QualiCLIP:
+    """The scorer from checked tensors: stored prompt features, or the text tower's."""
+    if stored is not None and use_stored and stored.shape[0] == 2 * len(pairs):
+        visual = load_visual(state, mode)
+        try:
+            return QualiCLIP(visual, stored, prompt_pairs=pairs, **common)
+        except ValueError as exc:
+            raise ValueError(f"prompts_features: {exc}") from None
+    if "text_projection" in state:
+        clip = build_clip(state, mode)
+        return QualiCLIP.from_clip(clip, pairs, **common)
+    raise ValueError(
+        f"the checkpoint has no text tower and no prompt features for {len(pairs)} prompt "
+        "pairs; cannot build the scorer"
+    )
+
+
+def _with_learned_prompts(
+    weights: Any, prompts: str, mode: Pooling, common: dict[str, Any], cache_dir: str | Path | None
+) -> QualiCLIP:
+    """The scorer of base ``weights`` whose prompt features come from a learned-prompt file."""
+    from qualiclip import pretrained
+    from qualiclip.prompt_learning import read_prompt_file
+    from qualiclip.tokenizer import tokenize
+
+    source = pretrained.resolve_prompts(prompts, cache_dir)
+    file = read_prompt_file(source.path)
+    clip = build_clip(weights.state, mode)
+    tokens = tokenize(flatten_pairs(file.prompt_pairs), clip.context_length)
+    with torch.no_grad():
+        features = file.learned(tokens).text_features(clip)
+    name, sha = pretrained.prompted_identity(
+        weights.name, weights.sha256, source.name, source.sha256
+    )
+    common = {**common, "name": name, "weights_sha256": sha}
+    return QualiCLIP(clip.visual, features, prompt_pairs=file.prompt_pairs, **common)
 
 
 def _onnx_scorer(
     path: str | Path,
     device: str | torch.device,
     pooling: Pooling | None,
-    formula: Formula,
+    formula: Formula | None,
     prompt_pairs: Sequence[PromptPair] | None,
 ) -> OnnxScorer:
     """An exported graph's scorer; options the graph fixed must agree with it."""

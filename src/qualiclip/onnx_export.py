@@ -110,7 +110,7 @@ def _metadata(model: QualiCLIP, input_kind: str, fp16: bool, formula: str | None
     return {
         "qualiclip.name": model.name,
         "qualiclip.weights_sha256": model.weights_sha256 or "",
-        "qualiclip.formula": formula or "",
+        "qualiclip.formula": formula or model.formula or "",
         "qualiclip.logit_scale": repr(float(model.logit_scale)),
         "qualiclip.pooling": str(_attnpool(model).pooling),
         "qualiclip.input": input_kind,
@@ -157,7 +157,8 @@ def export_onnx(
             It is checked against the fp32 model to :data:`FP16_CHECK_ATOL` where ONNX
             Runtime's CPU provider can run it.
         opset: ONNX opset, one of :data:`OPSETS`.
-        formula: the formula name the model was built with, recorded in the metadata.
+        formula: the formula name the model was built with, recorded in the metadata (default:
+            the model's own ``formula``).
         check: score a test batch with ONNX Runtime (when installed) and compare with PyTorch.
 
     Raises:

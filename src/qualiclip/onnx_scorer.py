@@ -142,9 +142,9 @@ class OnnxScorer(nn.Module):
         """Refuse a PyTorch precision: the graph runs in the precision it was exported in.
 
         Raises:
-            PrecisionError: ``precision`` is not ``"fp32"``.
+            PrecisionError: ``precision`` is not ``"fp32"`` (or ``"auto"``, which means fp32 here).
         """
-        if precision != "fp32":
+        if precision not in ("fp32", "auto"):
             raise PrecisionError(
                 f"an ONNX model runs in the precision it was exported in ({self.graph_dtype}), "
                 f"so precision {precision!r} does not apply: use fp32 (export with --fp16 for a "

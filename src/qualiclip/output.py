@@ -15,12 +15,13 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TextIO
+from typing import IO, TextIO
 
 from qualiclip.engine import ScoreResult
+from qualiclip.output_files import InputFiles, open_output
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "jsonl")
-FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model")
+FIELDS: tuple[str, ...] = ("path", "score", "error", "width", "height", "model", "precision")
 
 
 def format_from_name(path: str | None) -> str | None:
@@ -37,7 +38,8 @@ def format_from_name(path: str | None) -> str | None:
     return suffix if suffix in ("csv", "json", "jsonl") else None
 
 
-def result_row(result: ScoreResult, model_name: str) -> dict[str, object]:
+def result_row(result: ScoreResult, model_name: str, precision: str = "") -> dict[str, object]:
+    """One output row: the result, and the model and precision that scored it."""
     return {
         "path": result.path,
         "score": result.score,
@@ -45,6 +47,7 @@ def result_row(result: ScoreResult, model_name: str) -> dict[str, object]:
         "width": result.width,
         "height": result.height,
         "model": model_name,
+        "precision": precision,
     }
 
 
@@ -54,19 +57,34 @@ def write_results(
     output: str | None = None,
     *,
     model_name: str = "",
+    inputs: InputFiles | None = None,
+    precision: str = "",
 ) -> int:
     """Write ``results`` in ``fmt`` to ``output`` (a path) or stdout; return how many failed.
 
-    CSV and JSON lines are written row by row as results arrive, so a long run's output is usable
-    while it goes on and nothing scored is lost if it is interrupted.
+    CSV and JSON lines are written row by row as results arrive (to stdout, a pipe sees each row
+    at once). A file is written by :func:`qualiclip.output_files.open_output`: beside it under a
+    hidden temporary name, renamed to ``output`` when the run ends, so ``output`` is always a
+    complete file. An interrupted run (Ctrl-C, SIGTERM) completes the file with the rows it has
+    (the JSON array closed, the table aligned) and keeps it; a failed one (a full disk) leaves
+    ``output`` as it was. Every row names the model and the precision (as resolved: never
+    ``auto``) that scored it.
+
+    Args:
+        inputs: files ``output`` must never be (it is refused with ``SameFileError``).
+        precision: the precision that scored ``results``, for each row.
+
+    Raises:
+        OutputError: the file could not be written (its message names the path and the errno).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if output:
-        with open(output, "w", newline="", encoding="utf-8", errors=NAME_ERRORS) as stream:
-            return _write(results, fmt, stream, model_name)
+        with open_output(output, "w", newline="", encoding="utf-8", errors=NAME_ERRORS,
+                         inputs=inputs, keep_on_interrupt=True) as stream:
+            return _write(results, fmt, stream, model_name, precision)
     with _utf8_stdout() as stream:
-        return _write(results, fmt, stream, model_name)
+        return _write(results, fmt, stream, model_name, precision)
 
 
 #: How names that are not valid UTF-8 are written: their raw bytes (see the module docstring).
@@ -88,7 +106,8 @@ def _utf8_stdout() -> Iterator[TextIO]:
         stream.detach()  # leaves sys.stdout's buffer open
 
 
-def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name: str) -> int:
+def _write(results: Iterable[ScoreResult], fmt: str, stream: IO[str], model_name: str,
+           precision: str) -> int:
     failed = 0
     rows: list[dict[str, object]] = []
     # LF line ends (the csv module's default is CRLF), as every other output and tool here.
@@ -99,7 +118,7 @@ def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name:
     try:
         for result in results:
             failed += not result.ok
-            row = result_row(result, model_name)
+            row = result_row(result, model_name, precision)
             if writer is not None:
                 writer.writerow(row)
             elif fmt == "jsonl":
@@ -115,7 +134,7 @@ def _write(results: Iterable[ScoreResult], fmt: str, stream: TextIO, model_name:
     return failed
 
 
-def _write_collected(rows: list[dict[str, object]], fmt: str, stream: TextIO) -> None:
+def _write_collected(rows: list[dict[str, object]], fmt: str, stream: IO[str]) -> None:
     """The formats written at the end: JSON (one array) and the table (aligned columns)."""
     if fmt == "json":
         json.dump(rows, stream, indent=2)
@@ -125,7 +144,7 @@ def _write_collected(rows: list[dict[str, object]], fmt: str, stream: TextIO) ->
     stream.flush()
 
 
-def _write_table(rows: list[dict[str, object]], stream: TextIO) -> None:
+def _write_table(rows: list[dict[str, object]], stream: IO[str]) -> None:
     width = max([len("path")] + [len(str(r["path"])) for r in rows])
     stream.write(f"{'path'.ljust(width)}  {'score':>8}  error\n")
     for r in rows:

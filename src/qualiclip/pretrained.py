@@ -40,21 +40,28 @@ from qualiclip.weight_files import is_torchscript_archive, load_checkpoint
 __all__ = [
     "BPE_VOCAB",
     "PRETRAINED",
+    "PRETRAINED_PROMPTS",
     "ChecksumError",
     "OfflineError",
+    "PretrainedPrompts",
     "PretrainedWeights",
+    "PromptSource",
     "RANDOM_MODELS",
     "RemoteFile",
     "Weights",
     "add_to_cache",
     "cache_dir",
     "cached_path",
+    "packaged_path",
     "download",
     "is_cached",
     "is_torchscript_archive",
     "load_checkpoint",
+    "prompted_identity",
+    "resolve_prompts",
     "resolve_weights",
     "sha256_file",
+    "split_prompted",
     "weights_identity",
 ]
 
@@ -83,6 +90,8 @@ class RemoteFile:
         filename: name of the file in the cache folder.
         licence: licence of the file's content.
         description: one line for listings.
+        packaged: the file ships inside qualiclip (``qualiclip/assets/<filename>``): it is
+            never downloaded nor cached, and is verified against ``sha256`` at every load.
     """
 
     name: str
@@ -92,12 +101,13 @@ class RemoteFile:
     filename: str
     licence: str
     description: str = ""
+    packaged: bool = False
 
     def __post_init__(self) -> None:
         digest = self.sha256.lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"{self.name}: sha256 must be 64 hex digits, got {self.sha256!r}")
-        if not self.urls:
+        if not self.urls and not self.packaged:
             raise ValueError(f"{self.name}: at least one URL is needed")
         if Path(self.filename).name != self.filename or self.filename in ("", ".", ".."):
             raise ValueError(f"{self.name}: filename must be a bare file name: {self.filename!r}")
@@ -177,6 +187,19 @@ BPE_VOCAB = RemoteFile(
     description="OpenAI CLIP byte-pair-encoding vocabulary",
 )
 
+#: qualiclip's own model, trained from random weights by ``qualiclip train --preset open`` on
+#: openly licensed photos; shipped in the package (docs/models/qualiclip-open.md).
+QUALICLIP_OPEN_FILE = RemoteFile(
+    name="qualiclip-open weights",
+    urls=(),
+    sha256="dca9e6ca4ac75ee9c3b0fab76b4302fbb6acd7bc5ea0f56438b638ded194785f",
+    size=10621161,
+    filename="qualiclip-open.pth",
+    licence="CC BY-SA 4.0",
+    description="qualiclip-open: a small QualiCLIP trained by qualiclip on open photos",
+    packaged=True,
+)
+
 #: Random-weight models: CLIP shapes initialised from a seed, for tests and speed benchmarks
 #: (speed does not depend on weights), and as training start points.
 RANDOM_MODELS: dict[str, CLIPConfig] = {
@@ -189,6 +212,16 @@ RANDOM_MODELS: dict[str, CLIPConfig] = {
 
 #: Named weights for :func:`qualiclip.create_model`.
 PRETRAINED: dict[str, PretrainedWeights] = {
+    "qualiclip-open": PretrainedWeights(
+        name="qualiclip-open",
+        file=QUALICLIP_OPEN_FILE,
+        prompt_pairs=PROMPT_PAIRS,
+        # Chosen on the held-out open photos (docs/models/qualiclip-open.md): at the authors'
+        # 100 this model's pair probabilities saturate near 1 and JPEG ordering falls to chance.
+        logit_scale=10.0,
+        description="qualiclip's own QualiCLIP (small ResNet, open photos; offline, "
+        "commercial use allowed)",
+    ),
     "qualiclip": PretrainedWeights(
         name="qualiclip",
         file=QUALICLIP_FILE,
@@ -207,6 +240,61 @@ PRETRAINED: dict[str, PretrainedWeights] = {
         prompt_pairs=CLIP_IQA_PAIRS,
         description="CLIP-IQA baseline: OpenAI CLIP RN50, 'Good photo.'/'Bad photo.' (zero-shot)",
     ),
+}
+
+
+@dataclass(frozen=True)
+class PretrainedPrompts:
+    """Learned prompts (pyiqa's QualiCLIP+ heads) and the weights they were learned on.
+
+    Attributes:
+        name: the name ``create_model`` and ``--prompts`` take (``create_model(name)`` alone
+            means the prompts on their base).
+        file: the prompt file (:mod:`qualiclip.prompt_learning` reads it).
+        base: the table name of the weights the prompts belong to.
+        description: one line for listings.
+    """
+
+    name: str
+    file: RemoteFile
+    base: str = "qualiclip"
+    description: str = ""
+
+    @property
+    def licence(self) -> str:
+        return self.file.licence
+
+
+def _plus_file(dataset: str, filename: str, sha256: str) -> RemoteFile:
+    return RemoteFile(
+        name=f"QualiCLIP+ prompts ({dataset})",
+        urls=(f"{_HF}/{filename}",),
+        sha256=sha256,
+        size=2_209_627,
+        filename=filename,
+        licence="CC BY-NC-SA 4.0",  # pyiqa's weight mirror
+        description=f"pyiqa's QualiCLIP+ prompt context learned on {dataset} opinion scores",
+    )
+
+
+#: QualiCLIP+ (pyiqa): 16 context vectors per prompt learned on human opinion scores of one
+#: dataset, on top of the authors' QualiCLIP weights.
+PRETRAINED_PROMPTS: dict[str, PretrainedPrompts] = {
+    name: PretrainedPrompts(
+        name=name,
+        file=_plus_file(dataset, filename, digest),
+        description=f"QualiCLIP+ (pyiqa): qualiclip with prompts learned on {dataset}",
+    )
+    for name, dataset, filename, digest in (
+        ("qualiclip+", "KonIQ-10k", "QualiCLIP+_koniq.pth",
+         "450292893e96f38dca09d51ca2e0e1cd7cb1c2c55d444cfe2ac8ea2ab5d1d894"),
+        ("qualiclip+-clive", "CLIVE", "QualiCLIP+_clive.pth",
+         "5a2c75e4586abbaf1bc55e945691be14c70d68ede7dbabd86caebaf838ec50a3"),
+        ("qualiclip+-flive", "FLIVE", "QualiCLIP+_flive.pth",
+         "ac20494683fb8c26abae04c6df671c389bf42f08461b2eac8497d91d53d558cc"),
+        ("qualiclip+-spaq", "SPAQ", "QualiCLIP+_spaq.pth",
+         "2d9c2ef6b746d0f42573c24a118a6f0bf1f919d60163b5dbd6de0b6fc7e1a0e9"),
+    )
 }
 
 
@@ -233,19 +321,24 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return base / "qualiclip"
 
 
-def _resolve_file(file_or_name: RemoteFile | PretrainedWeights | str) -> RemoteFile:
+def _resolve_file(
+    file_or_name: RemoteFile | PretrainedWeights | PretrainedPrompts | str,
+) -> RemoteFile:
     if isinstance(file_or_name, RemoteFile):
         return file_or_name
-    if isinstance(file_or_name, PretrainedWeights):
+    if isinstance(file_or_name, (PretrainedWeights, PretrainedPrompts)):
         return file_or_name.file
     if isinstance(file_or_name, str):
         if file_or_name in PRETRAINED:
             return PRETRAINED[file_or_name].file
+        if file_or_name in PRETRAINED_PROMPTS:
+            return PRETRAINED_PROMPTS[file_or_name].file
         for known in _known_files():
             if file_or_name == known.filename:
                 return known
         raise ValueError(
-            f"unknown weights {file_or_name!r}; known names: {', '.join(PRETRAINED)} "
+            f"unknown weights {file_or_name!r}; known names: "
+            f"{', '.join([*PRETRAINED, *PRETRAINED_PROMPTS])} "
             f"(or a cache file name: {', '.join(f.filename for f in _known_files())})"
         )
     raise TypeError(f"expected a RemoteFile, PretrainedWeights or name, got {type(file_or_name)}")
@@ -254,8 +347,38 @@ def _resolve_file(file_or_name: RemoteFile | PretrainedWeights | str) -> RemoteF
 def cached_path(
     name: str | RemoteFile | PretrainedWeights, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Where the file of ``name`` lives (or will live) in the cache; it may not exist yet."""
-    return _cache_root(cache_dir) / _resolve_file(name).filename
+    """Where the file of ``name`` lives (or will live) in the cache; it may not exist yet.
+
+    A packaged file lives in the package, whatever the cache.
+    """
+    file = _resolve_file(name)
+    return packaged_path(file) if file.packaged else _cache_root(cache_dir) / file.filename
+
+
+def packaged_path(file: RemoteFile) -> Path:
+    """Where a packaged file (``RemoteFile.packaged``) sits in this install."""
+    return Path(__file__).parent / "assets" / file.filename
+
+
+def _verified_package_file(file: RemoteFile) -> Path:
+    """The packaged file, hashed now (no sidecar: the package folder is not ours to write).
+
+    Raises:
+        ChecksumError: the file is missing from this install or differs from the table.
+    """
+    path = packaged_path(file)
+    if not path.is_file():
+        raise ChecksumError(
+            f"{file.filename} ({file.name}) is missing from this qualiclip install ({path}); "
+            "reinstall qualiclip"
+        )
+    actual = sha256_file(path)
+    if actual != file.sha256 or (file.size is not None and path.stat().st_size != file.size):
+        raise ChecksumError(
+            f"{path} ({file.name}): sha256 mismatch: expected {file.sha256}, got {actual}; "
+            "the packaged weights were changed: reinstall qualiclip"
+        )
+    return path
 
 
 def is_cached(
@@ -325,12 +448,25 @@ def _offline_text(file: RemoteFile, target: Path, reason: str, details: str = ""
         f"or let qualiclip verify it and copy it there:\n"
         f"    qualiclip models --add {_add_name(file)} PATH\n"
         f"(QUALICLIP_HOME or --cache-dir choose another cache folder)"
+        f"{_offline_alternative(file)}"
+    )
+
+
+def _offline_alternative(file: RemoteFile) -> str:
+    """A model that needs no download, offered where a download of QualiCLIP's weights fails."""
+    if file != QUALICLIP_FILE:
+        return ""
+    return (
+        "\nTo score without downloading anything: --model qualiclip-open, qualiclip's own "
+        "model, shipped with it (docs/models/qualiclip-open.md)"
     )
 
 
 def _add_name(file: RemoteFile) -> str:
     """The name ``qualiclip models --add`` takes for ``file``: its weight name, else file name."""
-    return next((name for name, w in PRETRAINED.items() if w.file == file), file.filename)
+    files = {name: w.file for name, w in PRETRAINED.items()}
+    files.update({name: p.file for name, p in PRETRAINED_PROMPTS.items()})
+    return next((name for name, f in files.items() if f == file), file.filename)
 
 
 def _is_offline() -> bool:
@@ -338,7 +474,8 @@ def _is_offline() -> bool:
 
 
 def _known_files() -> list[RemoteFile]:
-    files = [w.file for w in PRETRAINED.values()] + [BPE_VOCAB]
+    files = [w.file for w in PRETRAINED.values()]
+    files += [p.file for p in PRETRAINED_PROMPTS.values()] + [BPE_VOCAB]
     return list(dict.fromkeys(files))  # unique, in table order
 
 
@@ -449,6 +586,8 @@ def download(
         ValueError: unknown name.
     """
     file = _resolve_file(file_or_name)
+    if file.packaged:
+        return _verified_package_file(file)
     target = _cache_root(cache_dir) / file.filename
     stale = ""
     if target.is_file():
@@ -502,6 +641,8 @@ def add_to_cache(
         FileNotFoundError: ``path`` does not exist.
     """
     file = _resolve_file(name_or_file)
+    if file.packaged:
+        raise ValueError(f"{file.filename} ships with qualiclip: there is nothing to add")
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file")
@@ -562,12 +703,21 @@ class Weights:
 
 def weights_identity(
     name_or_path: str | os.PathLike[str],
+    prompts: str | os.PathLike[str] | None = None,
 ) -> tuple[str, str | None]:
     """``(name, sha256)`` of what :func:`resolve_weights` would load, without loading it.
+
+    With learned ``prompts`` (or a :data:`PRETRAINED_PROMPTS` name), the identity of the
+    combination (:func:`prompted_identity`): the name and sha256 a scorer built from them
+    carries into outputs.
 
     Raises:
         ValueError: neither a known name nor an existing file.
     """
+    base, prompts = split_prompted(name_or_path, prompts)
+    if prompts is not None:
+        prompt_name, prompt_sha = _prompt_identity(prompts)
+        return prompted_identity(*weights_identity(base), prompt_name, prompt_sha)
     key = os.fspath(name_or_path)
     if key in RANDOM_MODELS:
         return key, None
@@ -636,3 +786,99 @@ def resolve_weights(
     )
     state, features = load_checkpoint(path, trust_torchscript=trusted)
     return Weights(key, state, features, sha256_file(path))
+
+
+# --- learned prompts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """A prompt file found from a name or a path.
+
+    Attributes:
+        name: the table name, or the path as given.
+        path: the local (verified, for table names) file.
+        sha256: the file's checksum.
+        entry: the table entry of named prompts.
+    """
+
+    name: str
+    path: Path
+    sha256: str
+    entry: PretrainedPrompts | None = None
+
+
+def split_prompted(
+    name_or_path: str | os.PathLike[str], prompts: str | os.PathLike[str] | None
+) -> tuple[str, str | None]:
+    """``(base weights, prompts)`` meant by a model name and an optional ``prompts``.
+
+    A :data:`PRETRAINED_PROMPTS` name given as the model (``create_model("qualiclip+")``) means
+    its prompts on its base.
+
+    Raises:
+        ValueError: such a name together with other ``prompts``.
+    """
+    key = os.fspath(name_or_path)
+    if key in PRETRAINED_PROMPTS:
+        entry = PRETRAINED_PROMPTS[key]
+        if prompts is not None and os.fspath(prompts) != key:
+            raise ValueError(
+                f"{key} is {entry.base} with learned prompts already; to use other prompts, give "
+                f"its base: --model {entry.base} --prompts {os.fspath(prompts)}"
+            )
+        return entry.base, key
+    return key, None if prompts is None else os.fspath(prompts)
+
+
+def _prompt_identity(prompts: str) -> tuple[str, str]:
+    if prompts in PRETRAINED_PROMPTS:
+        return prompts, PRETRAINED_PROMPTS[prompts].file.sha256
+    if not Path(prompts).is_file():
+        raise ValueError(_unknown_prompts(prompts))
+    return prompts, sha256_file(prompts)
+
+
+def _unknown_prompts(key: str) -> str:
+    return (f"unknown prompts {key!r}: not an existing file, nor one of "
+            f"{', '.join(PRETRAINED_PROMPTS)}")
+
+
+def prompted_identity(
+    base_name: str, base_sha256: str | None, prompts_name: str, prompts_sha256: str
+) -> tuple[str, str]:
+    """Name and sha256 of a scorer made of base weights and learned prompts.
+
+    The name is the prompts' table name when they are on their own base (``qualiclip+``), else
+    ``BASE+PROMPTS``. The sha256 is that of the ASCII text ``<base sha256>+<prompts sha256>``
+    (the base's name stands in for a random model's missing checksum), so the outputs of one
+    base with and without prompts, or with two prompt files, never pass for each other's.
+    """
+    entry = PRETRAINED_PROMPTS.get(prompts_name)
+    name = prompts_name if entry is not None and entry.base == base_name \
+        else f"{base_name}+{prompts_name}"
+    text = f"{base_sha256 or base_name}+{prompts_sha256}"
+    return name, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def resolve_prompts(
+    name_or_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    progress: bool = True,
+) -> PromptSource:
+    """The local prompt file of a :data:`PRETRAINED_PROMPTS` name (downloaded once, verified,
+    like weights) or of a path.
+
+    Raises:
+        ValueError: neither a known name nor an existing file.
+        OfflineError, ChecksumError: see :func:`download`.
+    """
+    key = os.fspath(name_or_path)
+    if key in PRETRAINED_PROMPTS:
+        entry = PRETRAINED_PROMPTS[key]
+        local = download(entry.file, cache_dir, progress=progress)
+        return PromptSource(key, local, entry.file.sha256, entry)
+    if not Path(key).is_file():
+        raise ValueError(_unknown_prompts(key))
+    return PromptSource(key, Path(key), sha256_file(key))

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import re
@@ -49,7 +50,7 @@ OUTPUT_FORMATS: tuple[str, ...] = ("parquet", "csv")
 
 #: Columns of every part file, in order.
 COLUMNS: tuple[str, ...] = (
-    "path", "score", "error", "width", "height", "model", "weights_sha256",
+    "path", "score", "error", "width", "height", "model", "weights_sha256", "precision",
 )
 
 
@@ -61,8 +62,10 @@ class RayScoreConfig:
         model: weight name or checkpoint path (as for :func:`qualiclip.model.create_model`); a
             path must be readable on every node.
         device: device inside each actor; ``"auto"`` uses the actor's GPU when it has one.
-        pooling, formula, cache_dir, trust_torchscript: as for ``create_model``.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        pooling, formula, prompts, cache_dir, trust_torchscript: as for ``create_model``
+            (a prompt file, like a checkpoint, must be readable on every node).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA), ``"int8"`` (CPU) or ``"auto"``
+            (each actor picks for its own device; the ``precision`` column says what it ran).
         batch_size: paths per actor call (Ray Data batch) and most images per forward pass.
         decode_threads: image-decoding threads inside each actor.
         concurrency: number of scoring actors (each holds one model).
@@ -76,7 +79,8 @@ class RayScoreConfig:
     model: str = "qualiclip"
     device: str = "auto"
     pooling: str | None = None
-    formula: str = "official"
+    formula: str | None = None
+    prompts: str | None = None
     cache_dir: str | None = None
     trust_torchscript: bool = False
     precision: str = "fp32"
@@ -99,10 +103,11 @@ class RayScoreConfig:
             raise ValueError(
                 f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}"
             )
-        from qualiclip.precision import PRECISIONS
+        from qualiclip.precision import PRECISION_CHOICES
 
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(
+                f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -165,16 +170,21 @@ def init_ray(
     Returns:
         whether this call initialised Ray (the caller may then shut it down).
     """
+    from qualiclip.stopping import keeping_handlers
+
     ray = require_ray()
     if ray.is_initialized():
         return False
     # Ray's start-up lines, its workers' log lines and Ray Data's plan messages flood a terminal
     # that only wants the summary; they are shown with verbose=True.
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
-    if address:
-        ray.init(address=address, **{"log_to_driver": True, **quiet})
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    # ray.init makes SIGTERM exit at once (status 15); the caller's rule (qualiclip.stopping:
+    # finish the parts written, exit 143) stays in force.
+    with keeping_handlers():
+        if address:
+            ray.init(address=address, **{"log_to_driver": True, **quiet})
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
     return True
 
 
@@ -203,7 +213,7 @@ def _schema() -> Any:
         [
             ("path", pa.string()), ("score", pa.float64()), ("error", pa.string()),
             ("width", pa.int64()), ("height", pa.int64()), ("model", pa.string()),
-            ("weights_sha256", pa.string()),
+            ("weights_sha256", pa.string()), ("precision", pa.string()),
         ]
     )
 
@@ -223,37 +233,72 @@ def read_results(output: str | Path, fmt: OutputFormat = "parquet") -> Any:
 
 
 def _read_part(path: Path, fmt: OutputFormat, columns: Sequence[str]) -> Any:
+    """The ``columns`` of one part file.
+
+    Raises:
+        ValueError: the file is not one of ours (other columns, not CSV or Parquet at all).
+    """
+    import pyarrow as pa
+
     schema = _schema()
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path, columns=list(columns), schema=schema)
-    import pyarrow.csv as pcsv
-
-    convert = pcsv.ConvertOptions(
-        column_types={name: schema.field(name).type for name in columns},
-        include_columns=list(columns),
-        strings_can_be_null=True,  # an empty error / checksum field is a null, as written
-    )
-    return pcsv.read_csv(path, convert_options=convert)
-
-
-def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
-    """Write ``table`` to ``folder/name`` atomically: a temporary name, then a rename."""
-    final = folder / name
-    tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        missing = [c for c in columns if c not in _OPTIONAL_COLUMNS and c not in
+                   _part_column_names(path, fmt)]
+        if missing:
+            raise _not_ours(path, f"no column {', '.join(missing)}")
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(table, tmp)
+            return pq.read_table(path, columns=list(columns), schema=schema)
+        import pyarrow.csv as pcsv
+
+        convert = pcsv.ConvertOptions(
+            column_types={name: schema.field(name).type for name in columns},
+            include_columns=list(columns),
+            strings_can_be_null=True,  # an empty error / checksum field is a null, as written
+            include_missing_columns=True,  # parts written before a column existed: nulls
+        )
+        return pcsv.read_csv(path, convert_options=convert)
+    except pa.ArrowException as exc:  # ArrowInvalid, ArrowKeyError (a missing column), ...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _not_ours(path, detail) from None
+
+
+def _not_ours(path: Path, detail: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a qualiclip part file ({detail}); move it, or write to another folder"
+    )
+
+
+#: Columns a part file may lack: parts written before the column existed read it as nulls.
+_OPTIONAL_COLUMNS = frozenset({"precision"})
+
+
+def _part_column_names(path: Path, fmt: OutputFormat) -> list[str]:
+    """The column names a part file declares (its Parquet schema, or its CSV header)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def _write_part(table: Any, folder: Path, name: str, fmt: OutputFormat) -> Path:
+    """Write ``table`` to ``folder/name`` whole or not at all
+    (:func:`qualiclip.output_files.open_output`: a temporary name, then a rename)."""
+    from qualiclip.output_files import open_output
+
+    final = folder / name
+    with open_output(final) as stream:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, stream)
         else:
             import pyarrow.csv as pcsv
 
-            pcsv.write_csv(table, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+            pcsv.write_csv(table, stream)
     return final
 
 
@@ -282,7 +327,7 @@ def _existing_rows(output: str | Path, config: RayScoreConfig) -> tuple[set[str]
         )
     from qualiclip.pretrained import weights_identity
 
-    name, sha = weights_identity(config.model)
+    name, sha = weights_identity(config.model, config.prompts)
     done: set[str] = set()
     failed: set[str] = set()
     columns = ("path", "error", "model", "weights_sha256")
@@ -307,6 +352,7 @@ class _ActorScorer:
     """Ray Data callable class: loads the model once per actor, scores batches of paths."""
 
     def __init__(self, config: RayScoreConfig) -> None:
+        from qualiclip.engine import resolve_precision
         from qualiclip.heap import reuse_freed_memory
         from qualiclip.model import create_model
 
@@ -317,9 +363,12 @@ class _ActorScorer:
             device=config.device,
             pooling=config.pooling,  # type: ignore[arg-type]
             formula=config.formula,  # type: ignore[arg-type]
+            prompts=config.prompts,
             cache_dir=config.cache_dir,
             trust_torchscript=config.trust_torchscript,
         )
+        # "auto" is resolved once, for this actor's device; every row names the result.
+        self.precision = resolve_precision(self.model, config.precision)
         self.calls = 0
 
     def __call__(self, batch: Any) -> Any:
@@ -334,7 +383,7 @@ class _ActorScorer:
             results = list(
                 score_paths(
                     self.model, paths, batch_size=cfg.batch_size, workers=cfg.decode_threads,
-                    precision=cfg.precision,  # type: ignore[arg-type]
+                    precision=self.precision,  # type: ignore[arg-type]
                 )
             )
             rows = [
@@ -347,7 +396,8 @@ class _ActorScorer:
             rows = [(display_path(p), None, message, None, None) for p in paths]
         n = len(paths)
         columns: list[list[Any]] = [[row[i] for row in rows] for i in range(5)]
-        data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n]
+        data = [*columns, [self.model.name] * n, [self.model.weights_sha256] * n,
+                [self.precision] * n]
         return pa.Table.from_arrays(
             [pa.array(col, type=f.type) for col, f in zip(data, _schema(), strict=True)],
             schema=_schema(),

@@ -26,13 +26,11 @@ temporary name beside the target and renamed, so a reader never sees half a repo
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import html
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ from PIL import Image
 from qualiclip import images
 from qualiclip.engine import ScoreResult
 from qualiclip.maps import QualityMap, overlay, range_note, to_uint8
+from qualiclip.output_files import InputFiles, open_output
 
 #: Longest side of a thumbnail in pixels.
 THUMB_SIDE = 256
@@ -111,8 +110,11 @@ def write_report(
     *,
     maps: dict[str, QualityMap] | None = None,
     workers: int = 2,
+    inputs: InputFiles | None = None,
 ) -> ReportStats:
-    """Write the HTML report of ``results`` to ``path`` (atomically: temp file, then rename).
+    """Write the HTML report of ``results`` to ``path`` whole or not at all
+    (:func:`qualiclip.output_files.open_output`: a temporary file renamed over the name, never
+    through a link, never over one of ``inputs``).
 
     Args:
         results: one row per input, scored or failed (e.g. collected by :class:`ReportRows`).
@@ -120,33 +122,29 @@ def write_report(
         info: the model, precision and checksum the page names.
         maps: quality maps by path (as ``str(result.path)``), drawn beside their thumbnails.
         workers: threads that decode files and encode thumbnails.
+        inputs: files the report must never be.
 
     Returns:
         A :class:`ReportStats`.
+
+    Raises:
+        OutputError: the file could not be written (the message names it and the errno).
     """
     target = Path(path)
     maps = maps or {}
     scored = [r for r in results if r.ok and r.score is not None]
     failed = [r for r in results if not r.ok]
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     thumbs = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as out:
-            out.write(_head(info, scored, failed))
-            out.write('<script id="report-data" type="application/json">{"rows":[')
-            rows = _thumbnail_rows(scored, maps, workers)
-            for i, row in enumerate(rows):
-                thumbs += row.get("t") is not None
-                out.write(("," if i else "") + _json(row))
-            out.write("]}</script>\n")
-            out.write(f"<script>{_asset('report.js')}</script>\n</body>\n</html>\n")
-        umask = os.umask(0)  # mkstemp's 0600 -> what open() would give, like every output
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with open_output(target, "w", encoding="utf-8", errors="surrogateescape",
+                     inputs=inputs) as out:
+        out.write(_head(info, scored, failed))
+        out.write('<script id="report-data" type="application/json">{"rows":[')
+        rows = _thumbnail_rows(scored, maps, workers)
+        for i, row in enumerate(rows):
+            thumbs += row.get("t") is not None
+            out.write(("," if i else "") + _json(row))
+        out.write("]}</script>\n")
+        out.write(f"<script>{_asset('report.js')}</script>\n</body>\n</html>\n")
     return ReportStats(target, target.stat().st_size, len(scored), len(failed), thumbs)
 
 

@@ -4,16 +4,21 @@ Endpoints:
 
 * ``POST /score``: the image bytes as the body (``Content-Type: image/*`` or
   ``application/octet-stream``), or ``multipart/form-data`` with one or many files. The answer is
-  ``{"model", "weights_sha256", "results": [{"filename", "score", "error", "width", "height"}]}``,
-  one result per file, in order. File names may be any Unicode: raw UTF-8 in ``filename="..."``
+  ``{"model", "weights_sha256", "precision", "results": [{"filename", "score", "error", "width",
+  "height"}]}``, one result per file, in order (``precision``: the one the scores were computed
+  in, ``auto`` resolved). File names may be any Unicode: raw UTF-8 in ``filename="..."``
   (RFC 7578) or the ``filename*=UTF-8''...`` form (RFC 5987/6266, preferred when both are sent).
 * ``POST /map?kind=dense|windows``: as ``/score``, each result also carrying its quality map
   (``map``: values and grid, see :class:`qualiclip.maps.QualityMap`) and the map drawn over the
-  image (``overlay``: a PNG data URL); same limits, errors and status codes.
+  image (``overlay``: a PNG data URL); same limits, errors and status codes. Without ``kind``,
+  the model's preferred kind (:func:`qualiclip.maps.map_kinds`: dense where the model has a
+  feature map, else windows). A kind the model cannot draw still gives each score, with
+  ``map: null`` and ``map_error`` saying why. Overlays that would take the response past
+  ``max_response_bytes`` are left out (``overlay: null``, ``overlay_error`` saying so).
 * ``GET /``: a web page that scores dropped or picked images with these endpoints and draws their
   maps (plain HTML/CSS/JS from the package, nothing fetched from elsewhere).
-* ``GET /models``: the model being served. ``GET /limits``: the upload limits.
-  ``GET /healthz``: liveness, with batching counters.
+* ``GET /models``: the model being served. ``GET /limits``: the upload limits and map kinds.
+  ``GET /healthz``: liveness, with batching counters and what waits in each lane.
 * ``GET /openapi.json`` and ``GET /docs``: the schema, from FastAPI; the Swagger UI page's
   scripts are served from the package fastapi-offline, so it works without the internet.
 
@@ -24,7 +29,7 @@ Status codes. A request-level problem answers with ``{"detail": "..."}``:
 * 415: a content type that is neither an image type, ``application/octet-stream`` nor
   ``multipart/form-data``;
 * 400: empty body, malformed multipart body, one that ends before its closing boundary, or no
-  file in it.
+  file in it; a ``Host`` header that is not one of ``allowed_hosts``.
 
 Each file is then judged on its own: 415 when its content is not an image at all (no decoder
 recognises it) or its part declares a non-image type, 413 when it has more pixels than
@@ -40,24 +45,40 @@ Nothing from a request touches the disk: bodies are read by us in chunks (bounde
 (Starlette's own form parser spools files larger than 1 MB to temporary files.)
 
 Fairness and memory. A small PNG can decode to ``max_pixels`` x 3 bytes, so what is bounded is
-decoded pixels: an image is decoded only once its pixel count (read from its header) fits both
-its request's budget (``max_request_pixels_in_flight``, default ``max_pixels``: a request holds
-one maximal image at a time) and the service's (``max_pixels_in_flight``, default twice
-``max_pixels``), and holds them until it is scored. Decoding runs in threads. Scoring has two
-lanes, each a single thread, which take work from the waiting requests in turn (round-robin), not
-first come first served:
+decoded pixels. Scoring has two lanes, each a single thread, which take work from the waiting
+requests in turn (round-robin), not first come first served:
 
 * the batch lane: images small enough to share a forward pass (at most half of
   ``max_batch_pixels``) are gathered for up to ``max_wait_ms`` (up to ``batch_size`` images and
   ``max_batch_pixels`` pixels) and images of equal size share one forward pass;
 * the large lane: larger images, one per forward pass, never batched with others.
 
-So a request of small images is answered while a request of huge ones is in progress, instead of
-queueing behind all of it (on a CPU the two lanes share its cores).
+Quality maps take their turns in the same lanes (a map runs alone, in the lane of its image's
+size). An image is decoded only once its pixel count (read from its header) fits its request's
+budget (``max_request_pixels_in_flight``, default ``max_pixels``: a request holds one maximal
+image at a time) and then its lane's: a slot (``max_inflight`` images per lane) and the lane's
+pixels (``max_pixels_in_flight`` for the large lane, default twice ``max_pixels``;
+``max_batch_pixels_in_flight`` for the batch lane, default twice ``max_batch_pixels``), held until
+it is scored. So a request of small images is answered while requests of huge ones are in
+progress, instead of queueing behind them at a budget or for a forward pass (on a CPU the two
+lanes share its cores).
+
+Clients that go away. A client that hangs up after sending its request has its work dropped:
+files not yet decoded never are, queued images leave their lane, and a map stops at its next
+forward pass (:class:`qualiclip.batcher.MicroBatcher`); one INFO line says so.
 
 Slow clients: :func:`run` closes a connection whose request (headers and body) has not arrived in
 full within ``request_timeout`` seconds of its first byte (or of the connection, when nothing
-comes); a client that hangs up mid-body is logged as one INFO line.
+comes), and one whose response is not read within ``send_timeout`` seconds once the socket's
+buffers are full (the response is dropped with it); a client that hangs up mid-body is logged as
+one INFO line.
+
+Hosts and headers. Requests must name an allowed host in ``Host`` (``allowed_hosts``; by default
+the localhost names when listening on loopback), so that a web page elsewhere cannot reach a
+local service through DNS rebinding. Every response carries ``X-Content-Type-Options: nosniff``
+and ``X-Frame-Options: DENY``; the web page also a Content-Security-Policy allowing only this
+server. No response names a path of the server's machine: a model loaded from a file is called
+by the file's name.
 
 FastAPI, uvicorn and python-multipart are the optional 'serve' extra:
 ``pip install 'qualiclip[serve]'``.
@@ -67,12 +88,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
+import ipaddress
+import json
 import logging
+import re
+import sys
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 try:
     # At module level because FastAPI resolves the endpoints' (string) annotations here.
@@ -81,20 +107,31 @@ try:
 except ImportError:  # the 'serve' extra is missing: create_app() and run() say so
     FastAPI = Request = JSONResponse = HTMLResponse = Response = None  # type: ignore[assignment,misc]
 
-from qualiclip.batcher import BatchStats, MicroBatcher, PixelBudget
+from qualiclip.batcher import Admission, BatchStats, MicroBatcher, PixelBudget
 from qualiclip.engine import DEFAULT_MAX_BATCH_PIXELS
-from qualiclip.precision import PRECISIONS
+from qualiclip.precision import PRECISION_CHOICES
 from qualiclip.uploads import RAW_TYPES, RequestError, Upload, _multipart_module, read_uploads
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from qualiclip.images import DecodeFailure
     from qualiclip.model import Scorer
+
+T = TypeVar("T")
 
 SERVE_INSTALL_HINT = "the HTTP service needs the 'serve' extra: pip install 'qualiclip[serve]'"
 
 
 # uvicorn's own logger for server events: its handler and format are set up by uvicorn.run.
 _log = logging.getLogger("uvicorn.error")
+
+
+#: What an allowed host may be: ``*``, a name or ``*.`` and a name, an IPv4 or IPv6 address.
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|[0-9a-f:.]*:[0-9a-f:.]*")
+
+#: Host names a service listening on loopback answers to by default (``Host`` header).
+LOCAL_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -108,13 +145,23 @@ class ServeConfig:
         batch_size: most images in one forward pass.
         max_batch_pixels: most pixels in one forward pass; an image over half of it is never
             batched (it runs alone, in the large-image lane).
-        max_inflight: most images decoded or being scored at once, over all requests.
+        max_inflight: most images decoded or being scored at once in each lane, over all
+            requests.
         max_wait_ms: how long the batcher waits for more images after the first.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
-        max_pixels_in_flight: most decoded pixels held at once over all requests (decoding and
-            waiting to be scored); ``None``: twice ``max_pixels``. At least ``max_pixels``.
-        max_request_pixels_in_flight: the same, per request; ``None``: ``max_pixels`` (one
-            maximal image at a time). At least ``max_pixels``.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA), ``"int8"`` (CPU) or ``"auto"``
+            (resolved at start-up; responses name the precision used).
+        max_pixels_in_flight: most decoded pixels of large images (the large lane) held at once
+            over all requests; ``None``: twice ``max_pixels``. At least ``max_pixels``.
+        max_request_pixels_in_flight: most decoded pixels held at once by one request;
+            ``None``: ``max_pixels`` (one maximal image at a time). At least ``max_pixels``.
+        max_batch_pixels_in_flight: most decoded pixels of batched images (the batch lane) held
+            at once over all requests; ``None``: twice ``max_batch_pixels`` (a pass being
+            scored, the next one gathering). At least the largest batched image.
+        max_response_bytes: most bytes the maps and overlays of one ``/map`` response take;
+            overlays past it are left out (the scores and maps stay).
+        allowed_hosts: host names requests may carry in ``Host`` (``"*"``: any;
+            ``"*.example.org"``: its subdomains); ``None``: :data:`LOCAL_HOSTS`, or for
+            :func:`run`, those when it listens on loopback and any host otherwise.
     """
 
     max_bytes: int = 32 * 1024 * 1024
@@ -127,17 +174,21 @@ class ServeConfig:
     precision: str = "fp32"
     max_pixels_in_flight: int | None = None
     max_request_pixels_in_flight: int | None = None
+    max_batch_pixels_in_flight: int | None = None
+    max_response_bytes: int = 16 * 1024 * 1024
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         names = ("max_bytes", "max_pixels", "max_files", "batch_size", "max_batch_pixels",
-                 "max_inflight")
+                 "max_inflight", "max_response_bytes")
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(
+                f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
         for name in ("max_pixels_in_flight", "max_request_pixels_in_flight"):
             value = getattr(self, name)
             if value is not None and value < self.max_pixels:
@@ -145,16 +196,91 @@ class ServeConfig:
                     f"{name} ({value}) must be at least max_pixels ({self.max_pixels}): "
                     "one image of the largest allowed size must fit"
                 )
+        largest_batched = min(self.max_pixels, self.max_batch_pixels // 2)
+        value = self.max_batch_pixels_in_flight
+        if value is not None and value < largest_batched:
+            raise ValueError(
+                f"max_batch_pixels_in_flight ({value}) must be at least {largest_batched}: "
+                "the largest image that is batched must fit"
+            )
+        if self.allowed_hosts is not None:
+            if isinstance(self.allowed_hosts, str) or not all(self.allowed_hosts):
+                raise ValueError(f"allowed_hosts must be a tuple of host names, got "
+                                 f"{self.allowed_hosts!r}")
+            hosts = tuple(h.strip().lower().strip("[]") for h in self.allowed_hosts)
+            for h in hosts:
+                # A name, a wildcard, or an IP address; a port or a URL would never match.
+                if not _HOST_PATTERN.fullmatch(h):
+                    raise ValueError(f"allowed host {h!r} is not a host name (no scheme, port or "
+                                     "path: e.g. 'scores.example.org', '*.example.org', '::1')")
+            object.__setattr__(self, "allowed_hosts", hosts)
 
     @property
     def pixels_in_flight(self) -> int:
-        """The service's budget of decoded pixels (resolved default)."""
+        """The large lane's budget of decoded pixels (resolved default)."""
         return self.max_pixels_in_flight or 2 * self.max_pixels
+
+    @property
+    def batch_pixels_in_flight(self) -> int:
+        """The batch lane's budget of decoded pixels (resolved default)."""
+        return self.max_batch_pixels_in_flight or 2 * self.max_batch_pixels
 
     @property
     def request_pixels_in_flight(self) -> int:
         """One request's budget of decoded pixels (resolved default)."""
         return self.max_request_pixels_in_flight or self.max_pixels
+
+
+def allowed_hosts_for(bind: str, given: Sequence[str] | None) -> tuple[str, ...]:
+    """The ``Host`` names a service listening on ``bind`` answers to: ``given`` when there is
+    a list, else :data:`LOCAL_HOSTS` on a loopback address (what a DNS-rebinding page would
+    reach) and any host elsewhere (its names are not known here: list them to restrict it)."""
+    if given:
+        return tuple(given)
+    name = bind.strip("[]").lower()
+    if name == "localhost":
+        return LOCAL_HOSTS
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to be loopback
+        loopback = False
+    return LOCAL_HOSTS if loopback else ("*",)
+
+
+def host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    """Whether a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``) names one of
+    ``allowed`` (``"*"`` matches any, ``"*.example.org"`` the subdomains of example.org)."""
+    if "*" in allowed:
+        return True
+    value = host.strip().lower()
+    if value.startswith("["):
+        name, closed, rest = value[1:].partition("]")
+        if not closed or rest[:1] not in ("", ":"):
+            return False
+        port = rest[1:]
+    elif value.count(":") == 1:
+        name, port = value.split(":", 1)
+    else:
+        name, port = value, ""
+    if not name or not (port == "" or port.isdigit()):  # "localhost:80@evil" is no host:port
+        return False
+    return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
+
+
+def public_name(name: str) -> str:
+    """What responses call a model: a file's name without its folder (no response shows a path
+    of the server's machine); a named model as it is."""
+    return re.split(r"[\\/]", name)[-1]
+
+
+# An absolute path of two components or more, not inside a URL (``https://host/a/b``).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:/[^\s/'\"]+)+/(?P<name>[^\s/'\"]+)")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with each absolute path replaced by its last component (for error messages that
+    come from libraries, which may name files of the server's machine)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group("name"), text)
 
 
 def require_serve() -> None:
@@ -200,23 +326,44 @@ def header_pixels(data: bytes) -> tuple[int, int] | None:
 
 @dataclass
 class _Budgets:
-    """What one file's decoding waits for: its request's pixels, an image slot, the service's
-    pixels (in that order, so a request waiting for its own budget holds nothing shared)."""
+    """What one file's decoding waits for: its request's pixels, then its lane's slot and pixels
+    (so a request waiting for its own budget holds nothing shared, and an image never waits for
+    pixels held by the other lane's images)."""
 
     request: PixelBudget
-    slots: asyncio.Semaphore
-    service: PixelBudget
+    batch: Admission
+    large: Admission
+    is_large: Callable[[int], bool]
 
     @contextlib.asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
-        async with self.request.hold(pixels), self.slots, self.service.hold(pixels):
+        lane = self.large if self.is_large(pixels) else self.batch
+        async with self.request.hold(pixels), lane.hold(pixels):
             yield
+
+
+async def _in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a thread. When cancelled meanwhile, this returns (re-raising the
+    cancel) only once the thread is done, so a budget held around it is released when the
+    pixels it allocated are really gone, not while the thread still fills them."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # its outcome is nobody's now: retrieved, so never reported
+        raise
+
+
+Mapper = Callable[[Any, object], Awaitable[dict[str, Any]]]
 
 
 async def score_upload(
     upload: Upload, model: Scorer, batcher: MicroBatcher, config: ServeConfig,
-    budgets: _Budgets, owner: object = None,
-    mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None = None,
+    budgets: _Budgets, owner: object = None, mapper: Mapper | None = None,
 ) -> tuple[dict[str, Any], int]:
     """``(result row, status)`` for one file; every failure becomes the row's ``error``.
 
@@ -224,7 +371,8 @@ async def score_upload(
     with what it returns (the score and the quality map).
 
     Decoding and scoring happen while ``budgets`` hold the image's pixels (from its header);
-    whatever the decoder raises for this file is this file's 400/413/415.
+    whatever the decoder raises for this file is this file's 400/413/415. Cancelled (the client
+    hung up), it returns only once nothing holds the file's pixels any more.
     """
     from qualiclip.images import as_decode_error, decode_rgb
 
@@ -255,7 +403,7 @@ async def score_upload(
         source.name = upload.filename  # error messages name the file (still read from memory)
     async with budgets.hold(needed):
         try:
-            pixels = await asyncio.to_thread(
+            pixels = await _in_thread(
                 decode_rgb, source, max_pixels=config.max_pixels, min_size=model.min_size
             )
         except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is this file's
@@ -272,7 +420,7 @@ async def score_upload(
             else:
                 row["score"] = await batcher.score(pixels, owner)
         except Exception as exc:  # noqa: BLE001 - a failed forward is this file's error
-            row["error"] = f"{type(exc).__name__}: {exc}"
+            row["error"] = without_paths(f"{type(exc).__name__}: {exc}")
             return row, 500
         finally:
             del pixels  # before the budget is released
@@ -296,6 +444,7 @@ def _response_models() -> tuple[type, type]:
     class ScoreResponse(BaseModel):
         model: str
         weights_sha256: str | None = None
+        precision: str = Field(description="the precision the scores were computed in")
         results: list[ScoreRow]
         detail: str | None = Field(None, description="the first error, when every file failed")
 
@@ -355,14 +504,20 @@ def create_app(
             scorer = await asyncio.to_thread(cast("Callable[[], Scorer]", model))
             if isinstance(scorer, nn.Module):
                 scorer.eval()
-        await asyncio.to_thread(_warm_up, scorer, cfg.precision)
+        precision = await asyncio.to_thread(_warm_up, scorer, cfg.precision)
         batcher = MicroBatcher(
             scorer, batch_size=cfg.batch_size, max_wait_s=cfg.max_wait_ms / 1000,
             precision=cfg.precision, max_batch_pixels=cfg.max_batch_pixels,
         )
         batcher.start()
-        state.update(model=scorer, batcher=batcher, slots=asyncio.Semaphore(cfg.max_inflight),
-                     pixels=PixelBudget(cfg.pixels_in_flight), maps=asyncio.Semaphore(1))
+        state.update(
+            model=scorer, name=public_name(scorer.name), precision=precision, batcher=batcher,
+            dropped=0,
+            batch=Admission(cfg.max_inflight, cfg.batch_pixels_in_flight),
+            large=Admission(cfg.max_inflight, cfg.pixels_in_flight),
+        )
+        _log.info("answering requests for the hosts %s (Host header; --allowed-host)",
+                  ", ".join(cfg.allowed_hosts or LOCAL_HOSTS))
         try:
             yield
         finally:
@@ -380,6 +535,7 @@ def create_app(
         redoc_url=None,
         static_url="/docs-assets",
     )
+    app.add_middleware(_Guard, allowed_hosts=cfg.allowed_hosts or LOCAL_HOSTS)
     _, score_response = _response_models()
 
     @app.post(
@@ -389,82 +545,41 @@ def create_app(
         responses={400: _ERROR, 413: _ERROR, 415: _ERROR},
         summary="Score one image (raw body) or many (multipart/form-data)",
     )
-    async def score(request: Request) -> JSONResponse:
-        return await answer(request, None)
+    async def score(request: Request) -> Response:
+        return await _answer(request, state, cfg, None)
 
     @app.post(
         "/map",
         openapi_extra={"requestBody": _REQUEST_BODY},
         responses={400: _ERROR, 413: _ERROR, 415: _ERROR},
-        summary="Score images and draw their quality maps (kind: dense or windows)",
+        summary="Score images and draw their quality maps (kind: dense or windows; default: "
+                "the model's preferred kind)",
     )
-    async def quality_map(request: Request, kind: str = "dense") -> JSONResponse:
-        from qualiclip.maps import MAP_KINDS
+    async def quality_map(request: Request, kind: str | None = None) -> Response:
+        from qualiclip.maps import MAP_KINDS, map_kinds
 
-        if kind not in MAP_KINDS:
+        if kind is not None and kind not in MAP_KINDS:
             return JSONResponse({"detail": f"kind must be one of {', '.join(MAP_KINDS)}, "
                                            f"got {kind!r}"}, 400)
-
-        async def mapper(pixels: Any, owner: object) -> dict[str, Any]:
-            # One map at a time: its forward pass runs beside the batcher's lanes.
-            async with state["maps"]:
-                found = await asyncio.to_thread(_map_row, state["model"], pixels, kind,
-                                                cfg.precision)
-            if found["score"] is None:
-                found["score"] = await state["batcher"].score(pixels, owner)
-            return found
-
-        return await answer(request, mapper)
-
-    async def answer(
-        request: Request, mapper: Callable[[Any, object], Awaitable[dict[str, Any]]] | None
-    ) -> JSONResponse:
-        from starlette.requests import ClientDisconnect
-
-        scorer: Scorer = state["model"]
-        try:
-            uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
-        except RequestError as exc:
-            # The body may be partly unread: the connection cannot be reused.
-            return JSONResponse({"detail": exc.message}, exc.status,
-                                headers={"Connection": "close"})
-        except ClientDisconnect:
-            # An ordinary event on a network service: one line, not an error with a traceback.
-            client = request.client
-            where = f"{client.host}:{client.port}" if client else "a client"
-            _log.info("%s - POST %s: client disconnected before its request body was "
-                      "complete", where, request.url.path)
-            return JSONResponse({"detail": "client disconnected"}, 400)
-        budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["slots"],
-                           state["pixels"])
-        owner = object()  # this request's turn in the batcher's round-robin
-        outcomes = await asyncio.gather(
-            *(score_upload(u, scorer, state["batcher"], cfg, budgets, owner, mapper)
-              for u in uploads)
-        )
-        body: dict[str, Any] = {
-            "model": scorer.name, "weights_sha256": scorer.weights_sha256,
-            "results": [row for row, _ in outcomes],
-        }
-        statuses = [status for _, status in outcomes]
-        if 200 in statuses:
-            return JSONResponse(body)
-        body["detail"] = outcomes[0][0]["error"]
-        return JSONResponse(body, statuses[0])
+        kind = kind or map_kinds(state["model"])[0]
+        return await _answer(request, state, cfg, _Mapper(state, cfg, kind))
 
     @app.get("/models", summary="The model being served")
     async def models() -> dict[str, Any]:
         scorer: Scorer = state["model"]
         return {"models": [{
-            "name": scorer.name, "weights_sha256": scorer.weights_sha256,
+            "name": state["name"], "weights_sha256": scorer.weights_sha256,
             "min_size": scorer.min_size, "device": str(scorer.device),
-            "precision": cfg.precision,
+            "precision": state["precision"],
         }]}
 
     @app.get("/limits", summary="What the service accepts")
     async def limits() -> dict[str, Any]:
+        from qualiclip.maps import map_kinds
+
         return {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
-                "max_files": cfg.max_files, "min_size": state["model"].min_size}
+                "max_files": cfg.max_files, "min_size": state["model"].min_size,
+                "map_kinds": list(map_kinds(state["model"]))}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> Response:
@@ -477,18 +592,171 @@ def create_app(
             return JSONResponse({"detail": "not found"}, 404)
         return Response(_web_asset(name), media_type=media)
 
-    @app.get("/healthz", summary="Liveness and batching counters")
+    @app.get("/healthz", summary="Liveness, batching counters, what waits in each lane, files "
+             "dropped for clients that hung up")
     async def healthz() -> dict[str, Any]:
         stats: BatchStats = state["batcher"].stats
-        return {"status": "ok", "model": state["model"].name, "images": stats.images,
-                "forwards": stats.forwards, "largest_batch": stats.largest}
+        lanes = {name: {"waiting": state[name].waiting, "pixels_held": state[name].pixels_held,
+                        "pixels_budget": state[name].pixels.capacity}
+                 for name in ("batch", "large")}
+        return {"status": "ok", "model": state["name"], "images": stats.images,
+                "forwards": stats.forwards, "largest_batch": stats.largest, "maps": stats.calls,
+                "dropped": state["dropped"], "lanes": lanes}
 
     return app
 
 
+async def _answer(
+    request: Request, state: dict[str, Any], cfg: ServeConfig, mapper: _Mapper | None
+) -> Response:
+    """Read a request's files, score (or map) each, and answer; drop the work when the client
+    hangs up before the answer is ready."""
+    from starlette.requests import ClientDisconnect
+
+    scorer: Scorer = state["model"]
+    client = request.client
+    where = f"{client.host}:{client.port}" if client else "a client"
+    try:
+        uploads = await read_uploads(request, max_bytes=cfg.max_bytes, max_files=cfg.max_files)
+    except RequestError as exc:
+        # The body may be partly unread: the connection cannot be reused.
+        return JSONResponse({"detail": exc.message}, exc.status, headers={"Connection": "close"})
+    except ClientDisconnect:
+        # An ordinary event on a network service: one line, not an error with a traceback.
+        _log.info("%s - POST %s: client disconnected before its request body was complete",
+                  where, request.url.path)
+        return JSONResponse({"detail": "client disconnected"}, 400)
+    budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["batch"], state["large"],
+                       state["batcher"].is_large)
+    owner = object()  # this request's turn in the batcher's round-robin
+    files = [asyncio.ensure_future(score_upload(u, scorer, state["batcher"], cfg, budgets, owner,
+                                                mapper)) for u in uploads]
+    work = asyncio.gather(*files)
+    gone = asyncio.ensure_future(_disconnected(request))
+    either: set[asyncio.Future[Any]] = {work, gone}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        hung_up = not work.done()  # (or the server is stopping: this task was cancelled)
+        if hung_up:
+            dropped = sum(not f.done() for f in files)
+            work.cancel()  # cancels each file's task
+            # gather's own future ends at the first file cancelled; each file's task ends only
+            # once every lane and budget has let go of it, so wait for them all.
+            await asyncio.wait(files)
+            with contextlib.suppress(asyncio.CancelledError):
+                await work  # (its outcome retrieved, so never reported)
+            state["dropped"] += dropped
+            _log.info("%s - POST %s: client disconnected; dropped the work of %d of its %d "
+                      "file(s)", where, request.url.path, dropped, len(uploads))
+    if hung_up:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    outcomes = work.result()
+    body: dict[str, Any] = {
+        "model": state["name"], "weights_sha256": scorer.weights_sha256,
+        "precision": state["precision"], "results": [row for row, _ in outcomes],
+    }
+    statuses = [status for _, status in outcomes]
+    if 200 in statuses:
+        return JSONResponse(body)
+    body["detail"] = outcomes[0][0]["error"]
+    return JSONResponse(body, statuses[0])
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client of ``request`` (whose body has been read) hangs up."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - cannot watch this connection: its work runs to the end
+        _log.debug("cannot watch the client for a hang-up", exc_info=True)
+        await asyncio.Event().wait()  # (until cancelled, once the work is done)
+
+
+class _Mapper:
+    """The ``/map`` work of one request: each image's map in its lane, overlays within the
+    response's byte budget, and the score alone where the model cannot draw the kind asked."""
+
+    def __init__(self, state: dict[str, Any], cfg: ServeConfig, kind: str) -> None:
+        from qualiclip.maps import NO_DENSE_MAP, map_kinds
+
+        self.state, self.cfg, self.kind = state, cfg, kind
+        self.room = cfg.max_response_bytes  # bytes left for this response's maps and overlays
+        self.unavailable = None if kind in map_kinds(state["model"]) else (
+            f"{NO_DENSE_MAP}: ask for kind=windows")
+
+    async def __call__(self, pixels: Any, owner: object) -> dict[str, Any]:
+        batcher: MicroBatcher = self.state["batcher"]
+        if self.unavailable is not None:
+            score = await batcher.score(pixels, owner)
+            return {"score": score, "map": None, "overlay": None, "map_error": self.unavailable}
+        model, kind, precision = self.state["model"], self.kind, self.state["precision"]
+        draw = self.room > 0  # no overlay is drawn once none can be sent
+
+        def work(check: Callable[[], None]) -> dict[str, Any]:
+            return _map_row(model, pixels, kind, precision, check, draw)
+
+        found = await batcher.run(int(pixels.shape[0] * pixels.shape[1]), work, owner)
+        if found["score"] is None:  # window maps do not score the whole image
+            found["score"] = await batcher.score(pixels, owner)
+        self.room -= len(json.dumps(found["map"], separators=(",", ":")))
+        overlay = found["overlay"]
+        if overlay is not None and len(overlay) <= self.room:
+            self.room -= len(overlay)
+        else:
+            found["overlay"] = None
+            found["overlay_error"] = (
+                f"overlay left out: the response would pass {self.cfg.max_response_bytes} "
+                "bytes (the server's --max-response-bytes); send fewer files per request")
+        return found
+
+
+class _Guard:
+    """ASGI middleware: refuses a request whose ``Host`` is not allowed (400) and adds the
+    security headers to every response (the Content-Security-Policy to the web page's)."""
+
+    def __init__(self, app: Any, allowed_hosts: tuple[str, ...]) -> None:
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if not host_allowed(host, self.allowed_hosts):
+            response = JSONResponse(
+                {"detail": f"Host {host!r} is not served here: this server answers for "
+                           f"{', '.join(self.allowed_hosts)} (its --allowed-host)"},
+                400, headers={"Connection": "close", **_SECURITY_HEADERS})
+            await response(scope, receive, send)
+            return
+        page = scope["path"] == "/" or scope["path"].startswith("/web/")
+        extra = [(k.lower().encode(), v.encode()) for k, v in _SECURITY_HEADERS.items()]
+        if page:
+            extra.append((b"content-security-policy", _PAGE_POLICY.encode()))
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                     "Referrer-Policy": "no-referrer"}
+#: The web page loads its script, style and pictures from this server only (overlays are data:
+#: URLs), talks to this server only, and may not be framed.
+_PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                "frame-ancestors 'none'")
+
 #: The web page's files (assets/web in the package) and their media types.
 _WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
+#: Longest side of an overlay picture sent by /map.
+OVERLAY_SIDE = 768
 
 
 def _web_asset(name: str) -> bytes:
@@ -497,46 +765,63 @@ def _web_asset(name: str) -> bytes:
     return files("qualiclip").joinpath("assets", "web", name).read_bytes()
 
 
-def _map_row(model: Scorer, pixels: Any, kind: str, precision: str) -> dict[str, Any]:
-    """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL) of one image."""
+def _map_row(
+    model: Scorer, pixels: Any, kind: str, precision: str, check: Callable[[], None], draw: bool
+) -> dict[str, Any]:
+    """``score`` (``None`` for window maps), ``map`` and ``overlay`` (PNG data URL, or ``None``
+    without ``draw``) of one image. ``check`` is called between passes and raises to stop."""
     import base64
 
     from qualiclip.maps import overlay_png, quality_map
 
-    qmap = quality_map(model, pixels, kind, precision=precision)
-    display = pixels if pixels.dtype.name == "uint8" else (pixels // 257).astype("uint8")
-    png = overlay_png(display, qmap, max_side=768)
-    return {"score": qmap.score, "map": qmap.to_dict(),
-            "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
+    qmap = quality_map(model, pixels, kind, precision=precision,
+                       on_pass=lambda done, total: check())
+    found: dict[str, Any] = {"score": qmap.score, "map": qmap.to_dict(), "overlay": None}
+    if draw:
+        check()
+        display = pixels if pixels.dtype.name == "uint8" else (pixels // 257).astype("uint8")
+        png = overlay_png(display, qmap, max_side=OVERLAY_SIDE)
+        found["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return found
 
 
-def _warm_up(model: Scorer, precision: str) -> None:
-    """One forward pass, so the first request does not pay for building the inference copy."""
+def _warm_up(model: Scorer, precision: str) -> str:
+    """One forward pass, so the first request does not pay for building the inference copy;
+    returns the precision it ran in (``auto`` resolved)."""
     import torch
 
-    from qualiclip.engine import score_tensors
+    from qualiclip.engine import prepare, score_tensors
 
     side = max(model.min_size, 64)
     score_tensors(model, torch.rand(1, 3, side, side), precision)
+    return prepare(model, precision).precision
 
 
-def timed_protocol(request_timeout: float) -> type:
-    """uvicorn's h11 HTTP protocol with a deadline on receiving each request in full.
+def timed_protocol(request_timeout: float, send_timeout: float = 60.0) -> type:
+    """uvicorn's h11 HTTP protocol with deadlines on receiving each request and on sending.
 
     uvicorn times out idle keep-alive connections, but not a client that trickles its headers or
     body a byte at a time (or stops): each would hold a connection, and a request's buffers, for
     ever. Here a request (headers and body) must arrive within ``request_timeout`` seconds of its
     first byte, or of the connection when nothing comes; else the connection is closed, with one
-    INFO line. The response and the scoring time are not limited.
+    INFO line. The scoring time is not limited.
+
+    Nor does uvicorn time out a client that does not read its response: the response stays in
+    the connection's buffer (tens of MB for a ``/map`` of many files) as long as the connection
+    lives. Here, once the buffers are full (the transport pauses writing), what remains must be
+    read within ``send_timeout`` seconds; else the connection is aborted, which frees the
+    response, with one INFO line.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    if request_timeout <= 0:
-        raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+    for name, value in (("request_timeout", request_timeout), ("send_timeout", send_timeout)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
 
     class TimedH11Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _send_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -554,7 +839,17 @@ def timed_protocol(request_timeout: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._stop_send_clock()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_deadline is None:
+                self._send_deadline = self.loop.call_later(send_timeout, self._send_expired)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._stop_send_clock()
 
         def _arm(self) -> None:
             self._disarm()
@@ -565,17 +860,68 @@ def timed_protocol(request_timeout: float) -> type:
                 self._deadline.cancel()
                 self._deadline = None
 
+        def _stop_send_clock(self) -> None:
+            if self._send_deadline is not None:
+                self._send_deadline.cancel()
+                self._send_deadline = None
+
+        def _where(self) -> str:
+            return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+
         def _expire(self) -> None:
             self._deadline = None
             if self.transport.is_closing():
                 return
-            where = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             part = "body" if self.conn.their_state is h11.SEND_BODY else "headers"
-            _log.info("%s - request %s not received within %g s: connection closed", where, part,
-                      request_timeout)
+            _log.info("%s - request %s not received within %g s: connection closed",
+                      self._where(), part, request_timeout)
             self.transport.close()
 
+        def _send_expired(self) -> None:
+            self._send_deadline = None
+            # Even a closing transport keeps its buffer until it is read: abort drops it.
+            _log.info("%s - response not read within %g s: connection closed, %d bytes unsent",
+                      self._where(), send_timeout, self.transport.get_write_buffer_size())
+            self.transport.abort()
+
     return TimedH11Protocol
+
+
+def server_config(
+    model: Scorer | Callable[[], Scorer],
+    config: ServeConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    request_timeout: float = 60.0,
+    send_timeout: float = 60.0,
+    keep_alive_timeout: int = 5,
+    **uvicorn_options: Any,
+) -> uvicorn.Config:
+    """The uvicorn configuration :func:`run` serves: the app, its protocol and its hosts.
+
+    Args:
+        model, config: as for :func:`create_app`; ``config.allowed_hosts`` left ``None`` is
+            resolved from ``host`` (:func:`allowed_hosts_for`).
+        host, port: where to listen.
+        request_timeout: seconds for a request (headers and body) to arrive in full; a slower
+            client is disconnected (see :func:`timed_protocol`).
+        send_timeout: seconds for a client to read the rest of a response once the socket's
+            buffers are full; a client that does not is disconnected and its response dropped.
+        keep_alive_timeout: seconds an idle kept-alive connection stays open (uvicorn's).
+        uvicorn_options: more of ``uvicorn.Config``'s keywords (``log_level``, ``access_log``).
+    """
+    require_serve()
+    import uvicorn
+
+    cfg = config or ServeConfig()
+    if cfg.allowed_hosts is None:
+        cfg = dataclasses.replace(cfg, allowed_hosts=allowed_hosts_for(host, None))
+    return uvicorn.Config(
+        create_app(model, cfg), host=host, port=port,
+        http=timed_protocol(request_timeout, send_timeout), timeout_keep_alive=keep_alive_timeout,
+        **uvicorn_options,
+    )
 
 
 def run(
@@ -587,23 +933,24 @@ def run(
     log_level: str = "info",
     access_log: bool = True,
     request_timeout: float = 60.0,
+    send_timeout: float = 60.0,
     keep_alive_timeout: int = 5,
 ) -> None:
     """Serve ``model`` with uvicorn until interrupted (Ctrl-C or SIGTERM shut down cleanly).
 
     Args:
-        model, config: as for :func:`create_app`.
+        model, config: as for :func:`create_app` (hosts: see :func:`server_config`).
         host, port: where to listen.
         log_level, access_log: uvicorn's logging.
-        request_timeout: seconds for a request (headers and body) to arrive in full; a slower
-            client is disconnected (see :func:`timed_protocol`).
-        keep_alive_timeout: seconds an idle kept-alive connection stays open (uvicorn's).
+        request_timeout, send_timeout, keep_alive_timeout: see :func:`server_config`.
     """
-    require_serve()
     import uvicorn
 
-    uvicorn.run(
-        create_app(model, config), host=host, port=port, log_level=log_level,
-        access_log=access_log, http=timed_protocol(request_timeout),
-        timeout_keep_alive=keep_alive_timeout,
-    )
+    server = uvicorn.Server(server_config(
+        model, config, host=host, port=port, request_timeout=request_timeout,
+        send_timeout=send_timeout, keep_alive_timeout=keep_alive_timeout, log_level=log_level,
+        access_log=access_log,
+    ))
+    server.run()
+    if not server.started:  # e.g. the port is taken; uvicorn has logged why (uvicorn.run's code)
+        sys.exit(3)

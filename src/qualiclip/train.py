@@ -39,6 +39,7 @@ and validation live in their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -79,6 +80,7 @@ from qualiclip.crops import (
 )
 from qualiclip.losses import LossConfig, qualiclip_losses
 from qualiclip.model import QualiCLIP
+from qualiclip.output_files import open_output
 from qualiclip.precision import train_autocast_dtype
 from qualiclip.prompts import PromptPair
 from qualiclip.train_choices import BN_MODES
@@ -95,6 +97,9 @@ from qualiclip.train_config import (
 from qualiclip.validation import build_level_validation, validate_levels, validate_rated
 
 __all__ = [
+    "DataChangedError",
+    "DataRecord",
+    "NonFiniteLossError",
     "SimilarityModel",
     "build_model",
     "fit",
@@ -132,11 +137,12 @@ class SimilarityModel(nn.Module):
         return self.model.similarities(self.model.image_features(x))
 
 
-def _init_state(init: str, seed: int) -> dict[str, Tensor]:
-    """OpenAI-keyed CLIP tensors of the start point: a random model, named weights, or a file."""
+def _init_state(init: str, seed: int, trust_torchscript: bool = False) -> dict[str, Tensor]:
+    """OpenAI-keyed CLIP tensors of the start point: a random model, named weights, or a file
+    (checked for NaN, infinity and wrong shapes as every weight file is)."""
     from qualiclip.pretrained import resolve_weights
 
-    return resolve_weights(init, seed=seed).state
+    return resolve_weights(init, seed=seed, trust_torchscript=trust_torchscript).state
 
 
 def orthogonal_prompt_features(pairs: int, dim: int, seed: int = 0) -> Tensor:
@@ -169,7 +175,7 @@ def orthogonal_prompt_features(pairs: int, dim: int, seed: int = 0) -> Tensor:
 
 
 def build_model(
-    cfg: ModelConfig, device: torch.device | str = "cpu"
+    cfg: ModelConfig, device: torch.device | str = "cpu", *, trust_torchscript: bool = False
 ) -> tuple[QualiCLIP, dict[str, Tensor]]:
     """Build the trainable model from its start point.
 
@@ -184,7 +190,7 @@ def build_model(
     """
     if cfg.bn not in BN_MODES:
         raise ValueError(f"model.bn must be one of {', '.join(BN_MODES)}, got {cfg.bn!r}")
-    state = _init_state(cfg.init, cfg.init_seed)
+    state = _init_state(cfg.init, cfg.init_seed, trust_torchscript)
     clip = build_clip(state)
     pairs: tuple[PromptPair, ...] = tuple((p, n) for p, n in cfg.prompt_pairs)
     if cfg.prompt_features == "orthogonal":
@@ -254,6 +260,10 @@ def train_step(
 
     Returns:
         Plain floats: ``loss`` (total), ``cons``, ``pos``, ``neg``, ``grad_norm``, ``lr``.
+
+    Raises:
+        NonFiniteLossError: the loss or the gradient norm is NaN or infinite; the optimizer and
+            scheduler were not stepped.
     """
     device = generator.device
     if "degraded" in batch:
@@ -276,15 +286,29 @@ def train_step(
     terms["total"].backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    total, grad_norm = terms["total"].item(), float(norm)
+    if not (math.isfinite(total) and math.isfinite(grad_norm)):
+        # Checked before the update: the weights stay those of the last good step. The norm
+        # is all-reduced under DDP, so every rank stops at the same step.
+        raise NonFiniteLossError(total, grad_norm)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
 
-    logs = {"loss": terms["total"].item()}
+    logs = {"loss": total}
     logs.update({k: v.item() for k, v in terms.items() if k != "total"})
-    logs.update(grad_norm=float(norm), lr=float(lr))
+    logs.update(grad_norm=grad_norm, lr=float(lr))
     return logs
+
+
+class NonFiniteLossError(ValueError):
+    """The loss or the gradient norm of a step is NaN or infinite: the step was not taken."""
+
+    def __init__(self, loss: float, grad_norm: float) -> None:
+        what = (f"the loss ({loss})" if not math.isfinite(loss)
+                else f"the gradient norm ({grad_norm})")
+        super().__init__(f"{what} became non-finite")
 
 
 class DegradedCropPairs(Dataset):
@@ -394,12 +418,16 @@ class _Images:
     small: list[str]
 
 
-def _scan_data(data: DataConfig, info: _Dist) -> _Images:
+def _scan_data(data: DataConfig, info: _Dist, record: DataRecord | None = None) -> _Images:
     """Find, check and split the pristine images; rank 0 scans, every rank gets its verdict.
+
+    Args:
+        record: the files of the run being resumed (see :func:`_split`).
 
     Raises:
         ValueError: no image at all, no usable image left, or ``data.strict`` and some file
             unusable (the message lists them).
+        DataChangedError: resuming on files other than the checkpoint's, not allowed.
     """
     if not data.pristine:
         raise ValueError("data.pristine is empty: give a folder or list of pristine images")
@@ -445,12 +473,92 @@ def _scan_data(data: DataConfig, info: _Dist) -> _Images:
         train, val = keep, [p for p in val_found if str(p) in usable]
     else:
         train, val = split_every_kth(keep, data.val_every_kth)
+    if record is not None:
+        train, val = _split(train, val, record, pool=keep, main=info.main)
     if len(train) // info.world_size < 1:
         raise ValueError(
             f"no usable training image left in {data.pristine} "
             f"({len(found)} found, {len(bad)} unusable, {len(small)} smaller than the crop)"
         )
     return _Images(train, val, bad, small)
+
+
+class DataChangedError(ValueError):
+    """A resume whose training or validation files differ from its checkpoint's."""
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """The files a resumed run's checkpoint trained and validated on, and what may change.
+
+    Attributes:
+        train, val: the files as recorded (``None`` for a checkpoint written before runs
+            recorded them).
+        allow_change: continue on the files found now (``--allow-data-change``).
+        source: the checkpoint's name, for messages.
+    """
+
+    train: tuple[str, ...] | None
+    val: tuple[str, ...] | None
+    allow_change: bool = False
+    source: str = "the checkpoint"
+
+    @classmethod
+    def of(cls, state: Mapping[str, Any], allow_change: bool, source: str) -> DataRecord:
+        data = state.get("data")
+        if not isinstance(data, Mapping):
+            return cls(None, None, allow_change, source)
+        return cls(tuple(data["train"]), tuple(data["val"]), allow_change, source)
+
+
+def _split(
+    train: list[Path], val: list[Path], record: DataRecord, *, pool: list[Path], main: bool
+) -> tuple[list[Path], list[Path]]:
+    """The training and validation files of a resumed run, from the scan's split
+    ``(train, val)`` and ``pool``, the usable pristine files (those ``data.val_dir`` holds are
+    never trained on).
+
+    * The same files as recorded: the scan's split (which then equals the record).
+    * Other files, without ``allow_change``: refused (:class:`DataChangedError`).
+    * Other files, with ``allow_change``: the validation set stays the recorded one (its files
+      still usable here; a vanished one is named), so scores before and after the change are
+      comparable; every other usable file trains, added ones included.
+    * No record (a checkpoint from before runs recorded their files): nothing can be checked;
+      said once, and the split computed now is what the next checkpoints record and keep.
+    """
+    if record.train is None or record.val is None:
+        if main:
+            logger.warning(
+                "%s holds no record of its training and validation files (it was written before "
+                "qualiclip recorded them): the data could not be checked; the split computed "
+                "now (%d training, %d held-out images) is recorded and kept from here on",
+                record.source, len(train), len(val))
+        return train, val
+    now_train, now_val = [str(p) for p in train], [str(p) for p in val]
+    if now_train == list(record.train) and now_val == list(record.val):
+        return train, val
+    before, now = {*record.train, *record.val}, {*now_train, *now_val}
+    added, removed = sorted(now - before), sorted(before - now)
+    if not record.allow_change:
+        raise DataChangedError(
+            f"the data changed since {record.source}: {len(added)} added"
+            f"{' (' + names(added, 3) + ')' if added else ''}, {len(removed)} removed"
+            f"{' (' + names(removed, 3) + ')' if removed else ''}"
+            f"{'' if added or removed else ', the split differs'}; resume with "
+            "--allow-data-change to train on the files found now (the held-out set stays as "
+            "recorded), or restore the files"
+        )
+    held = set(record.val)
+    kept_val = [Path(v) for v in record.val if v in now]
+    trained = [p for p in pool if str(p) not in held]
+    if main:
+        gone = [v for v in record.val if v not in now]
+        logger.warning(
+            "the data changed since %s (%d added, %d removed): training on the %d usable files "
+            "found now; the held-out set stays as recorded (%d images%s)", record.source,
+            len(added), len(removed), len(trained), len(kept_val),
+            f"; gone: {names(gone, 3)}" if gone else "")
+    return trained, kept_val
 
 
 def _total_steps(cfg: TrainConfig, n_train: int, world_size: int) -> int:
@@ -471,6 +579,7 @@ class _Run:
     generator: torch.Generator
     step: int = 0
     samples: int = 0
+    data: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def checkpoint(self) -> dict[str, Any]:
         """Gather every rank's RNG state; the rest is identical across ranks."""
@@ -494,6 +603,8 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": states,
+            # The files this run trains and validates on, checked when it is resumed.
+            "data": self.data,
         }
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
@@ -535,14 +646,18 @@ def _validate(run: _Run, seqs: Tensor | None, writer: RunWriter) -> dict[str, An
     return record
 
 
-def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], _Images, int]:
+def _prepare(plan: RunPlan) -> tuple[_Run, dict[str, Tensor], _Images, int]:
+    cfg = plan.config
     info, device = _setup(cfg)
     seed = cfg.seed + info.rank
     torch.manual_seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seeds libraries that use the global generator)
     random.seed(seed)
-    images = _scan_data(cfg.data, info)  # before the model: bad data is refused without a download
-    model, text_state = build_model(cfg.model, device)
+    record = (DataRecord.of(plan.state, plan.allow_data_change, str(plan.checkpoint))
+              if plan.state is not None else None)
+    # Before the model: bad data is refused without a download.
+    images = _scan_data(cfg.data, info, record)
+    model, text_state = build_model(cfg.model, device, trust_torchscript=plan.trust_torchscript)
     total = _total_steps(cfg, len(images.train), info.world_size)
     optimizer = make_optimizer(model, cfg.optim)
     s = cfg.schedule
@@ -553,6 +668,7 @@ def _prepare(cfg: TrainConfig) -> tuple[_Run, dict[str, Tensor], _Images, int]:
     # on a GPU (qualiclip.degradations draws everything on the CPU).
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
     run = _Run(cfg, info, device, model, SimilarityModel(model), optimizer, scheduler, generator)
+    run.data = {"train": [str(p) for p in images.train], "val": [str(p) for p in images.val]}
     return run, text_state, images, total
 
 
@@ -565,12 +681,18 @@ class RunPlan:
         checkpoint: the file a resumed run continues, or None.
         state: that checkpoint, loaded once (model, optimizer, RNG, position), or None.
         overwrite: replace the run the output folder holds.
+        allow_data_change: resume on files other than the checkpoint's (the held-out set
+            stays as recorded; see ``_split``).
+        trust_torchscript: ``model.init`` may be a TorchScript archive whose checksum is not
+            in the table (loading one runs code stored in it).
     """
 
     config: TrainConfig
     checkpoint: Path | None = None
     state: Mapping[str, Any] | None = None
     overwrite: bool = False
+    allow_data_change: bool = False
+    trust_torchscript: bool = False
 
 
 def _checked_plan(
@@ -578,6 +700,7 @@ def _checked_plan(
     checkpoint: Path | None,
     state: Mapping[str, Any] | None,
     overwrite: bool,
+    **options: bool,
 ) -> RunPlan:
     """Check ``cfg``, the output folder and the resumed checkpoint, each once."""
     check_config(cfg)
@@ -585,10 +708,15 @@ def _checked_plan(
     check_out(out, resume=checkpoint, overwrite=overwrite)
     if state is not None:
         check_resumable(state["config"], cfg, f"from {checkpoint}")
-        if (out / "config.json").is_file():  # a checkpoint from elsewhere, into a run's folder
-            held = json.loads((out / "config.json").read_text())
+        held_path = out / "config.json"
+        if held_path.is_file():  # a checkpoint from elsewhere, into a run's folder
+            try:
+                held = json.loads(held_path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ValueError(f"{held_path} is not valid JSON ({exc}); every run rewrites "
+                                 "it: remove it to resume") from None
             check_resumable(held, cfg, f"into {out}, whose config.json is another run's")
-    return RunPlan(cfg, checkpoint, state, overwrite)
+    return RunPlan(cfg, checkpoint, state, overwrite, **options)
 
 
 def plan_run(
@@ -599,6 +727,8 @@ def plan_run(
     out: str | Path | None = None,
     resume: str | Path | None = None,
     overwrite: bool = False,
+    allow_data_change: bool = False,
+    trust_torchscript: bool = False,
 ) -> RunPlan:
     """The configuration and the checkpoint of a run, checked before anything runs.
 
@@ -616,6 +746,9 @@ def plan_run(
             sets the run's folder).
         resume: ``None``, ``"latest"`` (the newest ``ckpt-*.pt`` in ``out``) or a checkpoint.
         overwrite: replace the run the folder holds.
+        allow_data_change: a resumed run may train on files other than its checkpoint's; its
+            held-out set stays the recorded one.
+        trust_torchscript: allow a TorchScript ``model.init`` of unknown checksum.
 
     Returns:
         the :class:`RunPlan` to give :func:`fit`.
@@ -638,7 +771,8 @@ def plan_run(
         cfg = config_from_dict(overrides, config_from_dict(state["config"]))
     else:
         cfg = load_config(config, preset=preset, overrides=overrides)
-    return _checked_plan(cfg, checkpoint, state, overwrite)
+    return _checked_plan(cfg, checkpoint, state, overwrite, allow_data_change=allow_data_change,
+                         trust_torchscript=trust_torchscript)
 
 
 def fit(
@@ -681,7 +815,7 @@ def fit(
     elif resume is not None or overwrite:
         raise ValueError("resume and overwrite belong to the plan: pass them to plan_run")
     cfg, out = plan.config, Path(plan.config.log.out)
-    run, text_state, images, total = _prepare(cfg)
+    run, text_state, images, total = _prepare(plan)
     if plan.state is not None:
         run.restore(plan.state)
     if run.info.world_size > 1:
@@ -702,7 +836,8 @@ def fit(
             gone = clear_run(out)
             if gone:
                 logger.warning("overwrite: removed %d files of the run in %s", len(gone), out)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        with open_output(out / "config.json", "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(asdict(cfg), indent=1) + "\n")
     writer = RunWriter(out, run.info.main, run.step)
     try:
         result = _train(run, cfg, writer, loader, seqs, total, images, text_state)
@@ -771,18 +906,25 @@ def _train(
                 skipped[name] = why
                 logger.warning("unusable pristine image %s: %s (skipped)", name, why)
                 writer.log({"event": "skipped", "step": run.step, "path": name, "reason": why})
-        logs = train_step(
-            run.net,
-            batch,
-            run.optimizer,
-            scheduler=run.scheduler,
-            generator=run.generator,
-            levels=cfg.data.levels,
-            max_distortions=cfg.data.max_distortions,
-            loss=cfg.loss,
-            grad_clip=cfg.optim.grad_clip,
-            autocast_dtype=amp,
-        )
+        try:
+            logs = train_step(
+                run.net,
+                batch,
+                run.optimizer,
+                scheduler=run.scheduler,
+                generator=run.generator,
+                levels=cfg.data.levels,
+                max_distortions=cfg.data.max_distortions,
+                loss=cfg.loss,
+                grad_clip=cfg.optim.grad_clip,
+                autocast_dtype=amp,
+            )
+        except NonFiniteLossError as exc:
+            kept = checkpoint_paths(out)
+            last_good = f"the last good checkpoint, {kept[-1].name}, is kept" if kept else (
+                "no checkpoint was written yet")
+            raise ValueError(f"{exc} at step {run.step + 1}; training stopped ({last_good}); a "
+                             "lower optim.lr or a tighter optim.grad_clip may help") from None
         run.step += 1
         run.samples += cfg.data.batch_size
         bar.update(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -225,7 +226,7 @@ PRESETS: dict[str, TrainConfig] = {
             workers=2, degrade_in="loader",
         ),
         optim=OptimConfig(lr=2e-3, weight_decay=0.01, precision="fp32"),
-        schedule=ScheduleConfig(max_steps=6000, warmup_steps=200),
+        schedule=ScheduleConfig(max_steps=3000, warmup_steps=200),
         log=LogConfig(log_every=10, checkpoint_every=250, keep_checkpoints=0),
         validation=ValidationConfig(every=250, batch_size=32),
     ),
@@ -313,8 +314,96 @@ def load_config(
     return config_from_dict(overrides or {}, cfg)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """Where a numeric setting may lie (the ends open or closed)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+_COUNT = 2**31 - 1  # counts and sizes: far beyond any run, and within every integer type used
+_SEED = 2**32 - 1  # NumPy's seeds
+
+#: The range of every numeric setting (for a list, of each entry), by dotted key. A setting
+#: missing here is not checked: tests/test_train.py fails for any numeric setting without one.
+NUMERIC_RANGES: dict[str, _Range] = {
+    "seed": _Range(0, _SEED),
+    "model.init_seed": _Range(0, _SEED),
+    "data.val_every_kth": _Range(0, _COUNT),
+    "data.crop_size": _Range(max(8, MIN_SIDE), _COUNT),
+    "data.min_overlap": _Range(0.0, 1.0),
+    "data.levels": _Range(1, degradations.NUM_LEVELS),
+    "data.max_distortions": _Range(1, len(degradations.DISTORTION_GROUPS)),
+    "data.batch_size": _Range(1, _COUNT),
+    "data.workers": _Range(0, _COUNT),
+    "optim.lr": _Range(0.0, low_open=True),
+    "optim.weight_decay": _Range(0.0),
+    "optim.betas": _Range(0.0, 1.0, high_open=True),
+    "optim.eps": _Range(0.0, low_open=True),
+    "optim.grad_clip": _Range(0.0),
+    # Margins are gaps between cosines, which lie in [-1, 1].
+    "loss.margin_cons": _Range(0.0, 2.0),
+    "loss.margin_rank": _Range(0.0, 2.0),
+    "loss.weight_cons": _Range(0.0),
+    "loss.weight_pos": _Range(0.0),
+    "loss.weight_neg": _Range(0.0),
+    "schedule.epochs": _Range(0, _COUNT),
+    "schedule.max_steps": _Range(0, _COUNT),
+    "schedule.warmup_steps": _Range(0, _COUNT),
+    "schedule.min_lr_ratio": _Range(0.0, 1.0),
+    "log.log_every": _Range(1, _COUNT),
+    "log.checkpoint_every": _Range(0, _COUNT),
+    "log.keep_checkpoints": _Range(0, _COUNT),
+    "validation.every": _Range(0, _COUNT),
+    "validation.crops_per_image": _Range(1, _COUNT),
+    "validation.compositions_per_crop": _Range(1, _COUNT),
+    "validation.batch_size": _Range(1, _COUNT),
+    "validation.seed": _Range(0, _SEED),
+    "validation.rated_limit": _Range(0, _COUNT),
+}
+
+
+def _numeric_problems(cfg: TrainConfig) -> Iterator[str]:
+    """Every numeric setting finite and in its :data:`NUMERIC_RANGES` range."""
+    flat = _flat(asdict(cfg))
+    for key, rule in NUMERIC_RANGES.items():
+        value = flat[key]
+        entries = value if isinstance(value, list) else [value]
+        bad = [v for v in entries
+               if not isinstance(v, int | float) or isinstance(v, bool) or not rule.holds(v)]
+        if bad or not entries:
+            which = "entries" if isinstance(value, list) else ""
+            yield f"{key} {which + ' ' if which else ''}must be {rule.describe()}, got {value!r}"
+
+
+def _prompt_problems(pairs: Any) -> Iterator[str]:
+    if not pairs:
+        yield "model.prompt_pairs is empty: give at least one (positive, negative) pair"
+    for n, pair in enumerate(pairs, 1):
+        if len(pair) != 2 or not all(isinstance(t, str) and t.strip() for t in pair):
+            yield (f"model.prompt_pairs must hold (positive, negative) pairs of non-empty "
+                   f"prompts; pair {n} is {list(pair)!r}")
+            return
+
+
 def _config_problems(cfg: TrainConfig) -> Iterator[str]:
-    m, d, o, sc, lg, v = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.log, cfg.validation
+    m, d, o, sc, v = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.validation
+    yield from _numeric_problems(cfg)
+    yield from _prompt_problems(m.prompt_pairs)
     if m.bn not in BN_MODES:
         yield f"model.bn must be one of {', '.join(BN_MODES)}, got {m.bn!r}"
     if m.prompt_features not in PROMPT_FEATURE_SOURCES:
@@ -331,35 +420,14 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
             yield f"{key}: {where} does not exist"
     if v.rated_csv and not Path(v.rated_csv).is_file():
         yield f"validation.rated_csv: {v.rated_csv} is not a file"
-    if d.val_every_kth < 0 or d.val_every_kth == 1:
+    if d.val_every_kth == 1:
         yield f"data.val_every_kth must be 0 or >= 2, got {d.val_every_kth}"
-    if d.crop_size < max(8, MIN_SIDE):
-        yield f"data.crop_size must be >= {max(8, MIN_SIDE)} px, got {d.crop_size}"
-    if not 0.0 <= d.min_overlap <= 1.0:
-        yield f"data.min_overlap must be in [0, 1], got {d.min_overlap}"
-    top = degradations.NUM_LEVELS
-    if not d.levels or list(d.levels) != sorted(set(d.levels)) or not set(d.levels) <= set(
-        range(1, top + 1)
-    ):
-        yield f"data.levels must be increasing levels in 1..{top}, got {list(d.levels)}"
+    if list(d.levels) != sorted(set(d.levels)):
+        yield f"data.levels must be increasing, got {list(d.levels)}"
+    if len(o.betas) != 2:
+        yield f"optim.betas must be two numbers, got {list(o.betas)}"
     if d.degrade_in not in DEGRADE_IN:
         yield f"data.degrade_in must be one of {', '.join(DEGRADE_IN)}, got {d.degrade_in!r}"
-    groups = len(degradations.DISTORTION_GROUPS)
-    if not 1 <= d.max_distortions <= groups:
-        yield f"data.max_distortions must be in 1..{groups}, got {d.max_distortions}"
-    for key, value, low in (
-        ("data.batch_size", d.batch_size, 1),
-        ("data.workers", d.workers, 0),
-        ("schedule.max_steps", sc.max_steps, 0),
-        ("schedule.warmup_steps", sc.warmup_steps, 0),
-        ("log.log_every", lg.log_every, 1),
-        ("log.checkpoint_every", lg.checkpoint_every, 0),
-        ("log.keep_checkpoints", lg.keep_checkpoints, 0),
-        ("validation.every", v.every, 0),
-        ("validation.batch_size", v.batch_size, 1),
-    ):
-        if value < low:
-            yield f"{key} must be >= {low}, got {value}"
     if sc.max_steps == 0 and sc.epochs < 1:
         yield f"schedule.epochs must be >= 1 when schedule.max_steps is 0, got {sc.epochs}"
     if d.small_images not in SMALL_IMAGE_POLICIES:
@@ -368,8 +436,6 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
         yield f"data.scan must be one of {', '.join(SCAN_MODES)}, got {d.scan!r}"
     if o.precision not in TRAIN_PRECISIONS:
         yield f"optim.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {o.precision!r}"
-    if not o.lr > 0:
-        yield f"optim.lr must be > 0, got {o.lr}"
     from qualiclip.model import resolve_device
 
     try:
@@ -381,8 +447,9 @@ def _config_problems(cfg: TrainConfig) -> Iterator[str]:
 def check_config(cfg: TrainConfig) -> None:
     """Refuse a configuration that cannot run, before anything is loaded or written.
 
-    Checks values (choices, ranges, levels), that the named folders and files exist and that
-    the device is there; the images themselves are checked later, by the data scan.
+    Checks values (choices; every number finite and in its :data:`NUMERIC_RANGES` range;
+    levels; prompt pairs), that the named folders and files exist and that the device is there;
+    the images themselves are checked later, by the data scan.
 
     Raises:
         ValueError: every problem found, one per clause.

@@ -155,7 +155,26 @@ def _clean_state(
         k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach())
         for k, v in state.items()
     }
+    _refuse_non_finite({**out, **({"prompts_features": features} if features is not None
+                                  else {})}, path)
     return out, features
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or infinity: they would score every image ``nan``.
+
+    Checked once, when the file is read (fractions of a second for RN50), so a broken file is
+    one clear refusal instead of an error on every image.
+    """
+    for key, value in tensors.items():
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                plural = "value" if bad == 1 else "values"
+                raise ValueError(
+                    f"{path}: {key} holds {bad} non-finite {plural} (NaN or infinity) of "
+                    f"{value.numel()}; the weights are broken"
+                )
 
 
 def load_checkpoint(

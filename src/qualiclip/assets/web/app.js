@@ -24,6 +24,10 @@ async function loadInfo() {
       `Limits of this server: up to ${lim.max_files} files at a time; each file at most ` +
       `${megabytes(lim.max_bytes)} MB and ${lim.max_pixels.toLocaleString("en")} pixels ` +
       `(width × height), and at least ${lim.min_size} px on each side.`;
+    // Offer only the map kinds this model can draw (an ONNX graph has no dense map).
+    const kinds = lim.map_kinds || ["dense", "windows"];
+    for (const option of $("kind").options) option.disabled = !kinds.includes(option.value);
+    if (!kinds.includes($("kind").value)) $("kind").value = kinds[0];
   } catch (err) {
     $("limits").textContent = `The server's limits could not be read (${err}).`;
   }
@@ -68,7 +72,8 @@ async function scoreRow(row) {
       row.pixels = result.width * result.height;
       row.overlay = result.overlay;
       row.map = result.map;
-      row.status = "scored";
+      const note = result.map_error || result.overlay_error;
+      row.status = note ? `scored (${note})` : "scored";
     } else {
       row.error = (result && result.error) || (data && data.detail) ||
         `HTTP ${response.status} ${response.statusText}`;
