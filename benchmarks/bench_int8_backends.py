@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_score import _cover_crop, _size, _sources, build_model  # noqa: E402
+from bench_score import _cover_crop, _size, _sources, build_model
 
 
 def _conv(fused: Any, relu: bool | None = None) -> nn.Module:

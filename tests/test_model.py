@@ -230,7 +230,7 @@ def test_pyiqa_formula_without_a_logit_scale_is_a_clear_error(tmp_path):
 # --- broken weights: non-finite values and wrong shapes (hostile input, round 3) ---------------
 
 
-def _saved(tmp_path, name: str, edit) -> str:  # noqa: ANN001
+def _saved(tmp_path, name: str, edit) -> str:
     """The random tiny model in the authors' format, edited by ``edit(state)``, saved."""
     state = create_model("random-tiny").official_state_dict()
     edit(state)
@@ -242,7 +242,7 @@ def _saved(tmp_path, name: str, edit) -> str:  # noqa: ANN001
 @pytest.mark.parametrize("key", ["clip_model.visual.layer1.0.conv1.weight", "prompts_features"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_at_load_naming_the_key(tmp_path, key, bad):
-    def poison(state):  # noqa: ANN001, ANN202
+    def poison(state):
         state[key].view(-1)[3] = bad
 
     path = _saved(tmp_path, "poisoned.pth", poison)
@@ -253,7 +253,7 @@ def test_non_finite_weights_are_refused_at_load_naming_the_key(tmp_path, key, ba
 
 
 def test_wrong_shapes_are_refused_at_load_naming_key_and_both_shapes(tmp_path):
-    def widen(state):  # noqa: ANN001, ANN202
+    def widen(state):
         w = state["clip_model.visual.layer1.0.conv2.weight"]
         state["clip_model.visual.layer1.0.conv2.weight"] = torch.zeros(*w.shape[:2], 5, 5)
 
@@ -264,7 +264,7 @@ def test_wrong_shapes_are_refused_at_load_naming_key_and_both_shapes(tmp_path):
     assert "visual.layer1.0.conv2.weight" in text and "(16, 16, 5, 5)" in text
     assert "(16, 16, 3, 3)" in text and "\n" not in text
 
-    def narrow(state):  # noqa: ANN001, ANN202
+    def narrow(state):
         state["prompts_features"] = state["prompts_features"][:, :48].contiguous()
 
     path = _saved(tmp_path, "prompts.pth", narrow)

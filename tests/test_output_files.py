@@ -135,7 +135,7 @@ def test_append_line_never_leaves_half_a_line(tmp_path: Path, monkeypatch) -> No
     log = tmp_path / "history.jsonl"
     append_line(log, json.dumps({"step": 1}))
 
-    def half(fd: int, data) -> int:  # noqa: ANN001
+    def half(fd: int, data) -> int:
         os.write(fd, bytes(memoryview(data)[:5]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

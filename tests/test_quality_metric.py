@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("torchmetrics")
 
-from qualiclip.engine import score_tensors  # noqa: E402
-from qualiclip.model import create_model  # noqa: E402
-from qualiclip.quality_metric import QualiCLIPMetric  # noqa: E402
+from qualiclip.engine import score_tensors
+from qualiclip.model import create_model
+from qualiclip.quality_metric import QualiCLIPMetric
 
 
 def _images(seed: int, n: int, size: tuple[int, int] = (64, 64)) -> torch.Tensor:

@@ -463,8 +463,8 @@ def test_abandoned_work_stops_between_passes_and_leaves_the_lane() -> None:
     passes: list[str] = []
     started = threading.Event()
 
-    def many_passes(name: str):  # noqa: ANN202
-        def work(check) -> str:  # noqa: ANN001
+    def many_passes(name: str):
+        def work(check) -> str:
             for i in range(500):
                 check()  # raises once the requester is gone
                 passes.append(name)
@@ -839,7 +839,7 @@ def test_small_requests_do_not_wait_behind_large_ones(
     big, small = _image(160, 160, seed=1), _image(64, 64, seed=2)
     with _app_client(checkpoint, config) as client, ThreadPoolExecutor(13) as pool:
 
-        def post(data: bytes):  # noqa: ANN202
+        def post(data: bytes):
             return client.post(f"/{endpoint}", content=data, headers={"Content-Type": "image/png"})
 
         large = [pool.submit(post, big) for _ in range(12)]

@@ -927,7 +927,7 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_temporary_file(
     out = tmp_path / "run"
     real = output_files._write
 
-    def full_for_checkpoints(fd: int, data) -> int:  # noqa: ANN001
+    def full_for_checkpoints(fd: int, data) -> int:
         if "ckpt-" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(28, os.strerror(28))
         return real(fd, data)
