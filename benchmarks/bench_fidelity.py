@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from qualiclip import metrics
+    from qualiclip import heap, metrics
     from qualiclip.precision import describe_cpu
 
+    heap.reuse_freed_memory()  # timed as the command scores (QUALICLIP_REUSE_MEMORY=0 refuses it)
     name = args.model
     model = _model(name)
     precisions = [q for q in args.precisions.split(",") if q != "fp32"]
