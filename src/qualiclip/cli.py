@@ -23,7 +23,7 @@ from qualiclip.precision import PRECISION_CHOICES, TRAIN_PRECISIONS
 from qualiclip.train_choices import BN_MODES, DEGRADE_IN
 
 if TYPE_CHECKING:  # imported when used: `qualiclip --help` does not pay for torch
-    from qualiclip.model import QualiCLIP
+    from qualiclip.model import QualiCLIP, Scorer
     from qualiclip.onnx_scorer import OnnxScorer
 
 if TYPE_CHECKING:  # imported where used: the command starts without loading every module
@@ -285,13 +285,12 @@ def _check_report_target(args: argparse.Namespace) -> None:
 
 
 def _write_report(
-    args: argparse.Namespace, model: object, collected: ReportRows, inputs: InputFiles
+    args: argparse.Namespace, model: Scorer, collected: ReportRows, inputs: InputFiles
 ) -> None:
     """The HTML report of the rows ``collected`` while they streamed to the other outputs."""
     from qualiclip.report import ReportInfo, describe, write_report
 
-    info = ReportInfo(model=str(getattr(model, "name", args.model)),
-                      weights_sha256=getattr(model, "weights_sha256", None),
+    info = ReportInfo(model=model.name, weights_sha256=model.weights_sha256,
                       precision=args.precision,
                       map_kind=args.map_kind if args.map is not None else None)
     stats = write_report(collected.results, args.report, info, maps=collected.maps,

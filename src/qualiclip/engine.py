@@ -325,7 +325,7 @@ def resolve_precision(model: Scorer, precision: str, *, compile: bool = False) -
         chosen = candidate
         break
     where = describe_cpu() if model.device.type == "cpu" else model.device.type
-    announced = (str(model.device), str(getattr(model, "name", "")), chosen)
+    announced = (str(model.device), model.name, chosen)
     if announced not in _ANNOUNCED:
         _ANNOUNCED.add(announced)
         print(f"qualiclip: precision auto -> {chosen} on this {where}"
