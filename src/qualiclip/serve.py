@@ -473,6 +473,41 @@ _ERROR = {
 }
 
 
+@dataclass
+class _Running:
+    """What a started service holds: the scorer, what it is called and runs in, the batcher,
+    the two lanes' admissions, and how many files it dropped for clients that hung up."""
+
+    model: Scorer
+    name: str
+    precision: str
+    batcher: MicroBatcher
+    batch: Admission
+    large: Admission
+    dropped: int = 0
+
+    def lanes(self) -> dict[str, Admission]:
+        """The lanes by name, as ``/healthz`` reports them."""
+        return {"batch": self.batch, "large": self.large}
+
+
+class _Service:
+    """The state of one application: empty until its lifespan starts it (the model loaded and
+    warmed up), then :attr:`running`."""
+
+    def __init__(self) -> None:
+        self._running: _Running | None = None
+
+    def start(self, running: _Running) -> None:
+        self._running = running
+
+    @property
+    def running(self) -> _Running:
+        if self._running is None:  # a request before start-up (an app run without its lifespan)
+            raise RuntimeError("the service has not started: run the app with its lifespan")
+        return self._running
+
+
 def create_app(
     model: Scorer | Callable[[], Scorer], config: ServeConfig | None = None
 ) -> FastAPI:
@@ -492,7 +527,7 @@ def create_app(
     from qualiclip import __version__
 
     cfg = config or ServeConfig()
-    state: dict[str, Any] = {}
+    service = _Service()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -510,12 +545,11 @@ def create_app(
             precision=cfg.precision, max_batch_pixels=cfg.max_batch_pixels,
         )
         batcher.start()
-        state.update(
+        service.start(_Running(
             model=scorer, name=public_name(scorer.name), precision=precision, batcher=batcher,
-            dropped=0,
             batch=Admission(cfg.max_inflight, cfg.batch_pixels_in_flight),
             large=Admission(cfg.max_inflight, cfg.pixels_in_flight),
-        )
+        ))
         _log.info("answering requests for the hosts %s (Host header; --allowed-host)",
                   ", ".join(cfg.allowed_hosts or LOCAL_HOSTS))
         try:
@@ -546,7 +580,7 @@ def create_app(
         summary="Score one image (raw body) or many (multipart/form-data)",
     )
     async def score(request: Request) -> Response:
-        return await _answer(request, state, cfg, None)
+        return await _answer(request, service.running, cfg, None)
 
     @app.post(
         "/map",
@@ -561,16 +595,18 @@ def create_app(
         if kind is not None and kind not in MAP_KINDS:
             return JSONResponse({"detail": f"kind must be one of {', '.join(MAP_KINDS)}, "
                                            f"got {kind!r}"}, 400)
-        kind = kind or map_kinds(state["model"])[0]
-        return await _answer(request, state, cfg, _Mapper(state, cfg, kind))
+        running = service.running
+        kind = kind or map_kinds(running.model)[0]
+        return await _answer(request, running, cfg, _Mapper(running, cfg, kind))
 
     @app.get("/models", summary="The model being served")
     async def models() -> dict[str, Any]:
-        scorer: Scorer = state["model"]
+        running = service.running
+        scorer = running.model
         return {"models": [{
-            "name": state["name"], "weights_sha256": scorer.weights_sha256,
+            "name": running.name, "weights_sha256": scorer.weights_sha256,
             "min_size": scorer.min_size, "device": str(scorer.device),
-            "precision": state["precision"],
+            "precision": running.precision,
         }]}
 
     @app.get("/limits", summary="What the service accepts")
@@ -578,8 +614,8 @@ def create_app(
         from qualiclip.maps import map_kinds
 
         return {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
-                "max_files": cfg.max_files, "min_size": state["model"].min_size,
-                "map_kinds": list(map_kinds(state["model"]))}
+                "max_files": cfg.max_files, "min_size": service.running.model.min_size,
+                "map_kinds": list(map_kinds(service.running.model))}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> Response:
@@ -595,25 +631,26 @@ def create_app(
     @app.get("/healthz", summary="Liveness, batching counters, what waits in each lane, files "
              "dropped for clients that hung up")
     async def healthz() -> dict[str, Any]:
-        stats: BatchStats = state["batcher"].stats
-        lanes = {name: {"waiting": state[name].waiting, "pixels_held": state[name].pixels_held,
-                        "pixels_budget": state[name].pixels.capacity}
-                 for name in ("batch", "large")}
-        return {"status": "ok", "model": state["name"], "images": stats.images,
+        running = service.running
+        stats: BatchStats = running.batcher.stats
+        lanes = {name: {"waiting": lane.waiting, "pixels_held": lane.pixels_held,
+                        "pixels_budget": lane.pixels.capacity}
+                 for name, lane in running.lanes().items()}
+        return {"status": "ok", "model": running.name, "images": stats.images,
                 "forwards": stats.forwards, "largest_batch": stats.largest, "maps": stats.calls,
-                "dropped": state["dropped"], "lanes": lanes}
+                "dropped": running.dropped, "lanes": lanes}
 
     return app
 
 
 async def _answer(
-    request: Request, state: dict[str, Any], cfg: ServeConfig, mapper: _Mapper | None
+    request: Request, state: _Running, cfg: ServeConfig, mapper: _Mapper | None
 ) -> Response:
     """Read a request's files, score (or map) each, and answer; drop the work when the client
     hangs up before the answer is ready."""
     from starlette.requests import ClientDisconnect
 
-    scorer: Scorer = state["model"]
+    scorer = state.model
     client = request.client
     where = f"{client.host}:{client.port}" if client else "a client"
     try:
@@ -626,10 +663,10 @@ async def _answer(
         _log.info("%s - POST %s: client disconnected before its request body was complete",
                   where, request.url.path)
         return JSONResponse({"detail": "client disconnected"}, 400)
-    budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state["batch"], state["large"],
-                       state["batcher"].is_large)
+    budgets = _Budgets(PixelBudget(cfg.request_pixels_in_flight), state.batch, state.large,
+                       state.batcher.is_large)
     owner = object()  # this request's turn in the batcher's round-robin
-    files = [asyncio.ensure_future(score_upload(u, scorer, state["batcher"], cfg, budgets, owner,
+    files = [asyncio.ensure_future(score_upload(u, scorer, state.batcher, cfg, budgets, owner,
                                                 mapper)) for u in uploads]
     work = asyncio.gather(*files)
     gone = asyncio.ensure_future(_disconnected(request))
@@ -647,15 +684,15 @@ async def _answer(
             await asyncio.wait(files)
             with contextlib.suppress(asyncio.CancelledError):
                 await work  # (its outcome retrieved, so never reported)
-            state["dropped"] += dropped
+            state.dropped += dropped
             _log.info("%s - POST %s: client disconnected; dropped the work of %d of its %d "
                       "file(s)", where, request.url.path, dropped, len(uploads))
     if hung_up:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     outcomes = work.result()
     body: dict[str, Any] = {
-        "model": state["name"], "weights_sha256": scorer.weights_sha256,
-        "precision": state["precision"], "results": [row for row, _ in outcomes],
+        "model": state.name, "weights_sha256": scorer.weights_sha256,
+        "precision": state.precision, "results": [row for row, _ in outcomes],
     }
     statuses = [status for _, status in outcomes]
     if 200 in statuses:
@@ -678,20 +715,20 @@ class _Mapper:
     """The ``/map`` work of one request: each image's map in its lane, overlays within the
     response's byte budget, and the score alone where the model cannot draw the kind asked."""
 
-    def __init__(self, state: dict[str, Any], cfg: ServeConfig, kind: str) -> None:
+    def __init__(self, state: _Running, cfg: ServeConfig, kind: str) -> None:
         from qualiclip.maps import NO_DENSE_MAP, map_kinds
 
         self.state, self.cfg, self.kind = state, cfg, kind
         self.room = cfg.max_response_bytes  # bytes left for this response's maps and overlays
-        self.unavailable = None if kind in map_kinds(state["model"]) else (
+        self.unavailable = None if kind in map_kinds(state.model) else (
             f"{NO_DENSE_MAP}: ask for kind=windows")
 
     async def __call__(self, pixels: Any, owner: object) -> dict[str, Any]:
-        batcher: MicroBatcher = self.state["batcher"]
+        batcher = self.state.batcher
         if self.unavailable is not None:
             score = await batcher.score(pixels, owner)
             return {"score": score, "map": None, "overlay": None, "map_error": self.unavailable}
-        model, kind, precision = self.state["model"], self.kind, self.state["precision"]
+        model, kind, precision = self.state.model, self.kind, self.state.precision
         draw = self.room > 0  # no overlay is drawn once none can be sent
 
         def work(check: Callable[[], None]) -> dict[str, Any]:
