@@ -734,6 +734,16 @@ def test_every_numeric_setting_is_checked_finite_and_in_range(pristine: Path) ->
                 train_config.check_config(_set(good, key, bad))
 
 
+def test_range_messages_write_integer_bounds_in_full(pristine: Path) -> None:
+    good = _set(train_config.PRESETS["tiny"], "data.pristine", str(pristine))
+    for key, bad, message in [
+        ("data.batch_size", 0, "data.batch_size must be in [1, 2147483647], got 0"),
+        ("schedule.min_lr_ratio", 1.5, "schedule.min_lr_ratio must be in [0, 1], got 1.5"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_config.check_config(_set(good, key, bad))
+
+
 def test_the_presets_pass_the_checks(pristine: Path) -> None:
     for name, preset in train_config.PRESETS.items():
         train_config.check_config(_set(preset, "data.pristine", str(pristine)))

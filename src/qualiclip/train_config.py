@@ -330,9 +330,14 @@ class _Range:
 
     def describe(self) -> str:
         if self.high == math.inf:
-            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+            return f"a finite number {'>' if self.low_open else '>='} {_number(self.low)}"
         left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(value: float) -> str:
+    """A bound as written: integers in full (2147483647, not 2.14748e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 _COUNT = 2**31 - 1  # counts and sizes: far beyond any run, and within every integer type used
