@@ -19,6 +19,8 @@ from PIL import Image
 
 from qualiclip.model import create_model
 
+pytestmark = pytest.mark.slow  # among the heaviest: `scripts/test.sh --fast` leaves it out
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -49,6 +49,7 @@ def test_config_inferred_from_tensors(rn_state, vit_state):
     ],
 )
 @pytest.mark.parametrize("full_attention", [False, True])
+@pytest.mark.slow
 def test_resnet_image_features(io, rn_state, pooling, image_key, expected_key, full_attention):
     model = build_clip(rn_state, pooling=pooling)
     model.visual.attnpool.full_attention = full_attention

@@ -71,6 +71,7 @@ def test_tables() -> None:
 
 
 @pytest.mark.parametrize("name", DISTORTION_TYPES)
+@pytest.mark.slow
 def test_shape_dtype_range(name: str, photos: torch.Tensor) -> None:
     x = torch.cat([photos, photos[:1]])  # 5 samples, one per level
     g = torch.Generator().manual_seed(0)
@@ -104,6 +105,7 @@ def _distances(name: str, x: torch.Tensor) -> list[float]:
         for n in DISTORTION_TYPES
     ],
 )
+@pytest.mark.slow
 def test_distance_grows_with_level(name: str, photos128: torch.Tensor) -> None:
     """Mean MSE to the pristine photos: level 5 > level 1 and never falls as the level rises.
 
@@ -305,6 +307,7 @@ def test_jpeg2000_codes_in_process_where_processes_cannot_start(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux")
+@pytest.mark.slow
 def test_jpeg2000_processes_in_a_script_without_main_guard(tmp_path: Path) -> None:
     # Spawned workers would run the script again (and fail in its bootstrapping); forked do not.
     script = tmp_path / "no_guard.py"
@@ -361,6 +364,7 @@ def _fake_draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | N
     return torch.linspace(0.01, 0.99, n, dtype=dtype or torch.float32).reshape(shape)
 
 
+@pytest.mark.slow
 def test_draw_is_the_only_source_of_randomness(photos: torch.Tensor,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # With the helper replaced by a fixed field and torch's own samplers disabled, every output is
@@ -390,6 +394,7 @@ def test_draw_is_the_only_source_of_randomness(photos: torch.Tensor,
 
 
 @pytest.mark.parametrize("name", [*D._NOISE_SEEDED, "color_shift", "color_block"])
+@pytest.mark.slow
 def test_draws_are_made_on_the_cpu_for_images_elsewhere(name: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Images on the meta device stand in for a GPU: a field drawn on the images' device, or with
@@ -443,6 +448,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_sheet_and_single(tmp_path: Path) -> None:
     src = tmp_path / "in.png"
     Image.fromarray((_photo("coffee", 80) * 255).round().byte().permute(1, 2, 0).numpy()).crop(
@@ -489,6 +495,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+@pytest.mark.slow
 def test_codec_workers_die_with_their_parent(how: str) -> None:
     import signal
     import time

@@ -85,6 +85,7 @@ def _write_inputs(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("batch_size,lookahead", [(1, 1), (3, 4), (8, 32)])
+@pytest.mark.slow
 def test_engine_equals_reference_loop(tmp_path, tiny, batch_size, lookahead):
     paths = _write_inputs(tmp_path)
     expected = _reference_loop(tiny, paths)
@@ -321,6 +322,7 @@ def test_vit_tower_is_scored_unfused(tmp_path):
     batch_size=st.integers(1, 5),
     lookahead=st.integers(1, 8),
 )
+@pytest.mark.slow
 def test_grouper_batches_equal_sizes_within_bounds(sizes, batch_size, lookahead):
     grouper = engine._Grouper(batch_size, max_batch_pixels=200, lookahead=lookahead,
                               max_pixels=10**9)
@@ -360,6 +362,7 @@ print(applied, faults_of_one_map(), fresh)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 @pytest.mark.parametrize("env_value", ["1", "0"])
+@pytest.mark.slow
 def test_freed_feature_maps_are_reused_unless_opted_out(env_value):
     env = {**os.environ, heap.REUSE_MEMORY_ENV: env_value}
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True,
@@ -385,6 +388,7 @@ print(heap.reusing_freed_memory())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.slow
 def test_the_allocator_is_tuned_by_the_command_not_by_a_library_call(tmp_path):
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "a.png")
     env = {k: v for k, v in os.environ.items() if k != heap.REUSE_MEMORY_ENV}

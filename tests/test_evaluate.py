@@ -96,6 +96,7 @@ def test_logistic_plcc_is_undefined_below_the_points_a_fit_needs(n: int) -> None
     assert np.isfinite(five.plcc_logistic)
 
 
+@pytest.mark.slow
 def test_cli_eval_on_three_images_reports_logistic_plcc_as_undefined(tmp_path: Path) -> None:
     for i in range(3):
         _photo(tmp_path / f"{i}.png", i)
@@ -188,6 +189,7 @@ def _photo(path: Path, seed: int) -> None:
     Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).save(path)
 
 
+@pytest.mark.slow
 def test_cli_eval_csv_with_niqe_reports_failed_image(tmp_path: Path) -> None:
     from test_niqe import niqe_env
 
@@ -235,6 +237,7 @@ def test_model_scorer_chunks_batches() -> None:
     np.testing.assert_allclose(got, x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_cli_refuses_bad_labels_before_scoring(tmp_path: Path) -> None:
     for i in range(2):
         Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
@@ -247,6 +250,7 @@ def test_eval_cli_refuses_bad_labels_before_scoring(tmp_path: Path) -> None:
     assert run.returncode == 2 and "nan.csv row 3" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_eval_help_and_failures_read_cleanly(tmp_path: Path) -> None:
     help_text = run_main("eval", "--help").stdout
     assert "95% intervals" in help_text and "%%" not in help_text

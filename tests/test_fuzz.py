@@ -54,6 +54,7 @@ def test_decoder_raises_only_its_own_error(seeds) -> None:
     assert tally.decoded > 0.05 * tally.files and tally.refused > 0.3 * tally.files
 
 
+@pytest.mark.slow
 def test_score_cli_gives_each_mutant_one_row(
     seeds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

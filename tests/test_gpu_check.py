@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_dry_run_plans_every_step_and_skips_them(tmp_path: Path) -> None:
     out = tmp_path / "report" / "gpu_check.json"
     env = {k: v for k, v in os.environ.items() if k != "OUT"}

@@ -243,6 +243,7 @@ def test_cli_decode_gpu_without_cuda_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.skipif(CUDA, reason="with CUDA, decode='auto' may import torchvision")
+@pytest.mark.slow
 def test_the_core_never_imports_torchvision(tmp_path):
     (path, *_) = _files(tmp_path)
     code = (

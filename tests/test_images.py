@@ -652,6 +652,7 @@ def test_rgb_float_tiff_decodes_with_the_same_rule(tmp_path: Path, layout: str) 
         decode_rgb(path)
 
 
+@pytest.mark.slow
 def test_read_only_arrays_convert_without_a_warning() -> None:
     """np.asarray(PIL image) is read-only; PyTorch warns (once per process) when such an array
     is wrapped, so this runs in a fresh interpreter with warnings as errors."""

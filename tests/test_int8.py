@@ -24,6 +24,8 @@ from conftest import perturb_batch_norms, require_shared
 from qualiclip import cli, engine, fused, images, metrics, precision, quantize
 from qualiclip.model import QualiCLIP, create_model
 
+pytestmark = pytest.mark.slow  # among the heaviest: `scripts/test.sh --fast` leaves it out
+
 pytest.importorskip("onnxruntime", reason="int8 needs the 'onnx' extra")
 pytest.importorskip("onnx", reason="int8 needs the 'onnx' extra")
 

@@ -300,6 +300,7 @@ def test_a_flat_map_is_drawn_flat_and_says_so() -> None:
 # --- files and the CLI -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_score_with_maps_writes_each_map_and_keeps_every_row(
     model: QualiCLIP, tmp_path: Path
 ) -> None:
@@ -336,6 +337,7 @@ def test_score_with_maps_writes_each_map_and_keeps_every_row(
 
 
 @pytest.mark.parametrize("kind", maps.MAP_KINDS)
+@pytest.mark.slow
 def test_score_map_decodes_each_file_once(
     model: QualiCLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], kind: str,

@@ -222,6 +222,7 @@ def test_small_and_flat_images_are_errors(model: N.NIQEModel) -> None:
         model.score_luminance(np.full((200, 200), 128.0))
 
 
+@pytest.mark.slow
 def test_scorer_keeps_order_and_reports_bad_files(tmp_path: Path) -> None:
     from skimage import data
 

@@ -91,6 +91,7 @@ def rn50_onnx(rn50, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("which", ["tiny", "rn50"])
+@pytest.mark.slow
 def test_scores_equal_the_engine_at_three_sizes_in_batches(which, request):
     model = request.getfixturevalue(which)
     scorer = create_model(request.getfixturevalue(f"{which}_onnx"))
@@ -118,6 +119,7 @@ def test_uint8_pixels_go_straight_into_the_graph(tiny, tiny_onnx):
     torch.testing.assert_close(OnnxScorer(tiny_onnx)(batch), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_float_input_graph(tiny, tmp_path):
     path = tmp_path / "float.onnx"
     export_onnx(tiny, path, input_kind="float32")
@@ -129,6 +131,7 @@ def test_float_input_graph(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("pooling", ["interpolate", "original"])
+@pytest.mark.slow
 def test_other_pooling_modes(tiny_file, tmp_path, pooling):
     model = create_model(tiny_file, pooling=pooling)
     path = tmp_path / f"{pooling}.onnx"
@@ -143,6 +146,7 @@ def test_other_pooling_modes(tiny_file, tmp_path, pooling):
         )
 
 
+@pytest.mark.slow
 def test_pyiqa_formula_is_exported_and_asked_for(tiny_file, tmp_path):
     model = create_model(tiny_file, formula="pyiqa")
     path = tmp_path / "pyiqa.onnx"
@@ -217,6 +221,7 @@ def test_metadata_says_what_was_exported(tiny_file, tiny_onnx):
 
 
 @pytest.mark.parametrize("opset", [OPSETS[0], OPSETS[-1]])
+@pytest.mark.slow
 def test_lowest_and_highest_opset(tiny, tmp_path, opset):
     result = export_onnx(tiny, tmp_path / "g.onnx", opset=opset)  # checked at another size
     assert result.max_abs_diff is not None and result.max_abs_diff <= ATOL
@@ -224,6 +229,7 @@ def test_lowest_and_highest_opset(tiny, tmp_path, opset):
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [opset]
 
 
+@pytest.mark.slow
 def test_fp16_export_has_half_weights_and_close_scores(tiny, tmp_path):
     path = tmp_path / "half.onnx"
     result = export_onnx(tiny, path, fp16=True)
@@ -292,6 +298,7 @@ def _score_rows(folder: Path, model: str, out: Path, *extra: str) -> tuple[int, 
     return code, json.loads(out.read_text()) if out.exists() else []
 
 
+@pytest.mark.slow
 def test_cli_export_then_score_gives_the_pytorch_rows(folder, tiny_file, tmp_path, capsys):
     graph = tmp_path / "tiny.onnx"
     assert cli.main(["export", "--model", str(tiny_file), "--onnx", str(graph)]) == 0

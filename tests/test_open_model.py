@@ -57,6 +57,7 @@ def test_it_loads_with_no_network_and_an_empty_cache(
     assert not (tmp_path / "cache").exists()  # nothing was downloaded or cached
 
 
+@pytest.mark.slow
 def test_a_sharp_photo_outscores_its_blurred_copies(open_model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -68,6 +69,7 @@ def test_a_sharp_photo_outscores_its_blurred_copies(open_model: torch.nn.Module)
             assert s[0] > s[1] > s[2], f"{name}: sharp, sigma 2, sigma 5 scored {s}"
 
 
+@pytest.mark.slow
 def test_noise_scores_lower_than_the_original(open_model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -369,6 +369,7 @@ def test_torchscript_refused_without_trust(golden: Path) -> None:
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_wrapped_ddp_and_fp16(
     tmp_path: Path, reference: dict[str, torch.Tensor]
 ) -> None:
@@ -420,6 +421,7 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 def test_resolve_weights_by_name_and_path(
     tmp_path: Path, golden: Path, reference: dict[str, torch.Tensor], serve: Callable,
     monkeypatch: pytest.MonkeyPatch,

@@ -144,6 +144,7 @@ def test_bad_files_and_shapes_are_named(tmp_path: Path, clip: CLIP) -> None:
         LearnedPrompts.initial(clip, tokenize(PROMPTS), n_ctx=74)
 
 
+@pytest.mark.slow
 def test_score_is_pyiqas_formula_by_default(tmp_path: Path, base: Path, clip: CLIP) -> None:
     path = _prompt_file(tmp_path, clip)
     learned = read_prompt_file(path).learned(tokenize(PROMPTS))
@@ -326,6 +327,7 @@ def test_cli_score_with_prompts(tmp_path: Path, base: Path, clip: CLIP, capsys) 
                      str(tmp_path / "none.pth")]) == 2
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_prompted_model(tmp_path: Path, base: Path, clip: CLIP) -> None:
     pytest.importorskip("onnxruntime")
     from qualiclip.onnx_export import export_onnx
@@ -340,6 +342,7 @@ def test_onnx_export_of_a_prompted_model(tmp_path: Path, base: Path, clip: CLIP)
         torch.testing.assert_close(scorer(x), model(x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_ray_scoring_carries_the_prompts(tmp_path: Path, base: Path, clip: CLIP) -> None:
     pa = pytest.importorskip("pyarrow")
     from qualiclip import ray_scoring

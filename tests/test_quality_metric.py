@@ -80,6 +80,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_sync_is_the_mean_over_all_processes(tmp_path: Path) -> None:
     import torch.distributed as dist
     import torch.multiprocessing as mp

@@ -24,7 +24,7 @@ from qualiclip.model import create_model
 
 ATOL = 1e-5
 # Ray Data's own use of its deprecated settings, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray"), pytest.mark.slow]
 
 
 def _require_ray():

@@ -33,6 +33,8 @@ import pytest
 
 from conftest import REPO_ROOT, free_port, running_server
 
+pytestmark = pytest.mark.slow  # among the heaviest: `scripts/test.sh --fast` leaves it out
+
 README = REPO_ROOT / "README.md"
 
 #: What a tag in a command's comment means: the command needs this, so it is not run here.

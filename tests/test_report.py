@@ -155,6 +155,7 @@ def _set(driver: Any, element_id: str, value: str) -> None:
         "e.dispatchEvent(new Event('input'));", element_id, value)
 
 
+@pytest.mark.slow
 def test_page_sorts_filters_and_lists_failures(driver: Any, report: Path) -> None:
     from selenium.webdriver.common.by import By
 

@@ -32,6 +32,8 @@ from qualiclip import engine
 from qualiclip.cli import main
 from qualiclip.model import QualiCLIP, create_model
 
+pytestmark = pytest.mark.slow  # among the heaviest: `scripts/test.sh --fast` leaves it out
+
 ATOL = 1e-5
 MAX_BYTES = 1_000_000
 MAX_PIXELS = 200_000

@@ -147,6 +147,7 @@ def test_gradients_reach_the_image_tower_and_nothing_else() -> None:
 
 
 @pytest.mark.parametrize("bn", ["frozen", "train"])
+@pytest.mark.slow
 def test_batch_norm_statistics_follow_the_bn_setting(bn: str) -> None:
     net, opt, batch = _step_setup(bn)
     bn1 = net.model.visual.bn1
@@ -175,6 +176,7 @@ def _losses(out: Path) -> dict[int, tuple[float, ...]]:
     }
 
 
+@pytest.mark.slow
 def test_resume_gives_bit_identical_losses(pristine: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     result = train.fit(_cfg(pristine, full))
@@ -200,6 +202,7 @@ def _loader_side(cfg: train_config.TrainConfig, workers: int) -> train_config.Tr
     )
 
 
+@pytest.mark.slow
 def test_loader_side_degradations_do_not_depend_on_the_worker_count(pristine: Path) -> None:
     from torch.utils.data import DataLoader
 
@@ -240,6 +243,7 @@ def _submit_in_child() -> int:
     return int(degradations._threads().submit(int, "7").result(timeout=10))
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_loader_side_degradations(pristine: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     train.fit(_loader_side(_cfg(pristine, full), workers=0))
@@ -258,6 +262,7 @@ def test_resume_is_exact_with_loader_side_degradations(pristine: Path, tmp_path:
     assert _losses(plain)[1] != step[1]  # the loader's draws are not the step's
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_setting(pristine: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train.fit(_cfg(pristine, out, max_steps=2))
@@ -266,6 +271,7 @@ def test_resume_refuses_a_changed_setting(pristine: Path, tmp_path: Path) -> Non
         train.fit(changed, resume=out / "ckpt-000002.pt")
 
 
+@pytest.mark.slow
 def test_exported_model_is_in_the_authors_format(pristine: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = train.fit(_cfg(pristine, out, max_steps=2))
@@ -294,6 +300,7 @@ def test_exported_model_is_in_the_authors_format(pristine: Path, tmp_path: Path)
     json.loads((out / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_train_runs_and_reports_usage_errors(
     pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -326,6 +333,7 @@ def test_cli_train_runs_and_reports_usage_errors(
     assert "data.crop" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_completes_and_its_checkpoint_loads(
     pristine: Path, tmp_path: Path
 ) -> None:
@@ -397,6 +405,7 @@ def _quick(pristine: Path, out: Path, **schedule: int) -> train_config.TrainConf
     return _with(_cfg(pristine, out, **schedule), val_every_kth=0)
 
 
+@pytest.mark.slow
 def test_fit_skips_unusable_files_and_names_them(
     with_bad: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -448,6 +457,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
     assert not fresh.exists()
 
 
+@pytest.mark.slow
 def test_out_holding_a_run_is_refused_unless_resume_or_overwrite(
     pristine: Path, tmp_path: Path
 ) -> None:
@@ -523,6 +533,7 @@ def test_toml_is_read_with_tomli_on_python_3_10(
     assert calls == ["tomli"]
 
 
+@pytest.mark.slow
 def test_cli_train_exit_statuses_and_one_line_failures(
     with_bad: Path, pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -604,6 +615,7 @@ def test_resuming_from_a_corrupt_checkpoint_is_one_line(tmp_path, capsys) -> Non
     assert "Traceback" not in err and "weights_only" not in err
 
 
+@pytest.mark.slow
 def test_a_resume_reads_its_checkpoint_once(
     pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -626,6 +638,7 @@ def test_a_resume_reads_its_checkpoint_once(
     assert loads == [str(out / "ckpt-000002.pt")]
 
 
+@pytest.mark.slow
 def test_orthogonal_prompt_features_train_without_a_text_tower(
     pristine: Path, tmp_path: Path
 ) -> None:
@@ -786,6 +799,7 @@ def _strict_json(line: str) -> dict:
     return json.loads(line, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -856,6 +870,7 @@ def _recorded_val(ckpt: Path) -> list[str]:
     return list(checkpoints.load_training_checkpoint(ckpt)["data"]["val"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data_unless_allowed_and_keeps_validation_fixed(
     pristine: Path, tmp_path: Path, caplog
 ) -> None:
@@ -880,6 +895,7 @@ def _overrides(data: Path, out: Path, steps: int) -> dict:
             "schedule": {"max_steps": steps}}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_data_record_resumes_and_says_so_once(
     pristine: Path, tmp_path: Path, caplog
 ) -> None:
@@ -901,6 +917,7 @@ def test_a_checkpoint_without_a_data_record_resumes_and_says_so_once(
     assert _recorded_val(out / "ckpt-000006.pt") == first
 
 
+@pytest.mark.slow
 def test_a_torn_history_line_and_a_torn_validation_file_do_not_stop_a_resume(
     pristine: Path, tmp_path: Path, caplog
 ) -> None:
@@ -928,6 +945,7 @@ def test_a_torn_history_line_and_a_torn_validation_file_do_not_stop_a_resume(
         train.plan_run(overrides={"schedule": {"max_steps": 4}}, out=out, resume="latest")
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_temporary_file(
     pristine: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -979,6 +997,7 @@ _TRAIN_UNTIL_STOPPED = ["--preset", "tiny", "--crop-size", "64", "--batch-size",
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX-only here")
+@pytest.mark.slow
 def test_sigterm_stops_training_cleanly_with_143(pristine: Path, tmp_path: Path) -> None:
     import signal
     import time
@@ -1008,6 +1027,7 @@ def test_sigterm_stops_training_cleanly_with_143(pristine: Path, tmp_path: Path)
     assert checkpoints.load_training_checkpoint(last)["step"] >= 4
 
 
+@pytest.mark.slow
 def test_cli_summary_names_the_held_out_images_and_only_rank_0_prints_it(
     pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,

@@ -21,6 +21,8 @@ from qualiclip.losses import opinion_losses
 from qualiclip.model import create_model
 from qualiclip.prompt_learning import read_prompt_file
 
+pytestmark = pytest.mark.slow  # among the heaviest: `scripts/test.sh --fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def rated(tmp_path_factory: pytest.TempPathFactory) -> Path:

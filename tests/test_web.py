@@ -31,6 +31,8 @@ from PIL import Image
 from conftest import find_shared, free_port, perturb_batch_norms, running_server
 from qualiclip.model import create_model
 
+pytestmark = pytest.mark.slow  # among the heaviest: `scripts/test.sh --fast` leaves it out
+
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 WAIT_S = 180
 
