@@ -17,8 +17,9 @@ milliseconds since navigation start), and how many thumbnails were given their d
 (the lazy loading: only those near the viewport).
 
 ``--model`` defaults to ``random-micro`` (the smallest model: the report, not the model, is
-measured); its batch-norm statistics are randomised (seed 2), as in the tests, so that scores
-differ between images and the grid's order means something. ``--screenshot`` saves the
+measured); a random model's batch-norm statistics are randomised (seed 2), as in the tests, so
+that scores differ between images and the grid's order means something; a trained model
+(``--model qualiclip-open``) is used as it is. ``--screenshot`` saves the
 ``--photos`` report as a PNG (full page height, 1280 px wide), and with ``--map`` a second one,
 ``NAME-maps.png``, with the maps beside the photos.
 """
@@ -48,8 +49,15 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage")
 
 
-def model_file(name: str, folder: Path) -> Path:
-    """``name``'s weights with random batch-norm statistics, saved where the CLI can load it."""
+def model_file(name: str, folder: Path) -> Path | str:
+    """What the CLI loads: a random model with random batch-norm statistics, else ``name``.
+
+    A random model's statistics (zero mean, unit variance) give every image nearly the same
+    score; randomised, the scores differ and the grid's order means something. A trained model
+    is used as it is.
+    """
+    if not name.startswith("random-"):
+        return name
     model = create_model(name)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -82,7 +90,7 @@ def synthetic(folder: Path, count: int, width: int, height: int) -> Path:
     return folder
 
 
-def write_report(inputs: Path, report: Path, model: Path, maps: Path | None) -> float:
+def write_report(inputs: Path, report: Path, model: Path | str, maps: Path | None) -> float:
     cmd = [sys.executable, "-m", "qualiclip.cli", "score", str(inputs), "--model", str(model),
            "--device", "cpu", "--no-progress", "-o", os.devnull, "--format", "csv",
            "--report", str(report)]
@@ -191,7 +199,8 @@ def main() -> None:
         weights = model_file(args.model, tmp)
         photos, which = photo_paths(args.photos, tmp / "builtin")
         print(which)
-        print(f"model {args.model} (batch-norm statistics randomised), maps "
+        changed = " (batch-norm statistics randomised)" if weights != args.model else ""
+        print(f"model {args.model}{changed}, maps "
               f"{'dense' if args.map else 'off'}; Chromium {browser_version()}", flush=True)
         sets = [("photos", photos[0].parent, len(photos))]
         if args.synthetic:
