@@ -36,6 +36,7 @@ from scipy.stats import spearmanr
 
 import qualiclip
 from qualiclip import degradations
+from qualiclip.checkpoints import model_from_checkpoint
 from qualiclip.images import load_image
 
 #: Single distortions of the kinds cameras make, for the cross-image SRCC.
@@ -110,7 +111,10 @@ def seconds_per_image(model: torch.nn.Module, repeats: int = 3) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a model name or a trained model.pth")
+    p.add_argument("--model", required=True,
+                   help="a model name, a trained model.pth or a training checkpoint ckpt-*.pt")
+    p.add_argument("--logit-scale", type=float, default=None,
+                   help="the softmax scale to score with (default: the model's own)")
     p.add_argument("--photos", required=True, help="folder of held-out pristine photos")
     p.add_argument("--match", default="*", help="glob of file names in --photos (default: all)")
     p.add_argument("--max-side", type=int, default=1024, help="downscale larger photos to this")
@@ -124,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no photos match {args.match!r} in {args.photos}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    model = qualiclip.create_model(args.model)
+    if Path(args.model).name.startswith("ckpt-"):
+        model = model_from_checkpoint(args.model)
+    else:
+        model = qualiclip.create_model(args.model)
+    if args.logit_scale is not None:
+        model.logit_scale = args.logit_scale
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}, {platform.machine()}; model {args.model}")
     order = ordering(model, photos, args.max_side)
