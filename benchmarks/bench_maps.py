@@ -118,7 +118,8 @@ def timing(name: str, model: QualiCLIP, jpeg: bytes) -> None:
 
     print(f"\n== time to first result, 1024x768 JPEG, {name}, "
           f"{torch.get_num_threads()} threads ==")
-    with TestClient(serve.create_app(model)) as client:  # start-up warms the model up
+    # The service answers for the localhost names only (its default --allowed-host).
+    with TestClient(serve.create_app(model), base_url="http://localhost") as client:  # warms up
         for route in ("/score", "/map"):
             times = []
             for _ in range(3):

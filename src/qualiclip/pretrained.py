@@ -188,11 +188,12 @@ BPE_VOCAB = RemoteFile(
 )
 
 #: qualiclip's own model, trained from random weights by ``qualiclip train --preset open`` on
-#: openly licensed photos; shipped in the package (docs/models/qualiclip-open.md).
+#: openly licensed photos, then 300 steps on 224 px crops; shipped in the package
+#: (docs/models/qualiclip-open.md).
 QUALICLIP_OPEN_FILE = RemoteFile(
     name="qualiclip-open weights",
     urls=(),
-    sha256="dca9e6ca4ac75ee9c3b0fab76b4302fbb6acd7bc5ea0f56438b638ded194785f",
+    sha256="3fe86e9edff3153de0085a484d9a85be8f8a096a7edbac7e9f13d1b5ea7cdcb4",
     size=10621161,
     filename="qualiclip-open.pth",
     licence="CC BY-SA 4.0",
