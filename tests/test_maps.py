@@ -470,8 +470,8 @@ def test_half_means_split_the_image_at_its_middle() -> None:
     assert maps.half_means(qmap) == pytest.approx((0.1, 0.9), abs=1e-6)
 
 
-def test_map_endpoint_answers_like_score(model: QualiCLIP) -> None:
-    """``POST /map`` in-process: the map of each good file, the /score error of a bad one."""
+def _test_client() -> type:
+    """Starlette's TestClient, or a skip (a failure in CI) without the 'serve' extra."""
     from qualiclip import serve
 
     try:
@@ -481,6 +481,14 @@ def test_map_endpoint_answers_like_score(model: QualiCLIP) -> None:
         if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
             pytest.fail(f"CI installs the 'serve' extra, but: {exc}", pytrace=False)
         pytest.skip(f"the 'serve' extra is not installed: {exc}")
+    return TestClient
+
+
+def test_map_endpoint_answers_like_score(model: QualiCLIP) -> None:
+    """``POST /map`` in-process: the map of each good file, the /score error of a bad one."""
+    from qualiclip import serve
+
+    TestClient = _test_client()
     buffer = io.BytesIO()
     Image.fromarray(_photo(96, 160, 9)).save(buffer, "PNG")
     good = ("good.png", buffer.getvalue(), "image/png")
@@ -511,13 +519,7 @@ def test_a_non_finite_map_or_score_is_an_error_row_in_the_service() -> None:
     """Broken after loading (loading refuses NaN weights): every answer is JSON with the error."""
     from qualiclip import serve
 
-    try:
-        serve.require_serve()
-        from starlette.testclient import TestClient
-    except ImportError as exc:
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"CI installs the 'serve' extra, but: {exc}", pytrace=False)
-        pytest.skip(f"the 'serve' extra is not installed: {exc}")
+    TestClient = _test_client()
     broken = create_model("random-tiny")
     with torch.no_grad():
         broken.visual.attnpool.c_proj.bias.fill_(float("nan"))
